@@ -1,0 +1,26 @@
+//! Shared between the XDP program (`no_std`) and the userspace control plane.
+//!
+//! Everything the kernel and userspace must agree on lives here: the layout of
+//! every map key and value, the map names, the load-time settings, and the flow
+//! hash. With the `user` feature it also carries the host-side pieces: the
+//! Maglev table engine and the reference model of the packet decision.
+#![no_std]
+
+#[cfg(feature = "user")]
+extern crate std;
+
+pub mod flow_hash;
+pub mod maps;
+pub mod settings;
+
+#[cfg(feature = "user")]
+pub mod maglev;
+#[cfg(feature = "user")]
+pub mod model;
+#[cfg(feature = "user")]
+pub mod user;
+
+/// IANA protocol numbers the data path cares about.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_IPIP: u8 = 4;

@@ -1,0 +1,203 @@
+//! Map names and the layout of every map key and value.
+//!
+//! All multi-byte addresses and ports are kept in network byte order, exactly
+//! as they sit in the packet, so the data path never swaps bytes to look
+//! something up. Every struct is `#[repr(C)]` with its padding spelled out
+//! (the kernel hashes keys byte for byte: implicit padding would be garbage).
+
+use core::mem::size_of;
+
+/// An IPv4 or IPv6 address as four 32-bit words in network byte order.
+/// IPv4 uses word 0; the other words are zero.
+pub type Addr = [u32; 4];
+
+/// `VIPS`: `VipKey -> VipMeta`.
+pub const MAP_VIPS: &str = "VIPS";
+/// `BACKENDS`: array, backend id -> `Backend`.
+pub const MAP_BACKENDS: &str = "BACKENDS";
+/// `MAGLEV_SLOTS`: array of backend ids holding every VIP's Maglev table.
+pub const MAP_MAGLEV_SLOTS: &str = "MAGLEV_SLOTS";
+/// `CONNTRACK`: LRU hash, `FlowKey -> ConnEntry`.
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// `REASON_STATS`: per-CPU array, `Reason` -> `Counter`.
+pub const MAP_REASON_STATS: &str = "REASON_STATS";
+/// `VIP_STATS`: per-CPU array, vip id -> `Counter`.
+pub const MAP_VIP_STATS: &str = "VIP_STATS";
+/// `BACKEND_STATS`: per-CPU array, backend id -> `Counter`.
+pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+/// The load-time settings global (see `settings::Settings`).
+pub const GLOBAL_SETTINGS: &str = "SETTINGS";
+/// The XDP entry point of the load balancer.
+pub const PROGRAM_BALANCER: &str = "balancer";
+
+/// Compile-time capacities. The large ones are resized at load time
+/// (`EbpfLoader::map_max_entries`); these are the defaults.
+pub const MAX_VIPS: u32 = 1024;
+pub const MAX_BACKENDS: u32 = 16384;
+pub const DEFAULT_MAGLEV_SLOTS: u32 = 1 << 22;
+pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 20;
+
+/// Backend id 0 is never allocated: a zeroed slot or entry points nowhere.
+pub const BACKEND_ID_NONE: u32 = 0;
+
+/// `VipKey::kind` of an ordinary (address, port, protocol) key.
+pub const VIP_KIND_PORT: u8 = 0;
+/// `VipKey::kind` of the per-(address, protocol) key that IPv4 fragments
+/// use: fragments after the first carry no ports. Userspace points it at the
+/// port-0 VIP of that address if there is one, else at the lowest port's VIP.
+pub const VIP_KIND_FRAGMENTS: u8 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey {
+    pub addr: Addr,
+    /// Network byte order; 0 = every port.
+    pub port: u16,
+    pub proto: u8,
+    /// `VIP_KIND_PORT` or `VIP_KIND_FRAGMENTS`.
+    pub kind: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipMeta {
+    /// Index into `VIP_STATS`; stable for the VIP's lifetime.
+    pub vip_id: u32,
+    /// Reserved for per-VIP switches (encapsulation kind, hash fields).
+    pub flags: u32,
+    /// Where this VIP's Maglev table starts in `MAGLEV_SLOTS`.
+    pub table_offset: u32,
+    /// M, the table's prime size; 0 = the VIP has no backend (drop).
+    pub table_size: u32,
+}
+
+/// `Backend::flags`: may receive packets (new and tracked). A removed or
+/// failed backend is cleared so tracked flows re-hash instead of black-holing.
+pub const BACKEND_F_VALID: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    /// Outer destination address.
+    pub addr: Addr,
+    pub flags: u32,
+    /// The VIP this backend id belongs to: a tracked flow whose backend now
+    /// belongs to another VIP is re-hashed (guards against id reuse).
+    pub vip_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network byte order; 0 for fragments.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEntry {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// Last time a UDP packet used this entry (`bpf_ktime_get_ns`), refreshed
+    /// at most once a second; TCP entries leave it at their creation time.
+    pub atime_ns: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Why a packet left the program the way it did. Indexes `REASON_STATS`.
+/// A packet is counted under exactly one outcome reason, and VIP packets
+/// additionally under one conntrack reason.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    /// Not IPv4 (ARP, IPv6, other ethertypes): XDP_PASS.
+    PassNotIpv4 = 0,
+    /// IPv4 but no VIP matches: XDP_PASS, unchanged.
+    PassNotVip = 1,
+    /// Too short or inconsistent headers: XDP_PASS, the kernel's stack judges.
+    PassMalformed = 2,
+    /// Encapsulated, but the next hop's MAC is not resolved yet: handed to the
+    /// kernel, which resolves the neighbour and forwards it.
+    PassNoNeighbour = 3,
+    /// The VIP has no backend in its table: XDP_DROP.
+    DropNoBackend = 4,
+    /// No route to the backend and no gateway MAC configured: XDP_DROP.
+    DropNoRoute = 5,
+    /// `bpf_xdp_adjust_head` refused room for the outer header: XDP_DROP.
+    DropEncapFailed = 6,
+    /// Encapsulated and sent back out of the ingress interface (XDP_TX).
+    Tx = 7,
+    /// Encapsulated and redirected to another interface (XDP_REDIRECT).
+    Redirect = 8,
+    /// A VIP packet whose flow was found in CONNTRACK with a valid backend.
+    ConntrackHit = 9,
+    /// A VIP packet that took the Maglev table's answer.
+    ConntrackMiss = 10,
+    /// An IPv4 fragment of a VIP, hashed on (src, dst, proto).
+    Fragment = 11,
+    /// Sent through the configured gateway MAC because `bpf_fib_lookup`
+    /// gave no answer (also counted under Tx).
+    FibFallbackGateway = 12,
+    /// The encapsulated packet exceeds the egress MTU (`bpf_fib_lookup`
+    /// said "fragmentation needed"): XDP_DROP.
+    DropTooBig = 13,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 14;
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::PassNotIpv4,
+        Reason::PassNotVip,
+        Reason::PassMalformed,
+        Reason::PassNoNeighbour,
+        Reason::DropNoBackend,
+        Reason::DropNoRoute,
+        Reason::DropEncapFailed,
+        Reason::Tx,
+        Reason::Redirect,
+        Reason::ConntrackHit,
+        Reason::ConntrackMiss,
+        Reason::Fragment,
+        Reason::FibFallbackGateway,
+        Reason::DropTooBig,
+    ];
+
+    /// Stable name for metrics and CLI output.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::PassMalformed => "pass_malformed",
+            Reason::PassNoNeighbour => "pass_no_neighbour",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropNoRoute => "drop_no_route",
+            Reason::DropEncapFailed => "drop_encap_failed",
+            Reason::Tx => "tx",
+            Reason::Redirect => "redirect",
+            Reason::ConntrackHit => "conntrack_hit",
+            Reason::ConntrackMiss => "conntrack_miss",
+            Reason::Fragment => "fragment",
+            Reason::FibFallbackGateway => "fib_fallback_gateway",
+            Reason::DropTooBig => "drop_too_big",
+        }
+    }
+}
+
+// The kernel and userspace must agree on these sizes byte for byte.
+const _: () = assert!(size_of::<VipKey>() == 20);
+const _: () = assert!(size_of::<VipMeta>() == 16);
+const _: () = assert!(size_of::<Backend>() == 24);
+const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<ConnEntry>() == 16);
+const _: () = assert!(size_of::<Counter>() == 16);

@@ -1,0 +1,50 @@
+//! Load-time settings of the XDP program, set as a read-only global so the
+//! verifier sees constants and one object serves every configuration.
+
+use core::mem::size_of;
+
+/// `Settings::flags`: `gateway_mac` is set; use it when `bpf_fib_lookup`
+/// has no route for a backend.
+pub const SETTINGS_F_GATEWAY_MAC: u32 = 1;
+/// `Settings::flags`: skip `bpf_fib_lookup` and always use the gateway MAC.
+pub const SETTINGS_F_NO_FIB: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Seed of the flow hash; identical on every instance sharing a VIP.
+    pub hash_seed: u32,
+    /// Outer source = prefix | (flow hash & !mask), both network byte order,
+    /// so backend NICs spread encapsulated flows across receive queues.
+    pub encap_src_prefix: u32,
+    pub encap_src_mask: u32,
+    pub flags: u32,
+    /// UDP conntrack entries idle longer than this are re-hashed.
+    pub udp_idle_timeout_ns: u64,
+    pub gateway_mac: [u8; 6],
+    /// TTL of the outer header.
+    pub outer_ttl: u8,
+    pub _pad: u8,
+}
+
+impl Settings {
+    pub const DEFAULT: Settings = Settings {
+        hash_seed: 0,
+        // 172.16.0.0/16 in network byte order.
+        encap_src_prefix: u32::from_ne_bytes([172, 16, 0, 0]),
+        encap_src_mask: u32::from_ne_bytes([255, 255, 0, 0]),
+        flags: 0,
+        udp_idle_timeout_ns: 30_000_000_000,
+        gateway_mac: [0; 6],
+        outer_ttl: 64,
+        _pad: 0,
+    };
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+const _: () = assert!(size_of::<Settings>() == 32);

@@ -1,0 +1,215 @@
+//! The packet decision: which VIP, which backend, which way out.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    programs::XdpContext,
+};
+use lb_common::{
+    PROTO_UDP,
+    flow_hash::flow_hash,
+    maps::{
+        BACKEND_F_VALID, Backend, ConnEntry, Reason, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey,
+        VipMeta,
+    },
+    settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
+};
+
+use crate::{
+    encap::{NextHop, OuterIpv4, encapsulate, lookup_next_hop},
+    maps::{BACKENDS, CONNTRACK, MAGLEV_SLOTS, VIPS, settings},
+    parse::{Ipv4Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, parse, ptr_at},
+    stats::{count, count_backend, count_vip},
+};
+
+/// UDP entries refresh their access time at most this often (saves a write
+/// per packet on busy flows).
+const ATIME_REFRESH_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn process(ctx: &XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let pkt = match parse(ctx) {
+        Parsed::Ipv4(pkt) => pkt,
+        Parsed::NotIpv4 => return finish(Reason::PassNotIpv4, XDP_PASS, bytes),
+        Parsed::Malformed => return finish(Reason::PassMalformed, XDP_PASS, bytes),
+    };
+    let Some(vip) = lookup_vip(&pkt) else {
+        return finish(Reason::PassNotVip, XDP_PASS, bytes);
+    };
+    count_vip(vip.vip_id, bytes);
+    if vip.table_size == 0 {
+        return finish(Reason::DropNoBackend, XDP_DROP, bytes);
+    }
+    let cfg = settings();
+    let hash = flow_hash(&pkt.flow, cfg.hash_seed);
+    let Some((backend_id, backend)) = choose_backend(&pkt, &vip, hash, &cfg, bytes) else {
+        return finish(Reason::DropNoBackend, XDP_DROP, bytes);
+    };
+    count_backend(backend_id, bytes);
+    forward(ctx, &pkt, &backend, hash, &cfg, bytes)
+}
+
+#[inline(always)]
+fn finish(reason: Reason, action: u32, bytes: u64) -> u32 {
+    count(reason, bytes);
+    action
+}
+
+/// Exact (address, port, protocol) first, then the VIP's every-port entry.
+/// Fragments carry no ports and use the address's fragment key.
+#[inline(always)]
+fn lookup_vip(pkt: &Ipv4Packet) -> Option<VipMeta> {
+    let mut key = VipKey {
+        addr: pkt.flow.dst,
+        port: pkt.flow.dport,
+        proto: pkt.flow.proto,
+        kind: VIP_KIND_PORT,
+    };
+    if pkt.is_fragment {
+        key.kind = VIP_KIND_FRAGMENTS;
+    }
+    // SAFETY: values are copied out at once; userspace replaces, never mutates in place.
+    if let Some(meta) = unsafe { VIPS.get(&key) } {
+        return Some(*meta);
+    }
+    if pkt.is_fragment || key.port == 0 {
+        return None;
+    }
+    key.port = 0;
+    unsafe { VIPS.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn backend_for(id: u32, vip: &VipMeta) -> Option<Backend> {
+    let backend = BACKENDS.get(id)?;
+    (backend.flags & BACKEND_F_VALID != 0 && backend.vip_id == vip.vip_id).then_some(*backend)
+}
+
+#[inline(always)]
+fn maglev_pick(vip: &VipMeta, hash: u32) -> u32 {
+    let slot = vip.table_offset.wrapping_add(hash % vip.table_size);
+    MAGLEV_SLOTS.get(slot).copied().unwrap_or(0)
+}
+
+/// Connection table first (unless a SYN, which always takes the table's
+/// current answer), then the Maglev table; records the choice except for RST.
+#[inline(always)]
+fn choose_backend(
+    pkt: &Ipv4Packet,
+    vip: &VipMeta,
+    hash: u32,
+    cfg: &Settings,
+    bytes: u64,
+) -> Option<(u32, Backend)> {
+    if pkt.is_fragment {
+        count(Reason::Fragment, bytes);
+        let id = maglev_pick(vip, hash);
+        return backend_for(id, vip).map(|b| (id, b));
+    }
+    let is_syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let is_udp = pkt.flow.proto == PROTO_UDP;
+    let mut now = 0;
+    if !is_syn && let Some(entry) = CONNTRACK.get_ptr_mut(&pkt.flow) {
+        // SAFETY: LRU values stay valid for this program run; a racing update
+        // can at worst give another valid backend id.
+        let (id, atime) = unsafe { ((*entry).backend_id, (*entry).atime_ns) };
+        if let Some(backend) = backend_for(id, vip) {
+            let mut fresh = true;
+            if is_udp {
+                // SAFETY: helper with no arguments.
+                now = unsafe { bpf_ktime_get_ns() };
+                let idle = now.wrapping_sub(atime);
+                fresh = idle <= cfg.udp_idle_timeout_ns;
+                if fresh && idle > ATIME_REFRESH_NS {
+                    unsafe { (*entry).atime_ns = now };
+                }
+            }
+            if fresh {
+                count(Reason::ConntrackHit, bytes);
+                return Some((id, backend));
+            }
+        }
+    }
+    count(Reason::ConntrackMiss, bytes);
+    let id = maglev_pick(vip, hash);
+    let backend = backend_for(id, vip)?;
+    if pkt.tcp_flags & TCP_RST == 0 {
+        if now == 0 {
+            now = unsafe { bpf_ktime_get_ns() };
+        }
+        let entry = ConnEntry { backend_id: id, _pad: 0, atime_ns: now };
+        // A full LRU evicts its oldest entry; failure here only costs state.
+        let _ = CONNTRACK.insert(&pkt.flow, &entry, 0);
+    }
+    Some((id, backend))
+}
+
+/// Encapsulates toward `backend` and sends it on its way.
+#[inline(always)]
+fn forward(
+    ctx: &XdpContext,
+    pkt: &Ipv4Packet,
+    backend: &Backend,
+    hash: u32,
+    cfg: &Settings,
+    bytes: u64,
+) -> u32 {
+    let outer = OuterIpv4 {
+        src: cfg.encap_src_prefix | (hash & !cfg.encap_src_mask),
+        dst: backend.addr[0],
+        ttl: cfg.outer_ttl,
+    };
+    let hop = if cfg.flags & SETTINGS_F_NO_FIB != 0 {
+        NextHop::NoRoute
+    } else {
+        lookup_next_hop(ctx, &outer, pkt)
+    };
+    match hop {
+        NextHop::Resolved { smac, dmac, ifindex } => {
+            if encapsulate(ctx, pkt, &outer, &dmac, &smac).is_err() {
+                return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
+            }
+            if ifindex as usize == ctx.ingress_ifindex() {
+                finish(Reason::Tx, XDP_TX, bytes)
+            } else {
+                count(Reason::Redirect, bytes);
+                // SAFETY: helper takes plain integers.
+                unsafe { bpf_redirect(ifindex, 0) as u32 }
+            }
+        }
+        NextHop::NoNeighbour => {
+            // Keep our own MAC as destination so the kernel accepts the
+            // packet, forwards it and resolves the neighbour.
+            let Some((our_mac, peer_mac)) = ingress_macs(ctx) else {
+                return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
+            };
+            if encapsulate(ctx, pkt, &outer, &our_mac, &peer_mac).is_err() {
+                return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
+            }
+            finish(Reason::PassNoNeighbour, XDP_PASS, bytes)
+        }
+        NextHop::TooBig => finish(Reason::DropTooBig, XDP_DROP, bytes),
+        NextHop::NoRoute => {
+            if cfg.flags & SETTINGS_F_GATEWAY_MAC == 0 {
+                return finish(Reason::DropNoRoute, XDP_DROP, bytes);
+            }
+            let Some((our_mac, _)) = ingress_macs(ctx) else {
+                return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
+            };
+            if encapsulate(ctx, pkt, &outer, &cfg.gateway_mac, &our_mac).is_err() {
+                return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
+            }
+            count(Reason::FibFallbackGateway, bytes);
+            finish(Reason::Tx, XDP_TX, bytes)
+        }
+    }
+}
+
+/// (destination, source) MACs of the packet as it arrived: ours and the sender's.
+#[inline(always)]
+fn ingress_macs(ctx: &XdpContext) -> Option<([u8; 6], [u8; 6])> {
+    let eth = ptr_at::<network_types::eth::EthHdr>(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe { Some(((*eth).dst_addr, (*eth).src_addr)) }
+}

@@ -1,0 +1,25 @@
+//! XDP programs of the load balancer. `balancer` reads top-down:
+//! parse -> VIP lookup -> connection table / Maglev table -> encapsulate ->
+//! next hop -> XDP_TX or XDP_REDIRECT.
+#![no_std]
+#![no_main]
+
+mod balancer;
+mod encap;
+mod maps;
+mod parse;
+mod stats;
+
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+
+/// The load balancer's entry point, attached to the NIC facing the routers.
+#[xdp]
+pub fn balancer(ctx: XdpContext) -> u32 {
+    balancer::process(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,57 @@
+//! Every map of the data path, in one place. Layouts live in `lb_common::maps`.
+
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    maps::{
+        Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, FlowKey,
+        MAX_BACKENDS, MAX_VIPS, Reason, VipKey, VipMeta,
+    },
+    settings::Settings,
+};
+
+/// Load-time settings (hash seed, outer source prefix, gateway MAC); read-only.
+#[unsafe(no_mangle)]
+static SETTINGS: Settings = Settings::DEFAULT;
+
+#[inline(always)]
+pub fn settings() -> Settings {
+    // SAFETY: a plain read of a global the loader fills before the program runs;
+    // volatile so the compiler does not fold the compile-time default.
+    unsafe { core::ptr::read_volatile(&SETTINGS) }
+}
+
+/// VIPs, each (address, port, protocol) and each fragment key, to its meta.
+#[map]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 2, 0);
+
+/// Backends by id: outer address, validity, owning VIP.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Every VIP's Maglev table, one region per VIP (`VipMeta::table_offset`),
+/// each slot a backend id. Resized by userspace at load time, and mmapped
+/// there so a whole table is written with memory stores, not a syscall a slot.
+#[map]
+pub static MAGLEV_SLOTS: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_SLOTS, BPF_F_MMAPABLE);
+
+/// Connection table: flow -> backend it was sent to. One LRU shared by all
+/// CPUs so a flow stays put even when RSS moves it to another CPU.
+#[map]
+pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+
+/// Packets and bytes per `Reason`.
+#[map]
+pub static REASON_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+/// Packets and bytes per VIP id.
+#[map]
+pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+/// Packets and bytes per backend id.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
