@@ -14,13 +14,24 @@ fn ebpf_toolchain_missing() -> Option<String> {
         return Some("bpf-linker is not on PATH".into());
     }
     let libdir = Command::new("rustup")
-        .args(["run", TOOLCHAIN, "rustc", "--print", "target-libdir", "--target", "bpfel-unknown-none"])
+        .args([
+            "run",
+            TOOLCHAIN,
+            "rustc",
+            "--print",
+            "target-libdir",
+            "--target",
+            "bpfel-unknown-none",
+        ])
         .output();
     match libdir {
         Ok(o) if o.status.success() => {
             let dir = PathBuf::from(String::from_utf8_lossy(&o.stdout).trim());
             let has_core = fs::read_dir(&dir)
-                .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("libcore-")))
+                .map(|d| {
+                    d.flatten()
+                        .any(|e| e.file_name().to_string_lossy().starts_with("libcore-"))
+                })
                 .unwrap_or(false);
             (!has_core).then(|| format!("no precompiled bpf `core` in {}", dir.display()))
         }
@@ -34,7 +45,11 @@ fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let object = out_dir.join("lb-ebpf");
     let forced_stub = env::var_os("LB_EBPF_STUB").is_some_and(|v| v == "1");
-    let missing = if forced_stub { Some("LB_EBPF_STUB=1".to_string()) } else { ebpf_toolchain_missing() };
+    let missing = if forced_stub {
+        Some("LB_EBPF_STUB=1".to_string())
+    } else {
+        ebpf_toolchain_missing()
+    };
     if let Some(why) = missing {
         println!("cargo:warning=building without the XDP program ({why}); run `cargo xtask setup`");
         println!("cargo:rerun-if-changed=../lb-ebpf/src");
@@ -49,7 +64,11 @@ fn main() -> anyhow::Result<()> {
     let ebpf_dir = format!("{root}/../lb-ebpf");
     println!("cargo:rerun-if-changed={root}/../lb-common/src");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "lb-ebpf", root_dir: &ebpf_dir, ..Default::default() }],
+        [aya_build::Package {
+            name: "lb-ebpf",
+            root_dir: &ebpf_dir,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom(TOOLCHAIN),
     )
 }

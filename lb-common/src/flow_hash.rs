@@ -83,7 +83,10 @@ mod tests {
         }
         let expected = n / buckets as u32;
         for c in counts {
-            assert!(c.abs_diff(expected) < expected / 5, "bucket count {c}, expected ~{expected}");
+            assert!(
+                c.abs_diff(expected) < expected / 5,
+                "bucket count {c}, expected ~{expected}"
+            );
         }
     }
 }

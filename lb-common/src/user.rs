@@ -20,7 +20,9 @@ pub fn addr_from_ip(ip: IpAddr) -> Addr {
         IpAddr::V4(v4) => [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
         IpAddr::V6(v6) => {
             let o = v6.octets();
-            core::array::from_fn(|i| u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]))
+            core::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
         }
     }
 }
@@ -31,7 +33,12 @@ pub fn ipv4_from_addr(addr: &Addr) -> Ipv4Addr {
 
 impl VipKey {
     pub fn new(addr: IpAddr, port: u16, proto: u8) -> Self {
-        VipKey { addr: addr_from_ip(addr), port: port.to_be(), proto, kind: crate::maps::VIP_KIND_PORT }
+        VipKey {
+            addr: addr_from_ip(addr),
+            port: port.to_be(),
+            proto,
+            kind: crate::maps::VIP_KIND_PORT,
+        }
     }
 }
 

@@ -138,7 +138,11 @@ fn choose_backend(
         if now == 0 {
             now = unsafe { bpf_ktime_get_ns() };
         }
-        let entry = ConnEntry { backend_id: id, _pad: 0, atime_ns: now };
+        let entry = ConnEntry {
+            backend_id: id,
+            _pad: 0,
+            atime_ns: now,
+        };
         // A full LRU evicts its oldest entry; failure here only costs state.
         let _ = CONNTRACK.insert(&pkt.flow, &entry, 0);
     }
@@ -166,7 +170,11 @@ fn forward(
         lookup_next_hop(ctx, &outer, pkt)
     };
     match hop {
-        NextHop::Resolved { smac, dmac, ifindex } => {
+        NextHop::Resolved {
+            smac,
+            dmac,
+            ifindex,
+        } => {
             if encapsulate(ctx, pkt, &outer, &dmac, &smac).is_err() {
                 return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
             }

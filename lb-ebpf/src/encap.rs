@@ -28,7 +28,11 @@ pub struct OuterIpv4 {
 /// What `bpf_fib_lookup` said about the way to the backend.
 pub enum NextHop {
     /// MACs to write and the interface to send out of.
-    Resolved { smac: [u8; 6], dmac: [u8; 6], ifindex: u32 },
+    Resolved {
+        smac: [u8; 6],
+        dmac: [u8; 6],
+        ifindex: u32,
+    },
     /// A route exists but the neighbour is not resolved yet.
     NoNeighbour,
     /// The encapsulated packet is larger than the egress MTU.
@@ -71,7 +75,15 @@ pub fn lookup_next_hop(ctx: &XdpContext, outer: &OuterIpv4, pkt: &Ipv4Packet) ->
 
 /// The IPv4 header checksum of the outer header, from its fields.
 #[inline(always)]
-fn outer_checksum(tos: u8, tot_len: u16, id_raw: u16, frags: u16, ttl: u8, src: u32, dst: u32) -> u16 {
+fn outer_checksum(
+    tos: u8,
+    tot_len: u16,
+    id_raw: u16,
+    frags: u16,
+    ttl: u8,
+    src: u32,
+    dst: u32,
+) -> u16 {
     let src = u32::from_be(src);
     let dst = u32::from_be(dst);
     let mut sum: u32 = (0x4500 | tos as u32)
@@ -120,7 +132,9 @@ pub fn encapsulate(
             (*vlan).ether_type = ETH_P_IP_BE;
         }
         let ip = ptr_at::<Ipv4Hdr>(ctx, pkt.l2_len).ok_or(())?;
-        let check = outer_checksum(pkt.tos, tot_len, pkt.ip_id, frags, outer.ttl, outer.src, outer.dst);
+        let check = outer_checksum(
+            pkt.tos, tot_len, pkt.ip_id, frags, outer.ttl, outer.src, outer.dst,
+        );
         *ip = Ipv4Hdr {
             vihl: 0x45,
             tos: pkt.tos,

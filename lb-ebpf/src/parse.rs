@@ -2,13 +2,7 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::maps::FlowKey;
-use network_types::{
-    eth::EthHdr,
-    ip::Ipv4Hdr,
-    tcp::TcpHdr,
-    udp::UdpHdr,
-    vlan::VlanHdr,
-};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr, vlan::VlanHdr};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_8021Q: u16 = 0x8100;
@@ -109,13 +103,16 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         let l4 = l2_len + ihl;
         match ip.proto {
             lb_common::PROTO_TCP => {
+                // Bounds first, then the length check: in the other order
+                // LLVM derives the bounds from tot_len and drops the check
+                // the verifier needs.
+                let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4) else {
+                    return Parsed::Malformed;
+                };
                 // The whole fixed TCP header must be inside the datagram.
                 if (tot_len as usize) < ihl + TcpHdr::LEN {
                     return Parsed::Malformed;
                 }
-                let Some(tcp) = ptr_at::<TcpHdr>(ctx, l4) else {
-                    return Parsed::Malformed;
-                };
                 // SAFETY: bounds checked by ptr_at.
                 unsafe {
                     flow.sport = u16::from_ne_bytes((*tcp).source);
@@ -124,12 +121,12 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
                 }
             }
             lb_common::PROTO_UDP => {
-                if (tot_len as usize) < ihl + UdpHdr::LEN {
-                    return Parsed::Malformed;
-                }
                 let Some(udp) = ptr_at::<UdpHdr>(ctx, l4) else {
                     return Parsed::Malformed;
                 };
+                if (tot_len as usize) < ihl + UdpHdr::LEN {
+                    return Parsed::Malformed;
+                }
                 // SAFETY: bounds checked by ptr_at.
                 unsafe {
                     flow.sport = u16::from_ne_bytes((*udp).src);

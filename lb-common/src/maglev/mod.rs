@@ -36,10 +36,20 @@ const EMPTY: u32 = u32::MAX;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MaglevError {
-    NotPrime { size: u32 },
-    TooSmall { size: u32, backends: usize, minimum: u64 },
-    TooLarge { size: u32 },
-    DuplicateBackend { identity: String },
+    NotPrime {
+        size: u32,
+    },
+    TooSmall {
+        size: u32,
+        backends: usize,
+        minimum: u64,
+    },
+    TooLarge {
+        size: u32,
+    },
+    DuplicateBackend {
+        identity: String,
+    },
 }
 
 use std::string::String;
@@ -48,15 +58,25 @@ impl fmt::Display for MaglevError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MaglevError::NotPrime { size } => {
-                write!(f, "table size {size} is not prime (try 65537, 131071, 262139 or 655373)")
+                write!(
+                    f,
+                    "table size {size} is not prime (try 65537, 131071, 262139 or 655373)"
+                )
             }
-            MaglevError::TooSmall { size, backends, minimum } => write!(
+            MaglevError::TooSmall {
+                size,
+                backends,
+                minimum,
+            } => write!(
                 f,
                 "table size {size} is too small for {backends} backends (need at least {minimum}, \
                  {MIN_SLOTS_PER_BACKEND} slots per backend; 100 per backend for even balance)"
             ),
             MaglevError::TooLarge { size } => {
-                write!(f, "table size {size} is larger than the maximum {MAX_TABLE_SIZE}")
+                write!(
+                    f,
+                    "table size {size} is larger than the maximum {MAX_TABLE_SIZE}"
+                )
             }
             MaglevError::DuplicateBackend { identity } => {
                 write!(f, "backend {identity} is listed twice")
@@ -77,7 +97,10 @@ pub struct MaglevBackend {
 
 impl MaglevBackend {
     pub fn new(identity: impl Into<String>, weight: u32) -> Self {
-        MaglevBackend { identity: identity.into(), weight }
+        MaglevBackend {
+            identity: identity.into(),
+            weight,
+        }
     }
 }
 
@@ -108,7 +131,11 @@ pub fn validate_table_size(size: u32, backends: usize) -> Result<(), MaglevError
     }
     let minimum = (backends as u64 * MIN_SLOTS_PER_BACKEND).max(2);
     if (size as u64) < minimum {
-        return Err(MaglevError::TooSmall { size, backends, minimum });
+        return Err(MaglevError::TooSmall {
+            size,
+            backends,
+            minimum,
+        });
     }
     Ok(())
 }
@@ -202,16 +229,27 @@ fn build_with(
     let mut sorted = backends.to_vec();
     sorted.sort_by(|a, b| a.identity.cmp(&b.identity));
     if let Some(pair) = sorted.windows(2).find(|w| w[0].identity == w[1].identity) {
-        return Err(MaglevError::DuplicateBackend { identity: pair[0].identity.clone() });
+        return Err(MaglevError::DuplicateBackend {
+            identity: pair[0].identity.clone(),
+        });
     }
     validate_table_size(size, sorted.len())?;
     let weights: Vec<u32> = sorted.iter().map(|b| b.weight).collect();
     if weights.iter().all(|&w| w == 0) {
-        return Ok(MaglevTable { backends: sorted, slots: Vec::new() });
+        return Ok(MaglevTable {
+            backends: sorted,
+            slots: Vec::new(),
+        });
     }
-    let perms: Vec<Permutation> = sorted.iter().map(|b| permutation(&b.identity, size, seed)).collect();
+    let perms: Vec<Permutation> = sorted
+        .iter()
+        .map(|b| permutation(&b.identity, size, seed))
+        .collect();
     let slots = fill(&perms, &weights, size);
-    Ok(MaglevTable { backends: sorted, slots })
+    Ok(MaglevTable {
+        backends: sorted,
+        slots,
+    })
 }
 
 /// Weighted turn-taking shared by both implementations: calls `claim(i)`
@@ -322,7 +360,10 @@ pub fn populate(perms: &[Permutation], weights: &[u32], size: u32) -> Vec<u32> {
         } else {
             let (free_list, inverse) = tail.get_or_insert_with(|| {
                 let list = (0..size).filter(|&s| entry[s as usize] == EMPTY).collect();
-                let inv = perms.iter().map(|p| mod_inverse(p.skip as u64, m)).collect();
+                let inv = perms
+                    .iter()
+                    .map(|p| mod_inverse(p.skip as u64, m))
+                    .collect();
                 (list, inv)
             });
             // No free slot lies before this backend's cursor in its
@@ -358,13 +399,23 @@ pub struct SlotChange {
 /// caller's backend ids). Tables of different sizes differ everywhere.
 pub fn diff(old: &[u32], new: &[u32]) -> Vec<SlotChange> {
     if old.len() != new.len() {
-        return new.iter().enumerate().map(|(i, &b)| SlotChange { slot: i as u32, backend: b }).collect();
+        return new
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| SlotChange {
+                slot: i as u32,
+                backend: b,
+            })
+            .collect();
     }
     old.iter()
         .zip(new)
         .enumerate()
         .filter(|(_, (o, n))| o != n)
-        .map(|(i, (_, &n))| SlotChange { slot: i as u32, backend: n })
+        .map(|(i, (_, &n))| SlotChange {
+            slot: i as u32,
+            backend: n,
+        })
         .collect()
 }
 

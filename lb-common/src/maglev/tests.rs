@@ -5,14 +5,25 @@ use proptest::prelude::*;
 use super::*;
 
 fn backends(n: usize) -> Vec<MaglevBackend> {
-    (0..n).map(|i| MaglevBackend::new(format!("10.1.{}.{}", i / 250, i % 250 + 1), 1)).collect()
+    (0..n)
+        .map(|i| MaglevBackend::new(format!("10.1.{}.{}", i / 250, i % 250 + 1), 1))
+        .collect()
 }
 
 #[test]
 fn validates_table_size() {
-    assert_eq!(validate_table_size(65_536, 3), Err(MaglevError::NotPrime { size: 65_536 }));
-    assert!(matches!(validate_table_size(251, 100), Err(MaglevError::TooSmall { .. })));
-    assert_eq!(validate_table_size(2_000_003, 1), Err(MaglevError::TooLarge { size: 2_000_003 }));
+    assert_eq!(
+        validate_table_size(65_536, 3),
+        Err(MaglevError::NotPrime { size: 65_536 })
+    );
+    assert!(matches!(
+        validate_table_size(251, 100),
+        Err(MaglevError::TooSmall { .. })
+    ));
+    assert_eq!(
+        validate_table_size(2_000_003, 1),
+        Err(MaglevError::TooLarge { size: 2_000_003 })
+    );
     assert!(validate_table_size(MAX_TABLE_SIZE, 1000).is_ok());
     assert!(validate_table_size(DEFAULT_TABLE_SIZE, 100).is_ok());
     let msg = MaglevError::NotPrime { size: 10 }.to_string();
@@ -25,7 +36,9 @@ fn duplicate_backend_is_an_error() {
     b.push(b[0].clone());
     assert_eq!(
         build(&b, 251, 0),
-        Err(MaglevError::DuplicateBackend { identity: "10.1.0.1".to_string() })
+        Err(MaglevError::DuplicateBackend {
+            identity: "10.1.0.1".to_string()
+        })
     );
 }
 
@@ -50,7 +63,11 @@ fn equal_weights_balance_within_one_slot() {
 #[test]
 fn shares_follow_relative_weights() {
     let weights = [1u32, 2, 3, 4, 10, 0, 5];
-    let b: Vec<_> = weights.iter().enumerate().map(|(i, &w)| MaglevBackend::new(format!("b{i}"), w)).collect();
+    let b: Vec<_> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| MaglevBackend::new(format!("b{i}"), w))
+        .collect();
     let m = 65_537;
     let t = build(&b, m, 1).unwrap();
     let total: u32 = weights.iter().sum();
@@ -58,7 +75,11 @@ fn shares_follow_relative_weights() {
     for (backend, count) in t.backends.iter().zip(counts) {
         let ideal = backend.weight as f64 / total as f64;
         let share = count as f64 / m as f64;
-        assert!((share - ideal).abs() < 0.01, "{}: share {share:.4}, ideal {ideal:.4}", backend.identity);
+        assert!(
+            (share - ideal).abs() < 0.01,
+            "{}: share {share:.4}, ideal {ideal:.4}",
+            backend.identity
+        );
         if backend.weight == 0 {
             assert_eq!(count, 0);
         }
@@ -80,7 +101,10 @@ fn order_of_backends_does_not_matter() {
 #[test]
 fn seed_changes_the_table() {
     let b = backends(10);
-    assert_ne!(build(&b, 4099, 1).unwrap().slots, build(&b, 4099, 2).unwrap().slots);
+    assert_ne!(
+        build(&b, 4099, 1).unwrap().slots,
+        build(&b, 4099, 2).unwrap().slots
+    );
 }
 
 /// Golden vectors: any change that alters a table across versions fails here.
@@ -111,9 +135,16 @@ fn golden_vectors() {
         );
     }
     if std::env::var_os("LB_UPDATE_GOLDEN").is_some() {
-        std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/src/maglev/golden.txt"), &actual).unwrap();
+        std::fs::write(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/src/maglev/golden.txt"),
+            &actual,
+        )
+        .unwrap();
     }
-    assert_eq!(actual, golden, "Maglev tables changed: every running instance would disagree");
+    assert_eq!(
+        actual, golden,
+        "Maglev tables changed: every running instance would disagree"
+    );
 }
 
 /// Share of slots owned by backends present in both tables that changed owner.
@@ -141,15 +172,35 @@ fn removing_or_adding_one_backend_disrupts_little() {
     // Every slot of the removed backend moves; of the others only a few.
     let removal = collateral_moves(&before, &after_removal);
     let addition = collateral_moves(&after_removal, &before);
-    assert!(removal < 0.02, "removing 1 of 100 moved {:.3}% of other slots", removal * 100.0);
-    assert!(addition < 0.02, "adding 1 to 99 moved {:.3}% of other slots", addition * 100.0);
+    assert!(
+        removal < 0.02,
+        "removing 1 of 100 moved {:.3}% of other slots",
+        removal * 100.0
+    );
+    assert!(
+        addition < 0.02,
+        "adding 1 to 99 moved {:.3}% of other slots",
+        addition * 100.0
+    );
 }
 
 #[test]
 fn diff_lists_exactly_the_changed_slots() {
     let old = [1, 2, 3, 4];
     let new = [1, 5, 3, 6];
-    assert_eq!(diff(&old, &new), [SlotChange { slot: 1, backend: 5 }, SlotChange { slot: 3, backend: 6 }]);
+    assert_eq!(
+        diff(&old, &new),
+        [
+            SlotChange {
+                slot: 1,
+                backend: 5
+            },
+            SlotChange {
+                slot: 3,
+                backend: 6
+            }
+        ]
+    );
     assert_eq!(diff(&old, &[7, 7]).len(), 2);
 }
 
@@ -170,7 +221,11 @@ fn modular_inverse_and_mul_mod() {
 fn fast_populate_matches_reference_on_large_tables() {
     for (n, m) in [(1, 65_537), (100, 65_537), (1000, 655_373)] {
         let b = backends(n);
-        assert_eq!(build(&b, m, 5).unwrap(), build_reference(&b, m, 5).unwrap(), "n={n} m={m}");
+        assert_eq!(
+            build(&b, m, 5).unwrap(),
+            build_reference(&b, m, 5).unwrap(),
+            "n={n} m={m}"
+        );
     }
 }
 

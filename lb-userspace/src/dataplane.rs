@@ -1,0 +1,334 @@
+//! The only code that touches the XDP program's maps. Everything above it
+//! speaks in `lb_common::maps` types.
+
+use std::{os::fd::AsRawFd, ptr::NonNull, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    programs::{TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use lb_common::{
+    maps::{
+        Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, FlowKey,
+        GLOBAL_SETTINGS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV_SLOTS,
+        MAP_REASON_STATS, MAP_VIP_STATS, MAP_VIPS, PROGRAM_BALANCER, Reason, VipKey, VipMeta,
+    },
+    settings::Settings,
+};
+
+use crate::object::ebpf_object;
+
+/// Sizes and settings fixed when the program is loaded.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub settings: Settings,
+    /// Capacity of `MAGLEV_SLOTS` (all VIPs' tables, twice over for swaps).
+    pub maglev_slots: u32,
+    pub conntrack_entries: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            settings: Settings::DEFAULT,
+            maglev_slots: DEFAULT_MAGLEV_SLOTS,
+            conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+        }
+    }
+}
+
+/// `MAGLEV_SLOTS` mapped into our memory: a table is written with plain
+/// stores (one syscall per slot would take ~100 ms for M=65537).
+/// The kernel lays array elements out 8 bytes apart (`round_up(value_size,
+/// 8)`), so slot `i` is the u32 at index `2 * i`.
+struct SlotsMmap {
+    ptr: NonNull<u32>,
+    len: usize,
+    map_len: usize,
+}
+
+impl SlotsMmap {
+    fn new(map: &MapData, entries: u32) -> Result<Self> {
+        let page = 4096usize;
+        let map_len = (entries as usize * SLOT_STRIDE * 4).div_ceil(page) * page;
+        // SAFETY: mapping a BPF_F_MMAPABLE array of `entries` u32 by its fd.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of MAGLEV_SLOTS");
+        }
+        let ptr = NonNull::new(ptr.cast()).context("mmap returned null")?;
+        Ok(SlotsMmap {
+            ptr,
+            len: entries as usize,
+            map_len,
+        })
+    }
+
+    fn raw_mut(&mut self) -> &mut [u32] {
+        // SAFETY: the mapping is `len * SLOT_STRIDE` u32 long and lives as long as self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len * SLOT_STRIDE) }
+    }
+
+    fn raw(&self) -> &[u32] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len * SLOT_STRIDE) }
+    }
+
+    fn write(&mut self, offset: usize, table: &[u32]) {
+        let raw = &mut self.raw_mut()[offset * SLOT_STRIDE..(offset + table.len()) * SLOT_STRIDE];
+        for (cell, &id) in raw.chunks_exact_mut(SLOT_STRIDE).zip(table) {
+            cell[0] = id;
+        }
+    }
+
+    fn read(&self, offset: usize, len: usize) -> Vec<u32> {
+        self.raw()[offset * SLOT_STRIDE..(offset + len) * SLOT_STRIDE]
+            .iter()
+            .step_by(SLOT_STRIDE)
+            .copied()
+            .collect()
+    }
+}
+
+impl Drop for SlotsMmap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}
+
+/// u32 words per array element in the kernel's layout.
+const SLOT_STRIDE: usize = 2;
+
+// SAFETY: the mapping is owned memory; access goes through &mut self.
+unsafe impl Send for SlotsMmap {}
+
+use std::os::fd::AsFd;
+
+/// The loaded program and typed handles to its maps.
+pub struct Dataplane {
+    slots: SlotsMmap,
+    vips: HashMap<MapData, VipKey, VipMeta>,
+    backends: Array<MapData, Backend>,
+    conntrack: HashMap<MapData, FlowKey, ConnEntry>,
+    reason_stats: PerCpuArray<MapData, Counter>,
+    vip_stats: PerCpuArray<MapData, Counter>,
+    backend_stats: PerCpuArray<MapData, Counter>,
+    ebpf: Ebpf,
+    attached: Vec<XdpLinkId>,
+}
+
+/// One `BPF_PROG_TEST_RUN` result.
+#[derive(Clone, Debug)]
+pub struct TestRunOutput {
+    pub action: u32,
+    pub packet: Vec<u8>,
+    pub duration: Duration,
+}
+
+fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &str) -> Result<T> {
+    let map = ebpf
+        .take_map(name)
+        .with_context(|| format!("map {name} missing from the object"))?;
+    T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
+}
+
+impl Dataplane {
+    /// Loads the program (verifier included) without attaching it.
+    pub fn load(opts: &LoadOptions) -> Result<Self> {
+        let object = ebpf_object()?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_SETTINGS, &opts.settings, true)
+            .map_max_entries(MAP_MAGLEV_SLOTS, opts.maglev_slots)
+            .map_max_entries(MAP_CONNTRACK, opts.conntrack_entries)
+            .load(object)
+            .context("loading the XDP object (is bpffs needed? are you root?)")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_BALANCER)
+            .context("program missing from the object")?
+            .try_into()?;
+        program
+            .load()
+            .context("the kernel verifier rejected the XDP program")?;
+        let slots_map: MapData = {
+            let map = ebpf
+                .take_map(MAP_MAGLEV_SLOTS)
+                .context("MAGLEV_SLOTS missing")?;
+            match map {
+                Map::Array(data) => data,
+                _ => bail!("MAGLEV_SLOTS is not an array"),
+            }
+        };
+        let slots = SlotsMmap::new(&slots_map, opts.maglev_slots)?;
+        // The mapping keeps the map alive; the fd can go.
+        drop(slots_map);
+        Ok(Dataplane {
+            slots,
+            vips: take(&mut ebpf, MAP_VIPS)?,
+            backends: take(&mut ebpf, MAP_BACKENDS)?,
+            conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
+            reason_stats: take(&mut ebpf, MAP_REASON_STATS)?,
+            vip_stats: take(&mut ebpf, MAP_VIP_STATS)?,
+            backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
+            ebpf,
+            attached: Vec::new(),
+        })
+    }
+
+    fn program(&mut self) -> &mut Xdp {
+        self.ebpf
+            .program_mut(PROGRAM_BALANCER)
+            .expect("checked at load")
+            .try_into()
+            .expect("checked at load")
+    }
+
+    /// Attaches to `interface`; detached again when `self` is dropped.
+    pub fn attach(&mut self, interface: &str, mode: XdpMode) -> Result<()> {
+        let id = self
+            .program()
+            .attach(interface, mode)
+            .with_context(|| format!("attaching XDP to {interface} in {mode:?} mode"))?;
+        self.attached.push(id);
+        Ok(())
+    }
+
+    pub fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<()> {
+        self.vips.insert(key, meta, 0).context("writing VIPS")
+    }
+
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.vips.remove(key).context("removing from VIPS")
+    }
+
+    pub fn vip(&self, key: &VipKey) -> Option<VipMeta> {
+        self.vips.get(key, 0).ok()
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing BACKENDS[{id}]"))
+    }
+
+    pub fn backend(&self, id: u32) -> Result<Backend> {
+        Ok(self.backends.get(&id, 0)?)
+    }
+
+    /// Capacity of `MAGLEV_SLOTS`.
+    pub fn slot_capacity(&self) -> u32 {
+        self.slots.len as u32
+    }
+
+    /// Writes `table` at `offset` of `MAGLEV_SLOTS`.
+    pub fn write_slots(&mut self, offset: u32, table: &[u32]) -> Result<()> {
+        let start = offset as usize;
+        ensure!(
+            start + table.len() <= self.slots.len,
+            "table of {} slots at {offset} exceeds MAGLEV_SLOTS",
+            table.len()
+        );
+        self.slots.write(start, table);
+        Ok(())
+    }
+
+    pub fn read_slots(&self, offset: u32, len: u32) -> Vec<u32> {
+        self.slots.read(offset as usize, len as usize)
+    }
+
+    pub fn conntrack_get(&self, key: &FlowKey) -> Option<ConnEntry> {
+        self.conntrack.get(key, 0).ok()
+    }
+
+    pub fn conntrack_insert(&mut self, key: FlowKey, entry: ConnEntry) -> Result<()> {
+        self.conntrack
+            .insert(key, entry, 0)
+            .context("writing CONNTRACK")
+    }
+
+    pub fn conntrack_entries(&self) -> Vec<(FlowKey, ConnEntry)> {
+        self.conntrack.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    fn sum(map: &PerCpuArray<MapData, Counter>, index: u32) -> Counter {
+        map.get(&index, 0)
+            .map(|per_cpu| {
+                per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                    packets: acc.packets + c.packets,
+                    bytes: acc.bytes + c.bytes,
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn reason_counter(&self, reason: Reason) -> Counter {
+        Self::sum(&self.reason_stats, reason as u32)
+    }
+
+    pub fn reason_counters(&self) -> Vec<(Reason, Counter)> {
+        Reason::ALL
+            .iter()
+            .map(|&r| (r, self.reason_counter(r)))
+            .collect()
+    }
+
+    pub fn vip_counter(&self, vip_id: u32) -> Counter {
+        Self::sum(&self.vip_stats, vip_id)
+    }
+
+    pub fn backend_counter(&self, backend_id: u32) -> Counter {
+        Self::sum(&self.backend_stats, backend_id)
+    }
+
+    /// Runs the program once on `packet` (`BPF_PROG_TEST_RUN`, repeat 1) as
+    /// if it had arrived on `ingress_ifindex` (0: none, FIB lookups fail).
+    pub fn test_run(&mut self, packet: &[u8], ingress_ifindex: u32) -> Result<TestRunOutput> {
+        let mut out = vec![0u8; packet.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let mut ctx = [0u32; 6];
+        ctx[1] = packet.len() as u32;
+        ctx[3] = ingress_ifindex;
+        let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: (ingress_ifindex != 0).then_some(ctx_bytes.as_slice()),
+            ..TestRunOptions::new()
+        };
+        let result = self.program().test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutput {
+            action: result.return_value,
+            packet: out,
+            duration: result.duration,
+        })
+    }
+
+    /// Times `packet` over `repeat` runs in one call (kernel average per run).
+    /// Only meaningful for packets the program does not rewrite.
+    pub fn test_run_repeat(&mut self, packet: &[u8], repeat: u32) -> Result<Duration> {
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::new()
+        };
+        Ok(self
+            .program()
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN")?
+            .duration)
+    }
+}

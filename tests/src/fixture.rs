@@ -1,0 +1,343 @@
+//! A harness that runs the real XDP program under `BPF_PROG_TEST_RUN` in a
+//! namespace of its own (so `bpf_fib_lookup` sees routes and neighbours the
+//! test set up, not the host's) and checks every packet against the
+//! reference model: action, output bytes, counters, connection table.
+//!
+//! The namespace has two veth pairs:
+//! - `lb0` (10.100.0.2/24, MAC `LB_MAC`), neighbour 10.100.0.1 = `ROUTER_MAC`;
+//!   backends in 10.50.0.0/24 route via it: XDP_TX back out of `lb0`;
+//!   backends in 10.70.0.0/24 route via 10.100.0.9, which has no neighbour
+//!   entry: "no neighbour", handed to the kernel.
+//! - `lb1` (10.101.0.2/24, MAC `LB1_MAC`), neighbour 10.101.0.1 = `LB1_PEER_MAC`;
+//!   backends in 10.60.0.0/24: XDP_REDIRECT to `lb1`.
+//! - anything else has no route.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use lb_common::{
+    maps::{Addr, BACKEND_F_VALID, Backend, Counter, FlowKey, VIP_KIND_FRAGMENTS, VipKey, VipMeta},
+    model::{Decision, ModelMaps, ModelNextHop, ModelParse, parse},
+    settings::Settings,
+    user::addr_from_ip,
+};
+use lb_userspace::{
+    dataplane::{Dataplane, LoadOptions, TestRunOutput},
+    slots::SlotAllocator,
+    vip_table::{BackendSpec, install_vip, maglev_ids},
+};
+
+use crate::{
+    netns::{NetNs, NsGuard, ifindex},
+    packets::{LB_MAC, ROUTER_MAC},
+};
+
+pub const LB1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+pub const LB1_PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const MTU: u16 = 1500;
+
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub struct Harness {
+    pub dp: Dataplane,
+    pub model: ModelMaps,
+    pub alloc: SlotAllocator,
+    pub lb0: u32,
+    pub lb1: u32,
+    _guard: NsGuard,
+    _ns: NetNs,
+}
+
+/// The kernel's and the model's view of one packet.
+pub struct Outcome {
+    pub kernel: TestRunOutput,
+    pub model: Decision,
+}
+
+impl Harness {
+    pub fn new(settings: Settings) -> Harness {
+        let ns = NetNs::new("lbfx");
+        ns.ip(&[
+            "link",
+            "add",
+            "lb0",
+            "address",
+            &mac_str(&LB_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "rt0",
+            "address",
+            &mac_str(&ROUTER_MAC),
+        ]);
+        ns.ip(&[
+            "link",
+            "add",
+            "lb1",
+            "address",
+            &mac_str(&LB1_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "x1",
+            "address",
+            &mac_str(&LB1_PEER_MAC),
+        ]);
+        for dev in ["lb0", "rt0", "lb1", "x1"] {
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        ns.ip(&["addr", "add", "10.100.0.2/24", "dev", "lb0"]);
+        ns.ip(&["addr", "add", "10.101.0.2/24", "dev", "lb1"]);
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "10.100.0.1",
+            "lladdr",
+            &mac_str(&ROUTER_MAC),
+            "dev",
+            "lb0",
+            "nud",
+            "permanent",
+        ]);
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "10.101.0.1",
+            "lladdr",
+            &mac_str(&LB1_PEER_MAC),
+            "dev",
+            "lb1",
+            "nud",
+            "permanent",
+        ]);
+        ns.ip(&[
+            "route",
+            "add",
+            "10.50.0.0/24",
+            "via",
+            "10.100.0.1",
+            "dev",
+            "lb0",
+        ]);
+        ns.ip(&[
+            "route",
+            "add",
+            "10.60.0.0/24",
+            "via",
+            "10.101.0.1",
+            "dev",
+            "lb1",
+        ]);
+        ns.ip(&[
+            "route",
+            "add",
+            "10.70.0.0/24",
+            "via",
+            "10.100.0.9",
+            "dev",
+            "lb0",
+        ]);
+        ns.sh("sysctl -qw net.ipv4.conf.all.forwarding=1");
+        let guard = ns.enter();
+        let opts = LoadOptions {
+            settings,
+            maglev_slots: 1 << 20,
+            conntrack_entries: 1 << 16,
+        };
+        let dp = Dataplane::load(&opts).expect("loading the XDP program");
+        let model = ModelMaps {
+            settings,
+            ..ModelMaps::default()
+        };
+        let alloc = SlotAllocator::new(dp.slot_capacity());
+        Harness {
+            lb0: ifindex("lb0"),
+            lb1: ifindex("lb1"),
+            dp,
+            model,
+            alloc,
+            _guard: guard,
+            _ns: ns,
+        }
+    }
+
+    /// What the namespace's FIB answers, for the model.
+    pub fn next_hop(&self) -> impl Fn(&Addr, u16) -> ModelNextHop + use<> {
+        let (lb0, lb1) = (self.lb0, self.lb1);
+        move |addr: &Addr, tot_len: u16| {
+            let o = addr[0].to_ne_bytes();
+            let routed = o[0] == 10 && matches!(o[1..3], [50, 0] | [60, 0] | [70, 0]);
+            if routed && tot_len > MTU {
+                return ModelNextHop::TooBig;
+            }
+            match o {
+                [10, 50, 0, _] => ModelNextHop::Resolved {
+                    smac: LB_MAC,
+                    dmac: ROUTER_MAC,
+                    ifindex: lb0,
+                },
+                [10, 60, 0, _] => ModelNextHop::Resolved {
+                    smac: LB1_MAC,
+                    dmac: LB1_PEER_MAC,
+                    ifindex: lb1,
+                },
+                [10, 70, 0, _] => ModelNextHop::NoNeighbour,
+                _ => ModelNextHop::NoRoute,
+            }
+        }
+    }
+
+    /// Installs (or replaces) a VIP in the kernel and the model alike.
+    pub fn add_vip(
+        &mut self,
+        key: VipKey,
+        vip_id: u32,
+        backends: &[BackendSpec],
+        size: u32,
+    ) -> VipMeta {
+        let seed = self.model.settings.hash_seed;
+        let previous = self.model.vips.get(&key).copied();
+        let meta = if backends.iter().all(|b| b.weight == 0) && backends.is_empty() {
+            let meta = VipMeta {
+                vip_id,
+                flags: 0,
+                table_offset: 0,
+                table_size: 0,
+            };
+            self.dp.set_vip(key, meta).unwrap();
+            meta
+        } else {
+            install_vip(
+                &mut self.dp,
+                &mut self.alloc,
+                key,
+                vip_id,
+                backends,
+                size,
+                seed,
+            )
+            .unwrap()
+        };
+        if let Some(old) = previous {
+            self.alloc.release(old.table_offset, old.table_size);
+        }
+        for b in backends {
+            self.model.backends.insert(
+                b.id,
+                Backend {
+                    addr: addr_from_ip(b.addr),
+                    flags: BACKEND_F_VALID,
+                    vip_id,
+                },
+            );
+        }
+        let table = if meta.table_size == 0 {
+            Vec::new()
+        } else {
+            maglev_ids(backends, size, seed).unwrap()
+        };
+        for (i, id) in table.iter().enumerate() {
+            self.model.slots.insert(meta.table_offset + i as u32, *id);
+        }
+        self.model.vips.insert(key, meta);
+        // Fragments of this address and protocol go to the port-0 VIP, else
+        // to the first VIP added for it.
+        let frag_key = VipKey {
+            port: 0,
+            kind: VIP_KIND_FRAGMENTS,
+            ..key
+        };
+        if key.port == 0 || !self.model.vips.contains_key(&frag_key) {
+            self.dp.set_vip(frag_key, meta).unwrap();
+            self.model.vips.insert(frag_key, meta);
+        }
+        meta
+    }
+
+    pub fn set_backend_flags(&mut self, id: u32, flags: u32) {
+        let mut b = self.dp.backend(id).unwrap();
+        b.flags = flags;
+        self.dp.set_backend(id, b).unwrap();
+        self.model.backends.get_mut(&id).unwrap().flags = flags;
+    }
+
+    fn counters(&self) -> Vec<Counter> {
+        self.dp
+            .reason_counters()
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect()
+    }
+
+    /// Runs `pkt` through the kernel and the model; asserts they agree on
+    /// action, output bytes, every counter and the connection table.
+    pub fn send(&mut self, pkt: &[u8]) -> Outcome {
+        let before = self.counters();
+        let flow = match parse(pkt) {
+            ModelParse::Ipv4(p) => Some(p.flow),
+            _ => None,
+        };
+        let model = self.model.decide(pkt, self.lb0, self.next_hop(), None);
+        let vip_before = model.vip_id.map(|v| self.dp.vip_counter(v));
+        let backend_before = model.backend_id.map(|b| self.dp.backend_counter(b));
+        let kernel = self.dp.test_run(pkt, self.lb0).expect("test run");
+        let ctx = format!("packet {:02x?}\nmodel {:?}", pkt, model);
+        assert_eq!(
+            kernel.action,
+            model.action.xdp_code(),
+            "XDP action differs\n{ctx}"
+        );
+        assert_eq!(kernel.packet, model.output, "output bytes differ\n{ctx}");
+        let after = self.counters();
+        let mut expected = before.clone();
+        for r in &model.reasons {
+            expected[*r as usize].packets += 1;
+            expected[*r as usize].bytes += pkt.len() as u64;
+        }
+        assert_eq!(after, expected, "reason counters differ\n{ctx}");
+        if let (Some(v), Some(b)) = (model.vip_id, vip_before) {
+            assert_eq!(
+                self.dp.vip_counter(v).packets,
+                b.packets + 1,
+                "VIP counter\n{ctx}"
+            );
+        }
+        if let (Some(id), Some(b)) = (model.backend_id, backend_before) {
+            let now = self.dp.backend_counter(id);
+            assert_eq!(
+                (now.packets, now.bytes),
+                (b.packets + 1, b.bytes + pkt.len() as u64),
+                "backend counter\n{ctx}"
+            );
+        }
+        self.model.apply(&model, 0);
+        if let Some(flow) = flow {
+            self.assert_conntrack_agrees(&flow, &ctx);
+        }
+        Outcome { kernel, model }
+    }
+
+    fn assert_conntrack_agrees(&self, flow: &FlowKey, ctx: &str) {
+        let kernel = self.dp.conntrack_get(flow).map(|e| e.backend_id);
+        let model = self.model.conntrack.get(flow).map(|e| e.backend_id);
+        assert_eq!(kernel, model, "connection table entry differs\n{ctx}");
+    }
+}
+
+pub fn v4(a: [u8; 4]) -> Ipv4Addr {
+    Ipv4Addr::from(a)
+}
+
+pub fn backend(id: u32, addr: [u8; 4], weight: u32) -> BackendSpec {
+    BackendSpec {
+        id,
+        addr: IpAddr::V4(v4(addr)),
+        weight,
+    }
+}

@@ -1,0 +1,131 @@
+//! Test packets: built with etherparse, then patched where a case needs
+//! something etherparse will not produce (fragments, options, bad lengths).
+
+use std::net::Ipv4Addr;
+
+use etherparse::PacketBuilder;
+use lb_common::model::ipv4_checksum;
+
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+
+#[derive(Clone, Copy, Debug)]
+pub enum TcpKind {
+    Syn,
+    SynAck,
+    Ack,
+    Rst,
+    Fin,
+}
+
+/// An Ethernet/IPv4/TCP frame from the router to the LB.
+pub fn tcp(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    kind: TcpKind,
+    payload: usize,
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC).ipv4(src.octets(), dst.octets(), 61);
+    let b = b.tcp(sport, dport, 0x1000_0000, 65_000);
+    let b = match kind {
+        TcpKind::Syn => b.syn(),
+        TcpKind::SynAck => b.syn().ack(1),
+        TcpKind::Ack => b.ack(1),
+        TcpKind::Rst => b.rst(),
+        TcpKind::Fin => b.fin().ack(1),
+    };
+    let body: Vec<u8> = (0..payload).map(|i| i as u8).collect();
+    let mut out = Vec::with_capacity(b.size(payload));
+    b.write(&mut out, &body).unwrap();
+    set_df(out, true)
+}
+
+/// An Ethernet/IPv4/UDP frame from the router to the LB.
+pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: usize) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv4(src.octets(), dst.octets(), 61)
+        .udp(sport, dport);
+    let body: Vec<u8> = (0..payload).map(|i| (i * 7) as u8).collect();
+    let mut out = Vec::with_capacity(b.size(payload));
+    b.write(&mut out, &body).unwrap();
+    out
+}
+
+const L3: usize = 14;
+
+fn fix_ip_checksum(pkt: &mut [u8], l3: usize) {
+    let ihl = (pkt[l3] & 0x0F) as usize * 4;
+    pkt[l3 + 10] = 0;
+    pkt[l3 + 11] = 0;
+    let c = ipv4_checksum(&pkt[l3..l3 + ihl]);
+    pkt[l3 + 10..l3 + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Sets or clears DF (and fixes the checksum).
+pub fn set_df(mut pkt: Vec<u8>, df: bool) -> Vec<u8> {
+    if df {
+        pkt[L3 + 6] |= 0x40;
+    } else {
+        pkt[L3 + 6] &= !0x40;
+    }
+    fix_ip_checksum(&mut pkt, L3);
+    pkt
+}
+
+/// Inserts one 802.1Q tag with VLAN id `vid`.
+pub fn with_vlan(pkt: &[u8], vid: u16) -> Vec<u8> {
+    let mut out = pkt[..12].to_vec();
+    out.extend_from_slice(&0x8100u16.to_be_bytes());
+    out.extend_from_slice(&(vid & 0x0FFF).to_be_bytes());
+    out.extend_from_slice(&pkt[12..]);
+    out
+}
+
+/// Adds IPv4 options (padded to 4 bytes with NOPs... then EOL) after the header.
+pub fn with_ip_options(pkt: &[u8], options: &[u8]) -> Vec<u8> {
+    let mut opts = options.to_vec();
+    while opts.len() % 4 != 0 {
+        opts.push(0);
+    }
+    let mut out = pkt[..L3 + 20].to_vec();
+    out.extend_from_slice(&opts);
+    out.extend_from_slice(&pkt[L3 + 20..]);
+    let ihl = (20 + opts.len()) / 4;
+    out[L3] = 0x40 | ihl as u8;
+    let tot = u16::from_be_bytes([out[L3 + 2], out[L3 + 3]]) + opts.len() as u16;
+    out[L3 + 2..L3 + 4].copy_from_slice(&tot.to_be_bytes());
+    fix_ip_checksum(&mut out, L3);
+    out
+}
+
+/// Marks the packet as a fragment: `more` sets MF, `offset` in 8-byte units.
+pub fn as_fragment(pkt: &[u8], more: bool, offset: u16) -> Vec<u8> {
+    let mut out = pkt.to_vec();
+    let frags = (if more { 0x2000 } else { 0 }) | (offset & 0x1FFF);
+    out[L3 + 6..L3 + 8].copy_from_slice(&frags.to_be_bytes());
+    fix_ip_checksum(&mut out, L3);
+    out
+}
+
+/// Overwrites the IPv4 total length (checksum fixed), for length fuzzing.
+pub fn with_total_length(pkt: &[u8], tot_len: u16) -> Vec<u8> {
+    let mut out = pkt.to_vec();
+    out[L3 + 2..L3 + 4].copy_from_slice(&tot_len.to_be_bytes());
+    fix_ip_checksum(&mut out, L3);
+    out
+}
+
+/// An ARP request (not IPv4).
+pub fn arp() -> Vec<u8> {
+    let mut out = vec![0xFF; 6];
+    out.extend_from_slice(&ROUTER_MAC);
+    out.extend_from_slice(&0x0806u16.to_be_bytes());
+    out.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    out.extend_from_slice(&ROUTER_MAC);
+    out.extend_from_slice(&[10, 100, 0, 1]);
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&[10, 100, 0, 2]);
+    out
+}
