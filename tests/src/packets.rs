@@ -86,7 +86,7 @@ pub fn with_vlan(pkt: &[u8], vid: u16) -> Vec<u8> {
 /// Adds IPv4 options (padded to 4 bytes with NOPs... then EOL) after the header.
 pub fn with_ip_options(pkt: &[u8], options: &[u8]) -> Vec<u8> {
     let mut opts = options.to_vec();
-    while opts.len() % 4 != 0 {
+    while !opts.len().is_multiple_of(4) {
         opts.push(0);
     }
     let mut out = pkt[..L3 + 20].to_vec();

@@ -1,1 +1,84 @@
-fn main() {}
+//! `cargo xtask <command>`: setup, build, test, bench, demo.
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, test and run the Maglev XDP load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the build needs (apt packages, rustup `debian` link,
+    /// bpf-linker, bpffs mount). Idempotent; quick when already done.
+    Setup,
+    /// Build everything in release mode (the XDP object is embedded).
+    Build,
+    /// Set up, then run formatting and lint checks and every test
+    /// (root tests run serially, each in its own namespaces).
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Benchmarks: data path per packet (BPF_PROG_TEST_RUN) and Maglev builds.
+    Bench {
+        /// Calls per case for the data-path figures.
+        #[arg(long, default_value_t = 200_000)]
+        calls: u32,
+    },
+    /// Set up, then run the demo topology with real traffic.
+    Demo,
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// cargo, with `~/.cargo/bin` (where bpf-linker lands) on PATH.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let path = format!("{}:{}", setup::cargo_bin(), std::env::var("PATH").unwrap_or_default());
+    cmd.env("PATH", path);
+    cmd
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build => {
+            setup::setup()?;
+            run(cargo().args(["build", "--release", "--workspace"]))
+        }
+        Cmd::Test { no_lint } => {
+            setup::setup()?;
+            if !no_lint {
+                run(cargo().args(["fmt", "--all", "--check"]))?;
+                run(cargo().args(["clippy", "--workspace", "--exclude", "lb-ebpf", "--all-targets", "--release", "--", "-D", "warnings"]))?;
+            }
+            // Root tests share kernel state: one test at a time.
+            run(cargo().args(["test", "--workspace", "--exclude", "lb-ebpf", "--release", "--", "--test-threads=1"]))
+        }
+        Cmd::Bench { calls } => {
+            setup::setup()?;
+            bench::bench(calls)
+        }
+        Cmd::Demo => {
+            setup::setup()?;
+            demo::demo()
+        }
+    }
+}

@@ -1,0 +1,1 @@
+pub fn demo() -> anyhow::Result<()> { Ok(()) }
