@@ -27,8 +27,12 @@ pub const MAP_VIP_STATS: &str = "VIP_STATS";
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 /// The load-time settings global (see `settings::Settings`).
 pub const GLOBAL_SETTINGS: &str = "SETTINGS";
+/// `DECAP_STATS`: per-CPU array, `DecapReason` -> `Counter` (backend side).
+pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
 /// The XDP entry point of the load balancer.
 pub const PROGRAM_BALANCER: &str = "balancer";
+/// The XDP entry point of the backend side (IPIP decapsulation).
+pub const PROGRAM_DECAP: &str = "decap";
 
 /// Compile-time capacities. The large ones are resized at load time
 /// (`EbpfLoader::map_max_entries`); these are the defaults.
@@ -190,6 +194,35 @@ impl Reason {
             Reason::Fragment => "fragment",
             Reason::FibFallbackGateway => "fib_fallback_gateway",
             Reason::DropTooBig => "drop_too_big",
+        }
+    }
+}
+
+/// What the backend-side `decap` program did with a packet. Indexes `DECAP_STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapReason {
+    /// IPIP: outer header removed, inner packet passed to the stack.
+    Decapsulated = 0,
+    /// Not IPIP: passed unchanged.
+    PassNotIpip = 1,
+    /// IPIP with a broken outer or inner header: passed unchanged.
+    PassMalformed = 2,
+}
+
+impl DecapReason {
+    pub const COUNT: u32 = 3;
+    pub const ALL: [DecapReason; 3] = [
+        DecapReason::Decapsulated,
+        DecapReason::PassNotIpip,
+        DecapReason::PassMalformed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecapReason::Decapsulated => "decapsulated",
+            DecapReason::PassNotIpip => "pass_not_ipip",
+            DecapReason::PassMalformed => "pass_malformed",
         }
     }
 }

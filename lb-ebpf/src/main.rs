@@ -5,6 +5,7 @@
 #![no_main]
 
 mod balancer;
+mod decap;
 mod encap;
 mod maps;
 mod parse;
@@ -16,6 +17,12 @@ use aya_ebpf::{macros::xdp, programs::XdpContext};
 #[xdp]
 pub fn balancer(ctx: XdpContext) -> u32 {
     balancer::process(&ctx)
+}
+
+/// Backend side: strips IPIP so the kernel delivers to the VIP on `lo`.
+#[xdp]
+pub fn decap(ctx: XdpContext) -> u32 {
+    decap::process(&ctx)
 }
 
 #[cfg(not(test))]

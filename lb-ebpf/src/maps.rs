@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, FlowKey,
-        MAX_BACKENDS, MAX_VIPS, Reason, VipKey, VipMeta,
+        Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, DecapReason,
+        FlowKey, MAX_BACKENDS, MAX_VIPS, Reason, VipKey, VipMeta,
     },
     settings::Settings,
 };
@@ -55,3 +55,7 @@ pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_V
 /// Packets and bytes per backend id.
 #[map]
 pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Backend side: packets and bytes per `DecapReason`.
+#[map]
+pub static DECAP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DecapReason::COUNT, 0);

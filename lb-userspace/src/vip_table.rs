@@ -81,3 +81,63 @@ pub fn install_vip(
     dp.set_vip(key, meta)?;
     Ok(meta)
 }
+
+/// The VIP whose table IPv4 fragments of (address, protocol) use: the
+/// port-0 VIP if there is one, else the lowest port's (fragments after the
+/// first carry no ports, so one VIP per address and protocol must own them).
+pub fn fragment_owners(
+    keys: &[VipKey],
+) -> std::collections::BTreeMap<(lb_common::maps::Addr, u8), VipKey> {
+    let mut owners = std::collections::BTreeMap::new();
+    for k in keys {
+        let port = u16::from_be(k.port);
+        owners
+            .entry((k.addr, k.proto))
+            .and_modify(|owner: &mut VipKey| {
+                if port < u16::from_be(owner.port) {
+                    *owner = *k;
+                }
+            })
+            .or_insert(*k);
+    }
+    owners
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn k(port: u16, proto: u8) -> VipKey {
+        VipKey::new("10.0.0.1".parse().unwrap(), port, proto)
+    }
+
+    #[test]
+    fn fragments_go_to_port_zero_else_lowest_port() {
+        let owners = fragment_owners(&[k(443, 6), k(80, 6), k(0, 17), k(53, 17)]);
+        assert_eq!(owners.len(), 2);
+        assert_eq!(
+            owners.values().copied().collect::<Vec<_>>(),
+            [k(80, 6), k(0, 17)]
+        );
+    }
+
+    #[test]
+    fn maglev_ids_map_slots_to_backend_ids() {
+        let b = [
+            BackendSpec {
+                id: 7,
+                addr: "10.1.0.1".parse().unwrap(),
+                weight: 1,
+            },
+            BackendSpec {
+                id: 9,
+                addr: "10.1.0.2".parse().unwrap(),
+                weight: 1,
+            },
+        ];
+        let t = maglev_ids(&b, 251, 0).unwrap();
+        assert_eq!(t.len(), 251);
+        assert!(t.iter().all(|&id| id == 7 || id == 9));
+        assert!(t.contains(&7) && t.contains(&9));
+    }
+}

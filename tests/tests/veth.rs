@@ -11,8 +11,15 @@ use std::{
 };
 
 use aya::programs::XdpMode;
-use lb_common::{PROTO_UDP, maps::{Reason, VipKey}, settings::Settings};
-use lb_tests::{have_root, netns::{NetNs, ifindex}};
+use lb_common::{
+    PROTO_UDP,
+    maps::{Reason, VipKey},
+    settings::Settings,
+};
+use lb_tests::{
+    have_root,
+    netns::{NetNs, ifindex},
+};
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
     slots::SlotAllocator,
@@ -27,17 +34,38 @@ const DATAGRAMS: u16 = 20;
 fn capture(dev: &str) -> OwnedFd {
     // SAFETY: plain socket calls; the fd is owned immediately.
     unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32);
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        let fd = libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        );
+        assert!(
+            fd >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
         let owned = OwnedFd::from_raw_fd(fd);
         let mut sll: libc::sockaddr_ll = std::mem::zeroed();
         sll.sll_family = libc::AF_PACKET as u16;
         sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
         sll.sll_ifindex = ifindex(dev) as i32;
-        let rc = libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32);
+        let rc = libc::bind(
+            fd,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        );
         assert_eq!(rc, 0, "bind AF_PACKET");
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32);
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
         owned
     }
 }
@@ -60,8 +88,30 @@ fn forwards_real_packets_through_a_veth() {
     let client = NetNs::new("lbv-client");
     let lb = NetNs::new("lbv-lb");
     let backend = NetNs::new("lbv-backend");
-    lb.ip(&["link", "add", "l0", "type", "veth", "peer", "name", "c0", "netns", &client.name]);
-    lb.ip(&["link", "add", "l1", "type", "veth", "peer", "name", "b0", "netns", &backend.name]);
+    lb.ip(&[
+        "link",
+        "add",
+        "l0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "c0",
+        "netns",
+        &client.name,
+    ]);
+    lb.ip(&[
+        "link",
+        "add",
+        "l1",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "b0",
+        "netns",
+        &backend.name,
+    ]);
     lb.ip(&["addr", "add", "10.200.0.1/24", "dev", "l0"]);
     lb.ip(&["addr", "add", "10.50.0.254/24", "dev", "l1"]);
     client.ip(&["addr", "add", "10.200.0.2/24", "dev", "c0"]);
@@ -74,15 +124,25 @@ fn forwards_real_packets_through_a_veth() {
 
     // Load and attach in the LB namespace.
     let lb_guard = lb.enter();
-    let opts = LoadOptions { settings: Settings::DEFAULT, maglev_slots: 1 << 16, conntrack_entries: 1 << 12 };
+    let opts = LoadOptions {
+        settings: Settings::DEFAULT,
+        maglev_slots: 1 << 16,
+        conntrack_entries: 1 << 12,
+    };
     let mut dp = Dataplane::load(&opts).expect("load");
     dp.attach("l0", XdpMode::Skb).expect("attach to l0");
     let mut alloc = SlotAllocator::new(dp.slot_capacity());
     let key = VipKey::new(IpAddr::V4(VIP), 53, PROTO_UDP);
-    let backends = [BackendSpec { id: 1, addr: IpAddr::V4(BACKEND), weight: 1 }];
+    let backends = [BackendSpec {
+        id: 1,
+        addr: IpAddr::V4(BACKEND),
+        weight: 1,
+    }];
     install_vip(&mut dp, &mut alloc, key, 1, &backends, 1009, 0).expect("install VIP");
     let lb_own = UdpSocket::bind("10.200.0.1:9999").unwrap();
-    lb_own.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    lb_own
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
     drop(lb_guard);
 
     let backend_guard = backend.enter();
@@ -96,14 +156,18 @@ fn forwards_real_packets_through_a_veth() {
     // Not for a VIP: reaches the LB namespace's own socket untouched.
     sender.send_to(b"hello lb", "10.200.0.1:9999").unwrap();
     let mut buf = [0u8; 64];
-    let (n, from) = lb_own.recv_from(&mut buf).expect("non-VIP datagram passed to the stack");
+    let (n, from) = lb_own
+        .recv_from(&mut buf)
+        .expect("non-VIP datagram passed to the stack");
     assert_eq!(&buf[..n], b"hello lb");
     assert_eq!(from.ip(), IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2)));
 
     // VIP traffic: encapsulated toward the backend.
     for i in 0..DATAGRAMS {
         let msg = format!("datagram {i:02}");
-        sender.send_to(msg.as_bytes(), SocketAddr::new(IpAddr::V4(VIP), 53)).unwrap();
+        sender
+            .send_to(msg.as_bytes(), SocketAddr::new(IpAddr::V4(VIP), 53))
+            .unwrap();
         std::thread::sleep(Duration::from_millis(5));
     }
     let mut got = Vec::new();
@@ -115,22 +179,52 @@ fn forwards_real_packets_through_a_veth() {
         }
         got.push(frame);
     }
-    assert_eq!(got.len(), DATAGRAMS as usize, "every datagram reached the backend encapsulated");
+    assert_eq!(
+        got.len(),
+        DATAGRAMS as usize,
+        "every datagram reached the backend encapsulated"
+    );
     for (i, frame) in got.iter().enumerate() {
         let outer = &frame[14..34];
-        assert_eq!(&outer[16..20], &BACKEND.octets(), "outer destination is the backend");
-        assert_eq!(&outer[12..14], &[172, 16], "outer source from the flow prefix");
+        assert_eq!(
+            &outer[16..20],
+            &BACKEND.octets(),
+            "outer destination is the backend"
+        );
+        assert_eq!(
+            &outer[12..14],
+            &[172, 16],
+            "outer source from the flow prefix"
+        );
         let inner = &frame[34..];
-        assert_eq!(&inner[12..16], &[10, 200, 0, 2], "inner source is the client");
-        assert_eq!(&inner[16..20], &VIP.octets(), "inner destination is the VIP");
-        assert_eq!(&inner[28..], format!("datagram {i:02}").as_bytes(), "payload intact, in order");
+        assert_eq!(
+            &inner[12..16],
+            &[10, 200, 0, 2],
+            "inner source is the client"
+        );
+        assert_eq!(
+            &inner[16..20],
+            &VIP.octets(),
+            "inner destination is the VIP"
+        );
+        assert_eq!(
+            &inner[28..],
+            format!("datagram {i:02}").as_bytes(),
+            "payload intact, in order"
+        );
     }
     let forwarded = [Reason::Tx, Reason::Redirect, Reason::PassNoNeighbour]
         .iter()
         .map(|&r| dp.reason_counter(r).packets)
         .sum::<u64>();
-    assert_eq!(forwarded, DATAGRAMS as u64, "each datagram counted once as forwarded");
-    assert!(dp.reason_counter(Reason::Redirect).packets >= 1, "resolved neighbour: XDP_REDIRECT to l1");
+    assert_eq!(
+        forwarded, DATAGRAMS as u64,
+        "each datagram counted once as forwarded"
+    );
+    assert!(
+        dp.reason_counter(Reason::Redirect).packets >= 1,
+        "resolved neighbour: XDP_REDIRECT to l1"
+    );
     assert_eq!(dp.backend_counter(1).packets, DATAGRAMS as u64);
     assert!(dp.reason_counter(Reason::PassNotVip).packets >= 1);
 }

@@ -1,1 +1,3 @@
-pub fn bench(_calls: u32) -> anyhow::Result<()> { Ok(()) }
+pub fn bench(_calls: u32) -> anyhow::Result<()> {
+    Ok(())
+}

@@ -1,1 +1,3 @@
-pub fn demo() -> anyhow::Result<()> { Ok(()) }
+pub fn demo() -> anyhow::Result<()> {
+    Ok(())
+}

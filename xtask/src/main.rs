@@ -51,7 +51,11 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// cargo, with `~/.cargo/bin` (where bpf-linker lands) on PATH.
 pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    let path = format!("{}:{}", setup::cargo_bin(), std::env::var("PATH").unwrap_or_default());
+    let path = format!(
+        "{}:{}",
+        setup::cargo_bin(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     cmd.env("PATH", path);
     cmd
 }
@@ -67,10 +71,28 @@ fn main() -> Result<()> {
             setup::setup()?;
             if !no_lint {
                 run(cargo().args(["fmt", "--all", "--check"]))?;
-                run(cargo().args(["clippy", "--workspace", "--exclude", "lb-ebpf", "--all-targets", "--release", "--", "-D", "warnings"]))?;
+                run(cargo().args([
+                    "clippy",
+                    "--workspace",
+                    "--exclude",
+                    "lb-ebpf",
+                    "--all-targets",
+                    "--release",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))?;
             }
             // Root tests share kernel state: one test at a time.
-            run(cargo().args(["test", "--workspace", "--exclude", "lb-ebpf", "--release", "--", "--test-threads=1"]))
+            run(cargo().args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "lb-ebpf",
+                "--release",
+                "--",
+                "--test-threads=1",
+            ]))
         }
         Cmd::Bench { calls } => {
             setup::setup()?;

@@ -1,0 +1,283 @@
+//! The daemon's configuration file (TOML) and its validation. Errors name
+//! the field and the VIP or backend at fault; a bad file never replaces a
+//! running configuration.
+
+use std::{collections::BTreeSet, net::IpAddr, path::Path};
+
+use anyhow::{Context, Result, bail};
+use lb_common::{
+    PROTO_TCP, PROTO_UDP,
+    maglev::{DEFAULT_TABLE_SIZE, validate_table_size},
+    settings::{SETTINGS_F_GATEWAY_MAC, Settings},
+};
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub lb: LbConfig,
+    #[serde(default, rename = "vip")]
+    pub vips: Vec<VipConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LbConfig {
+    /// The interface(s) facing the routers.
+    pub interfaces: Vec<String>,
+    /// "auto", "driver" (native) or "skb" (generic).
+    #[serde(default = "default_mode")]
+    pub xdp_mode: String,
+    /// Seed of the flow hash and of Maglev permutations: the same on every instance.
+    #[serde(default)]
+    pub hash_seed: u32,
+    #[serde(default = "default_conntrack")]
+    pub conntrack_entries: u32,
+    /// Capacity for all VIPs' tables; each VIP needs twice its size during a swap.
+    #[serde(default = "default_slots")]
+    pub maglev_slots: u32,
+    /// Outer source addresses are taken from this prefix, varied by flow.
+    #[serde(default = "default_prefix")]
+    pub encap_source_prefix: String,
+    /// Next-hop MAC used when the kernel's FIB has no route to a backend.
+    pub gateway_mac: Option<String>,
+    #[serde(default = "default_udp_timeout")]
+    pub udp_idle_timeout_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    pub address: IpAddr,
+    /// 0 = every port.
+    pub port: u16,
+    /// "tcp" or "udp".
+    pub protocol: String,
+    #[serde(default = "default_table_size")]
+    pub table_size: u32,
+    #[serde(default, rename = "backend")]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub address: IpAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_mode() -> String {
+    "auto".into()
+}
+fn default_conntrack() -> u32 {
+    1 << 20
+}
+fn default_slots() -> u32 {
+    1 << 21
+}
+fn default_prefix() -> String {
+    "172.16.0.0/16".into()
+}
+fn default_udp_timeout() -> u64 {
+    30
+}
+fn default_table_size() -> u32 {
+    DEFAULT_TABLE_SIZE
+}
+fn default_weight() -> u32 {
+    1
+}
+
+impl VipConfig {
+    pub fn proto(&self) -> u8 {
+        if self.protocol == "udp" {
+            PROTO_UDP
+        } else {
+            PROTO_TCP
+        }
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}:{}/{}", self.address, self.port, self.protocol)
+    }
+}
+
+/// Parses "a.b.c.d/len" into (prefix, mask), both network byte order.
+fn parse_prefix(s: &str) -> Result<(u32, u32)> {
+    let (addr, len) = s.split_once('/').context("expected ADDRESS/LENGTH")?;
+    let addr: std::net::Ipv4Addr = addr.parse().context("not an IPv4 address")?;
+    let len: u32 = len.parse().context("bad prefix length")?;
+    if !(8..=30).contains(&len) {
+        bail!("prefix length {len} must be between 8 and 30");
+    }
+    let mask = u32::MAX << (32 - len);
+    Ok(((u32::from(addr) & mask).to_be(), mask.to_be()))
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6]> {
+    let parts: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .context("expected six hex bytes separated by ':'")?;
+    parts
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("expected six bytes"))
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Config::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Config> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.lb.interfaces.is_empty() {
+            bail!("lb.interfaces: name at least one interface");
+        }
+        if !["auto", "driver", "skb"].contains(&self.lb.xdp_mode.as_str()) {
+            bail!(
+                "lb.xdp_mode: {:?} is not one of auto, driver, skb",
+                self.lb.xdp_mode
+            );
+        }
+        parse_prefix(&self.lb.encap_source_prefix).context("lb.encap_source_prefix")?;
+        if let Some(mac) = &self.lb.gateway_mac {
+            parse_mac(mac).context("lb.gateway_mac")?;
+        }
+        if self.lb.conntrack_entries == 0 {
+            bail!("lb.conntrack_entries must be positive");
+        }
+        let mut seen = BTreeSet::new();
+        let mut needed_slots = 0u64;
+        for (i, vip) in self.vips.iter().enumerate() {
+            let at = format!("vip[{i}] ({})", vip.name());
+            if !vip.address.is_ipv4() {
+                bail!("{at}.address: IPv6 VIPs are not supported yet");
+            }
+            if vip.protocol != "tcp" && vip.protocol != "udp" {
+                bail!("{at}.protocol: {:?} is not tcp or udp", vip.protocol);
+            }
+            if !seen.insert((vip.address, vip.port, vip.proto())) {
+                bail!("{at}: listed twice");
+            }
+            validate_table_size(vip.table_size, vip.backends.len())
+                .with_context(|| format!("{at}.table_size"))?;
+            needed_slots += 2 * vip.table_size as u64;
+            let mut addrs = BTreeSet::new();
+            for (j, b) in vip.backends.iter().enumerate() {
+                let bat = format!("{at}.backend[{j}] ({})", b.address);
+                if !b.address.is_ipv4() {
+                    bail!("{bat}.address: IPv6 backends are not supported yet");
+                }
+                if !addrs.insert(b.address) {
+                    bail!("{bat}: listed twice");
+                }
+                if b.weight > 65_535 {
+                    bail!("{bat}.weight: {} is above 65535", b.weight);
+                }
+            }
+        }
+        if needed_slots > self.lb.maglev_slots as u64 {
+            bail!(
+                "lb.maglev_slots: {} is too small: the VIPs need {needed_slots} (twice each table size, for swaps)",
+                self.lb.maglev_slots
+            );
+        }
+        Ok(())
+    }
+
+    /// The XDP program's load-time settings.
+    pub fn settings(&self) -> Settings {
+        let (prefix, mask) = parse_prefix(&self.lb.encap_source_prefix).expect("validated");
+        let mut s = Settings {
+            hash_seed: self.lb.hash_seed,
+            encap_src_prefix: prefix,
+            encap_src_mask: mask,
+            udp_idle_timeout_ns: self.lb.udp_idle_timeout_secs * 1_000_000_000,
+            ..Settings::DEFAULT
+        };
+        if let Some(mac) = &self.lb.gateway_mac {
+            s.gateway_mac = parse_mac(mac).expect("validated");
+            s.flags |= SETTINGS_F_GATEWAY_MAC;
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[lb]
+interfaces = ["eth0"]
+xdp_mode = "skb"
+
+[[vip]]
+address = "10.0.0.10"
+port = 80
+protocol = "tcp"
+table_size = 4099
+[[vip.backend]]
+address = "10.30.1.2"
+[[vip.backend]]
+address = "10.30.2.2"
+weight = 2
+"#;
+
+    fn err(text: &str) -> String {
+        format!("{:#}", Config::parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn good_file_parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.vips[0].backends[0].weight, 1);
+        assert_eq!(c.lb.conntrack_entries, 1 << 20);
+        let s = c.settings();
+        assert_eq!(s.encap_src_prefix, u32::from_ne_bytes([172, 16, 0, 0]));
+        assert_eq!(s.encap_src_mask, u32::from_ne_bytes([255, 255, 0, 0]));
+    }
+
+    #[test]
+    fn errors_name_the_field_and_the_vip() {
+        assert!(
+            err(&GOOD.replace("4099", "4098")).contains("vip[0] (10.0.0.10:80/tcp).table_size")
+        );
+        assert!(
+            err(&GOOD.replace("\"tcp\"", "\"sctp\""))
+                .contains("vip[0] (10.0.0.10:80/sctp).protocol")
+        );
+        assert!(
+            err(&GOOD.replace("10.30.2.2", "10.30.1.2"))
+                .contains("backend[1] (10.30.1.2): listed twice")
+        );
+        assert!(err(&GOOD.replace("\"skb\"", "\"fast\"")).contains("lb.xdp_mode"));
+        assert!(
+            err(&GOOD.replace("weight = 2", "weight = 70000"))
+                .contains("backend[1] (10.30.2.2).weight")
+        );
+        assert!(err(&GOOD.replace("port = 80", "port = 80\ncolour = 1")).contains("colour"));
+        assert!(err(&format!("{GOOD}\n[lb2]\n")).contains("lb2"));
+        let small = GOOD.replace(
+            "xdp_mode = \"skb\"",
+            "xdp_mode = \"skb\"\nmaglev_slots = 5000",
+        );
+        assert!(err(&small).contains("lb.maglev_slots"));
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../../examples/lbd.toml");
+        Config::parse(text).unwrap();
+    }
+}

@@ -1,0 +1,55 @@
+//! The backend side: the `decap` XDP program on a backend's interface.
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray},
+    programs::{Xdp, XdpMode},
+};
+use lb_common::maps::{
+    Counter, DecapReason, MAP_CONNTRACK, MAP_DECAP_STATS, MAP_MAGLEV_SLOTS, PROGRAM_DECAP,
+};
+
+use crate::object::ebpf_object;
+
+pub struct Decap {
+    stats: PerCpuArray<MapData, Counter>,
+    _ebpf: Ebpf,
+}
+
+impl Decap {
+    /// Loads `decap` and attaches it to `interface` (calling thread's namespace).
+    pub fn attach(interface: &str, mode: XdpMode) -> Result<Decap> {
+        // The balancer's big maps are in the same object; keep them tiny here.
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(MAP_MAGLEV_SLOTS, 1)
+            .map_max_entries(MAP_CONNTRACK, 1)
+            .load(ebpf_object()?)
+            .context("loading the XDP object")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_DECAP)
+            .context("no decap program")?
+            .try_into()?;
+        program
+            .load()
+            .context("the kernel verifier rejected decap")?;
+        program
+            .attach(interface, mode)
+            .with_context(|| format!("attaching decap to {interface}"))?;
+        let stats =
+            PerCpuArray::try_from(ebpf.take_map(MAP_DECAP_STATS).context("no DECAP_STATS")?)?;
+        Ok(Decap { stats, _ebpf: ebpf })
+    }
+
+    pub fn counter(&self, reason: DecapReason) -> Counter {
+        self.stats
+            .get(&(reason as u32), 0)
+            .map(|v| {
+                v.iter().fold(Counter::default(), |a, c| Counter {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                })
+            })
+            .unwrap_or_default()
+    }
+}
