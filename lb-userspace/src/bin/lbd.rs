@@ -73,10 +73,14 @@ fn preflight(interfaces: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn install(
-    dp: &mut Dataplane,
-    config: &Config,
-) -> Result<Vec<(String, VipMeta, Vec<(String, u32)>)>> {
+/// An installed VIP: its name, meta and (backend address, id) pairs.
+struct InstalledVip {
+    name: String,
+    meta: VipMeta,
+    backends: Vec<(String, u32)>,
+}
+
+fn install(dp: &mut Dataplane, config: &Config) -> Result<Vec<InstalledVip>> {
     let mut alloc = SlotAllocator::new(dp.slot_capacity());
     let mut next_backend_id = 1u32;
     let mut installed = Vec::new();
@@ -168,7 +172,12 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(stats_interval));
         loop {
             tick.tick().await;
-            for (name, meta, backends) in &installed {
+            for InstalledVip {
+                name,
+                meta,
+                backends,
+            } in &installed
+            {
                 let c = dp.vip_counter(meta.vip_id);
                 let per: Vec<String> = backends
                     .iter()
