@@ -110,14 +110,14 @@ fn install(dp: &mut Dataplane, config: &Config) -> Result<Vec<InstalledVip>> {
             config.lb.hash_seed,
         )?;
         info!(vip = %vip.name(), backends = backends.len(), table_size = meta.table_size, "VIP installed");
-        installed.push((
-            vip.name(),
+        installed.push(InstalledVip {
+            name: vip.name(),
             meta,
-            backends
+            backends: backends
                 .iter()
                 .map(|b| (b.addr.to_string(), b.id))
                 .collect(),
-        ));
+        });
         keys.push((key, meta));
     }
     let plain: Vec<VipKey> = keys.iter().map(|(k, _)| *k).collect();
