@@ -27,10 +27,14 @@ pub const MAP_VIP_STATS: &str = "VIP_STATS";
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 /// The load-time settings global (see `settings::Settings`).
 pub const GLOBAL_SETTINGS: &str = "SETTINGS";
+/// `NEXTHOP_CACHE`: per-CPU array, backend id -> `NextHopCache`.
+pub const MAP_NEXTHOP_CACHE: &str = "NEXTHOP_CACHE";
 /// `DECAP_STATS`: per-CPU array, `DecapReason` -> `Counter` (backend side).
 pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
 /// The XDP entry point of the load balancer.
 pub const PROGRAM_BALANCER: &str = "balancer";
+/// An XDP program that only passes (benchmark floor, veth peers).
+pub const PROGRAM_PASS: &str = "pass";
 /// The XDP entry point of the backend side (IPIP decapsulation).
 pub const PROGRAM_DECAP: &str = "decap";
 
@@ -111,6 +115,25 @@ pub struct ConnEntry {
     /// at most once a second; TCP entries leave it at their creation time.
     pub atime_ns: u64,
 }
+
+/// A `bpf_fib_lookup` answer for one backend, kept per CPU for
+/// `NEXTHOP_TTL_NS` so that tracked packets skip the FIB (the costliest step
+/// of the fast path). Route or neighbour changes are seen within the TTL.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHopCache {
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub ifindex: u32,
+    /// The egress MTU the FIB reported; larger packets take the FIB path.
+    pub mtu: u32,
+    /// The interface the answer was looked up for (policy routing may differ).
+    pub ingress_ifindex: u32,
+    pub expires_ns: u64,
+}
+
+/// How long a cached next hop is used.
+pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -234,3 +257,4 @@ const _: () = assert!(size_of::<Backend>() == 24);
 const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<ConnEntry>() == 16);
 const _: () = assert!(size_of::<Counter>() == 16);
+const _: () = assert!(size_of::<NextHopCache>() == 32);

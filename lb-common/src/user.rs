@@ -2,7 +2,7 @@
 
 use core::net::{IpAddr, Ipv4Addr};
 
-use crate::maps::{Addr, Backend, ConnEntry, Counter, FlowKey, VipKey, VipMeta};
+use crate::maps::{Addr, Backend, ConnEntry, Counter, FlowKey, NextHopCache, VipKey, VipMeta};
 use crate::settings::Settings;
 
 // SAFETY: all of these are #[repr(C)] plain data with explicit padding.
@@ -12,6 +12,7 @@ unsafe impl aya::Pod for Backend {}
 unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for ConnEntry {}
 unsafe impl aya::Pod for Counter {}
+unsafe impl aya::Pod for NextHopCache {}
 unsafe impl aya::Pod for Settings {}
 
 /// The map representation of an address (network byte order words).

@@ -9,15 +9,15 @@ use lb_common::{
     PROTO_UDP,
     flow_hash::flow_hash,
     maps::{
-        BACKEND_F_VALID, Backend, ConnEntry, Reason, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey,
-        VipMeta,
+        BACKEND_F_VALID, Backend, ConnEntry, NEXTHOP_TTL_NS, NextHopCache, Reason,
+        VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
     },
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
 };
 
 use crate::{
     encap::{NextHop, OuterIpv4, encapsulate, lookup_next_hop},
-    maps::{BACKENDS, CONNTRACK, MAGLEV_SLOTS, VIPS, settings},
+    maps::{BACKENDS, CONNTRACK, MAGLEV_SLOTS, NEXTHOP_CACHE, VIPS, settings},
     parse::{Ipv4Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, parse, ptr_at},
     stats::{count, count_backend, count_vip},
 };
@@ -47,7 +47,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
         return finish(Reason::DropNoBackend, XDP_DROP, bytes);
     };
     count_backend(backend_id, bytes);
-    forward(ctx, &pkt, &backend, hash, &cfg, bytes)
+    forward(ctx, &pkt, &backend, backend_id, hash, &cfg, bytes)
 }
 
 #[inline(always)]
@@ -155,6 +155,7 @@ fn forward(
     ctx: &XdpContext,
     pkt: &Ipv4Packet,
     backend: &Backend,
+    backend_id: u32,
     hash: u32,
     cfg: &Settings,
     bytes: u64,
@@ -167,13 +168,14 @@ fn forward(
     let hop = if cfg.flags & SETTINGS_F_NO_FIB != 0 {
         NextHop::NoRoute
     } else {
-        lookup_next_hop(ctx, &outer, pkt)
+        cached_next_hop(ctx, &outer, pkt, backend_id)
     };
     match hop {
         NextHop::Resolved {
             smac,
             dmac,
             ifindex,
+            ..
         } => {
             if encapsulate(ctx, pkt, &outer, &dmac, &smac).is_err() {
                 return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
@@ -212,6 +214,59 @@ fn forward(
             finish(Reason::Tx, XDP_TX, bytes)
         }
     }
+}
+
+/// The next hop toward a backend: this CPU's cached FIB answer while fresh
+/// and the packet fits its MTU, else a FIB lookup (cached when it succeeds).
+#[inline(always)]
+fn cached_next_hop(
+    ctx: &XdpContext,
+    outer: &OuterIpv4,
+    pkt: &Ipv4Packet,
+    backend_id: u32,
+) -> NextHop {
+    // SAFETY: helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let ingress = ctx.ingress_ifindex() as u32;
+    let outer_len = pkt.tot_len as u32 + 20;
+    let slot = NEXTHOP_CACHE.get_ptr_mut(backend_id);
+    if let Some(entry) = slot {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        let e = unsafe { &*entry };
+        if e.expires_ns > now && e.ingress_ifindex == ingress && outer_len <= e.mtu {
+            return NextHop::Resolved {
+                smac: e.smac,
+                dmac: e.dmac,
+                ifindex: e.ifindex,
+                mtu: e.mtu,
+            };
+        }
+    }
+    let hop = lookup_next_hop(ctx, outer, pkt);
+    if let (
+        NextHop::Resolved {
+            smac,
+            dmac,
+            ifindex,
+            mtu,
+        },
+        Some(entry),
+    ) = (&hop, slot)
+        && *mtu != 0
+    {
+        // SAFETY: as above.
+        unsafe {
+            *entry = NextHopCache {
+                smac: *smac,
+                dmac: *dmac,
+                ifindex: *ifindex,
+                mtu: *mtu,
+                ingress_ifindex: ingress,
+                expires_ns: now + NEXTHOP_TTL_NS,
+            };
+        }
+    }
+    hop
 }
 
 /// (destination, source) MACs of the packet as it arrived: ours and the sender's.

@@ -32,6 +32,7 @@ pub enum NextHop {
         smac: [u8; 6],
         dmac: [u8; 6],
         ifindex: u32,
+        mtu: u32,
     },
     /// A route exists but the neighbour is not resolved yet.
     NoNeighbour,
@@ -66,6 +67,8 @@ pub fn lookup_next_hop(ctx: &XdpContext, outer: &OuterIpv4, pkt: &Ipv4Packet) ->
             smac: params.smac,
             dmac: params.dmac,
             ifindex: params.ifindex,
+            // SAFETY: on success the kernel (5.12+) reports the egress MTU here.
+            mtu: unsafe { params.__bindgen_anon_1.mtu_result } as u32,
         },
         BPF_FIB_LKUP_RET_NO_NEIGH => NextHop::NoNeighbour,
         BPF_FIB_LKUP_RET_FRAG_NEEDED => NextHop::TooBig,

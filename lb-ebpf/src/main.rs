@@ -25,6 +25,13 @@ pub fn decap(ctx: XdpContext) -> u32 {
     decap::process(&ctx)
 }
 
+/// Does nothing but pass: the harness floor in benchmarks, and the peer
+/// program that gives a veth the native-XDP path in testbeds.
+#[xdp]
+pub fn pass(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_PASS
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

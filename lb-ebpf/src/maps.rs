@@ -1,14 +1,14 @@
 //! Every map of the data path, in one place. Layouts live in `lb_common::maps`.
 
 use aya_ebpf::{
-    bindings::BPF_F_MMAPABLE,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     maps::{
         Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, DecapReason,
-        FlowKey, MAX_BACKENDS, MAX_VIPS, Reason, VipKey, VipMeta,
+        FlowKey, MAX_BACKENDS, MAX_VIPS, NextHopCache, Reason, VipKey, VipMeta,
     },
     settings::Settings,
 };
@@ -38,11 +38,17 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static MAGLEV_SLOTS: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_SLOTS, BPF_F_MMAPABLE);
 
-/// Connection table: flow -> backend it was sent to. One LRU shared by all
-/// CPUs so a flow stays put even when RSS moves it to another CPU.
+/// Connection table: flow -> backend it was sent to. One hash shared by all
+/// CPUs, so a flow stays put even when RSS moves it to another CPU; each CPU
+/// keeps its own LRU list (BPF_F_NO_COMMON_LRU), so inserts do not contend.
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
-    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, 0);
+    LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Per-CPU cache of `bpf_fib_lookup` answers by backend id.
+#[map]
+pub static NEXTHOP_CACHE: PerCpuArray<NextHopCache> =
+    PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
 /// Packets and bytes per `Reason`.
 #[map]

@@ -13,7 +13,8 @@ use lb_common::{
     maps::{
         Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, FlowKey,
         GLOBAL_SETTINGS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV_SLOTS,
-        MAP_REASON_STATS, MAP_VIP_STATS, MAP_VIPS, PROGRAM_BALANCER, Reason, VipKey, VipMeta,
+        MAP_REASON_STATS, MAP_VIP_STATS, MAP_VIPS, PROGRAM_BALANCER, PROGRAM_PASS, Reason, VipKey,
+        VipMeta,
     },
     settings::Settings,
 };
@@ -313,6 +314,26 @@ impl Dataplane {
             packet: out,
             duration: result.duration,
         })
+    }
+
+    /// Runs the do-nothing `pass` program once on `packet`: the fixed cost
+    /// of a `BPF_PROG_TEST_RUN` call, to subtract from measurements.
+    pub fn test_run_empty(&mut self, packet: &[u8]) -> Result<Duration> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_PASS)
+            .context("no pass program")?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        Ok(program.test_run(opts)?.duration)
     }
 
     /// Times `packet` over `repeat` runs in one call (kernel average per run).

@@ -60,6 +60,11 @@ pub struct Outcome {
 
 impl Harness {
     pub fn new(settings: Settings) -> Harness {
+        Self::with_conntrack(settings, 1 << 16)
+    }
+
+    /// Like `new`, with a connection table of `conntrack_entries`.
+    pub fn with_conntrack(settings: Settings, conntrack_entries: u32) -> Harness {
         let ns = NetNs::new("lbfx");
         ns.ip(&[
             "link",

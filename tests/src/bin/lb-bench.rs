@@ -1,0 +1,309 @@
+//! `cargo xtask bench`: data-path cost per packet through BPF_PROG_TEST_RUN
+//! (one call per packet, net of an empty program timed the same way), Maglev
+//! table builds, and the time for a table change to be live in the kernel.
+//! Prints a table and writes target/bench/report.json.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
+
+use lb_common::{
+    PROTO_TCP, PROTO_UDP,
+    maglev::{self, MaglevBackend},
+    maps::VipKey,
+    settings::Settings,
+};
+use lb_tests::{
+    fixture::{Harness, backend},
+    packets::{self, TcpKind},
+};
+use lb_userspace::vip_table::{BackendSpec, install_vip};
+
+const RUNS: usize = 5;
+
+struct Stat {
+    name: String,
+    min: f64,
+    median: f64,
+    unit: &'static str,
+    note: String,
+}
+
+fn summarize(name: &str, mut runs: Vec<f64>, unit: &'static str, note: String) -> Stat {
+    runs.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Stat {
+        name: name.into(),
+        min: runs[0],
+        median: runs[runs.len() / 2],
+        unit,
+        note,
+    }
+}
+
+/// Mean kernel-measured ns per call over `calls` calls of `f` (one packet each).
+fn per_call(calls: u32, mut f: impl FnMut(u32) -> Duration) -> f64 {
+    let total: Duration = (0..calls).map(&mut f).sum();
+    total.as_nanos() as f64 / calls as f64
+}
+
+fn client(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0xC633_0000u32 + (i % 60_000)) // 198.51.x.x
+}
+
+fn main() -> anyhow::Result<()> {
+    let calls: u32 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(200_000);
+    let mut stats = Vec::new();
+
+    // Data path: 1 TCP VIP and 1 UDP VIP with 100 backends each, M = 65537.
+    let settings = if std::env::var_os("LB_BENCH_NO_FIB").is_some() {
+        Settings {
+            flags: lb_common::settings::SETTINGS_F_NO_FIB
+                | lb_common::settings::SETTINGS_F_GATEWAY_MAC,
+            gateway_mac: packets::ROUTER_MAC,
+            ..Settings::DEFAULT
+        }
+    } else {
+        Settings::DEFAULT
+    };
+    let mut h = Harness::with_conntrack(settings, 1 << 21);
+    let vip = Ipv4Addr::new(10, 0, 0, 10);
+    let tcp_backends: Vec<BackendSpec> = (0..100)
+        .map(|i| backend(100 + i, [10, 50, 0, i as u8 + 1], 1))
+        .collect();
+    let udp_backends: Vec<BackendSpec> = (0..100)
+        .map(|i| backend(300 + i, [10, 50, 0, i as u8 + 101], 1))
+        .collect();
+    h.add_vip(
+        VipKey::new(IpAddr::V4(vip), 80, PROTO_TCP),
+        1,
+        &tcp_backends,
+        65_537,
+    );
+    h.add_vip(
+        VipKey::new(IpAddr::V4(vip), 53, PROTO_UDP),
+        2,
+        &udp_backends,
+        65_537,
+    );
+    let flows = 50_000u32;
+    let syn: Vec<Vec<u8>> = (0..flows)
+        .map(|i| {
+            packets::tcp(
+                client(i),
+                10_000 + (i % 50_000) as u16,
+                vip,
+                80,
+                TcpKind::Syn,
+                0,
+            )
+        })
+        .collect();
+    let ack: Vec<Vec<u8>> = (0..flows)
+        .map(|i| {
+            packets::tcp(
+                client(i),
+                10_000 + (i % 50_000) as u16,
+                vip,
+                80,
+                TcpKind::Ack,
+                0,
+            )
+        })
+        .collect();
+    let big: Vec<Vec<u8>> = vec![packets::tcp(
+        client(0),
+        10_000,
+        vip,
+        80,
+        TcpKind::Ack,
+        1400 - 54,
+    )];
+    let udp: Vec<Vec<u8>> = (0..1000)
+        .map(|i| packets::udp(client(i), 20_000 + i as u16, vip, 53, 64))
+        .collect();
+    let other = packets::tcp(
+        client(1),
+        1234,
+        Ipv4Addr::new(10, 9, 9, 9),
+        80,
+        TcpKind::Ack,
+        0,
+    );
+    let lb0 = h.lb0;
+    // Warm the connection table for the tracked cases.
+    for p in syn.iter().chain(&udp) {
+        h.dp.test_run(p, lb0)?;
+    }
+    let mut empty_runs = Vec::new();
+    let mut case_runs: Vec<(&str, Vec<f64>)> = [
+        "TCP SYN (inserts a flow)",
+        "TCP ACK, tracked flow",
+        "UDP, tracked flow",
+        "non-VIP packet (pass)",
+        "1400-byte TCP, tracked flow",
+        "TCP ACK, 50k tracked flows round-robin",
+    ]
+    .iter()
+    .map(|n| (*n, Vec::new()))
+    .collect();
+    let mut syn_round = 0u32;
+    for _ in 0..RUNS {
+        let empty = per_call(calls, |i| {
+            h.dp.test_run_empty(&ack[(i % flows) as usize]).unwrap()
+        });
+        empty_runs.push(empty);
+        // New flows every call: a fresh source address range per run.
+        syn_round += 1;
+        let fresh: Vec<Vec<u8>> = (0..calls.min(100_000))
+            .map(|i| {
+                packets::tcp(
+                    Ipv4Addr::from(0xCB00_0000u32 + syn_round * 200_000 + i),
+                    40_000,
+                    vip,
+                    80,
+                    TcpKind::Syn,
+                    0,
+                )
+            })
+            .collect();
+        let n = fresh.len() as u32;
+        case_runs[0].1.push(
+            per_call(n, |i| {
+                h.dp.test_run(&fresh[i as usize], lb0).unwrap().duration
+            }) - empty,
+        );
+        case_runs[1]
+            .1
+            .push(per_call(calls, |_| h.dp.test_run(&ack[0], lb0).unwrap().duration) - empty);
+        case_runs[2]
+            .1
+            .push(per_call(calls, |_| h.dp.test_run(&udp[0], lb0).unwrap().duration) - empty);
+        case_runs[3]
+            .1
+            .push(per_call(calls, |_| h.dp.test_run(&other, lb0).unwrap().duration) - empty);
+        case_runs[4]
+            .1
+            .push(per_call(calls, |_| h.dp.test_run(&big[0], lb0).unwrap().duration) - empty);
+        case_runs[5].1.push(
+            per_call(calls, |i| {
+                h.dp.test_run(&ack[(i % flows) as usize], lb0)
+                    .unwrap()
+                    .duration
+            }) - empty,
+        );
+    }
+    stats.push(summarize(
+        "empty XDP program (floor, subtracted)",
+        empty_runs,
+        "ns/call",
+        format!("{calls} calls x {RUNS} runs"),
+    ));
+    for (name, runs) in case_runs {
+        stats.push(summarize(
+            name,
+            runs,
+            "ns/packet",
+            "net of the floor".into(),
+        ));
+    }
+
+    // Table change live in the kernel: build M=65537/N=100, write, switch.
+    let mut live = Vec::new();
+    for round in 0..20u32 {
+        let weights: Vec<BackendSpec> = tcp_backends
+            .iter()
+            .map(|b| BackendSpec {
+                weight: 1 + (round + b.id) % 2,
+                ..b.clone()
+            })
+            .collect();
+        let key = VipKey::new(IpAddr::V4(vip), 80, PROTO_TCP);
+        let old = h.dp.vip(&key).unwrap();
+        let t = Instant::now();
+        install_vip(&mut h.dp, &mut h.alloc, key, 1, &weights, 65_537, 0)?;
+        live.push(t.elapsed().as_secs_f64() * 1e3);
+        h.alloc.release(old.table_offset, old.table_size);
+    }
+    stats.push(summarize(
+        "table change live in kernel (M=65537, N=100)",
+        live,
+        "ms",
+        "build + write + VIP switch".into(),
+    ));
+    drop(h);
+
+    // Maglev builds.
+    for (m, n) in [
+        (65_537u32, 10usize),
+        (65_537, 100),
+        (65_537, 1000),
+        (655_373, 1000),
+    ] {
+        let b: Vec<MaglevBackend> = (0..n)
+            .map(|i| MaglevBackend::new(format!("10.{}.{}.1", i / 250, i % 250), 1))
+            .collect();
+        let reps = if m > 100_000 { 5 } else { 20 };
+        let times: Vec<f64> = (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(maglev::build(&b, m, 0).unwrap());
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        let reference = {
+            let t = Instant::now();
+            std::hint::black_box(maglev::build_reference(&b, m, 0).unwrap());
+            t.elapsed().as_secs_f64() * 1e3
+        };
+        stats.push(summarize(
+            &format!("Maglev build M={m} N={n}"),
+            times,
+            "ms",
+            format!("straightforward: {reference:.2} ms"),
+        ));
+    }
+
+    println!(
+        "\n{:<48} {:>10} {:>10}  {:<10} note",
+        "benchmark", "min", "median", "unit"
+    );
+    for s in &stats {
+        println!(
+            "{:<48} {:>10.2} {:>10.2}  {:<10} {}",
+            s.name, s.min, s.median, s.unit, s.note
+        );
+    }
+    let json: Vec<String> = stats
+        .iter()
+        .map(|s| {
+            format!(
+                "  {{\"name\": {:?}, \"min\": {:.3}, \"median\": {:.3}, \"unit\": {:?}, \"note\": {:?}}}",
+                s.name, s.min, s.median, s.unit, s.note
+            )
+        })
+        .collect();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let report = format!(
+        "{{\n\"machine\": {{\"cpu\": {:?}, \"cores\": {}}},\n\"results\": [\n{}\n]\n}}\n",
+        cpu,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        json.join(",\n")
+    );
+    std::fs::create_dir_all("target/bench")?;
+    std::fs::write("target/bench/report.json", report)?;
+    println!("\nwrote target/bench/report.json");
+    Ok(())
+}
