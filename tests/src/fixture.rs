@@ -153,7 +153,7 @@ impl Harness {
         let opts = LoadOptions {
             settings,
             maglev_slots: 1 << 20,
-            conntrack_entries: 1 << 16,
+            conntrack_entries,
         };
         let dp = Dataplane::load(&opts).expect("loading the XDP program");
         let model = ModelMaps {
