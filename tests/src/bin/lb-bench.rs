@@ -69,7 +69,11 @@ fn main() -> anyhow::Result<()> {
     } else {
         Settings::DEFAULT
     };
-    let mut h = Harness::with_conntrack(settings, 1 << 21);
+    let conntrack: u32 = std::env::var("LB_BENCH_CONNTRACK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 20);
+    let mut h = Harness::with_conntrack(settings, conntrack);
     let vip = Ipv4Addr::new(10, 0, 0, 10);
     let tcp_backends: Vec<BackendSpec> = (0..100)
         .map(|i| backend(100 + i, [10, 50, 0, i as u8 + 1], 1))
@@ -146,18 +150,18 @@ fn main() -> anyhow::Result<()> {
         "non-VIP packet (pass)",
         "1400-byte TCP, tracked flow",
         "TCP ACK, 50k tracked flows round-robin",
+        "TCP SYN, same flow (replaces its entry)",
     ]
     .iter()
     .map(|n| (*n, Vec::new()))
     .collect();
-    let mut syn_round = 0u32;
-    for _ in 0..RUNS {
+    for run in 0..RUNS {
         let empty = per_call(calls, |i| {
             h.dp.test_run_empty(&ack[(i % flows) as usize]).unwrap()
         });
         empty_runs.push(empty);
         // New flows every call: a fresh source address range per run.
-        syn_round += 1;
+        let syn_round = run as u32 + 1;
         let fresh: Vec<Vec<u8>> = (0..calls.min(100_000))
             .map(|i| {
                 packets::tcp(
@@ -188,6 +192,9 @@ fn main() -> anyhow::Result<()> {
         case_runs[4]
             .1
             .push(per_call(calls, |_| h.dp.test_run(&big[0], lb0).unwrap().duration) - empty);
+        case_runs[6]
+            .1
+            .push(per_call(calls, |_| h.dp.test_run(&syn[0], lb0).unwrap().duration) - empty);
         case_runs[5].1.push(
             per_call(calls, |i| {
                 h.dp.test_run(&ack[(i % flows) as usize], lb0)
