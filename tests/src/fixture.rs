@@ -48,6 +48,8 @@ pub struct Harness {
     pub alloc: SlotAllocator,
     pub lb0: u32,
     pub lb1: u32,
+    /// Counters the model says the kernel should have, for batched checks.
+    expected: Vec<Counter>,
     _guard: NsGuard,
     _ns: NetNs,
 }
@@ -162,6 +164,7 @@ impl Harness {
         };
         let alloc = SlotAllocator::new(dp.slot_capacity());
         Harness {
+            expected: vec![Counter::default(); lb_common::maps::Reason::COUNT as usize],
             lb0: ifindex("lb0"),
             lb1: ifindex("lb1"),
             dp,
@@ -280,6 +283,48 @@ impl Harness {
             .collect()
     }
 
+    /// Like `send`, but leaves the counters to `assert_counters` (the
+    /// differential fuzzer checks them in batches: a syscall per counter per
+    /// packet would dominate its run time).
+    pub fn send_batched(&mut self, pkt: &[u8]) -> Outcome {
+        let flow = match parse(pkt) {
+            ModelParse::Ipv4(p) => Some(p.flow),
+            _ => None,
+        };
+        let model = self.model.decide(pkt, self.lb0, self.next_hop(), None);
+        let kernel = self.dp.test_run(pkt, self.lb0).expect("test run");
+        let ctx = format!(
+            "packet {}
+model {:?}",
+            hex(pkt),
+            model
+        );
+        assert_eq!(
+            kernel.action,
+            model.action.xdp_code(),
+            "XDP action differs\n{ctx}"
+        );
+        assert_eq!(kernel.packet, model.output, "output bytes differ\n{ctx}");
+        for r in &model.reasons {
+            self.expected[*r as usize].packets += 1;
+            self.expected[*r as usize].bytes += pkt.len() as u64;
+        }
+        self.model.apply(&model, 0);
+        if let Some(flow) = flow {
+            self.assert_conntrack_agrees(&flow, &ctx);
+        }
+        Outcome { kernel, model }
+    }
+
+    /// Every reason counter equals what the model predicted so far.
+    pub fn assert_counters(&self) {
+        assert_eq!(
+            self.counters(),
+            self.expected,
+            "reason counters differ from the model's"
+        );
+    }
+
     /// Runs `pkt` through the kernel and the model; asserts they agree on
     /// action, output bytes, every counter and the connection table.
     pub fn send(&mut self, pkt: &[u8]) -> Outcome {
@@ -306,6 +351,7 @@ impl Harness {
             expected[*r as usize].bytes += pkt.len() as u64;
         }
         assert_eq!(after, expected, "reason counters differ\n{ctx}");
+        self.expected = after;
         if let (Some(v), Some(b)) = (model.vip_id, vip_before) {
             assert_eq!(
                 self.dp.vip_counter(v).packets,
@@ -333,6 +379,10 @@ impl Harness {
         let model = self.model.conntrack.get(flow).map(|e| e.backend_id);
         assert_eq!(kernel, model, "connection table entry differs\n{ctx}");
     }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn v4(a: [u8; 4]) -> Ipv4Addr {

@@ -2,6 +2,7 @@
 //! themselves, and packet builders.
 
 pub mod fixture;
+pub mod fuzz;
 pub mod netns;
 pub mod packets;
 

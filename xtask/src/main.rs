@@ -38,6 +38,13 @@ enum Cmd {
     },
     /// Set up, then run the demo topology with real traffic.
     Demo,
+    /// Differential fuzzing: N frames through the kernel and the reference model.
+    Fuzz {
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
@@ -97,6 +104,23 @@ fn main() -> Result<()> {
         Cmd::Bench { calls } => {
             setup::setup()?;
             bench::bench(calls)
+        }
+        Cmd::Fuzz { count, seed } => {
+            setup::setup()?;
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "lb-tests",
+                    "--bin",
+                    "lb-fuzz",
+                    "--",
+                    "--count",
+                ])
+                .arg(count.to_string())
+                .arg("--seed")
+                .arg(seed.to_string()))
         }
         Cmd::Demo => {
             setup::setup()?;
