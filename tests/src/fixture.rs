@@ -291,14 +291,12 @@ impl Harness {
             ModelParse::Ipv4(p) => Some(p.flow),
             _ => None,
         };
+        if let Some(flow) = &flow {
+            self.sync_conntrack_entry(flow);
+        }
         let model = self.model.decide(pkt, self.lb0, self.next_hop(), None);
         let kernel = self.dp.test_run(pkt, self.lb0).expect("test run");
-        let ctx = format!(
-            "packet {}
-model {:?}",
-            hex(pkt),
-            model
-        );
+        let ctx = format!("packet {}\nmodel {:?}", hex(pkt), model);
         assert_eq!(
             kernel.action,
             model.action.xdp_code(),
@@ -333,6 +331,9 @@ model {:?}",
             ModelParse::Ipv4(p) => Some(p.flow),
             _ => None,
         };
+        if let Some(flow) = &flow {
+            self.sync_conntrack_entry(flow);
+        }
         let model = self.model.decide(pkt, self.lb0, self.next_hop(), None);
         let vip_before = model.vip_id.map(|v| self.dp.vip_counter(v));
         let backend_before = model.backend_id.map(|b| self.dp.backend_counter(b));
@@ -372,6 +373,20 @@ model {:?}",
             self.assert_conntrack_agrees(&flow, &ctx);
         }
         Outcome { kernel, model }
+    }
+
+    /// The LRU may evict an entry at any time (each CPU's list holds a
+    /// share of the table): take the kernel's view of this flow's entry as
+    /// the model's input, so an eviction is not mistaken for a mismatch.
+    fn sync_conntrack_entry(&mut self, flow: &FlowKey) {
+        match self.dp.conntrack_get(flow) {
+            Some(entry) => {
+                self.model.conntrack.insert(*flow, entry);
+            }
+            None => {
+                self.model.conntrack.remove(flow);
+            }
+        }
     }
 
     fn assert_conntrack_agrees(&self, flow: &FlowKey, ctx: &str) {
