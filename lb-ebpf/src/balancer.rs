@@ -43,11 +43,15 @@ pub fn process(ctx: &XdpContext) -> u32 {
     }
     let cfg = settings();
     let hash = flow_hash(&pkt.flow, cfg.hash_seed);
-    let Some((backend_id, backend)) = choose_backend(&pkt, &vip, hash, &cfg, bytes) else {
+    // One clock read per packet serves the UDP idle check, the entry's
+    // timestamp and the next-hop cache.
+    // SAFETY: helper with no arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some((backend_id, backend)) = choose_backend(&pkt, &vip, hash, &cfg, now, bytes) else {
         return finish(Reason::DropNoBackend, XDP_DROP, bytes);
     };
     count_backend(backend_id, bytes);
-    forward(ctx, &pkt, &backend, backend_id, hash, &cfg, bytes)
+    forward(ctx, &pkt, &backend, backend_id, hash, &cfg, now, bytes)
 }
 
 #[inline(always)]
@@ -100,6 +104,7 @@ fn choose_backend(
     vip: &VipMeta,
     hash: u32,
     cfg: &Settings,
+    now: u64,
     bytes: u64,
 ) -> Option<(u32, Backend)> {
     if pkt.is_fragment {
@@ -109,7 +114,6 @@ fn choose_backend(
     }
     let is_syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let is_udp = pkt.flow.proto == PROTO_UDP;
-    let mut now = 0;
     if !is_syn && let Some(entry) = CONNTRACK.get_ptr_mut(&pkt.flow) {
         // SAFETY: LRU values stay valid for this program run; a racing update
         // can at worst give another valid backend id.
@@ -117,8 +121,6 @@ fn choose_backend(
         if let Some(backend) = backend_for(id, vip) {
             let mut fresh = true;
             if is_udp {
-                // SAFETY: helper with no arguments.
-                now = unsafe { bpf_ktime_get_ns() };
                 let idle = now.wrapping_sub(atime);
                 fresh = idle <= cfg.udp_idle_timeout_ns;
                 if fresh && idle > ATIME_REFRESH_NS {
@@ -135,9 +137,6 @@ fn choose_backend(
     let id = maglev_pick(vip, hash);
     let backend = backend_for(id, vip)?;
     if pkt.tcp_flags & TCP_RST == 0 {
-        if now == 0 {
-            now = unsafe { bpf_ktime_get_ns() };
-        }
         let entry = ConnEntry {
             backend_id: id,
             _pad: 0,
@@ -158,6 +157,7 @@ fn forward(
     backend_id: u32,
     hash: u32,
     cfg: &Settings,
+    now: u64,
     bytes: u64,
 ) -> u32 {
     let outer = OuterIpv4 {
@@ -168,7 +168,7 @@ fn forward(
     let hop = if cfg.flags & SETTINGS_F_NO_FIB != 0 {
         NextHop::NoRoute
     } else {
-        cached_next_hop(ctx, &outer, pkt, backend_id)
+        cached_next_hop(ctx, &outer, pkt, backend_id, now)
     };
     match hop {
         NextHop::Resolved {
@@ -224,9 +224,8 @@ fn cached_next_hop(
     outer: &OuterIpv4,
     pkt: &Ipv4Packet,
     backend_id: u32,
+    now: u64,
 ) -> NextHop {
-    // SAFETY: helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
     let ingress = ctx.ingress_ifindex() as u32;
     let outer_len = pkt.tot_len as u32 + 20;
     let slot = NEXTHOP_CACHE.get_ptr_mut(backend_id);
