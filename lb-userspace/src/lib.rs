@@ -5,5 +5,6 @@ pub mod config;
 pub mod dataplane;
 pub mod decap;
 pub mod object;
+pub mod reconcile;
 pub mod slots;
 pub mod vip_table;

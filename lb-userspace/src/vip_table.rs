@@ -47,6 +47,39 @@ pub fn maglev_ids(
     Ok(table.slots.iter().map(|&i| ids[i as usize]).collect())
 }
 
+/// The table when some backends have failed: every slot of a healthy
+/// backend keeps its owner (its flows do not move, tracked or not), and each
+/// slot of a failed backend goes to the owner that slot has in the table of
+/// the healthy backends alone. Deterministic from (backends, failed set), so
+/// instances with the same health view agree slot for slot.
+pub fn table_with_failures(
+    backends: &[BackendSpec],
+    failed: &[u32],
+    size: u32,
+    seed: u32,
+) -> Result<Vec<u32>, maglev::MaglevError> {
+    let base = maglev_ids(backends, size, seed)?;
+    if failed.is_empty() {
+        return Ok(base);
+    }
+    let healthy: Vec<BackendSpec> = backends
+        .iter()
+        .map(|b| BackendSpec {
+            weight: if failed.contains(&b.id) { 0 } else { b.weight },
+            ..b.clone()
+        })
+        .collect();
+    let alternative = maglev_ids(&healthy, size, seed)?;
+    if alternative.is_empty() || base.is_empty() {
+        return Ok(alternative);
+    }
+    Ok(base
+        .iter()
+        .zip(&alternative)
+        .map(|(&b, &a)| if failed.contains(&b) { a } else { b })
+        .collect())
+}
+
 /// Writes a VIP and its backends, switching it to a new table atomically.
 /// Returns the new meta; the caller releases `previous`'s region.
 pub fn install_vip(

@@ -1,0 +1,426 @@
+//! The reconciler: the one owner of map writes. It turns the desired state
+//! (config + runtime changes + health) into map operations, in an order
+//! that keeps every packet on a valid path:
+//!
+//! 1. backend entries are written before any slot can point at them;
+//! 2. a changed table goes into a fresh region and the VIP switches to it in
+//!    one `VIPS` update (atomic per VIP); the old region is freed after;
+//! 3. removed backends are invalidated only after no table points at them,
+//!    and their ids are quarantined, not reused while tracked flows may
+//!    still name them.
+//!
+//! Writes go through `MapWriter`, so the ordering is tested against a fake.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use lb_common::maps::{
+    BACKEND_F_VALID, Backend, MAX_BACKENDS, MAX_VIPS, VIP_KIND_FRAGMENTS, VipKey, VipMeta,
+};
+use lb_common::user::addr_from_ip;
+
+use crate::{
+    slots::SlotAllocator,
+    vip_table::{BackendSpec, fragment_owners, table_with_failures},
+};
+
+/// The map operations the reconciler needs.
+pub trait MapWriter {
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()>;
+    fn write_slots(&mut self, offset: u32, table: &[u32]) -> Result<()>;
+    fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<()>;
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
+}
+
+impl MapWriter for crate::dataplane::Dataplane {
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        crate::dataplane::Dataplane::set_backend(self, id, backend)
+    }
+    fn write_slots(&mut self, offset: u32, table: &[u32]) -> Result<()> {
+        crate::dataplane::Dataplane::write_slots(self, offset, table)
+    }
+    fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<()> {
+        crate::dataplane::Dataplane::set_vip(self, key, meta)
+    }
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        crate::dataplane::Dataplane::remove_vip(self, key)
+    }
+}
+
+/// One backend as wanted: configured weight, health and drain applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredBackend {
+    pub addr: IpAddr,
+    /// Share of new flows; 0 = draining (tracked flows continue).
+    pub weight: u32,
+    /// False = failed: out of the table and invalid, tracked flows re-hash.
+    pub healthy: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredVip {
+    pub key: VipKey,
+    pub name: String,
+    pub table_size: u32,
+    pub backends: Vec<DesiredBackend>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedBackend {
+    pub id: u32,
+    pub weight: u32,
+    pub healthy: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedVip {
+    pub name: String,
+    pub meta: VipMeta,
+    pub table_size: u32,
+    pub backends: BTreeMap<IpAddr, AppliedBackend>,
+    /// Slot contents (backend ids) as written.
+    pub table: Vec<u32>,
+}
+
+/// Ids handed out fresh first; freed ids wait `quarantine` before reuse.
+#[derive(Clone, Debug)]
+pub struct IdAllocator {
+    next: u32,
+    limit: u32,
+    freed: VecDeque<(u32, Instant)>,
+    quarantine: Duration,
+}
+
+impl IdAllocator {
+    /// Ids `first..limit`.
+    pub fn new(first: u32, limit: u32, quarantine: Duration) -> Self {
+        IdAllocator {
+            next: first,
+            limit,
+            freed: VecDeque::new(),
+            quarantine,
+        }
+    }
+
+    pub fn allocate(&mut self, now: Instant) -> Option<u32> {
+        if self.next < self.limit {
+            self.next += 1;
+            return Some(self.next - 1);
+        }
+        match self.freed.front() {
+            Some(&(id, at)) if now.duration_since(at) >= self.quarantine => {
+                self.freed.pop_front();
+                Some(id)
+            }
+            _ => None,
+        }
+    }
+
+    pub fn release(&mut self, id: u32, now: Instant) {
+        self.freed.push_back((id, now));
+    }
+
+    /// Marks `id` as taken (adopting state from pinned maps).
+    pub fn reserve(&mut self, id: u32) {
+        if id >= self.next {
+            self.next = id + 1;
+        }
+    }
+}
+
+/// What an `apply` changed, for logs and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub tables_switched: Vec<String>,
+    pub vips_added: Vec<String>,
+    pub vips_removed: Vec<String>,
+}
+
+pub struct Reconciler {
+    pub seed: u32,
+    pub vips: BTreeMap<VipKey, AppliedVip>,
+    pub alloc: SlotAllocator,
+    backend_ids: IdAllocator,
+    vip_ids: IdAllocator,
+    /// Incremented each time any table is switched (exported as a metric).
+    pub generation: u64,
+    frag_keys: BTreeMap<VipKey, VipMeta>,
+}
+
+impl Reconciler {
+    pub fn new(seed: u32, slot_capacity: u32, id_quarantine: Duration) -> Self {
+        Reconciler {
+            seed,
+            vips: BTreeMap::new(),
+            alloc: SlotAllocator::new(slot_capacity),
+            backend_ids: IdAllocator::new(1, MAX_BACKENDS, id_quarantine),
+            vip_ids: IdAllocator::new(1, MAX_VIPS, Duration::ZERO),
+            generation: 0,
+            frag_keys: BTreeMap::new(),
+        }
+    }
+
+    /// Takes over state found in pinned maps: the VIPs with their regions
+    /// and backends, so the next `apply` rewrites only what differs.
+    pub fn adopt(&mut self, key: VipKey, vip: AppliedVip) -> Result<()> {
+        if vip.meta.table_size > 0
+            && !self
+                .alloc
+                .reserve(vip.meta.table_offset, vip.meta.table_size)
+        {
+            bail!("pinned table of {} overlaps another", vip.name);
+        }
+        self.vip_ids.reserve(vip.meta.vip_id);
+        for b in vip.backends.values() {
+            self.backend_ids.reserve(b.id);
+        }
+        self.vips.insert(key, vip);
+        Ok(())
+    }
+
+    pub fn adopt_fragment_key(&mut self, key: VipKey, meta: VipMeta) {
+        self.frag_keys.insert(key, meta);
+    }
+
+    /// Brings the maps to `desired`.
+    pub fn apply(
+        &mut self,
+        desired: &[DesiredVip],
+        maps: &mut impl MapWriter,
+    ) -> Result<ApplyReport> {
+        let now = Instant::now();
+        let mut report = ApplyReport::default();
+        // VIPs that are gone: stop matching them first, then clean up.
+        let wanted: BTreeMap<VipKey, &DesiredVip> = desired.iter().map(|d| (d.key, d)).collect();
+        let gone: Vec<VipKey> = self
+            .vips
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            let vip = self.vips.remove(&key).expect("listed");
+            maps.remove_vip(&key)
+                .with_context(|| format!("removing VIP {}", vip.name))?;
+            let owned: Vec<VipKey> = self
+                .frag_keys
+                .iter()
+                .filter(|(_, m)| m.vip_id == vip.meta.vip_id)
+                .map(|(k, _)| *k)
+                .collect();
+            for fk in owned {
+                maps.remove_vip(&fk)?;
+                self.frag_keys.remove(&fk);
+            }
+            self.retire(&vip, vip.backends.values().map(|b| b.id), maps, now)?;
+            self.vip_ids.release(vip.meta.vip_id, now);
+            report.vips_removed.push(vip.name);
+        }
+        for d in desired {
+            let switched = self
+                .apply_vip(d, maps, now, &mut report)
+                .with_context(|| format!("VIP {}", d.name))?;
+            if switched {
+                report.tables_switched.push(d.name.clone());
+            }
+        }
+        self.apply_fragment_keys(maps)?;
+        Ok(report)
+    }
+
+    /// Invalidates backends no table points at any more, frees their ids
+    /// and the VIP's table region.
+    fn retire(
+        &mut self,
+        vip: &AppliedVip,
+        ids: impl Iterator<Item = u32>,
+        maps: &mut impl MapWriter,
+        now: Instant,
+    ) -> Result<()> {
+        for id in ids {
+            maps.set_backend(id, Backend::default())?;
+            self.backend_ids.release(id, now);
+        }
+        self.alloc
+            .release(vip.meta.table_offset, vip.meta.table_size);
+        Ok(())
+    }
+
+    fn apply_vip(
+        &mut self,
+        d: &DesiredVip,
+        maps: &mut impl MapWriter,
+        now: Instant,
+        report: &mut ApplyReport,
+    ) -> Result<bool> {
+        let existing = self.vips.get(&d.key).cloned();
+        let vip_id = match &existing {
+            Some(v) => v.meta.vip_id,
+            None => {
+                report.vips_added.push(d.name.clone());
+                self.vip_ids.allocate(now).context("too many VIPs")?
+            }
+        };
+        let old_backends = existing
+            .as_ref()
+            .map(|v| v.backends.clone())
+            .unwrap_or_default();
+        // 1. Entries of new and recovered backends, before any slot names them.
+        //    Failed ones are invalidated after the switch (step 3), so no
+        //    packet meets a slot naming an invalid backend.
+        let mut backends = BTreeMap::new();
+        let mut failing = Vec::new();
+        for b in &d.backends {
+            let old = old_backends.get(&b.addr);
+            let id = match old {
+                Some(old) => old.id,
+                None => self
+                    .backend_ids
+                    .allocate(now)
+                    .context("backend ids exhausted")?,
+            };
+            let entry = |flags| Backend {
+                addr: addr_from_ip(b.addr),
+                flags,
+                vip_id,
+            };
+            match (old.map(|o| o.healthy), b.healthy) {
+                (None, _) => {
+                    maps.set_backend(id, entry(if b.healthy { BACKEND_F_VALID } else { 0 }))?
+                }
+                (Some(false), true) => maps.set_backend(id, entry(BACKEND_F_VALID))?,
+                (Some(true), false) => failing.push((id, entry(0))),
+                _ => {}
+            }
+            backends.insert(
+                b.addr,
+                AppliedBackend {
+                    id,
+                    weight: b.weight,
+                    healthy: b.healthy,
+                },
+            );
+        }
+        // 2. The table, switched atomically when it changed.
+        let specs: Vec<BackendSpec> = d
+            .backends
+            .iter()
+            .map(|b| BackendSpec {
+                id: backends[&b.addr].id,
+                addr: b.addr,
+                weight: b.weight,
+            })
+            .collect();
+        let failed: Vec<u32> = d
+            .backends
+            .iter()
+            .filter(|b| !b.healthy)
+            .map(|b| backends[&b.addr].id)
+            .collect();
+        let table = table_with_failures(&specs, &failed, d.table_size, self.seed)?;
+        let unchanged = existing
+            .as_ref()
+            .is_some_and(|v| v.table == table && v.table_size == d.table_size);
+        let mut meta = existing.as_ref().map(|v| v.meta).unwrap_or(VipMeta {
+            vip_id,
+            flags: 0,
+            table_offset: 0,
+            table_size: 0,
+        });
+        if !unchanged || existing.is_none() {
+            let len = table.len() as u32;
+            let offset = if len == 0 {
+                0
+            } else {
+                self.alloc
+                    .allocate(len)
+                    .context("MAGLEV_SLOTS is full: raise lb.maglev_slots")?
+            };
+            if len > 0 {
+                maps.write_slots(offset, &table)?;
+            }
+            meta = VipMeta {
+                vip_id,
+                flags: 0,
+                table_offset: offset,
+                table_size: len,
+            };
+            maps.set_vip(d.key, meta)?;
+            // The fragment key shares the VIP's meta: move it along before
+            // the old region can be reused.
+            for (fk, fmeta) in self.frag_keys.iter_mut() {
+                if fmeta.vip_id == vip_id {
+                    maps.set_vip(*fk, meta)?;
+                    *fmeta = meta;
+                }
+            }
+            if let Some(old) = &existing {
+                self.alloc
+                    .release(old.meta.table_offset, old.meta.table_size);
+            }
+            self.generation += 1;
+        }
+        // 3. Failed backends and backends that left this VIP: no slot points
+        //    at them any more; invalid now, so their tracked flows re-hash.
+        for (id, entry) in failing {
+            maps.set_backend(id, entry)?;
+        }
+        let removed: Vec<u32> = old_backends
+            .iter()
+            .filter(|(a, _)| !backends.contains_key(*a))
+            .map(|(_, b)| b.id)
+            .collect();
+        for id in removed {
+            maps.set_backend(id, Backend::default())?;
+            self.backend_ids.release(id, now);
+        }
+        self.vips.insert(
+            d.key,
+            AppliedVip {
+                name: d.name.clone(),
+                meta,
+                table_size: d.table_size,
+                backends,
+                table,
+            },
+        );
+        Ok(!unchanged || existing.is_none())
+    }
+
+    /// Points each (address, protocol)'s fragment key at its owner VIP.
+    fn apply_fragment_keys(&mut self, maps: &mut impl MapWriter) -> Result<()> {
+        let keys: Vec<VipKey> = self.vips.keys().copied().collect();
+        let mut wanted = BTreeMap::new();
+        for ((addr, proto), owner) in fragment_owners(&keys) {
+            let key = VipKey {
+                addr,
+                port: 0,
+                proto,
+                kind: VIP_KIND_FRAGMENTS,
+            };
+            wanted.insert(key, self.vips[&owner].meta);
+        }
+        for (key, meta) in &wanted {
+            if self.frag_keys.get(key) != Some(meta) {
+                maps.set_vip(*key, *meta)?;
+            }
+        }
+        for key in self.frag_keys.keys().filter(|k| !wanted.contains_key(k)) {
+            maps.remove_vip(key)?;
+        }
+        self.frag_keys = wanted;
+        Ok(())
+    }
+
+    /// The backend id serving `addr` in VIP `key`, if any.
+    pub fn backend_id(&self, key: &VipKey, addr: &IpAddr) -> Option<u32> {
+        self.vips.get(key)?.backends.get(addr).map(|b| b.id)
+    }
+}
+
+#[cfg(test)]
+mod tests;

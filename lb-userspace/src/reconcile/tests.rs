@@ -1,0 +1,293 @@
+use std::collections::BTreeSet;
+
+use lb_common::PROTO_TCP;
+
+use super::*;
+
+/// Records every operation and checks the ordering rules as it goes.
+#[derive(Default)]
+struct FakeMaps {
+    ops: Vec<String>,
+    backends: BTreeMap<u32, Backend>,
+    slots: BTreeMap<u32, u32>,
+    vips: BTreeMap<VipKey, VipMeta>,
+}
+
+impl MapWriter for FakeMaps {
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
+        // Never invalidate a backend a live table still points at.
+        if backend.flags & BACKEND_F_VALID == 0 {
+            for meta in self.vips.values() {
+                for s in meta.table_offset..meta.table_offset + meta.table_size {
+                    assert_ne!(
+                        self.slots.get(&s),
+                        Some(&id),
+                        "backend {id} invalidated while a live slot points at it"
+                    );
+                }
+            }
+        }
+        self.ops
+            .push(format!("backend {id} flags={}", backend.flags));
+        self.backends.insert(id, backend);
+        Ok(())
+    }
+    fn write_slots(&mut self, offset: u32, table: &[u32]) -> Result<()> {
+        // Never overwrite a region a live VIP uses.
+        for meta in self.vips.values() {
+            let live = meta.table_offset..meta.table_offset + meta.table_size;
+            assert!(
+                offset + table.len() as u32 <= live.start
+                    || offset >= live.end
+                    || meta.table_size == 0,
+                "table written over a live region"
+            );
+        }
+        self.ops
+            .push(format!("slots @{offset} len {}", table.len()));
+        for (i, id) in table.iter().enumerate() {
+            self.slots.insert(offset + i as u32, *id);
+        }
+        Ok(())
+    }
+    fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<()> {
+        // Every slot of the new table names a valid backend of this VIP.
+        for s in meta.table_offset..meta.table_offset + meta.table_size {
+            let id = self.slots[&s];
+            let b = self
+                .backends
+                .get(&id)
+                .unwrap_or_else(|| panic!("slot points at unwritten backend {id}"));
+            assert_eq!(
+                b.flags & BACKEND_F_VALID,
+                BACKEND_F_VALID,
+                "slot points at invalid backend {id}"
+            );
+            assert_eq!(b.vip_id, meta.vip_id);
+        }
+        self.ops
+            .push(format!("vip kind={} size={}", key.kind, meta.table_size));
+        self.vips.insert(key, meta);
+        Ok(())
+    }
+    fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        self.ops.push(format!("remove vip kind={}", key.kind));
+        self.vips.remove(key);
+        Ok(())
+    }
+}
+
+fn key(port: u16) -> VipKey {
+    VipKey::new("10.0.0.10".parse().unwrap(), port, PROTO_TCP)
+}
+
+fn vip(port: u16, backends: &[(&str, u32, bool)]) -> DesiredVip {
+    DesiredVip {
+        key: key(port),
+        name: format!("vip:{port}"),
+        table_size: 251,
+        backends: backends
+            .iter()
+            .map(|&(a, w, h)| DesiredBackend {
+                addr: a.parse().unwrap(),
+                weight: w,
+                healthy: h,
+            })
+            .collect(),
+    }
+}
+
+fn table_ids(maps: &FakeMaps, key: &VipKey) -> BTreeSet<u32> {
+    let meta = maps.vips[key];
+    (meta.table_offset..meta.table_offset + meta.table_size)
+        .map(|s| maps.slots[&s])
+        .collect()
+}
+
+#[test]
+fn first_apply_writes_backends_then_table_then_vip() {
+    let mut r = Reconciler::new(0, 10_000, Duration::from_secs(60));
+    let mut maps = FakeMaps::default();
+    let report = r
+        .apply(
+            &[vip(80, &[("10.1.0.1", 1, true), ("10.1.0.2", 1, true)])],
+            &mut maps,
+        )
+        .unwrap();
+    assert_eq!(report.vips_added, ["vip:80"]);
+    assert_eq!(
+        maps.ops,
+        [
+            "backend 1 flags=1",
+            "backend 2 flags=1",
+            "slots @0 len 251",
+            "vip kind=0 size=251",
+            "vip kind=1 size=251"
+        ]
+    );
+}
+
+#[test]
+fn unchanged_config_writes_nothing() {
+    let mut r = Reconciler::new(0, 10_000, Duration::from_secs(60));
+    let mut maps = FakeMaps::default();
+    let d = [vip(80, &[("10.1.0.1", 1, true), ("10.1.0.2", 1, true)])];
+    r.apply(&d, &mut maps).unwrap();
+    maps.ops.clear();
+    let report = r.apply(&d, &mut maps).unwrap();
+    assert!(maps.ops.is_empty(), "{:?}", maps.ops);
+    assert!(report.tables_switched.is_empty());
+}
+
+#[test]
+fn failed_backend_leaves_the_table_and_is_invalidated_others_stay() {
+    let mut r = Reconciler::new(0, 10_000, Duration::from_secs(60));
+    let mut maps = FakeMaps::default();
+    let healthy = [vip(
+        80,
+        &[
+            ("10.1.0.1", 1, true),
+            ("10.1.0.2", 1, true),
+            ("10.1.0.3", 1, true),
+        ],
+    )];
+    r.apply(&healthy, &mut maps).unwrap();
+    let before: Vec<u32> = r.vips[&key(80)].table.clone();
+    let failed = [vip(
+        80,
+        &[
+            ("10.1.0.1", 1, true),
+            ("10.1.0.2", 1, false),
+            ("10.1.0.3", 1, true),
+        ],
+    )];
+    maps.ops.clear();
+    r.apply(&failed, &mut maps).unwrap();
+    // New table first, then invalidated (so its tracked flows re-hash).
+    assert_eq!(
+        maps.ops.last().unwrap(),
+        "backend 2 flags=0",
+        "{:?}",
+        maps.ops
+    );
+    assert_eq!(table_ids(&maps, &key(80)), BTreeSet::from([1, 3]));
+    // Slots of the healthy backends did not move.
+    let after = &r.vips[&key(80)].table;
+    for (b, a) in before.iter().zip(after) {
+        if *b != 2 {
+            assert_eq!(a, b, "a slot of a healthy backend moved");
+        }
+    }
+    // Recovery brings it back with the same id and the original table.
+    r.apply(&healthy, &mut maps).unwrap();
+    assert_eq!(r.vips[&key(80)].table, before);
+}
+
+#[test]
+fn draining_keeps_the_backend_valid_but_out_of_the_table() {
+    let mut r = Reconciler::new(0, 10_000, Duration::from_secs(60));
+    let mut maps = FakeMaps::default();
+    r.apply(
+        &[vip(80, &[("10.1.0.1", 1, true), ("10.1.0.2", 1, true)])],
+        &mut maps,
+    )
+    .unwrap();
+    r.apply(
+        &[vip(80, &[("10.1.0.1", 1, true), ("10.1.0.2", 0, true)])],
+        &mut maps,
+    )
+    .unwrap();
+    assert_eq!(table_ids(&maps, &key(80)), BTreeSet::from([1]));
+    assert_eq!(
+        maps.backends[&2].flags, BACKEND_F_VALID,
+        "tracked flows keep going"
+    );
+}
+
+#[test]
+fn removed_backend_is_invalidated_after_the_switch_and_its_id_not_reused() {
+    let mut r = Reconciler::new(0, 10_000, Duration::from_secs(3600));
+    let mut maps = FakeMaps::default();
+    r.apply(
+        &[vip(80, &[("10.1.0.1", 1, true), ("10.1.0.2", 1, true)])],
+        &mut maps,
+    )
+    .unwrap();
+    maps.ops.clear();
+    r.apply(
+        &[vip(80, &[("10.1.0.1", 1, true), ("10.1.0.3", 1, true)])],
+        &mut maps,
+    )
+    .unwrap();
+    let switch = maps
+        .ops
+        .iter()
+        .position(|o| o == "vip kind=0 size=251")
+        .unwrap();
+    let invalidate = maps
+        .ops
+        .iter()
+        .position(|o| o == "backend 2 flags=0")
+        .unwrap();
+    assert!(switch < invalidate, "{:?}", maps.ops);
+    assert_eq!(
+        r.backend_id(&key(80), &"10.1.0.3".parse().unwrap()),
+        Some(3),
+        "fresh id, 2 is quarantined"
+    );
+}
+
+#[test]
+fn ids_are_reused_only_after_quarantine() {
+    let mut ids = IdAllocator::new(1, 3, Duration::from_secs(10));
+    let t0 = Instant::now();
+    assert_eq!(
+        (ids.allocate(t0), ids.allocate(t0), ids.allocate(t0)),
+        (Some(1), Some(2), None)
+    );
+    ids.release(1, t0);
+    assert_eq!(ids.allocate(t0 + Duration::from_secs(5)), None);
+    assert_eq!(ids.allocate(t0 + Duration::from_secs(10)), Some(1));
+}
+
+#[test]
+fn all_backends_failed_gives_an_empty_table_not_a_stale_one() {
+    let mut r = Reconciler::new(0, 10_000, Duration::from_secs(60));
+    let mut maps = FakeMaps::default();
+    r.apply(&[vip(80, &[("10.1.0.1", 1, true)])], &mut maps)
+        .unwrap();
+    r.apply(&[vip(80, &[("10.1.0.1", 1, false)])], &mut maps)
+        .unwrap();
+    assert_eq!(maps.vips[&key(80)].table_size, 0);
+    assert_eq!(r.alloc.free_slots(), 10_000, "the old region was freed");
+}
+
+#[test]
+fn removing_a_vip_unmatches_it_first_and_moves_the_fragment_key() {
+    let mut r = Reconciler::new(0, 10_000, Duration::from_secs(60));
+    let mut maps = FakeMaps::default();
+    let both = [
+        vip(80, &[("10.1.0.1", 1, true)]),
+        vip(443, &[("10.1.0.2", 1, true)]),
+    ];
+    r.apply(&both, &mut maps).unwrap();
+    let frag = VipKey {
+        port: 0,
+        kind: VIP_KIND_FRAGMENTS,
+        ..key(80)
+    };
+    assert_eq!(
+        maps.vips[&frag].vip_id,
+        maps.vips[&key(80)].vip_id,
+        "lowest port owns fragments"
+    );
+    maps.ops.clear();
+    let report = r.apply(&both[1..], &mut maps).unwrap();
+    assert_eq!(report.vips_removed, ["vip:80"]);
+    assert_eq!(maps.ops[0], "remove vip kind=0");
+    assert_eq!(
+        maps.vips[&frag].vip_id,
+        maps.vips[&key(443)].vip_id,
+        "fragments follow the remaining VIP"
+    );
+}
