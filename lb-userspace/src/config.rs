@@ -12,6 +12,8 @@ use lb_common::{
 };
 use serde::Deserialize;
 
+use crate::health::HealthCheck;
+
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -57,6 +59,9 @@ pub struct VipConfig {
     pub table_size: u32,
     #[serde(default, rename = "backend")]
     pub backends: Vec<BackendConfig>,
+    /// How backends are checked; none by default.
+    #[serde(default)]
+    pub health: HealthCheck,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -171,6 +176,22 @@ impl Config {
             }
             validate_table_size(vip.table_size, vip.backends.len())
                 .with_context(|| format!("{at}.table_size"))?;
+            let h = &vip.health;
+            if !["none", "tcp", "http"].contains(&h.kind.as_str()) {
+                bail!(
+                    "{at}.health.kind: {:?} is not one of none, tcp, http",
+                    h.kind
+                );
+            }
+            if h.kind != "none" && vip.port == 0 && h.port.is_none() {
+                bail!("{at}.health.port: an every-port VIP needs a port to probe");
+            }
+            if h.interval_ms < 10 || h.timeout_ms == 0 || h.timeout_ms > h.interval_ms {
+                bail!("{at}.health: need interval_ms >= 10 and 0 < timeout_ms <= interval_ms");
+            }
+            if h.rise == 0 || h.fall == 0 {
+                bail!("{at}.health: rise and fall must be at least 1");
+            }
             needed_slots += 2 * vip.table_size as u64;
             let mut addrs = BTreeSet::new();
             for (j, b) in vip.backends.iter().enumerate() {
@@ -268,6 +289,16 @@ weight = 2
         );
         assert!(err(&GOOD.replace("port = 80", "port = 80\ncolour = 1")).contains("colour"));
         assert!(err(&format!("{GOOD}\n[lb2]\n")).contains("lb2"));
+        let bad_health = GOOD.replace(
+            "table_size = 4099",
+            "table_size = 4099\n[vip.health]\nkind = \"icmp\"",
+        );
+        assert!(err(&bad_health).contains("vip[0] (10.0.0.10:80/tcp).health.kind"));
+        let slow = GOOD.replace(
+            "table_size = 4099",
+            "table_size = 4099\n[vip.health]\nkind = \"tcp\"\ninterval_ms = 100\ntimeout_ms = 200",
+        );
+        assert!(err(&slow).contains("timeout_ms"));
         let small = GOOD.replace(
             "xdp_mode = \"skb\"",
             "xdp_mode = \"skb\"\nmaglev_slots = 5000",

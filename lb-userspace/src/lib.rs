@@ -4,6 +4,7 @@
 pub mod config;
 pub mod dataplane;
 pub mod decap;
+pub mod health;
 pub mod object;
 pub mod reconcile;
 pub mod slots;

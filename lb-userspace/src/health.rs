@@ -1,0 +1,263 @@
+//! Active health checks: TCP connect or HTTP GET, each with interval,
+//! timeout, rise and fall. Checkers only send events; the daemon's
+//! reconciler decides and writes maps.
+//!
+//! Probes go straight to the backend's address (not through the
+//! encapsulation): it works on every setup, but does not catch a broken
+//! decapsulation on the backend; `lbctl check-backend` is planned for that.
+
+use std::{net::IpAddr, time::Duration};
+
+use lb_common::maps::VipKey;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::mpsc,
+    task::JoinHandle,
+};
+
+/// How a VIP's backends are checked (`[vip.health]` in the config).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// "tcp", "http" or "none".
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Port to probe; defaults to the VIP's port.
+    pub port: Option<u16>,
+    /// HTTP path.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// Expected HTTP status; 0 = any 2xx.
+    #[serde(default)]
+    pub expect_status: u16,
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// Consecutive successes that bring a failed backend back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failures that take a backend out.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_kind() -> String {
+    "none".into()
+}
+fn default_path() -> String {
+    "/".into()
+}
+fn default_interval() -> u64 {
+    1000
+}
+fn default_timeout() -> u64 {
+    500
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            kind: default_kind(),
+            port: None,
+            path: default_path(),
+            expect_status: 0,
+            interval_ms: default_interval(),
+            timeout_ms: default_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+        }
+    }
+}
+
+/// Rise/fall hysteresis: one lost probe does not flap a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hysteresis {
+    pub healthy: bool,
+    streak: u32,
+    rise: u32,
+    fall: u32,
+}
+
+impl Hysteresis {
+    /// Starts healthy: a restarted daemon must not pull working backends
+    /// out of the table while its first probes are in flight.
+    pub fn new(rise: u32, fall: u32) -> Self {
+        Hysteresis {
+            healthy: true,
+            streak: 0,
+            rise: rise.max(1),
+            fall: fall.max(1),
+        }
+    }
+
+    /// Records one probe result; returns the new state on a transition.
+    pub fn observe(&mut self, ok: bool) -> Option<bool> {
+        if ok == self.healthy {
+            self.streak = 0;
+            return None;
+        }
+        self.streak += 1;
+        let needed = if self.healthy { self.fall } else { self.rise };
+        if self.streak >= needed {
+            self.healthy = ok;
+            self.streak = 0;
+            return Some(ok);
+        }
+        None
+    }
+}
+
+/// A backend changed state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthEvent {
+    pub vip: VipKey,
+    pub backend: IpAddr,
+    pub healthy: bool,
+}
+
+pub async fn probe_tcp(addr: IpAddr, port: u16, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, TcpStream::connect((addr, port))).await,
+        Ok(Ok(_))
+    )
+}
+
+/// GET `path` over HTTP/1.0; healthy if the status matches (any 2xx when
+/// `expect` is 0). Only the status line is read.
+pub async fn probe_http(
+    addr: IpAddr,
+    port: u16,
+    path: &str,
+    expect: u16,
+    timeout: Duration,
+) -> bool {
+    let attempt = async {
+        let mut s = TcpStream::connect((addr, port)).await.ok()?;
+        let req = format!(
+            "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: lbd-health\r\nConnection: close\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut buf = vec![0u8; 64];
+        let mut n = 0;
+        while n < 12 {
+            let r = s.read(&mut buf[n..]).await.ok()?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        let line = String::from_utf8_lossy(&buf[..n]);
+        let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(status)
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Some(status)) => {
+            if expect == 0 {
+                (200..300).contains(&status)
+            } else {
+                status == expect
+            }
+        }
+        _ => false,
+    }
+}
+
+/// Starts probing `backend` for `vip`; events go to `events`.
+pub fn spawn_checker(
+    vip: VipKey,
+    vip_port: u16,
+    backend: IpAddr,
+    check: HealthCheck,
+    events: mpsc::UnboundedSender<HealthEvent>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let port = check.port.unwrap_or(vip_port);
+        let timeout = Duration::from_millis(check.timeout_ms);
+        let mut state = Hysteresis::new(check.rise, check.fall);
+        let mut tick = tokio::time::interval(Duration::from_millis(check.interval_ms.max(10)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let ok = match check.kind.as_str() {
+                "http" => {
+                    probe_http(backend, port, &check.path, check.expect_status, timeout).await
+                }
+                _ => probe_tcp(backend, port, timeout).await,
+            };
+            if let Some(healthy) = state.observe(ok)
+                && events
+                    .send(HealthEvent {
+                        vip,
+                        backend,
+                        healthy,
+                    })
+                    .is_err()
+            {
+                return;
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_lost_probe_does_not_flap() {
+        let mut h = Hysteresis::new(2, 3);
+        assert_eq!(h.observe(false), None);
+        assert_eq!(h.observe(true), None);
+        assert_eq!(h.observe(false), None);
+        assert_eq!(h.observe(false), None);
+        assert_eq!(h.observe(false), Some(false), "third failure in a row");
+        assert_eq!(h.observe(true), None);
+        assert_eq!(h.observe(false), None, "streak reset");
+        assert_eq!(h.observe(true), None);
+        assert_eq!(h.observe(true), Some(true), "second success in a row");
+        assert!(h.healthy);
+    }
+
+    #[tokio::test]
+    async fn tcp_and_http_probes_against_real_listeners() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 256];
+                let _ = s.read(&mut buf).await;
+                n += 1;
+                let status = if n % 2 == 1 {
+                    "200 OK"
+                } else {
+                    "503 Unavailable"
+                };
+                let _ = s
+                    .write_all(format!("HTTP/1.0 {status}\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let t = Duration::from_secs(1);
+        assert!(probe_http(lo, port, "/", 0, t).await, "200 is healthy");
+        assert!(!probe_http(lo, port, "/", 0, t).await, "503 is not");
+        assert!(probe_http(lo, port, "/", 200, t).await);
+        assert!(probe_tcp(lo, port, t).await);
+        // A port with nothing listening.
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = closed.local_addr().unwrap().port();
+        drop(closed);
+        assert!(!probe_tcp(lo, dead, t).await);
+        assert!(!probe_http(lo, dead, "/", 0, t).await);
+    }
+}
