@@ -45,6 +45,26 @@ pub struct LbConfig {
     pub gateway_mac: Option<String>,
     #[serde(default = "default_udp_timeout")]
     pub udp_idle_timeout_secs: u64,
+    /// bpffs directory for pinned maps and links ("" = pin nothing: the
+    /// data plane then stops with the daemon).
+    #[serde(default = "default_pin_path")]
+    pub pin_path: String,
+    /// Unix socket for `lbctl` (root only).
+    #[serde(default = "default_socket")]
+    pub control_socket: String,
+    /// Prometheus endpoint ("" = off). Loopback by default.
+    #[serde(default = "default_metrics")]
+    pub metrics_address: String,
+}
+
+fn default_pin_path() -> String {
+    "/sys/fs/bpf/lbd".into()
+}
+fn default_socket() -> String {
+    "/run/lbd.sock".into()
+}
+fn default_metrics() -> String {
+    "127.0.0.1:9641".into()
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -157,6 +177,12 @@ impl Config {
         parse_prefix(&self.lb.encap_source_prefix).context("lb.encap_source_prefix")?;
         if let Some(mac) = &self.lb.gateway_mac {
             parse_mac(mac).context("lb.gateway_mac")?;
+        }
+        if !self.lb.metrics_address.is_empty() {
+            self.lb
+                .metrics_address
+                .parse::<std::net::SocketAddr>()
+                .context("lb.metrics_address: expected ADDRESS:PORT")?;
         }
         if self.lb.conntrack_entries == 0 {
             bail!("lb.conntrack_entries must be positive");

@@ -1,20 +1,29 @@
 //! The only code that touches the XDP program's maps. Everything above it
 //! speaks in `lb_common::maps` types.
 
-use std::{os::fd::AsRawFd, ptr::NonNull, time::Duration};
+use std::{
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    ptr::NonNull,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        TestRun, TestRunOptions, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use lb_common::{
     maps::{
         Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, FlowKey,
         GLOBAL_SETTINGS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV_SLOTS,
-        MAP_REASON_STATS, MAP_VIP_STATS, MAP_VIPS, PROGRAM_BALANCER, PROGRAM_PASS, Reason, VipKey,
-        VipMeta,
+        MAP_NEXTHOP_CACHE, MAP_REASON_STATS, MAP_VIP_STATS, MAP_VIPS, PROGRAM_BALANCER,
+        PROGRAM_PASS, Reason, VipKey, VipMeta,
     },
     settings::Settings,
 };
@@ -28,6 +37,9 @@ pub struct LoadOptions {
     /// Capacity of `MAGLEV_SLOTS` (all VIPs' tables, twice over for swaps).
     pub maglev_slots: u32,
     pub conntrack_entries: u32,
+    /// bpffs directory to pin maps and links in, so the data plane outlives
+    /// the daemon and a new daemon adopts it. `None`: nothing pinned.
+    pub pin_path: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -36,8 +48,38 @@ impl Default for LoadOptions {
             settings: Settings::DEFAULT,
             maglev_slots: DEFAULT_MAGLEV_SLOTS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            pin_path: None,
         }
     }
+}
+
+/// Maps that carry state across daemon restarts.
+pub const PINNED_MAPS: [&str; 8] = [
+    MAP_VIPS,
+    MAP_BACKENDS,
+    MAP_MAGLEV_SLOTS,
+    MAP_CONNTRACK,
+    MAP_REASON_STATS,
+    MAP_VIP_STATS,
+    MAP_BACKEND_STATS,
+    MAP_NEXTHOP_CACHE,
+];
+
+/// Removes everything pinned under `pin_path`: links (which detaches the
+/// program from its interfaces) and maps (freed once nothing uses them).
+pub fn teardown(pin_path: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(pin_path) else {
+        return Ok(removed);
+    };
+    for entry in entries.flatten() {
+        std::fs::remove_file(entry.path())
+            .with_context(|| format!("removing {}", entry.path().display()))?;
+        removed.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    std::fs::remove_dir(pin_path).ok();
+    removed.sort();
+    Ok(removed)
 }
 
 /// `MAGLEV_SLOTS` mapped into our memory: a table is written with plain
@@ -128,6 +170,9 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, Counter>,
     ebpf: Ebpf,
     attached: Vec<XdpLinkId>,
+    pin_path: Option<PathBuf>,
+    /// True when the maps were found pinned (a previous daemon's state).
+    pub adopted: bool,
 }
 
 /// One `BPF_PROG_TEST_RUN` result.
@@ -149,12 +194,26 @@ impl Dataplane {
     /// Loads the program (verifier included) without attaching it.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         let object = ebpf_object()?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(GLOBAL_SETTINGS, &opts.settings, true)
             .map_max_entries(MAP_MAGLEV_SLOTS, opts.maglev_slots)
-            .map_max_entries(MAP_CONNTRACK, opts.conntrack_entries)
-            .load(object)
-            .context("loading the XDP object (is bpffs needed? are you root?)")?;
+            .map_max_entries(MAP_CONNTRACK, opts.conntrack_entries);
+        let mut adopted = false;
+        let pins: Vec<(&str, PathBuf)> = match &opts.pin_path {
+            Some(dir) => {
+                ensure_bpffs(dir)?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                adopted = dir.join(MAP_VIPS).exists();
+                PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(object).context("loading the XDP object")?;
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_BALANCER)
             .context("program missing from the object")?
@@ -171,7 +230,12 @@ impl Dataplane {
                 _ => bail!("MAGLEV_SLOTS is not an array"),
             }
         };
-        let slots = SlotsMmap::new(&slots_map, opts.maglev_slots)?;
+        // A pinned map keeps the size it was created with.
+        let entries = slots_map
+            .info()
+            .map(|i| i.max_entries())
+            .unwrap_or(opts.maglev_slots);
+        let slots = SlotsMmap::new(&slots_map, entries)?;
         // The mapping keeps the map alive; the fd can go.
         drop(slots_map);
         Ok(Dataplane {
@@ -184,7 +248,64 @@ impl Dataplane {
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
             ebpf,
             attached: Vec::new(),
+            pin_path: opts.pin_path.clone(),
+            adopted,
         })
+    }
+
+    /// Attaches to `interface`. With a pin path, the link is pinned so the
+    /// program stays attached after the daemon exits, and a pinned link
+    /// found there is taken over by replacing its program atomically (no
+    /// moment without XDP on the interface).
+    pub fn attach_pinned(&mut self, interface: &str, mode: XdpMode) -> Result<bool> {
+        let Some(dir) = self.pin_path.clone() else {
+            self.attach(interface, mode)?;
+            return Ok(false);
+        };
+        let link_path = dir.join(format!("link_{interface}"));
+        let program = self.program();
+        if link_path.exists() {
+            let pinned = PinnedLink::from_pin(&link_path).context("opening the pinned link")?;
+            let link = XdpLink::try_from(FdLink::from(pinned))
+                .context("pinned link is not an XDP link")?;
+            let id = program
+                .attach_to_link(link)
+                .context("replacing the program on the pinned link")?;
+            self.attached.push(id);
+            return Ok(true);
+        }
+        let id = program
+            .attach(interface, mode)
+            .with_context(|| format!("attaching XDP to {interface} in {mode:?} mode"))?;
+        let link = program.take_link(id)?;
+        let fd_link =
+            FdLink::try_from(link).context("this kernel gave no bpf_link for XDP (needs 5.9+)")?;
+        fd_link
+            .pin(&link_path)
+            .with_context(|| format!("pinning {}", link_path.display()))?;
+        Ok(false)
+    }
+
+    /// Every `VIPS` entry (for adopting pinned state).
+    pub fn vip_entries(&self) -> Vec<(VipKey, VipMeta)> {
+        self.vips.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Every written `BACKENDS` entry with its id.
+    pub fn backend_entries(&self) -> Vec<(u32, Backend)> {
+        (1..lb_common::maps::MAX_BACKENDS)
+            .filter_map(|id| self.backends.get(&id, 0).ok().map(|b| (id, b)))
+            .filter(|(_, b)| b.vip_id != 0)
+            .collect()
+    }
+
+    /// Tracked flows per backend id (walks the whole connection table).
+    pub fn conntrack_counts(&self) -> std::collections::BTreeMap<u32, u64> {
+        let mut counts = std::collections::BTreeMap::new();
+        for (_, entry) in self.conntrack.iter().filter_map(|r| r.ok()) {
+            *counts.entry(entry.backend_id).or_insert(0) += 1;
+        }
+        counts
     }
 
     fn program(&mut self) -> &mut Xdp {
@@ -352,4 +473,21 @@ impl Dataplane {
             .context("BPF_PROG_TEST_RUN")?
             .duration)
     }
+}
+
+/// Fails with one clear line when `dir` is not on a mounted bpffs.
+fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let on_bpffs = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, kind) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+        kind == "bpf" && dir.starts_with(at)
+    });
+    if !on_bpffs {
+        bail!(
+            "{} is not on a mounted bpffs: run `mount -t bpf bpf /sys/fs/bpf` (or `cargo xtask setup`)",
+            dir.display()
+        );
+    }
+    Ok(())
 }

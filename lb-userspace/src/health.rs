@@ -146,7 +146,7 @@ pub async fn probe_http(
             "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: lbd-health\r\nConnection: close\r\n\r\n"
         );
         s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = vec![0u8; 64];
+        let mut buf = [0u8; 64];
         let mut n = 0;
         while n < 12 {
             let r = s.read(&mut buf[n..]).await.ok()?;

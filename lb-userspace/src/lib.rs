@@ -1,7 +1,9 @@
 //! The control plane of the load balancer: loading the XDP program and
 //! writing its maps. Binaries: `lbd` (daemon) and `lbctl` (CLI).
 
+pub mod api;
 pub mod config;
+pub mod daemon;
 pub mod dataplane;
 pub mod decap;
 pub mod health;

@@ -156,6 +156,7 @@ impl Harness {
             settings,
             maglev_slots: 1 << 20,
             conntrack_entries,
+            pin_path: None,
         };
         let dp = Dataplane::load(&opts).expect("loading the XDP program");
         let model = ModelMaps {

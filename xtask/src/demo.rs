@@ -33,6 +33,8 @@ struct Topology {
     namespaces: Vec<String>,
     daemons: Vec<Child>,
     dir: PathBuf,
+    /// bpffs directories the LB instances pin their data plane in.
+    pins: Vec<PathBuf>,
 }
 
 impl Topology {
@@ -57,6 +59,10 @@ impl Drop for Topology {
         }
         for d in &mut self.daemons {
             let _ = d.wait();
+        }
+        // lbd leaves a pinned data plane forwarding on exit: remove it.
+        for pin in &self.pins {
+            let _ = std::fs::remove_dir_all(pin);
         }
         for ns in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
@@ -141,10 +147,11 @@ pub fn demo() -> Result<()> {
     let dir = std::env::temp_dir().join(&prefix);
     std::fs::create_dir_all(&dir)?;
     let mut t = Topology {
-        prefix,
+        prefix: prefix.clone(),
         namespaces: Vec::new(),
         daemons: Vec::new(),
         dir: dir.clone(),
+        pins: Vec::new(),
     };
 
     println!(
@@ -210,16 +217,24 @@ pub fn demo() -> Result<()> {
         .iter()
         .map(|a| format!("\n[[vip.backend]]\naddress = \"{a}\"\nweight = 1\n"))
         .collect();
-    let config = format!(
-        "[lb]\ninterfaces = [\"eth0\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\nmaglev_slots = 262144\n\n\
-         [[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n{backends_toml}"
-    );
-    let config_path = dir.join("lbd.toml");
-    std::fs::write(&config_path, config)?;
-    for lb in &lbs {
+    for (i, lb) in lbs.iter().enumerate() {
+        let pin = PathBuf::from(format!("/sys/fs/bpf/{prefix}-lb{}", i + 1));
+        t.pins.push(pin.clone());
+        let config = format!(
+            "[lb]\ninterfaces = [\"eth0\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\nmaglev_slots = 262144\n\
+             pin_path = \"{}\"\ncontrol_socket = \"{}\"\n\n\
+             [[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n\
+             [vip.health]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n{backends_toml}",
+            pin.display(),
+            dir.join(format!("lb{}.sock", i + 1)).display()
+        );
+        let config_path = dir.join(format!("lb{}.toml", i + 1));
+        std::fs::write(&config_path, config)?;
+        // nsenter switches only the network namespace: `ip netns exec`
+        // would remount /sys and hide the bpffs at /sys/fs/bpf.
         t.daemons.push(
-            Command::new("ip")
-                .args(["netns", "exec", lb])
+            Command::new("nsenter")
+                .arg(format!("--net=/var/run/netns/{lb}"))
                 .arg(&lbd)
                 .args(["run", "--config"])
                 .arg(&config_path)
@@ -291,6 +306,7 @@ pub fn demo() -> Result<()> {
 
     // Long-lived connections, kept open on one client thread.
     let (tx, rx) = std::sync::mpsc::channel::<(String, std::sync::mpsc::Sender<usize>)>();
+    let (spread_tx, spread_rx) = std::sync::mpsc::channel::<BTreeMap<String, usize>>();
     let long_thread = in_ns(&client, move || {
         let mut long = Vec::new();
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -304,6 +320,7 @@ pub fn demo() -> Result<()> {
             &format!("{LONG_LIVED} long-lived connections, by backend:"),
             &counts,
         );
+        let _ = spread_tx.send(counts);
         // Each request: ping every connection, report how many answered from their backend.
         while let Ok((label, reply)) = rx.recv() {
             let mut ok = 0;
@@ -320,6 +337,7 @@ pub fn demo() -> Result<()> {
         tx.send((label.to_string(), rtx))?;
         Ok(rrx.recv_timeout(Duration::from_secs(30))?)
     };
+    let long_spread = spread_rx.recv_timeout(Duration::from_secs(30))?;
     thread::sleep(Duration::from_millis(200));
     let ok = ping("steady")?;
     println!(
@@ -339,6 +357,39 @@ pub fn demo() -> Result<()> {
     println!(
         "   {after_join}/{LONG_LIVED} long-lived connections survived, each on the same backend"
     );
+
+    let on_be3 = long_spread.get("be3").copied().unwrap_or(0);
+    println!(
+        "== failing backend be3 (its link goes down); health checks: TCP every 200 ms, fall 2"
+    );
+    let failed_at = Instant::now();
+    ip(&t.ns("be3"), "link set eth0 down")?;
+    thread::sleep(Duration::from_millis(1000));
+    let after_fail = ping("after-fail")?;
+    println!(
+        "   {after_fail}/{} long-lived connections on the other backends kept working ({on_be3} were on be3)",
+        LONG_LIVED - on_be3
+    );
+    let fresh = in_ns(&client, || {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for i in 0..100 {
+            if let Some(mut c) = connect()
+                && let Some(b) = ask(&mut c, &format!("fresh {i}"))
+            {
+                *counts.entry(b).or_default() += 1;
+            }
+        }
+        counts
+    })?
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+    print_spread(
+        &format!(
+            "100 new connections {:.1} s after the failure:",
+            failed_at.elapsed().as_secs_f64()
+        ),
+        &fresh,
+    );
     drop(tx);
     let _ = long_thread.join();
 
@@ -348,8 +399,14 @@ pub fn demo() -> Result<()> {
     );
     drop(t);
     if after_leave != LONG_LIVED || after_join != LONG_LIVED || ok != LONG_LIVED {
-        bail!("some connections broke");
+        bail!("some connections broke on an ECMP change");
     }
-    println!("demo passed: every connection survived both ECMP changes");
+    if after_fail != LONG_LIVED - on_be3 {
+        bail!("connections to healthy backends broke when be3 failed");
+    }
+    if fresh.values().sum::<usize>() != 100 || fresh.contains_key("be3") {
+        bail!("new connections were not all served by healthy backends after be3 failed");
+    }
+    println!("demo passed: every connection survived both ECMP changes and the backend failure");
     Ok(())
 }

@@ -2,18 +2,17 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Context, Result, bail};
-use aya::programs::XdpMode;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use lb_common::maps::{DecapReason, VIP_KIND_FRAGMENTS, VipKey, VipMeta};
+use lb_common::maps::DecapReason;
 use lb_userspace::{
     config::Config,
-    dataplane::{Dataplane, LoadOptions},
+    daemon::{Daemon, serve_metrics, serve_socket, xdp_mode},
+    dataplane::teardown,
     decap::Decap,
-    slots::SlotAllocator,
-    vip_table::{BackendSpec, fragment_owners, install_vip},
 };
-use tracing::info;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info};
 
 #[derive(Parser)]
 #[command(about = "Maglev XDP load balancer daemon")]
@@ -24,16 +23,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Load the XDP program, attach it and serve the configured VIPs.
+    /// Load (or adopt) the XDP program, attach it and serve the configured VIPs.
     Run {
         #[arg(long, short)]
         config: PathBuf,
-        /// Seconds between statistics lines (0: none).
-        #[arg(long, default_value_t = 5)]
+        /// Seconds between statistics log lines (0: none).
+        #[arg(long, default_value_t = 30)]
         stats_interval: u64,
     },
     /// Validate a configuration file and exit.
     CheckConfig { file: PathBuf },
+    /// Remove the pinned data plane: detaches the program, frees the maps.
+    Teardown {
+        #[arg(long, default_value = "/sys/fs/bpf/lbd")]
+        pin_path: PathBuf,
+    },
     /// Backend side: attach the IPIP decapsulation program to an interface.
     Backend {
         #[arg(long)]
@@ -43,172 +47,70 @@ enum Cmd {
     },
 }
 
-fn xdp_mode(name: &str) -> Result<XdpMode> {
-    Ok(match name {
-        "auto" => XdpMode::Default,
-        "driver" => XdpMode::Driver,
-        "skb" => XdpMode::Skb,
-        other => bail!("xdp mode {other:?} is not one of auto, driver, skb"),
-    })
-}
-
-fn preflight(interfaces: &[String]) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "lbd needs root (CAP_BPF and CAP_NET_ADMIN): run it as root or from the systemd unit"
-        );
-    }
-    for name in interfaces {
-        if !std::path::Path::new(&format!("/sys/class/net/{name}")).exists()
-            && std::process::Command::new("ip")
-                .args(["link", "show", name])
-                .output()
-                .map(|o| !o.status.success())
-                .unwrap_or(true)
-        {
-            bail!("interface {name} does not exist: fix lb.interfaces in the config");
-        }
-    }
-    Ok(())
-}
-
-/// An installed VIP: its name, meta and (backend address, id) pairs.
-struct InstalledVip {
-    name: String,
-    meta: VipMeta,
-    backends: Vec<(String, u32)>,
-}
-
-fn install(dp: &mut Dataplane, config: &Config) -> Result<Vec<InstalledVip>> {
-    let mut alloc = SlotAllocator::new(dp.slot_capacity());
-    let mut next_backend_id = 1u32;
-    let mut installed = Vec::new();
-    let mut keys = Vec::new();
-    for (i, vip) in config.vips.iter().enumerate() {
-        let key = VipKey::new(vip.address, vip.port, vip.proto());
-        let backends: Vec<BackendSpec> = vip
-            .backends
-            .iter()
-            .map(|b| {
-                let spec = BackendSpec {
-                    id: next_backend_id,
-                    addr: b.address,
-                    weight: b.weight,
-                };
-                next_backend_id += 1;
-                spec
-            })
-            .collect();
-        let meta = install_vip(
-            dp,
-            &mut alloc,
-            key,
-            i as u32 + 1,
-            &backends,
-            vip.table_size,
-            config.lb.hash_seed,
-        )?;
-        info!(vip = %vip.name(), backends = backends.len(), table_size = meta.table_size, "VIP installed");
-        installed.push(InstalledVip {
-            name: vip.name(),
-            meta,
-            backends: backends
-                .iter()
-                .map(|b| (b.addr.to_string(), b.id))
-                .collect(),
-        });
-        keys.push((key, meta));
-    }
-    let plain: Vec<VipKey> = keys.iter().map(|(k, _)| *k).collect();
-    for ((addr, proto), owner) in fragment_owners(&plain) {
-        let meta = keys
-            .iter()
-            .find(|(k, _)| *k == owner)
-            .map(|(_, m)| *m)
-            .expect("owner is a key");
-        dp.set_vip(
-            VipKey {
-                addr,
-                port: 0,
-                proto,
-                kind: VIP_KIND_FRAGMENTS,
-            },
-            meta,
-        )?;
-    }
-    Ok(installed)
-}
-
-async fn wait_for_signal() -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = term.recv() => {},
-    }
-    Ok(())
-}
-
 async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
-    let config = Config::load(&config_path)?;
-    preflight(&config.lb.interfaces)?;
-    let mode = xdp_mode(&config.lb.xdp_mode)?;
-    let opts = LoadOptions {
-        settings: config.settings(),
-        maglev_slots: config.lb.maglev_slots,
-        conntrack_entries: config.lb.conntrack_entries,
-    };
-    let mut dp = Dataplane::load(&opts)?;
-    let installed = install(&mut dp, &config)?;
-    for iface in &config.lb.interfaces {
-        dp.attach(iface, mode)?;
-        info!(interface = %iface, mode = %config.lb.xdp_mode, "XDP attached");
-    }
-    let stats = async {
-        if stats_interval == 0 {
-            return std::future::pending::<()>().await;
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let mut daemon = Daemon::start(config_path, events_tx)?;
+    let (api_tx, mut api) = tokio::sync::mpsc::channel(64);
+    let socket = PathBuf::from(&daemon.config().lb.control_socket);
+    tokio::spawn(async move {
+        if let Err(e) = serve_socket(socket, api_tx).await {
+            error!("control socket: {e:#}");
         }
-        let mut tick = tokio::time::interval(Duration::from_secs(stats_interval));
-        loop {
-            tick.tick().await;
-            for InstalledVip {
-                name,
-                meta,
-                backends,
-            } in &installed
-            {
-                let c = dp.vip_counter(meta.vip_id);
-                let per: Vec<String> = backends
-                    .iter()
-                    .map(|(a, id)| format!("{a}={}", dp.backend_counter(*id).packets))
-                    .collect();
-                info!(vip = %name, packets = c.packets, bytes = c.bytes, backends = %per.join(" "), "stats");
+    });
+    if !daemon.config().lb.metrics_address.is_empty() {
+        serve_metrics(&daemon.config().lb.metrics_address, daemon.metrics_handle())?;
+    }
+    daemon.refresh_metrics();
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut seconds = 0u64;
+    info!("lbd ready");
+    loop {
+        tokio::select! {
+            Some(ev) = events.recv() => daemon.on_health(ev),
+            Some((req, reply)) = api.recv() => {
+                let response = daemon.handle(req);
+                let _ = reply.send(response);
+            }
+            _ = hup.recv() => {
+                if let Err(e) = daemon.reload() {
+                    error!("reload rejected, running configuration kept: {e:#}");
+                }
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {
+                daemon.refresh_metrics();
+                seconds += 1;
+                if stats_interval > 0 && seconds.is_multiple_of(stats_interval) {
+                    daemon.log_stats();
+                }
             }
         }
-    };
-    tokio::select! {
-        r = wait_for_signal() => r?,
-        _ = stats => {},
     }
-    info!("signal received: detaching and exiting");
+    if daemon.pinned() {
+        info!("exiting; the pinned data plane keeps forwarding (`lbd teardown` removes it)");
+    } else {
+        info!("exiting; detaching the XDP program");
+    }
     Ok(())
 }
 
 async fn backend(interface: String, mode: String) -> Result<()> {
     let decap = Decap::attach(&interface, xdp_mode(&mode)?)?;
     info!(interface = %interface, "decap attached");
-    let report = async {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            let c = decap.counter(DecapReason::Decapsulated);
-            info!(decapsulated = c.packets, "decap stats");
+    let mut term = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {
+                let c = decap.counter(DecapReason::Decapsulated);
+                info!(decapsulated = c.packets, "decap stats");
+            }
         }
-    };
-    tokio::select! {
-        r = wait_for_signal() => r?,
-        _ = report => {},
     }
     Ok(())
 }
@@ -232,6 +134,15 @@ fn main() -> Result<()> {
         Cmd::CheckConfig { file } => {
             Config::load(&file)?;
             println!("{}: ok", file.display());
+            Ok(())
+        }
+        Cmd::Teardown { pin_path } => {
+            let removed = teardown(&pin_path)?;
+            println!(
+                "removed {} pinned objects from {}",
+                removed.len(),
+                pin_path.display()
+            );
             Ok(())
         }
         Cmd::Backend {

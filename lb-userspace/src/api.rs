@@ -1,0 +1,111 @@
+//! The control socket's protocol: one JSON request per line, one JSON
+//! response per line. The socket is created mode 0600 (root only).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Stats,
+    Reload,
+    AddVip {
+        address: String,
+        port: u16,
+        protocol: String,
+        table_size: Option<u32>,
+    },
+    RemoveVip {
+        vip: String,
+    },
+    AddBackend {
+        vip: String,
+        address: String,
+        weight: u32,
+    },
+    RemoveBackend {
+        vip: String,
+        address: String,
+    },
+    /// Weight 0: no new flows, tracked flows continue.
+    Drain {
+        vip: String,
+        address: String,
+    },
+    SetWeight {
+        vip: String,
+        address: String,
+        weight: u32,
+    },
+    Trace {
+        src: String,
+        dst: String,
+        protocol: String,
+    },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl Response {
+    pub fn ok(data: serde_json::Value) -> Self {
+        Response {
+            ok: true,
+            error: None,
+            data,
+        }
+    }
+    pub fn err(e: impl std::fmt::Display) -> Self {
+        Response {
+            ok: false,
+            error: Some(e.to_string()),
+            data: serde_json::Value::Null,
+        }
+    }
+}
+
+/// Sends one request to the daemon (blocking; used by `lbctl`).
+pub fn call(socket: &Path, request: &Request) -> Result<Response> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "connecting to {} (is lbd running? are you root?)",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    serde_json::from_str(&reply).context("malformed reply from lbd")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_as_json_lines() {
+        let r = Request::Drain {
+            vip: "10.0.0.10:80/tcp".into(),
+            address: "10.30.1.2".into(),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            text,
+            r#"{"cmd":"drain","vip":"10.0.0.10:80/tcp","address":"10.30.1.2"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), r);
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! lbctl: talks to a running lbd over its control socket.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+use lb_userspace::api::{Request, call};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(about = "Control a running lbd")]
+struct Cli {
+    /// lbd's control socket.
+    #[arg(long, default_value = "/run/lbd.sock", global = true)]
+    socket: PathBuf,
+    /// Print the daemon's JSON answer instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// VIPs, backends, health, weights, slots, tracked flows.
+    Status,
+    /// Packet counters by reason.
+    Stats,
+    /// Re-read the configuration file (also: SIGHUP to lbd).
+    Reload,
+    /// Which backend a flow maps to, by the kernel's hash.
+    Trace {
+        /// Client ADDRESS:PORT.
+        src: String,
+        /// VIP ADDRESS:PORT.
+        dst: String,
+        /// tcp or udp.
+        proto: String,
+    },
+    #[command(subcommand)]
+    Vip(VipCmd),
+    #[command(subcommand)]
+    Backend(BackendCmd),
+}
+
+#[derive(Subcommand)]
+enum VipCmd {
+    Add {
+        address: String,
+        port: u16,
+        protocol: String,
+        #[arg(long)]
+        table_size: Option<u32>,
+    },
+    Remove {
+        /// e.g. 10.0.0.10:80/tcp
+        vip: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackendCmd {
+    Add {
+        vip: String,
+        address: String,
+        #[arg(long, default_value_t = 1)]
+        weight: u32,
+    },
+    Remove {
+        vip: String,
+        address: String,
+    },
+    /// No new flows; tracked flows continue.
+    Drain {
+        vip: String,
+        address: String,
+    },
+    Weight {
+        vip: String,
+        address: String,
+        weight: u32,
+    },
+}
+
+fn print_status(v: &Value) {
+    println!("table generation {}", v["generation"]);
+    for vip in v["vips"].as_array().into_iter().flatten() {
+        println!(
+            "\n{}  table {}  packets {}  health check {}",
+            vip["vip"].as_str().unwrap_or(""),
+            vip["table_size"],
+            vip["packets"],
+            vip["health_check"].as_str().unwrap_or("")
+        );
+        println!(
+            "  {:<18} {:>6} {:>7} {:>8} {:>8} {:>12}",
+            "backend", "weight", "health", "slots", "tracked", "packets"
+        );
+        for b in vip["backends"].as_array().into_iter().flatten() {
+            let health = if b["healthy"].as_bool().unwrap_or(false) {
+                "up"
+            } else {
+                "DOWN"
+            };
+            println!(
+                "  {:<18} {:>6} {:>7} {:>8} {:>8} {:>12}",
+                b["address"].as_str().unwrap_or(""),
+                b["weight"],
+                health,
+                b["slots"],
+                b["tracked_flows"],
+                b["packets"]
+            );
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let request = match cli.command {
+        Cmd::Status => Request::Status,
+        Cmd::Stats => Request::Stats,
+        Cmd::Reload => Request::Reload,
+        Cmd::Trace { src, dst, proto } => Request::Trace {
+            src,
+            dst,
+            protocol: proto,
+        },
+        Cmd::Vip(VipCmd::Add {
+            address,
+            port,
+            protocol,
+            table_size,
+        }) => Request::AddVip {
+            address,
+            port,
+            protocol,
+            table_size,
+        },
+        Cmd::Vip(VipCmd::Remove { vip }) => Request::RemoveVip { vip },
+        Cmd::Backend(BackendCmd::Add {
+            vip,
+            address,
+            weight,
+        }) => Request::AddBackend {
+            vip,
+            address,
+            weight,
+        },
+        Cmd::Backend(BackendCmd::Remove { vip, address }) => {
+            Request::RemoveBackend { vip, address }
+        }
+        Cmd::Backend(BackendCmd::Drain { vip, address }) => Request::Drain { vip, address },
+        Cmd::Backend(BackendCmd::Weight {
+            vip,
+            address,
+            weight,
+        }) => Request::SetWeight {
+            vip,
+            address,
+            weight,
+        },
+    };
+    let is_status = matches!(request, Request::Status);
+    let response = call(&cli.socket, &request)?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&response)?);
+    } else if !response.ok {
+        bail!("{}", response.error.unwrap_or_default());
+    } else if is_status {
+        print_status(&response.data);
+    } else if let Some(text) = response.data.as_str() {
+        println!("{text}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&response.data)?);
+    }
+    if !response.ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,675 @@
+//! The daemon: owns the data plane and the reconciler (the only writer of
+//! maps), and serializes everything that changes them (health events, API
+//! requests, reloads) through one loop.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::programs::XdpMode;
+use lb_common::{
+    flow_hash::flow_hash,
+    maps::{BACKEND_F_VALID, FlowKey, Reason, VIP_KIND_FRAGMENTS, VipKey},
+    user::ipv4_from_addr,
+};
+use serde_json::json;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    api::{Request, Response},
+    config::{BackendConfig, Config, VipConfig},
+    dataplane::{Dataplane, LoadOptions},
+    health::{HealthCheck, HealthEvent, spawn_checker},
+    reconcile::{AppliedBackend, AppliedVip, DesiredBackend, DesiredVip, Reconciler},
+};
+
+/// Freed backend ids wait this long before reuse (tracked flows naming them
+/// have re-hashed or expired by then).
+const ID_QUARANTINE: Duration = Duration::from_secs(600);
+
+type Checkers = BTreeMap<(VipKey, IpAddr), (HealthCheck, JoinHandle<()>)>;
+
+pub struct Daemon {
+    config_path: PathBuf,
+    /// The file's config plus runtime changes made through the API.
+    config: Config,
+    dp: Dataplane,
+    rec: Reconciler,
+    health: BTreeMap<(VipKey, IpAddr), bool>,
+    checkers: Checkers,
+    events: mpsc::UnboundedSender<HealthEvent>,
+    metrics: Arc<Mutex<String>>,
+}
+
+pub fn vip_key(v: &VipConfig) -> VipKey {
+    VipKey::new(v.address, v.port, v.proto())
+}
+
+pub fn xdp_mode(name: &str) -> Result<XdpMode> {
+    Ok(match name {
+        "auto" => XdpMode::Default,
+        "driver" => XdpMode::Driver,
+        "skb" => XdpMode::Skb,
+        other => bail!("xdp mode {other:?} is not one of auto, driver, skb"),
+    })
+}
+
+/// Rebuilds the reconciler's view from pinned maps left by a previous daemon.
+fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
+    let backends = dp.backend_entries();
+    let mut adopted = 0;
+    for (key, meta) in dp.vip_entries() {
+        if key.kind == VIP_KIND_FRAGMENTS {
+            rec.adopt_fragment_key(key, meta);
+            continue;
+        }
+        let owned: BTreeMap<IpAddr, AppliedBackend> = backends
+            .iter()
+            .filter(|(_, b)| b.vip_id == meta.vip_id)
+            .map(|(id, b)| {
+                let addr = IpAddr::V4(ipv4_from_addr(&b.addr));
+                (
+                    addr,
+                    AppliedBackend {
+                        id: *id,
+                        weight: 0,
+                        healthy: b.flags & BACKEND_F_VALID != 0,
+                    },
+                )
+            })
+            .collect();
+        let table = dp.read_slots(meta.table_offset, meta.table_size);
+        let name = format!(
+            "{}:{}/{}",
+            ipv4_from_addr(&key.addr),
+            u16::from_be(key.port),
+            key.proto
+        );
+        rec.adopt(
+            key,
+            AppliedVip {
+                name,
+                meta,
+                table_size: meta.table_size,
+                backends: owned,
+                table,
+            },
+        )?;
+        adopted += 1;
+    }
+    Ok(adopted)
+}
+
+impl Daemon {
+    pub fn start(
+        config_path: PathBuf,
+        events: mpsc::UnboundedSender<HealthEvent>,
+    ) -> Result<Daemon> {
+        let config = Config::load(&config_path)?;
+        preflight(&config)?;
+        let pin_path = (!config.lb.pin_path.is_empty()).then(|| PathBuf::from(&config.lb.pin_path));
+        let opts = LoadOptions {
+            settings: config.settings(),
+            maglev_slots: config.lb.maglev_slots,
+            conntrack_entries: config.lb.conntrack_entries,
+            pin_path,
+        };
+        let dp = Dataplane::load(&opts)?;
+        let mut rec = Reconciler::new(config.lb.hash_seed, dp.slot_capacity(), ID_QUARANTINE);
+        if dp.adopted {
+            let n = adopt(&dp, &mut rec)?;
+            info!(vips = n, pin_path = %config.lb.pin_path, "adopted pinned data plane state (connection table kept)");
+        }
+        let mut d = Daemon {
+            config_path,
+            config,
+            dp,
+            rec,
+            health: BTreeMap::new(),
+            checkers: BTreeMap::new(),
+            events,
+            metrics: Arc::new(Mutex::new(String::new())),
+        };
+        d.apply()?;
+        let mode = xdp_mode(&d.config.lb.xdp_mode)?;
+        for iface in d.config.lb.interfaces.clone() {
+            let replaced = d.dp.attach_pinned(&iface, mode)?;
+            info!(interface = %iface, mode = %d.config.lb.xdp_mode, replaced_pinned = replaced, "XDP attached");
+        }
+        Ok(d)
+    }
+
+    fn desired(&self) -> Vec<DesiredVip> {
+        self.config
+            .vips
+            .iter()
+            .map(|v| {
+                let key = vip_key(v);
+                DesiredVip {
+                    key,
+                    name: v.name(),
+                    table_size: v.table_size,
+                    backends: v
+                        .backends
+                        .iter()
+                        .map(|b| DesiredBackend {
+                            addr: b.address,
+                            weight: b.weight,
+                            healthy: *self.health.get(&(key, b.address)).unwrap_or(&true),
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// Brings maps and health checkers in line with the working config.
+    pub fn apply(&mut self) -> Result<()> {
+        let desired = self.desired();
+        let report = self.rec.apply(&desired, &mut self.dp)?;
+        for name in &report.vips_added {
+            info!(vip = %name, "VIP added");
+        }
+        for name in &report.vips_removed {
+            info!(vip = %name, "VIP removed");
+        }
+        for name in &report.tables_switched {
+            info!(vip = %name, generation = self.rec.generation, "Maglev table switched");
+        }
+        self.sync_checkers();
+        Ok(())
+    }
+
+    fn sync_checkers(&mut self) {
+        let mut wanted: Checkers = BTreeMap::new();
+        for v in &self.config.vips {
+            if v.health.kind == "none" {
+                continue;
+            }
+            for b in &v.backends {
+                let k = (vip_key(v), b.address);
+                match self.checkers.remove(&k) {
+                    Some((check, handle)) if check == v.health => {
+                        wanted.insert(k, (check, handle));
+                    }
+                    other => {
+                        if let Some((_, h)) = other {
+                            h.abort();
+                        }
+                        let handle = spawn_checker(
+                            k.0,
+                            v.port,
+                            b.address,
+                            v.health.clone(),
+                            self.events.clone(),
+                        );
+                        wanted.insert(k, (v.health.clone(), handle));
+                    }
+                }
+            }
+        }
+        for (k, (_, handle)) in std::mem::take(&mut self.checkers) {
+            handle.abort();
+            self.health.remove(&k);
+        }
+        self.health.retain(|k, _| wanted.contains_key(k));
+        self.checkers = wanted;
+    }
+
+    pub fn on_health(&mut self, ev: HealthEvent) {
+        if !self.checkers.contains_key(&(ev.vip, ev.backend)) {
+            return; // a checker that was just stopped
+        }
+        let state = if ev.healthy { "up" } else { "down" };
+        warn!(backend = %ev.backend, vip = ?ev.vip, state, "backend health changed");
+        self.health.insert((ev.vip, ev.backend), ev.healthy);
+        if let Err(e) = self.apply() {
+            error!("applying a health change: {e:#}");
+        }
+    }
+
+    /// Replaces the working config by `candidate` if it is valid and applies;
+    /// otherwise keeps the running one.
+    fn replace_config(&mut self, candidate: Config) -> Result<()> {
+        candidate.validate()?;
+        if candidate.lb != self.config.lb {
+            warn!("changes under [lb] need a restart of lbd; applying the VIP changes only");
+        }
+        let previous = std::mem::replace(&mut self.config, candidate);
+        if let Err(e) = self.apply() {
+            self.config = previous;
+            self.apply().ok();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    pub fn reload(&mut self) -> Result<()> {
+        let mut candidate = Config::load(&self.config_path)?;
+        candidate.lb = self.config.lb.clone();
+        self.replace_config(candidate)?;
+        info!(file = %self.config_path.display(), "configuration reloaded");
+        Ok(())
+    }
+
+    fn vip_index(&self, name: &str) -> Result<usize> {
+        self.config
+            .vips
+            .iter()
+            .position(|v| v.name() == name)
+            .ok_or_else(|| anyhow!("no VIP {name} (names look like 10.0.0.10:80/tcp)"))
+    }
+
+    fn edit(&mut self, f: impl FnOnce(&mut Config) -> Result<()>) -> Result<()> {
+        let mut candidate = self.config.clone();
+        f(&mut candidate)?;
+        self.replace_config(candidate)
+    }
+
+    fn backend_mut<'a>(
+        c: &'a mut Config,
+        vip: usize,
+        address: &str,
+    ) -> Result<&'a mut BackendConfig> {
+        let addr: IpAddr = address.parse().context("backend address")?;
+        c.vips[vip]
+            .backends
+            .iter_mut()
+            .find(|b| b.address == addr)
+            .ok_or_else(|| anyhow!("no backend {address} in that VIP"))
+    }
+
+    pub fn handle(&mut self, req: Request) -> Response {
+        match self.try_handle(req) {
+            Ok(data) => Response::ok(data),
+            Err(e) => Response::err(format!("{e:#}")),
+        }
+    }
+
+    fn try_handle(&mut self, req: Request) -> Result<serde_json::Value> {
+        match req {
+            Request::Status => Ok(self.status()),
+            Request::Stats => Ok(self.stats()),
+            Request::Reload => self.reload().map(|_| json!("reloaded")),
+            Request::AddVip {
+                address,
+                port,
+                protocol,
+                table_size,
+            } => {
+                let address: IpAddr = address.parse().context("VIP address")?;
+                self.edit(|c| {
+                    c.vips.push(VipConfig {
+                        address,
+                        port,
+                        protocol,
+                        table_size: table_size.unwrap_or(lb_common::maglev::DEFAULT_TABLE_SIZE),
+                        backends: Vec::new(),
+                        health: HealthCheck::default(),
+                    });
+                    Ok(())
+                })?;
+                Ok(json!("added"))
+            }
+            Request::RemoveVip { vip } => {
+                let i = self.vip_index(&vip)?;
+                self.edit(|c| {
+                    c.vips.remove(i);
+                    Ok(())
+                })?;
+                Ok(json!("removed"))
+            }
+            Request::AddBackend {
+                vip,
+                address,
+                weight,
+            } => {
+                let i = self.vip_index(&vip)?;
+                let address: IpAddr = address.parse().context("backend address")?;
+                self.edit(|c| {
+                    c.vips[i].backends.push(BackendConfig { address, weight });
+                    Ok(())
+                })?;
+                Ok(json!("added"))
+            }
+            Request::RemoveBackend { vip, address } => {
+                let i = self.vip_index(&vip)?;
+                let addr: IpAddr = address.parse().context("backend address")?;
+                self.edit(|c| {
+                    let before = c.vips[i].backends.len();
+                    c.vips[i].backends.retain(|b| b.address != addr);
+                    if c.vips[i].backends.len() == before {
+                        bail!("no backend {address} in that VIP");
+                    }
+                    Ok(())
+                })?;
+                Ok(json!("removed"))
+            }
+            Request::Drain { vip, address }
+            | Request::SetWeight {
+                vip,
+                address,
+                weight: 0,
+            } => {
+                let i = self.vip_index(&vip)?;
+                self.edit(|c| {
+                    Self::backend_mut(c, i, &address)?.weight = 0;
+                    Ok(())
+                })?;
+                Ok(json!(
+                    "draining: no new flows; `lbctl status` shows the tracked flows left"
+                ))
+            }
+            Request::SetWeight {
+                vip,
+                address,
+                weight,
+            } => {
+                let i = self.vip_index(&vip)?;
+                self.edit(|c| {
+                    Self::backend_mut(c, i, &address)?.weight = weight;
+                    Ok(())
+                })?;
+                Ok(json!("weight set"))
+            }
+            Request::Trace { src, dst, protocol } => self.trace(&src, &dst, &protocol),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let tracked = self.dp.conntrack_counts();
+        let vips: Vec<serde_json::Value> = self
+            .config
+            .vips
+            .iter()
+            .map(|v| {
+                let key = vip_key(v);
+                let applied = self.rec.vips.get(&key);
+                let backends: Vec<serde_json::Value> = v
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let id = applied.and_then(|a| a.backends.get(&b.address)).map(|a| a.id);
+                        let slots = applied.map(|a| a.table.iter().filter(|&&s| Some(s) == id).count()).unwrap_or(0);
+                        json!({
+                            "address": b.address.to_string(),
+                            "id": id,
+                            "weight": b.weight,
+                            "healthy": self.health.get(&(key, b.address)).copied().unwrap_or(true),
+                            "slots": slots,
+                            "tracked_flows": id.and_then(|i| tracked.get(&i)).copied().unwrap_or(0),
+                            "packets": id.map(|i| self.dp.backend_counter(i).packets).unwrap_or(0),
+                        })
+                    })
+                    .collect();
+                json!({
+                    "vip": v.name(),
+                    "table_size": applied.map(|a| a.meta.table_size).unwrap_or(0),
+                    "packets": applied.map(|a| self.dp.vip_counter(a.meta.vip_id).packets).unwrap_or(0),
+                    "health_check": v.health.kind,
+                    "backends": backends,
+                })
+            })
+            .collect();
+        json!({ "generation": self.rec.generation, "vips": vips })
+    }
+
+    fn stats(&self) -> serde_json::Value {
+        let reasons: serde_json::Map<String, serde_json::Value> = self
+            .dp
+            .reason_counters()
+            .into_iter()
+            .map(|(r, c)| {
+                (
+                    r.name().to_string(),
+                    json!({"packets": c.packets, "bytes": c.bytes}),
+                )
+            })
+            .collect();
+        json!({ "reasons": reasons })
+    }
+
+    fn trace(&self, src: &str, dst: &str, protocol: &str) -> Result<serde_json::Value> {
+        let src: SocketAddr = src.parse().context("SRC must be ADDRESS:PORT")?;
+        let dst: SocketAddr = dst.parse().context("DST must be ADDRESS:PORT")?;
+        let proto = match protocol {
+            "tcp" => lb_common::PROTO_TCP,
+            "udp" => lb_common::PROTO_UDP,
+            other => bail!("protocol {other:?} is not tcp or udp"),
+        };
+        let flow = FlowKey::new(src.ip(), src.port(), dst.ip(), dst.port(), proto);
+        let exact = VipKey::new(dst.ip(), dst.port(), proto);
+        let any = VipKey::new(dst.ip(), 0, proto);
+        let (key, vip) = [exact, any]
+            .iter()
+            .find_map(|k| self.rec.vips.get(k).map(|v| (*k, v)))
+            .ok_or_else(|| anyhow!("{dst}/{protocol} is not a VIP: the packet would be passed"))?;
+        let hash = flow_hash(&flow, self.config.lb.hash_seed);
+        let addr_of = |id: u32| {
+            vip.backends
+                .iter()
+                .find(|(_, b)| b.id == id)
+                .map(|(a, _)| a.to_string())
+        };
+        let (slot, table_backend) = if vip.meta.table_size == 0 {
+            (None, None)
+        } else {
+            let slot = hash % vip.meta.table_size;
+            (Some(slot), addr_of(vip.table[slot as usize]))
+        };
+        let tracked = self
+            .dp
+            .conntrack_get(&flow)
+            .map(|e| addr_of(e.backend_id).unwrap_or(format!("id {}", e.backend_id)));
+        Ok(json!({
+            "vip": vip.name,
+            "hash": hash,
+            "slot": slot,
+            "table_backend": table_backend,
+            "tracked_backend": tracked,
+            "note": if key.port == 0 { "every-port VIP" } else { "" },
+        }))
+    }
+
+    /// Prometheus text exposition of the counters and states.
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP lb_packets_total Packets by outcome reason.\n# TYPE lb_packets_total counter"
+        );
+        let counters = self.dp.reason_counters();
+        for (r, c) in &counters {
+            let _ = writeln!(
+                out,
+                "lb_packets_total{{reason=\"{}\"}} {}",
+                r.name(),
+                c.packets
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP lb_bytes_total Bytes by outcome reason.\n# TYPE lb_bytes_total counter"
+        );
+        for (r, c) in &counters {
+            let _ = writeln!(out, "lb_bytes_total{{reason=\"{}\"}} {}", r.name(), c.bytes);
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE lb_vip_packets_total counter\n# TYPE lb_vip_bytes_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE lb_backend_packets_total counter\n# TYPE lb_backend_bytes_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE lb_backend_healthy gauge\n# TYPE lb_backend_weight gauge"
+        );
+        for (key, vip) in &self.rec.vips {
+            let c = self.dp.vip_counter(vip.meta.vip_id);
+            let _ = writeln!(
+                out,
+                "lb_vip_packets_total{{vip=\"{}\"}} {}",
+                vip.name, c.packets
+            );
+            let _ = writeln!(
+                out,
+                "lb_vip_bytes_total{{vip=\"{}\"}} {}",
+                vip.name, c.bytes
+            );
+            for (addr, b) in &vip.backends {
+                let c = self.dp.backend_counter(b.id);
+                let labels = format!("vip=\"{}\",backend=\"{addr}\"", vip.name);
+                let healthy = self.health.get(&(*key, *addr)).copied().unwrap_or(true) as u8;
+                let _ = writeln!(out, "lb_backend_packets_total{{{labels}}} {}", c.packets);
+                let _ = writeln!(out, "lb_backend_bytes_total{{{labels}}} {}", c.bytes);
+                let _ = writeln!(out, "lb_backend_healthy{{{labels}}} {healthy}");
+                let _ = writeln!(out, "lb_backend_weight{{{labels}}} {}", b.weight);
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# TYPE lb_table_generation gauge\nlb_table_generation {}",
+            self.rec.generation
+        );
+        out
+    }
+
+    pub fn refresh_metrics(&self) {
+        let text = self.render_metrics();
+        if let Ok(mut m) = self.metrics.lock() {
+            *m = text;
+        }
+    }
+
+    pub fn log_stats(&self) {
+        let tx = self.dp.reason_counter(Reason::Tx).packets
+            + self.dp.reason_counter(Reason::Redirect).packets;
+        let dropped: u64 = [
+            Reason::DropNoBackend,
+            Reason::DropNoRoute,
+            Reason::DropTooBig,
+            Reason::DropEncapFailed,
+        ]
+        .iter()
+        .map(|r| self.dp.reason_counter(*r).packets)
+        .sum();
+        info!(
+            forwarded = tx,
+            dropped,
+            generation = self.rec.generation,
+            "stats"
+        );
+    }
+
+    pub fn metrics_handle(&self) -> Arc<Mutex<String>> {
+        self.metrics.clone()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn pinned(&self) -> bool {
+        !self.config.lb.pin_path.is_empty()
+    }
+}
+
+fn preflight(config: &Config) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "lbd needs root (CAP_BPF and CAP_NET_ADMIN): run it as root or from the systemd unit"
+        );
+    }
+    for name in &config.lb.interfaces {
+        let c = std::ffi::CString::new(name.as_str()).context("interface name")?;
+        // SAFETY: valid C string.
+        if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+            bail!("interface {name} does not exist: fix lb.interfaces in the config");
+        }
+    }
+    Ok(())
+}
+
+/// Serves the control socket: requests go to the daemon loop through `tx`.
+pub async fn serve_socket(
+    path: PathBuf,
+    tx: mpsc::Sender<(Request, oneshot::Sender<Response>)>,
+) -> Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let response = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => {
+                        let (rtx, rrx) = oneshot::channel();
+                        if tx.send((req, rtx)).await.is_err() {
+                            return;
+                        }
+                        rrx.await
+                            .unwrap_or_else(|_| Response::err("daemon is shutting down"))
+                    }
+                    Err(e) => Response::err(format!("malformed request: {e}")),
+                };
+                let mut text = serde_json::to_string(&response).unwrap_or_default();
+                text.push('\n');
+                if write.write_all(text.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Serves `GET /metrics` on `address` from a background thread.
+pub fn serve_metrics(address: &str, text: Arc<Mutex<String>>) -> Result<()> {
+    let server =
+        tiny_http::Server::http(address).map_err(|e| anyhow!("metrics endpoint {address}: {e}"))?;
+    std::thread::spawn(move || {
+        for request in server.incoming_requests() {
+            let body = if request.url() == "/metrics" {
+                text.lock().map(|t| t.clone()).unwrap_or_default()
+            } else {
+                String::new()
+            };
+            let status = if request.url() == "/metrics" {
+                200
+            } else {
+                404
+            };
+            let header = tiny_http::Header::from_bytes(
+                &b"Content-Type"[..],
+                &b"text/plain; version=0.0.4"[..],
+            )
+            .expect("static header");
+            let _ = request.respond(
+                tiny_http::Response::from_string(body)
+                    .with_status_code(status)
+                    .with_header(header),
+            );
+        }
+    });
+    Ok(())
+}
