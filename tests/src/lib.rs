@@ -3,6 +3,7 @@
 
 pub mod fixture;
 pub mod fuzz;
+pub mod lbd;
 pub mod netns;
 pub mod packets;
 

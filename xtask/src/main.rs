@@ -90,6 +90,8 @@ fn main() -> Result<()> {
                     "warnings",
                 ]))?;
             }
+            // The daemon tests run the real lbd binary.
+            run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bins"]))?;
             // Root tests share kernel state: one test at a time.
             run(cargo().args([
                 "test",

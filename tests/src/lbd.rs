@@ -1,0 +1,208 @@
+//! Running the real `lbd` binary inside a test namespace, and reading the
+//! data plane it pinned, for tests of the daemon.
+
+use std::{
+    net::{IpAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData};
+use lb_common::maps::{Backend, ConnEntry, FlowKey, VipKey, VipMeta};
+use lb_userspace::api::{Request, Response, call};
+
+use crate::netns::NetNs;
+
+/// `target/<profile>/lbd`, next to the test binary's `deps` directory.
+pub fn lbd_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("lbd");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build --release -p lb-userspace --bins`; `cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+pub struct Lbd {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub pin: PathBuf,
+    pub config: PathBuf,
+    netns: String,
+}
+
+impl Lbd {
+    /// Starts `lbd run` in `ns` with `config` (which must use `pin` and `socket`).
+    pub fn start(ns: &NetNs, config: &Path, socket: &Path, pin: &Path) -> Lbd {
+        let mut lbd = Lbd {
+            child: None,
+            socket: socket.to_path_buf(),
+            pin: pin.to_path_buf(),
+            config: config.to_path_buf(),
+            netns: ns.name.clone(),
+        };
+        lbd.spawn();
+        lbd
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        // nsenter keeps the mount namespace (and so /sys/fs/bpf).
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.netns))
+            .arg(lbd_binary())
+            .args(["run", "--stats-interval", "0", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting lbd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if self.socket.exists() && call(&self.socket, &Request::Status).is_ok_and(|r| r.ok) {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("lbd exited during start: {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lbd did not answer on {} within 15 s",
+                self.socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn call(&self, request: Request) -> Response {
+        call(&self.socket, &request).expect("talking to lbd")
+    }
+
+    /// Stops the daemon with `signal` (SIGTERM or SIGKILL) and waits for it.
+    pub fn stop(&mut self, signal: i32) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, signal) };
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.spawn();
+    }
+
+    fn map(&self, name: &str) -> MapData {
+        MapData::from_pin(self.pin.join(name))
+            .unwrap_or_else(|e| panic!("opening pinned {name}: {e}"))
+    }
+
+    pub fn kernel_vip(&self, key: &VipKey) -> Option<VipMeta> {
+        let m: HashMap<MapData, VipKey, VipMeta> =
+            HashMap::try_from(Map::HashMap(self.map("VIPS"))).unwrap();
+        m.get(key, 0).ok()
+    }
+
+    /// The VIP's table as the kernel has it: slot -> backend address.
+    pub fn kernel_table(&self, key: &VipKey) -> Vec<Option<IpAddr>> {
+        let meta = self.kernel_vip(key).expect("VIP in the kernel");
+        let slots: Array<MapData, u32> =
+            Array::try_from(Map::Array(self.map("MAGLEV_SLOTS"))).unwrap();
+        let backends: Array<MapData, Backend> =
+            Array::try_from(Map::Array(self.map("BACKENDS"))).unwrap();
+        let mut names = std::collections::BTreeMap::new();
+        (meta.table_offset..meta.table_offset + meta.table_size)
+            .map(|s| {
+                let id = slots.get(&s, 0).unwrap();
+                *names.entry(id).or_insert_with(|| {
+                    let b = backends.get(&id, 0).unwrap();
+                    (b.flags & lb_common::maps::BACKEND_F_VALID != 0)
+                        .then(|| IpAddr::V4(lb_common::user::ipv4_from_addr(&b.addr)))
+                })
+            })
+            .collect()
+    }
+
+    pub fn kernel_conntrack(&self) -> Vec<(FlowKey, ConnEntry)> {
+        let m: HashMap<MapData, FlowKey, ConnEntry> =
+            HashMap::try_from(Map::LruHashMap(self.map("CONNTRACK"))).unwrap();
+        m.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    pub fn forwarded(&self) -> u64 {
+        let m: aya::maps::PerCpuArray<MapData, lb_common::maps::Counter> =
+            aya::maps::PerCpuArray::try_from(Map::PerCpuArray(self.map("REASON_STATS"))).unwrap();
+        [
+            lb_common::maps::Reason::Tx,
+            lb_common::maps::Reason::Redirect,
+            lb_common::maps::Reason::PassNoNeighbour,
+        ]
+        .iter()
+        .map(|r| {
+            m.get(&(*r as u32), 0)
+                .map(|v| v.iter().map(|c| c.packets).sum::<u64>())
+                .unwrap_or(0)
+        })
+        .sum()
+    }
+}
+
+impl Drop for Lbd {
+    fn drop(&mut self) {
+        self.stop(libc::SIGTERM);
+        let _ = std::fs::remove_dir_all(&self.pin);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// A TCP listener for health checks that can be stopped and restarted.
+pub struct HealthTarget {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HealthTarget {
+    /// Listens on `addr` inside `ns`, accepting and closing connections.
+    pub fn start(ns: &NetNs, addr: &str) -> HealthTarget {
+        let _guard = ns.enter();
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => drop(s),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        HealthTarget {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for HealthTarget {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

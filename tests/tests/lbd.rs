@@ -1,0 +1,276 @@
+//! The daemon against the real program: health failures change exactly the
+//! failed backend's slots in the kernel's table, and a restart (SIGTERM or
+//! SIGKILL) of lbd keeps the data plane forwarding and the connection table
+//! intact. Needs root and a mounted bpffs (`cargo xtask test` sets it up).
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use lb_common::{PROTO_TCP, PROTO_UDP, maps::VipKey};
+use lb_tests::{
+    have_root,
+    lbd::{HealthTarget, Lbd},
+    netns::NetNs,
+};
+use lb_userspace::api::Request;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+
+struct Bed {
+    client: NetNs,
+    lb: NetNs,
+    backend: NetNs,
+    dir: PathBuf,
+    pin: PathBuf,
+}
+
+/// client (10.200.0.2) -- l0 [lb, XDP] l1 -- backend (10.50.0.1-3).
+fn bed(tag: &str) -> Bed {
+    let client = NetNs::new(&format!("lbd{tag}-c"));
+    let lb = NetNs::new(&format!("lbd{tag}-lb"));
+    let backend = NetNs::new(&format!("lbd{tag}-be"));
+    lb.ip(&[
+        "link",
+        "add",
+        "l0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "c0",
+        "netns",
+        &client.name,
+    ]);
+    lb.ip(&[
+        "link",
+        "add",
+        "l1",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "b0",
+        "netns",
+        &backend.name,
+    ]);
+    lb.ip(&["addr", "add", "10.200.0.1/24", "dev", "l0"]);
+    lb.ip(&["addr", "add", "10.50.0.254/24", "dev", "l1"]);
+    client.ip(&["addr", "add", "10.200.0.2/24", "dev", "c0"]);
+    for a in ["10.50.0.1/24", "10.50.0.2/24", "10.50.0.3/24"] {
+        backend.ip(&["addr", "add", a, "dev", "b0"]);
+    }
+    for (ns, dev) in [(&lb, "l0"), (&lb, "l1"), (&client, "c0"), (&backend, "b0")] {
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    client.ip(&["route", "add", "default", "via", "10.200.0.1"]);
+    lb.sh("sysctl -qw net.ipv4.conf.all.forwarding=1");
+    let dir = std::env::temp_dir().join(&lb.name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", lb.name));
+    Bed {
+        client,
+        lb,
+        backend,
+        dir,
+        pin,
+    }
+}
+
+fn config(bed: &Bed, vips: &str) -> PathBuf {
+    let text = format!(
+        "[lb]\ninterfaces = [\"l0\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\nmaglev_slots = 65536\n\
+         pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n{vips}",
+        bed.pin.display(),
+        bed.dir.join("lbd.sock").display()
+    );
+    let path = bed.dir.join("lbd.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn backends_toml() -> String {
+    ["10.50.0.1", "10.50.0.2", "10.50.0.3"]
+        .iter()
+        .map(|a| format!("[[vip.backend]]\naddress = \"{a}\"\n"))
+        .collect()
+}
+
+#[test]
+fn health_failure_removes_exactly_that_backend_from_the_kernel_table() {
+    if !have_root() {
+        return;
+    }
+    let b = bed("h");
+    let vips = format!(
+        "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
+         [vip.health]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 100\ntimeout_ms = 50\nrise = 2\nfall = 2\n{}",
+        backends_toml()
+    );
+    let cfg = config(&b, &vips);
+    let targets: Vec<HealthTarget> = ["10.50.0.1:8080", "10.50.0.2:8080", "10.50.0.3:8080"]
+        .iter()
+        .map(|a| HealthTarget::start(&b.backend, a))
+        .collect();
+    let lbd = Lbd::start(&b.lb, &cfg, &b.dir.join("lbd.sock"), &b.pin);
+    let key = VipKey::new(IpAddr::V4(VIP), 80, PROTO_TCP);
+    let failing: IpAddr = "10.50.0.2".parse().unwrap();
+    let before = lbd.kernel_table(&key);
+    assert!(before.iter().all(|s| s.is_some()));
+    let share = before.iter().filter(|s| **s == Some(failing)).count();
+    assert!(
+        (1300..=1400).contains(&share),
+        "10.50.0.2 holds a third of 4099 slots: {share}"
+    );
+
+    // Fail 10.50.0.2's health port.
+    let mut targets = targets;
+    let failed_at = Instant::now();
+    targets.remove(1);
+    let after = loop {
+        let t = lbd.kernel_table(&key);
+        if !t.contains(&Some(failing)) {
+            break t;
+        }
+        assert!(
+            failed_at.elapsed() < Duration::from_secs(5),
+            "failed backend still in the kernel's table after 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let took = failed_at.elapsed();
+    eprintln!("failed backend out of the kernel table after {took:?} (interval 100 ms x fall 2)");
+    assert!(
+        took < Duration::from_millis(200 + 1000),
+        "removal took {took:?}"
+    );
+    for (i, (old, new)) in before.iter().zip(&after).enumerate() {
+        if *old == Some(failing) {
+            assert!(
+                new.is_some() && *new != Some(failing),
+                "slot {i} reassigned to a healthy backend"
+            );
+        } else {
+            assert_eq!(old, new, "slot {i} of a healthy backend moved");
+        }
+    }
+    let status = lbd.call(Request::Status);
+    let down: Vec<_> = status.data["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["healthy"] == false)
+        .map(|b| b["address"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(down, ["10.50.0.2"]);
+
+    // Recovery (rise 2): the original table comes back slot for slot.
+    targets.insert(1, HealthTarget::start(&b.backend, "10.50.0.2:8080"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lbd.kernel_table(&key) != before {
+        assert!(
+            Instant::now() < deadline,
+            "recovered backend did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sends `n` datagrams from distinct source ports to the UDP VIP.
+fn send_flows(client: &NetNs, n: u16) {
+    let _guard = client.enter();
+    for i in 0..n {
+        let s =
+            UdpSocket::bind(SocketAddr::new("10.200.0.2".parse().unwrap(), 20_000 + i)).unwrap();
+        s.send_to(b"ping", SocketAddr::new(IpAddr::V4(VIP), 53))
+            .unwrap();
+    }
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn restart_and_sigkill_keep_forwarding_and_the_connection_table() {
+    if !have_root() {
+        return;
+    }
+    let b = bed("r");
+    let vips = format!(
+        "[[vip]]\naddress = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\ntable_size = 4099\n{}",
+        backends_toml()
+    );
+    let cfg = config(&b, &vips);
+    let mut lbd = Lbd::start(&b.lb, &cfg, &b.dir.join("lbd.sock"), &b.pin);
+    let key = VipKey::new(IpAddr::V4(VIP), 53, PROTO_UDP);
+    send_flows(&b.client, 50);
+    wait_for("50 tracked flows", || lbd.kernel_conntrack().len() >= 50);
+    let flows: std::collections::BTreeMap<_, _> = lbd
+        .kernel_conntrack()
+        .into_iter()
+        .map(|(k, e)| (k, e.backend_id))
+        .collect();
+    let table = lbd.kernel_table(&key);
+    assert_eq!(
+        lbd.call(Request::Status).data["generation"].as_u64(),
+        Some(1),
+        "one table written at start"
+    );
+
+    for (signal, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGKILL, "SIGKILL")] {
+        lbd.stop(signal);
+        // The pinned data plane keeps forwarding without the daemon.
+        let before = lbd.forwarded();
+        send_flows(&b.client, 50);
+        wait_for("forwarding without lbd", || lbd.forwarded() >= before + 50);
+        assert!(
+            b.lb.sh("ip link show l0").contains("xdp"),
+            "{name}: program still attached"
+        );
+        // A new daemon adopts the state: same table, no flow lost or moved.
+        lbd.restart();
+        assert_eq!(
+            lbd.kernel_table(&key),
+            table,
+            "{name}: table rewritten on restart"
+        );
+        let now: std::collections::BTreeMap<_, _> = lbd
+            .kernel_conntrack()
+            .into_iter()
+            .map(|(k, e)| (k, e.backend_id))
+            .collect();
+        for (flow, backend) in &flows {
+            assert_eq!(
+                now.get(flow),
+                Some(backend),
+                "{name}: tracked flow lost or moved"
+            );
+        }
+        let g = lbd.call(Request::Status).data["generation"]
+            .as_u64()
+            .unwrap();
+        assert_eq!(
+            g, 0,
+            "{name}: the new daemon switched no table (it adopted the pinned one)"
+        );
+    }
+    // `lbd teardown` removes everything.
+    lbd.stop(libc::SIGTERM);
+    let out = std::process::Command::new(lb_tests::lbd::lbd_binary())
+        .args(["teardown", "--pin-path"])
+        .arg(&b.pin)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!b.pin.exists());
+    wait_for("XDP detached after teardown", || {
+        !b.lb.sh("ip link show l0").contains("xdp")
+    });
+}
