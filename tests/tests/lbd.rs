@@ -274,3 +274,199 @@ fn restart_and_sigkill_keep_forwarding_and_the_connection_table() {
         !b.lb.sh("ip link show l0").contains("xdp")
     });
 }
+
+fn share(table: &[Option<IpAddr>], addr: &str) -> f64 {
+    let a: IpAddr = addr.parse().unwrap();
+    table.iter().filter(|s| **s == Some(a)).count() as f64 / table.len() as f64
+}
+
+#[test]
+fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
+    if !have_root() {
+        return;
+    }
+    let b = bed("a");
+    let vips = format!(
+        "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n{}",
+        backends_toml()
+    );
+    let cfg = config(&b, &vips);
+    // Metrics on the LB namespace's loopback.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "metrics_address = \"\"",
+        "metrics_address = \"127.0.0.1:9641\"",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let lbd = Lbd::start(&b.lb, &cfg, &b.dir.join("lbd.sock"), &b.pin);
+    let key = VipKey::new(IpAddr::V4(VIP), 80, PROTO_TCP);
+    let vip = "10.0.0.10:80/tcp".to_string();
+
+    // Drain: out of the table, still a valid backend.
+    let r = lbd.call(Request::Drain {
+        vip: vip.clone(),
+        address: "10.50.0.3".into(),
+    });
+    assert!(r.ok, "{r:?}");
+    let t = lbd.kernel_table(&key);
+    assert_eq!(share(&t, "10.50.0.3"), 0.0);
+    assert!(
+        t.iter().all(|s| s.is_some()),
+        "every slot names a valid backend"
+    );
+
+    // Weights are relative: 3:1 between the two left in the table.
+    assert!(
+        lbd.call(Request::SetWeight {
+            vip: vip.clone(),
+            address: "10.50.0.1".into(),
+            weight: 3
+        })
+        .ok
+    );
+    let s1 = share(&lbd.kernel_table(&key), "10.50.0.1");
+    assert!((s1 - 0.75).abs() < 0.01, "weight 3 of 4 gives {s1:.3}");
+
+    // Remove and add backends.
+    assert!(
+        lbd.call(Request::RemoveBackend {
+            vip: vip.clone(),
+            address: "10.50.0.2".into()
+        })
+        .ok
+    );
+    assert!(
+        lbd.call(Request::AddBackend {
+            vip: vip.clone(),
+            address: "10.50.0.4".into(),
+            weight: 1
+        })
+        .ok
+    );
+    let t = lbd.kernel_table(&key);
+    assert_eq!(share(&t, "10.50.0.2"), 0.0);
+    assert!((share(&t, "10.50.0.4") - 0.25).abs() < 0.01);
+
+    // Trace answers what the kernel's table says for that flow.
+    let r = lbd.call(Request::Trace {
+        src: "192.0.2.9:4321".into(),
+        dst: "10.0.0.10:80".into(),
+        protocol: "tcp".into(),
+    });
+    assert!(r.ok, "{r:?}");
+    let flow = lb_common::maps::FlowKey::new(
+        "192.0.2.9".parse().unwrap(),
+        4321,
+        IpAddr::V4(VIP),
+        80,
+        PROTO_TCP,
+    );
+    let slot = lb_common::flow_hash::flow_hash(&flow, 0) % 4099;
+    assert_eq!(r.data["slot"].as_u64(), Some(slot as u64));
+    assert_eq!(
+        r.data["table_backend"]
+            .as_str()
+            .map(|s| s.parse::<IpAddr>().unwrap()),
+        t[slot as usize]
+    );
+
+    // VIPs come and go.
+    assert!(
+        lbd.call(Request::AddVip {
+            address: "10.0.0.11".into(),
+            port: 0,
+            protocol: "tcp".into(),
+            table_size: Some(1009)
+        })
+        .ok
+    );
+    assert!(
+        lbd.call(Request::AddBackend {
+            vip: "10.0.0.11:0/tcp".into(),
+            address: "10.50.0.1".into(),
+            weight: 1
+        })
+        .ok
+    );
+    let any_port = VipKey::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 11)), 0, PROTO_TCP);
+    assert_eq!(lbd.kernel_vip(&any_port).map(|m| m.table_size), Some(1009));
+    assert!(
+        lbd.call(Request::RemoveVip {
+            vip: "10.0.0.11:0/tcp".into()
+        })
+        .ok
+    );
+    assert!(lbd.kernel_vip(&any_port).is_none());
+
+    // Bad input: clear errors, nothing changes.
+    let before = lbd.kernel_table(&key);
+    let r = lbd.call(Request::SetWeight {
+        vip: vip.clone(),
+        address: "10.50.0.9".into(),
+        weight: 2,
+    });
+    assert!(
+        !r.ok && r.error.as_deref().unwrap().contains("no backend 10.50.0.9"),
+        "{r:?}"
+    );
+    let r = lbd.call(Request::AddVip {
+        address: "10.0.0.12".into(),
+        port: 1,
+        protocol: "tcp".into(),
+        table_size: Some(4098),
+    });
+    assert!(
+        !r.ok && r.error.as_deref().unwrap().contains("table_size"),
+        "{r:?}"
+    );
+    {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&lbd.socket).unwrap();
+        s.write_all(b"{\"cmd\":\"explode\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        assert!(line.contains("malformed request"), "{line}");
+    }
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, good.replace("table_size = 4099", "table_size = 4098")).unwrap();
+    let r = lbd.call(Request::Reload);
+    assert!(
+        !r.ok
+            && r.error
+                .as_deref()
+                .unwrap()
+                .contains("vip[0] (10.0.0.10:80/tcp).table_size"),
+        "{r:?}"
+    );
+    assert_eq!(
+        lbd.kernel_table(&key),
+        before,
+        "a rejected change left the kernel untouched"
+    );
+    // A good reload returns to the file's configuration.
+    std::fs::write(&cfg, good).unwrap();
+    assert!(lbd.call(Request::Reload).ok);
+    let t = lbd.kernel_table(&key);
+    for a in ["10.50.0.1", "10.50.0.2", "10.50.0.3"] {
+        assert!(
+            (share(&t, a) - 1.0 / 3.0).abs() < 0.01,
+            "{a} back to a third"
+        );
+    }
+
+    // Metrics on loopback inside the LB namespace.
+    let body = {
+        let _g = b.lb.enter();
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9641").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    assert!(
+        body.contains("lb_backend_healthy{vip=\"10.0.0.10:80/tcp\",backend=\"10.50.0.1\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("lb_table_generation"));
+    assert!(body.contains("lb_packets_total{reason=\"pass_not_vip\"}"));
+}

@@ -115,7 +115,14 @@ fn print_status(v: &Value) {
     }
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("lbctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
     let cli = Cli::parse();
     let request = match cli.command {
         Cmd::Status => Request::Status,

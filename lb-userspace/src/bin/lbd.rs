@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use lb_common::maps::DecapReason;
 use lb_userspace::{
@@ -115,7 +115,15 @@ async fn backend(interface: String, mode: String) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+fn main() {
+    if let Err(e) = real_main() {
+        // One line that says what is wrong and what to do.
+        eprintln!("lbd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -150,5 +158,4 @@ fn main() -> Result<()> {
             xdp_mode,
         } => rt.block_on(backend(interface, xdp_mode)),
     }
-    .context("lbd")
 }
