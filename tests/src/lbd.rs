@@ -18,14 +18,16 @@ use lb_userspace::api::{Request, Response, call};
 
 use crate::netns::NetNs;
 
-/// `target/<profile>/lbd`, next to the test binary's `deps` directory.
+/// `target/<profile>/lbd`: beside a binary of this crate, or one level up
+/// from a test binary in `deps/`.
 pub fn lbd_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("lbd");
+    let dir = exe.parent().expect("binary dir");
+    let path = if dir.ends_with("deps") {
+        dir.parent().expect("target dir").join("lbd")
+    } else {
+        dir.join("lbd")
+    };
     assert!(
         path.exists(),
         "{} is missing: build it first (`cargo build --release -p lb-userspace --bins`; `cargo xtask test` does)",
@@ -64,7 +66,12 @@ impl Lbd {
             .arg(lbd_binary())
             .args(["run", "--stats-interval", "0", "--config"])
             .arg(&self.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
+            .stdout(Stdio::null())
             .spawn()
             .expect("starting lbd");
         self.child = Some(child);

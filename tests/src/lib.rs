@@ -6,6 +6,7 @@ pub mod fuzz;
 pub mod lbd;
 pub mod netns;
 pub mod packets;
+pub mod testbed;
 
 /// True when the tests can load XDP programs and create namespaces. Tests
 /// print "skipping test - reason" and return otherwise.

@@ -1,0 +1,402 @@
+//! The end-to-end testbed, as users run the balancer: a client namespace,
+//! a router namespace with a multipath route for the VIP over N LB
+//! namespaces (L4 hashing, `fib_multipath_hash_policy=1`), each LB running
+//! the real `lbd` with XDP on its router-facing veth, and M backend
+//! namespaces running the decapsulation program, the VIP on `lo`, and real
+//! TCP and UDP servers that answer with their name. Replies go straight back
+//! to the client (direct server return). Names are unique per testbed and
+//! everything is removed on drop, also when a test panics. All addresses
+//! live only inside these namespaces.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_userspace::api::{Request, Response};
+
+use crate::{
+    lbd::{Lbd, lbd_binary},
+    netns::NetNs,
+};
+
+pub const VIP: &str = "10.0.0.10";
+
+pub struct Spec {
+    pub lbs: usize,
+    /// Weight of each backend.
+    pub weights: Vec<u32>,
+    /// TCP health check every `interval_ms`, `fall` failures to go down.
+    pub health_interval_ms: u64,
+    pub health_fall: u32,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Spec {
+            lbs: 2,
+            weights: vec![1, 1, 1],
+            health_interval_ms: 200,
+            health_fall: 2,
+        }
+    }
+}
+
+/// A backend's servers; `stop` closes the listener and every connection.
+struct Servers {
+    stop: Arc<AtomicBool>,
+}
+
+pub struct Testbed {
+    pub client: NetNs,
+    pub router: NetNs,
+    pub lbs: Vec<NetNs>,
+    pub backends: Vec<NetNs>,
+    pub lbds: Vec<Lbd>,
+    decaps: Vec<KillOnDrop>,
+    servers: Vec<Servers>,
+    dir: PathBuf,
+    pub spec: Spec,
+}
+
+fn nexthops(active: &[usize]) -> String {
+    active
+        .iter()
+        .map(|i| format!(" nexthop via 10.20.{}.2", i + 1))
+        .collect()
+}
+
+/// Serves TCP (answers each line with "<name> <line>") and UDP (answers
+/// each datagram with "<name>") on the VIP inside the current namespace.
+fn serve(name: String, stop: Arc<AtomicBool>, conns: Arc<Mutex<Vec<TcpStream>>>) {
+    let listener = TcpListener::bind("0.0.0.0:80").expect("bind :80");
+    listener.set_nonblocking(true).unwrap();
+    let udp = UdpSocket::bind(format!("{VIP}:53")).expect("bind :53");
+    udp.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).unwrap();
+                let _ = stream.set_nodelay(true);
+                conns.lock().unwrap().push(stream.try_clone().unwrap());
+                let name = name.clone();
+                thread::spawn(move || {
+                    let mut writer = stream.try_clone().unwrap();
+                    for line in BufReader::new(stream).lines() {
+                        let Ok(line) = line else { break };
+                        // One write per answer (several small ones meet Nagle
+                        // and delayed ACKs: 40 ms each).
+                        if writer
+                            .write_all(format!("{name} {line}\n").as_bytes())
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+            Err(_) => {
+                let mut buf = [0u8; 64];
+                if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(name.as_bytes(), from);
+                }
+            }
+        }
+    }
+    for c in conns.lock().unwrap().drain(..) {
+        let _ = c.shutdown(Shutdown::Both);
+    }
+}
+
+impl Testbed {
+    pub fn new(tag: &str, spec: Spec) -> Testbed {
+        let client = NetNs::new(&format!("{tag}-cl"));
+        let router = NetNs::new(&format!("{tag}-rt"));
+        let dir = std::env::temp_dir().join(&router.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        router.ip(&[
+            "link",
+            "add",
+            "rc",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "c0",
+            "netns",
+            &client.name,
+        ]);
+        router.ip(&["addr", "add", "10.10.0.1/24", "dev", "rc"]);
+        router.ip(&["link", "set", "rc", "up"]);
+        client.ip(&["addr", "add", "10.10.0.2/24", "dev", "c0"]);
+        client.ip(&["link", "set", "c0", "up"]);
+        client.ip(&["route", "add", "default", "via", "10.10.0.1"]);
+        router.sh(
+            "sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv4.fib_multipath_hash_policy=1 \
+             net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0",
+        );
+        let mut backends = Vec::new();
+        let mut decaps = Vec::new();
+        let mut servers = Vec::new();
+        for (j, _) in spec.weights.iter().enumerate() {
+            let n = j + 1;
+            let be = NetNs::new(&format!("{tag}-be{n}"));
+            router.ip(&[
+                "link",
+                "add",
+                &format!("rb{n}"),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &be.name,
+            ]);
+            router.ip(&[
+                "addr",
+                "add",
+                &format!("10.30.{n}.1/24"),
+                "dev",
+                &format!("rb{n}"),
+            ]);
+            router.ip(&["link", "set", &format!("rb{n}"), "up"]);
+            be.ip(&["addr", "add", &format!("10.30.{n}.2/24"), "dev", "eth0"]);
+            be.ip(&["link", "set", "eth0", "up"]);
+            be.ip(&["route", "add", "default", "via", &format!("10.30.{n}.1")]);
+            be.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+            be.sh("sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0");
+            decaps.push(KillOnDrop(
+                Command::new("nsenter")
+                    .arg(format!("--net=/var/run/netns/{}", be.name))
+                    .arg(lbd_binary())
+                    .args(["backend", "--interface", "eth0", "--xdp-mode", "skb"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("lbd backend"),
+            ));
+            let stop = Arc::new(AtomicBool::new(false));
+            let conns = Arc::new(Mutex::new(Vec::new()));
+            let (s, c, name) = (stop.clone(), conns, format!("be{n}"));
+            let guard = be.enter();
+            thread::spawn(move || serve(name, s, c));
+            drop(guard);
+            servers.push(Servers { stop });
+            backends.push(be);
+        }
+        let backends_toml: String = spec
+            .weights
+            .iter()
+            .enumerate()
+            .map(|(j, w)| {
+                format!(
+                    "[[vip.backend]]\naddress = \"10.30.{}.2\"\nweight = {w}\n",
+                    j + 1
+                )
+            })
+            .collect();
+        let mut lbs = Vec::new();
+        let mut lbds = Vec::new();
+        for i in 1..=spec.lbs {
+            let lb = NetNs::new(&format!("{tag}-lb{i}"));
+            router.ip(&[
+                "link",
+                "add",
+                &format!("rl{i}"),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &lb.name,
+            ]);
+            router.ip(&[
+                "addr",
+                "add",
+                &format!("10.20.{i}.1/24"),
+                "dev",
+                &format!("rl{i}"),
+            ]);
+            router.ip(&["link", "set", &format!("rl{i}"), "up"]);
+            lb.ip(&["addr", "add", &format!("10.20.{i}.2/24"), "dev", "eth0"]);
+            lb.ip(&["link", "set", "eth0", "up"]);
+            lb.ip(&["route", "add", "default", "via", &format!("10.20.{i}.1")]);
+            lb.sh("sysctl -qw net.ipv4.conf.all.forwarding=1");
+            let pin = PathBuf::from(format!("/sys/fs/bpf/{}", lb.name));
+            let socket = dir.join(format!("lb{i}.sock"));
+            let config = dir.join(format!("lb{i}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "[lb]\ninterfaces = [\"eth0\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\nmaglev_slots = 524288\n\
+                     pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n\
+                     [[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n\
+                     [vip.health]\nkind = \"tcp\"\ninterval_ms = {}\ntimeout_ms = {}\nrise = 2\nfall = {}\n{backends_toml}\n\
+                     [[vip]]\naddress = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\ntable_size = 65537\n{backends_toml}",
+                    pin.display(),
+                    socket.display(),
+                    spec.health_interval_ms,
+                    spec.health_interval_ms / 2,
+                    spec.health_fall,
+                ),
+            )
+            .unwrap();
+            lbds.push(Lbd::start(&lb, &config, &socket, &pin));
+            lbs.push(lb);
+        }
+        let tb = Testbed {
+            client,
+            router,
+            lbs,
+            backends,
+            lbds,
+            decaps,
+            servers,
+            dir,
+            spec,
+        };
+        let all: Vec<usize> = (0..tb.spec.lbs).collect();
+        tb.route("add", &all);
+        tb.wait_attached();
+        tb
+    }
+
+    fn wait_attached(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for ns in self.backends.iter().chain(&self.lbs) {
+            while !ns.sh("ip link show eth0").contains("xdp") {
+                assert!(
+                    Instant::now() < deadline,
+                    "no XDP program on {} eth0",
+                    ns.name
+                );
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn route(&self, verb: &str, active: &[usize]) {
+        let route = format!("{VIP}/32{}", nexthops(active));
+        let args: Vec<&str> = ["route", verb]
+            .into_iter()
+            .chain(route.split_whitespace())
+            .collect();
+        self.router.ip(&args);
+    }
+
+    /// Routes the VIP over the LB instances `active` (indexes) only.
+    pub fn set_ecmp(&self, active: &[usize]) {
+        self.route("replace", active);
+    }
+
+    pub fn lbctl(&self, lb: usize, request: Request) -> Response {
+        self.lbds[lb].call(request)
+    }
+
+    /// Stops backend `j`'s servers: new connections are refused, open ones reset.
+    pub fn stop_backend(&self, j: usize) {
+        self.servers[j].stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Runs `f` on a thread inside the client namespace.
+    pub fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let guard = self.client.enter();
+        let handle = thread::spawn(f);
+        drop(guard);
+        handle.join().expect("client thread panicked")
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        for s in &self.servers {
+            s.stop.store(true, Ordering::Relaxed);
+        }
+        self.lbds.clear();
+        self.decaps.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A child process stopped (SIGTERM) and reaped when dropped, also when a
+/// test panics half-way through building the testbed.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// A TCP connection to the VIP that asks its backend's name.
+pub struct Conn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+    pub backend: String,
+}
+
+impl Conn {
+    /// Connects (from the calling thread's namespace) and learns the backend.
+    pub fn open() -> Option<Conn> {
+        let addr: SocketAddr = format!("{VIP}:80").parse().unwrap();
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream.set_nodelay(true).ok()?;
+        let reader = BufReader::new(stream.try_clone().ok()?);
+        let mut c = Conn {
+            stream,
+            reader,
+            backend: String::new(),
+        };
+        c.backend = c.ask("hello")?;
+        Some(c)
+    }
+
+    /// One request/response; the name of the backend that answered.
+    pub fn ask(&mut self, msg: &str) -> Option<String> {
+        self.stream.write_all(format!("{msg}\n").as_bytes()).ok()?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).ok()?;
+        line.split_whitespace().next().map(str::to_string)
+    }
+
+    /// True if the connection still answers from the same backend.
+    pub fn alive(&mut self) -> bool {
+        let b = self.backend.clone();
+        self.ask("ping").as_deref() == Some(b.as_str())
+    }
+}
+
+/// Opens `n` short connections and counts answers per backend.
+pub fn spread(n: usize) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for _ in 0..n {
+        if let Some(c) = Conn::open() {
+            *counts.entry(c.backend).or_default() += 1;
+        }
+    }
+    counts
+}
+
+/// One UDP datagram from `sport` to the VIP; the backend that answered.
+pub fn udp_ask(socket: &UdpSocket) -> Option<String> {
+    socket.send_to(b"?", format!("{VIP}:53")).ok()?;
+    let mut buf = [0u8; 64];
+    let (n, _) = socket.recv_from(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}

@@ -1,0 +1,374 @@
+//! End-to-end scenarios on the namespace testbed: real TCP and UDP through
+//! an ECMP router, several lbd instances and DSR backends. Needs root.
+
+use std::{
+    collections::BTreeMap,
+    net::UdpSocket,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    have_root,
+    testbed::{Conn, Spec, Testbed, VIP, spread, udp_ask},
+};
+use lb_userspace::api::Request;
+
+const TCP_VIP: &str = "10.0.0.10:80/tcp";
+
+/// |share - expected| within 4 standard deviations of a binomial count.
+fn assert_share(counts: &BTreeMap<String, usize>, backend: &str, expected: f64, total: usize) {
+    let got = *counts.get(backend).unwrap_or(&0) as f64 / total as f64;
+    let tolerance = 4.0 * (expected * (1.0 - expected) / total as f64).sqrt();
+    assert!(
+        (got - expected).abs() <= tolerance,
+        "{backend}: {got:.3} of connections, expected {expected:.3} +/- {tolerance:.3} ({counts:?})"
+    );
+}
+
+#[test]
+fn spread_follows_weights() {
+    if !have_root() {
+        return;
+    }
+    let tb = Testbed::new(
+        "e2s",
+        Spec {
+            weights: vec![1, 2, 3],
+            ..Spec::default()
+        },
+    );
+    let n = 2000;
+    let counts = tb.in_client(move || spread(n));
+    eprintln!("{n} connections: {counts:?}");
+    assert_eq!(
+        counts.values().sum::<usize>(),
+        n,
+        "every connection answered"
+    );
+    for (backend, weight) in [("be1", 1.0), ("be2", 2.0), ("be3", 3.0)] {
+        assert_share(&counts, backend, weight / 6.0, n);
+    }
+}
+
+#[test]
+fn connections_survive_an_lb_instance_leaving_and_joining_ecmp() {
+    if !have_root() {
+        return;
+    }
+    let tb = Testbed::new("e2e", Spec::default());
+    // Long-lived connections live on one client thread for the whole test.
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<usize>>();
+    let guard = tb.client.enter();
+    let holder = std::thread::spawn(move || {
+        let mut conns: Vec<Conn> = (0..60).map(|_| Conn::open().expect("connection")).collect();
+        while let Ok(reply) = cmd_rx.recv() {
+            let alive = conns.iter_mut().map(|c| c.alive()).filter(|&ok| ok).count();
+            let _ = reply.send(alive);
+        }
+    });
+    drop(guard);
+    let check = || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        cmd_tx.send(tx).unwrap();
+        rx.recv_timeout(Duration::from_secs(60)).unwrap()
+    };
+    assert_eq!(check(), 60);
+    tb.set_ecmp(&[1]);
+    let after_leave = check();
+    tb.set_ecmp(&[0, 1]);
+    let after_join = check();
+    tb.set_ecmp(&[0]);
+    let after_switch = check();
+    eprintln!("survived: leave {after_leave}/60, join {after_join}/60, switch {after_switch}/60");
+    assert_eq!((after_leave, after_join, after_switch), (60, 60, 60));
+    drop(cmd_tx);
+    holder.join().unwrap();
+}
+
+#[test]
+fn backend_failure_is_detected_and_only_its_connections_break() {
+    if !have_root() {
+        return;
+    }
+    let tb = Testbed::new(
+        "e2f",
+        Spec {
+            health_interval_ms: 100,
+            health_fall: 2,
+            ..Spec::default()
+        },
+    );
+    let guard = tb.client.enter();
+    let (cmd_tx, cmd_rx) =
+        std::sync::mpsc::channel::<std::sync::mpsc::Sender<BTreeMap<String, (usize, usize)>>>();
+    let holder = std::thread::spawn(move || {
+        let mut conns: Vec<Conn> = (0..60).map(|_| Conn::open().expect("connection")).collect();
+        while let Ok(reply) = cmd_rx.recv() {
+            let mut by_backend: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+            for c in conns.iter_mut() {
+                let ok = c.alive();
+                let e = by_backend.entry(c.backend.clone()).or_default();
+                e.0 += ok as usize;
+                e.1 += 1;
+            }
+            let _ = reply.send(by_backend);
+        }
+    });
+    drop(guard);
+    let check = || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        cmd_tx.send(tx).unwrap();
+        rx.recv_timeout(Duration::from_secs(60)).unwrap()
+    };
+    assert!(check().values().all(|(ok, n)| ok == n));
+    let failed_at = Instant::now();
+    tb.stop_backend(2);
+    // Health checks (100 ms x fall 2) take be3 out of every instance's table.
+    let out = loop {
+        let down = (0..tb.lbds.len()).all(|i| {
+            let s = tb.lbctl(i, Request::Status);
+            s.data["vips"][0]["backends"][2]["healthy"] == false
+        });
+        if down {
+            break failed_at.elapsed();
+        }
+        assert!(
+            failed_at.elapsed() < Duration::from_secs(5),
+            "be3 not taken out within 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    eprintln!("be3 out of both instances' tables {out:?} after its server stopped");
+    assert!(out < Duration::from_millis(200 + 1000));
+    let after = check();
+    for (backend, (ok, n)) in &after {
+        if backend != "be3" {
+            assert_eq!(ok, n, "{backend}: a connection to a healthy backend broke");
+        }
+    }
+    let fresh = tb.in_client(|| spread(100));
+    assert_eq!(
+        fresh.values().sum::<usize>(),
+        100,
+        "every new connection answered"
+    );
+    assert!(
+        !fresh.contains_key("be3"),
+        "new connections avoid the failed backend: {fresh:?}"
+    );
+    drop(cmd_tx);
+    holder.join().unwrap();
+}
+
+#[test]
+fn draining_keeps_existing_connections_and_sends_new_ones_elsewhere() {
+    if !have_root() {
+        return;
+    }
+    let tb = Testbed::new("e2d", Spec::default());
+    let guard = tb.client.enter();
+    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<(usize, usize)>>();
+    let holder = std::thread::spawn(move || {
+        let mut conns: Vec<Conn> = (0..60).map(|_| Conn::open().expect("connection")).collect();
+        while let Ok(reply) = cmd_rx.recv() {
+            let on_be1: Vec<&mut Conn> = conns.iter_mut().filter(|c| c.backend == "be1").collect();
+            let n = on_be1.len();
+            let ok = on_be1
+                .into_iter()
+                .map(|c| c.alive())
+                .filter(|&ok| ok)
+                .count();
+            let _ = reply.send((ok, n));
+        }
+    });
+    drop(guard);
+    // Wait until the connections are open before draining.
+    let (tx, rx) = std::sync::mpsc::channel();
+    cmd_tx.send(tx).unwrap();
+    let (ok, n) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert_eq!(ok, n);
+    for i in 0..tb.lbds.len() {
+        let r = tb.lbctl(
+            i,
+            Request::Drain {
+                vip: TCP_VIP.into(),
+                address: "10.30.1.2".into(),
+            },
+        );
+        assert!(r.ok, "{r:?}");
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    cmd_tx.send(tx).unwrap();
+    let (ok, n) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(n > 0, "some connections were on be1");
+    assert_eq!(ok, n, "connections on the drained backend keep working");
+    let tracked: u64 = (0..tb.lbds.len())
+        .map(|i| {
+            tb.lbctl(i, Request::Status).data["vips"][0]["backends"][0]["tracked_flows"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert!(
+        tracked > 0,
+        "lbctl status shows the flows left on the drained backend"
+    );
+    let fresh = tb.in_client(|| spread(200));
+    assert_eq!(fresh.values().sum::<usize>(), 200);
+    assert!(
+        !fresh.contains_key("be1"),
+        "no new connection on the drained backend: {fresh:?}"
+    );
+    drop(cmd_tx);
+    holder.join().unwrap();
+}
+
+#[test]
+fn lbd_restart_and_sigkill_under_traffic_break_no_connection() {
+    if !have_root() {
+        return;
+    }
+    let mut tb = Testbed::new("e2r", Spec::default());
+    let guard = tb.client.enter();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    // Traffic the whole time: every connection pings in a loop.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        let mut conns: Vec<Conn> = (0..40).map(|_| Conn::open().expect("connection")).collect();
+        let _ = ready_tx.send(());
+        let mut rounds = 0;
+        let mut broken = 0;
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            broken += conns
+                .iter_mut()
+                .map(|c| c.alive())
+                .filter(|&ok| !ok)
+                .count();
+            rounds += 1;
+        }
+        (rounds, broken)
+    });
+    drop(guard);
+    ready_rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    for lb in 0..tb.lbds.len() {
+        tb.lbds[lb].stop(libc::SIGTERM);
+        std::thread::sleep(Duration::from_millis(300));
+        tb.lbds[lb].restart();
+        tb.lbds[lb].stop(libc::SIGKILL);
+        std::thread::sleep(Duration::from_millis(300));
+        tb.lbds[lb].restart();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (rounds, broken) = holder.join().unwrap();
+    eprintln!("{rounds} rounds of 40 pings during restarts, {broken} failures");
+    assert!(rounds > 10);
+    assert_eq!(broken, 0, "no established connection broke");
+}
+
+#[test]
+fn udp_flows_stay_on_one_backend() {
+    if !have_root() {
+        return;
+    }
+    let tb = Testbed::new("e2u", Spec::default());
+    let (stable, seen) = tb.in_client(|| {
+        let mut stable = 0;
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let s = UdpSocket::bind("10.10.0.2:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let answers: Vec<Option<String>> = (0..10).map(|_| udp_ask(&s)).collect();
+            if answers[0].is_some() && answers.iter().all(|a| *a == answers[0]) {
+                stable += 1;
+                seen.insert(answers[0].clone().unwrap());
+            }
+        }
+        (stable, seen)
+    });
+    assert_eq!(
+        stable, 50,
+        "every UDP flow answered by one backend throughout"
+    );
+    assert_eq!(seen.len(), 3, "flows spread over every backend: {seen:?}");
+}
+
+#[test]
+fn adding_a_backend_moves_about_one_in_n_of_new_flows() {
+    if !have_root() {
+        return;
+    }
+    let tb = Testbed::new(
+        "e2a",
+        Spec {
+            weights: vec![1, 1, 1, 1],
+            ..Spec::default()
+        },
+    );
+    let trace_all = |tb: &Testbed| -> Vec<String> {
+        (0..2000)
+            .map(|i| {
+                let r = tb.lbctl(
+                    0,
+                    Request::Trace {
+                        src: format!("10.10.{}.{}:{}", i / 250, i % 250, 10_000 + i),
+                        dst: format!("{VIP}:80"),
+                        protocol: "tcp".into(),
+                    },
+                );
+                r.data["table_backend"].as_str().unwrap_or("").to_string()
+            })
+            .collect()
+    };
+    // Start with 3 of the 4 backends: remove the fourth everywhere, then add it back.
+    for i in 0..tb.lbds.len() {
+        assert!(
+            tb.lbctl(
+                i,
+                Request::RemoveBackend {
+                    vip: TCP_VIP.into(),
+                    address: "10.30.4.2".into()
+                }
+            )
+            .ok
+        );
+    }
+    let before = trace_all(&tb);
+    for i in 0..tb.lbds.len() {
+        assert!(
+            tb.lbctl(
+                i,
+                Request::AddBackend {
+                    vip: TCP_VIP.into(),
+                    address: "10.30.4.2".into(),
+                    weight: 1
+                }
+            )
+            .ok
+        );
+    }
+    let after = trace_all(&tb);
+    let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+    let to_new = before
+        .iter()
+        .zip(&after)
+        .filter(|(a, b)| a != b && b.as_str() == "10.30.4.2")
+        .count();
+    let share = moved as f64 / 2000.0;
+    eprintln!(
+        "adding a 4th backend moved {moved}/2000 flows ({:.1}%), {to_new} of them to it",
+        share * 100.0
+    );
+    assert!(
+        (0.20..=0.30).contains(&share),
+        "about 1/4 of flows move: {share:.3}"
+    );
+    assert!(
+        to_new as f64 >= moved as f64 * 0.95,
+        "flows move to the new backend, not between old ones"
+    );
+    // Real connections agree: the new backend takes about a quarter.
+    let fresh = tb.in_client(|| spread(800));
+    assert_share(&fresh, "be4", 0.25, 800);
+}
