@@ -43,6 +43,27 @@ impl NetNs {
         ip(&full);
     }
 
+    /// A veth pair: `local` here with `local_addr`, `peer` in `other` with
+    /// `peer_addr` (CIDR notation), both up.
+    pub fn link(&self, local: &str, local_addr: &str, other: &NetNs, peer: &str, peer_addr: &str) {
+        self.ip(&[
+            "link",
+            "add",
+            local,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            &other.name,
+        ]);
+        self.ip(&["addr", "add", local_addr, "dev", local]);
+        other.ip(&["addr", "add", peer_addr, "dev", peer]);
+        self.ip(&["link", "set", local, "up"]);
+        other.ip(&["link", "set", peer, "up"]);
+    }
+
     /// Runs a shell command inside the namespace and returns its stdout.
     pub fn sh(&self, cmd: &str) -> String {
         let out = Command::new("ip")

@@ -124,22 +124,7 @@ impl Testbed {
         let router = NetNs::new(&format!("{tag}-rt"));
         let dir = std::env::temp_dir().join(&router.name);
         std::fs::create_dir_all(&dir).unwrap();
-        router.ip(&[
-            "link",
-            "add",
-            "rc",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "c0",
-            "netns",
-            &client.name,
-        ]);
-        router.ip(&["addr", "add", "10.10.0.1/24", "dev", "rc"]);
-        router.ip(&["link", "set", "rc", "up"]);
-        client.ip(&["addr", "add", "10.10.0.2/24", "dev", "c0"]);
-        client.ip(&["link", "set", "c0", "up"]);
+        router.link("rc", "10.10.0.1/24", &client, "c0", "10.10.0.2/24");
         client.ip(&["route", "add", "default", "via", "10.10.0.1"]);
         router.sh(
             "sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv4.fib_multipath_hash_policy=1 \
@@ -151,28 +136,13 @@ impl Testbed {
         for (j, _) in spec.weights.iter().enumerate() {
             let n = j + 1;
             let be = NetNs::new(&format!("{tag}-be{n}"));
-            router.ip(&[
-                "link",
-                "add",
+            router.link(
                 &format!("rb{n}"),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &be.name,
-            ]);
-            router.ip(&[
-                "addr",
-                "add",
                 &format!("10.30.{n}.1/24"),
-                "dev",
-                &format!("rb{n}"),
-            ]);
-            router.ip(&["link", "set", &format!("rb{n}"), "up"]);
-            be.ip(&["addr", "add", &format!("10.30.{n}.2/24"), "dev", "eth0"]);
-            be.ip(&["link", "set", "eth0", "up"]);
+                &be,
+                "eth0",
+                &format!("10.30.{n}.2/24"),
+            );
             be.ip(&["route", "add", "default", "via", &format!("10.30.{n}.1")]);
             be.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
             be.sh("sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0");
@@ -211,28 +181,13 @@ impl Testbed {
         let mut lbds = Vec::new();
         for i in 1..=spec.lbs {
             let lb = NetNs::new(&format!("{tag}-lb{i}"));
-            router.ip(&[
-                "link",
-                "add",
+            router.link(
                 &format!("rl{i}"),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &lb.name,
-            ]);
-            router.ip(&[
-                "addr",
-                "add",
                 &format!("10.20.{i}.1/24"),
-                "dev",
-                &format!("rl{i}"),
-            ]);
-            router.ip(&["link", "set", &format!("rl{i}"), "up"]);
-            lb.ip(&["addr", "add", &format!("10.20.{i}.2/24"), "dev", "eth0"]);
-            lb.ip(&["link", "set", "eth0", "up"]);
+                &lb,
+                "eth0",
+                &format!("10.20.{i}.2/24"),
+            );
             lb.ip(&["route", "add", "default", "via", &format!("10.20.{i}.1")]);
             lb.sh("sysctl -qw net.ipv4.conf.all.forwarding=1");
             let pin = PathBuf::from(format!("/sys/fs/bpf/{}", lb.name));

@@ -32,38 +32,10 @@ fn bed(tag: &str) -> Bed {
     let client = NetNs::new(&format!("lbd{tag}-c"));
     let lb = NetNs::new(&format!("lbd{tag}-lb"));
     let backend = NetNs::new(&format!("lbd{tag}-be"));
-    lb.ip(&[
-        "link",
-        "add",
-        "l0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "c0",
-        "netns",
-        &client.name,
-    ]);
-    lb.ip(&[
-        "link",
-        "add",
-        "l1",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "b0",
-        "netns",
-        &backend.name,
-    ]);
-    lb.ip(&["addr", "add", "10.200.0.1/24", "dev", "l0"]);
-    lb.ip(&["addr", "add", "10.50.0.254/24", "dev", "l1"]);
-    client.ip(&["addr", "add", "10.200.0.2/24", "dev", "c0"]);
-    for a in ["10.50.0.1/24", "10.50.0.2/24", "10.50.0.3/24"] {
+    lb.link("l0", "10.200.0.1/24", &client, "c0", "10.200.0.2/24");
+    lb.link("l1", "10.50.0.254/24", &backend, "b0", "10.50.0.1/24");
+    for a in ["10.50.0.2/24", "10.50.0.3/24"] {
         backend.ip(&["addr", "add", a, "dev", "b0"]);
-    }
-    for (ns, dev) in [(&lb, "l0"), (&lb, "l1"), (&client, "c0"), (&backend, "b0")] {
-        ns.ip(&["link", "set", dev, "up"]);
     }
     client.ip(&["route", "add", "default", "via", "10.200.0.1"]);
     lb.sh("sysctl -qw net.ipv4.conf.all.forwarding=1");
