@@ -2,6 +2,7 @@
 //! writing its maps. Binaries: `lbd` (daemon) and `lbctl` (CLI).
 
 pub mod api;
+pub mod backend_check;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

@@ -36,6 +36,11 @@ pub fn lbd_binary() -> PathBuf {
     path
 }
 
+/// `lbctl`, beside `lbd`.
+pub fn lbctl_binary() -> PathBuf {
+    lbd_binary().with_file_name("lbctl")
+}
+
 pub struct Lbd {
     child: Option<Child>,
     pub socket: PathBuf,

@@ -372,3 +372,41 @@ fn adding_a_backend_moves_about_one_in_n_of_new_flows() {
     let fresh = tb.in_client(|| spread(800));
     assert_share(&fresh, "be4", 0.25, 800);
 }
+
+#[test]
+fn check_backend_reports_what_is_wrong_with_a_backend() {
+    if !have_root() {
+        return;
+    }
+    let tb = Testbed::new(
+        "e2c",
+        Spec {
+            lbs: 1,
+            weights: vec![1],
+            ..Spec::default()
+        },
+    );
+    let be = &tb.backends[0];
+    let check = || {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", be.name))
+            .arg(lb_tests::lbd::lbctl_binary())
+            .args(["check-backend", "--vip", VIP, "--interface", "eth0"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = check();
+    assert!(ok, "a working backend passes:\n{text}");
+    assert!(text.contains("decap is attached to eth0"), "{text}");
+    be.sh("sysctl -qw net.ipv4.conf.eth0.rp_filter=1");
+    let (ok, text) = check();
+    assert!(!ok && text.contains("FAIL  rp_filter is strict"), "{text}");
+    be.sh("sysctl -qw net.ipv4.conf.eth0.rp_filter=0");
+    be.ip(&["addr", "del", &format!("{VIP}/32"), "dev", "lo"]);
+    let (ok, text) = check();
+    assert!(!ok && text.contains("VIP 10.0.0.10 is not on lo"), "{text}");
+}

@@ -37,6 +37,16 @@ enum Cmd {
         /// tcp or udp.
         proto: String,
     },
+    /// Run on a backend host: is it set up to receive from the balancer
+    /// (VIP on lo, decapsulation attached, rp_filter, ARP)? Exit 1 on a failure.
+    CheckBackend {
+        /// A VIP this backend serves (repeat for several).
+        #[arg(long = "vip", required = true)]
+        vips: Vec<std::net::IpAddr>,
+        /// The interface encapsulated packets arrive on.
+        #[arg(long)]
+        interface: String,
+    },
     #[command(subcommand)]
     Vip(VipCmd),
     #[command(subcommand)]
@@ -124,7 +134,24 @@ fn main() {
 
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
+    if let Cmd::CheckBackend { vips, interface } = &cli.command {
+        use lb_userspace::backend_check::{Level, check};
+        let findings = check(vips, interface)?;
+        for f in &findings {
+            let tag = match f.level {
+                Level::Ok => "ok  ",
+                Level::Warn => "warn",
+                Level::Fail => "FAIL",
+            };
+            println!("{tag}  {}", f.message);
+        }
+        if findings.iter().any(|f| f.level == Level::Fail) {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let request = match cli.command {
+        Cmd::CheckBackend { .. } => unreachable!("handled above"),
         Cmd::Status => Request::Status,
         Cmd::Stats => Request::Stats,
         Cmd::Reload => Request::Reload,
