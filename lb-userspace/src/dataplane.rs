@@ -299,6 +299,22 @@ impl Dataplane {
             .collect()
     }
 
+    /// Deletes every connection-table entry naming backend `id`.
+    pub fn forget_flows_of(&mut self, id: u32) -> Result<u64> {
+        let stale: Vec<FlowKey> = self
+            .conntrack
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, e)| e.backend_id == id)
+            .map(|(k, _)| k)
+            .collect();
+        for key in &stale {
+            // An entry the LRU evicted meanwhile is fine to miss.
+            let _ = self.conntrack.remove(key);
+        }
+        Ok(stale.len() as u64)
+    }
+
     /// Tracked flows per backend id (walks the whole connection table).
     pub fn conntrack_counts(&self) -> std::collections::BTreeMap<u32, u64> {
         let mut counts = std::collections::BTreeMap::new();

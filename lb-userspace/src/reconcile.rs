@@ -34,6 +34,9 @@ pub trait MapWriter {
     fn write_slots(&mut self, offset: u32, table: &[u32]) -> Result<()>;
     fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<()>;
     fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
+    /// Deletes connection-table entries that still name backend `id`, before
+    /// the id is given to another backend.
+    fn forget_flows_of(&mut self, id: u32) -> Result<u64>;
 }
 
 impl MapWriter for crate::dataplane::Dataplane {
@@ -48,6 +51,9 @@ impl MapWriter for crate::dataplane::Dataplane {
     }
     fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
         crate::dataplane::Dataplane::remove_vip(self, key)
+    }
+    fn forget_flows_of(&mut self, id: u32) -> Result<u64> {
+        crate::dataplane::Dataplane::forget_flows_of(self, id)
     }
 }
 
@@ -106,15 +112,17 @@ impl IdAllocator {
         }
     }
 
-    pub fn allocate(&mut self, now: Instant) -> Option<u32> {
+    /// A fresh id, else the oldest freed one past its quarantine; the flag
+    /// says the id was used before.
+    pub fn allocate(&mut self, now: Instant) -> Option<(u32, bool)> {
         if self.next < self.limit {
             self.next += 1;
-            return Some(self.next - 1);
+            return Some((self.next - 1, false));
         }
         match self.freed.front() {
             Some(&(id, at)) if now.duration_since(at) >= self.quarantine => {
                 self.freed.pop_front();
-                Some(id)
+                Some((id, true))
             }
             _ => None,
         }
@@ -262,7 +270,7 @@ impl Reconciler {
             Some(v) => v.meta.vip_id,
             None => {
                 report.vips_added.push(d.name.clone());
-                self.vip_ids.allocate(now).context("too many VIPs")?
+                self.vip_ids.allocate(now).context("too many VIPs")?.0
             }
         };
         let old_backends = existing
@@ -278,10 +286,16 @@ impl Reconciler {
             let old = old_backends.get(&b.addr);
             let id = match old {
                 Some(old) => old.id,
-                None => self
-                    .backend_ids
-                    .allocate(now)
-                    .context("backend ids exhausted")?,
+                None => {
+                    let (id, reused) = self
+                        .backend_ids
+                        .allocate(now)
+                        .context("backend ids exhausted")?;
+                    if reused {
+                        maps.forget_flows_of(id)?;
+                    }
+                    id
+                }
             };
             let entry = |flags| Backend {
                 addr: addr_from_ip(b.addr),

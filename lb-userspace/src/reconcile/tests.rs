@@ -75,6 +75,10 @@ impl MapWriter for FakeMaps {
         self.vips.remove(key);
         Ok(())
     }
+    fn forget_flows_of(&mut self, id: u32) -> Result<u64> {
+        self.ops.push(format!("forget flows of {id}"));
+        Ok(0)
+    }
 }
 
 fn key(port: u16) -> VipKey {
@@ -243,11 +247,15 @@ fn ids_are_reused_only_after_quarantine() {
     let t0 = Instant::now();
     assert_eq!(
         (ids.allocate(t0), ids.allocate(t0), ids.allocate(t0)),
-        (Some(1), Some(2), None)
+        (Some((1, false)), Some((2, false)), None)
     );
     ids.release(1, t0);
     assert_eq!(ids.allocate(t0 + Duration::from_secs(5)), None);
-    assert_eq!(ids.allocate(t0 + Duration::from_secs(10)), Some(1));
+    assert_eq!(
+        ids.allocate(t0 + Duration::from_secs(10)),
+        Some((1, true)),
+        "reused, flagged"
+    );
 }
 
 #[test]
@@ -290,4 +298,26 @@ fn removing_a_vip_unmatches_it_first_and_moves_the_fragment_key() {
         maps.vips[&key(443)].vip_id,
         "fragments follow the remaining VIP"
     );
+}
+
+#[test]
+fn a_reused_backend_id_has_its_old_flows_forgotten_first() {
+    let mut r = Reconciler::new(0, 10_000, Duration::ZERO);
+    r.backend_ids = IdAllocator::new(1, 3, Duration::ZERO);
+    let mut maps = FakeMaps::default();
+    r.apply(
+        &[vip(80, &[("10.1.0.1", 1, true), ("10.1.0.2", 1, true)])],
+        &mut maps,
+    )
+    .unwrap();
+    r.apply(&[vip(80, &[("10.1.0.1", 1, true)])], &mut maps)
+        .unwrap();
+    maps.ops.clear();
+    r.apply(
+        &[vip(80, &[("10.1.0.1", 1, true), ("10.1.0.3", 1, true)])],
+        &mut maps,
+    )
+    .unwrap();
+    assert_eq!(maps.ops[0], "forget flows of 2", "{:?}", maps.ops);
+    assert_eq!(maps.ops[1], "backend 2 flags=1");
 }
