@@ -132,6 +132,17 @@ pub struct NextHopCache {
     pub expires_ns: u64,
 }
 
+/// This CPU's count of connection-table inserts in the current second.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InsertBudget {
+    pub window_start_ns: u64,
+    pub inserted: u64,
+}
+
+/// `INSERT_BUDGET`: per-CPU array of one `InsertBudget`.
+pub const MAP_INSERT_BUDGET: &str = "INSERT_BUDGET";
+
 /// How long a cached next hop is used.
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 
@@ -179,10 +190,13 @@ pub enum Reason {
     /// The encapsulated packet exceeds the egress MTU (`bpf_fib_lookup`
     /// said "fragmentation needed"): XDP_DROP.
     DropTooBig = 13,
+    /// A new flow was balanced but not recorded: this CPU reached its
+    /// `max_new_flows_per_sec` budget (SYN flood protection).
+    ConntrackInsertSkipped = 14,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIpv4,
         Reason::PassNotVip,
@@ -198,6 +212,7 @@ impl Reason {
         Reason::Fragment,
         Reason::FibFallbackGateway,
         Reason::DropTooBig,
+        Reason::ConntrackInsertSkipped,
     ];
 
     /// Stable name for metrics and CLI output.
@@ -217,6 +232,7 @@ impl Reason {
             Reason::Fragment => "fragment",
             Reason::FibFallbackGateway => "fib_fallback_gateway",
             Reason::DropTooBig => "drop_too_big",
+            Reason::ConntrackInsertSkipped => "conntrack_insert_skipped",
         }
     }
 }

@@ -25,6 +25,11 @@ pub struct Settings {
     /// TTL of the outer header.
     pub outer_ttl: u8,
     pub _pad: u8,
+    /// New connection-table entries each CPU may create per second; beyond
+    /// it new flows are still balanced (by the table) but not recorded, so a
+    /// SYN flood cannot evict established flows. 0 = no limit.
+    pub max_new_flows_per_sec: u32,
+    pub _pad2: u32,
 }
 
 impl Settings {
@@ -38,6 +43,8 @@ impl Settings {
         gateway_mac: [0; 6],
         outer_ttl: 64,
         _pad: 0,
+        max_new_flows_per_sec: 0,
+        _pad2: 0,
     };
 }
 
@@ -47,4 +54,4 @@ impl Default for Settings {
     }
 }
 
-const _: () = assert!(size_of::<Settings>() == 32);
+const _: () = assert!(size_of::<Settings>() == 40);

@@ -2,7 +2,9 @@
 
 use core::net::{IpAddr, Ipv4Addr};
 
-use crate::maps::{Addr, Backend, ConnEntry, Counter, FlowKey, NextHopCache, VipKey, VipMeta};
+use crate::maps::{
+    Addr, Backend, ConnEntry, Counter, FlowKey, InsertBudget, NextHopCache, VipKey, VipMeta,
+};
 use crate::settings::Settings;
 
 // SAFETY: all of these are #[repr(C)] plain data with explicit padding.
@@ -13,6 +15,7 @@ unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for ConnEntry {}
 unsafe impl aya::Pod for Counter {}
 unsafe impl aya::Pod for NextHopCache {}
+unsafe impl aya::Pod for InsertBudget {}
 unsafe impl aya::Pod for Settings {}
 
 /// The map representation of an address (network byte order words).

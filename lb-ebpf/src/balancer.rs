@@ -17,7 +17,7 @@ use lb_common::{
 
 use crate::{
     encap::{NextHop, OuterIpv4, encapsulate, lookup_next_hop},
-    maps::{BACKENDS, CONNTRACK, MAGLEV_SLOTS, NEXTHOP_CACHE, VIPS, settings},
+    maps::{BACKENDS, CONNTRACK, INSERT_BUDGET, MAGLEV_SLOTS, NEXTHOP_CACHE, VIPS, settings},
     parse::{Ipv4Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, parse, ptr_at},
     stats::{count, count_backend, count_vip},
 };
@@ -96,6 +96,29 @@ fn maglev_pick(vip: &VipMeta, hash: u32) -> u32 {
     MAGLEV_SLOTS.get(slot).copied().unwrap_or(0)
 }
 
+/// Whether this CPU may record one more new flow this second.
+#[inline(always)]
+fn insert_allowed(cfg: &Settings, now: u64) -> bool {
+    if cfg.max_new_flows_per_sec == 0 {
+        return true;
+    }
+    let Some(budget) = INSERT_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array.
+    unsafe {
+        if now.wrapping_sub((*budget).window_start_ns) >= 1_000_000_000 {
+            (*budget).window_start_ns = now;
+            (*budget).inserted = 0;
+        }
+        if (*budget).inserted >= cfg.max_new_flows_per_sec as u64 {
+            return false;
+        }
+        (*budget).inserted += 1;
+    }
+    true
+}
+
 /// Connection table first (unless a SYN, which always takes the table's
 /// current answer), then the Maglev table; records the choice except for RST.
 #[inline(always)]
@@ -137,13 +160,17 @@ fn choose_backend(
     let id = maglev_pick(vip, hash);
     let backend = backend_for(id, vip)?;
     if pkt.tcp_flags & TCP_RST == 0 {
-        let entry = ConnEntry {
-            backend_id: id,
-            _pad: 0,
-            atime_ns: now,
-        };
-        // A full LRU evicts its oldest entry; failure here only costs state.
-        let _ = CONNTRACK.insert(&pkt.flow, &entry, 0);
+        if insert_allowed(cfg, now) {
+            let entry = ConnEntry {
+                backend_id: id,
+                _pad: 0,
+                atime_ns: now,
+            };
+            // A full LRU evicts its oldest entry; failure here only costs state.
+            let _ = CONNTRACK.insert(&pkt.flow, &entry, 0);
+        } else {
+            count(Reason::ConntrackInsertSkipped, bytes);
+        }
     }
     Some((id, backend))
 }

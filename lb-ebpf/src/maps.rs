@@ -8,7 +8,7 @@ use aya_ebpf::{
 use lb_common::{
     maps::{
         Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, DecapReason,
-        FlowKey, MAX_BACKENDS, MAX_VIPS, NextHopCache, Reason, VipKey, VipMeta,
+        FlowKey, InsertBudget, MAX_BACKENDS, MAX_VIPS, NextHopCache, Reason, VipKey, VipMeta,
     },
     settings::Settings,
 };
@@ -65,3 +65,7 @@ pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(M
 /// Backend side: packets and bytes per `DecapReason`.
 #[map]
 pub static DECAP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DecapReason::COUNT, 0);
+
+/// Per-CPU budget of connection-table inserts per second (SYN flood guard).
+#[map]
+pub static INSERT_BUDGET: PerCpuArray<InsertBudget> = PerCpuArray::with_max_entries(1, 0);

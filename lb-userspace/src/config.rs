@@ -45,6 +45,9 @@ pub struct LbConfig {
     pub gateway_mac: Option<String>,
     #[serde(default = "default_udp_timeout")]
     pub udp_idle_timeout_secs: u64,
+    /// New flows each CPU records per second (SYN flood guard); 0 = no limit.
+    #[serde(default = "default_new_flows")]
+    pub max_new_flows_per_sec: u32,
     /// bpffs directory for pinned maps and links ("" = pin nothing: the
     /// data plane then stops with the daemon).
     #[serde(default = "default_pin_path")]
@@ -57,6 +60,9 @@ pub struct LbConfig {
     pub metrics_address: String,
 }
 
+fn default_new_flows() -> u32 {
+    125_000
+}
 fn default_pin_path() -> String {
     "/sys/fs/bpf/lbd".into()
 }
@@ -250,6 +256,7 @@ impl Config {
             encap_src_prefix: prefix,
             encap_src_mask: mask,
             udp_idle_timeout_ns: self.lb.udp_idle_timeout_secs * 1_000_000_000,
+            max_new_flows_per_sec: self.lb.max_new_flows_per_sec,
             ..Settings::DEFAULT
         };
         if let Some(mac) = &self.lb.gateway_mac {

@@ -30,7 +30,11 @@ fn key(addr: [u8; 4], port: u16, proto: u8) -> VipKey {
 
 /// The standard set of VIPs the fixtures run against.
 fn harness(settings: Settings) -> Harness {
-    let mut h = Harness::new(settings);
+    harness_with_conntrack(settings, 1 << 16)
+}
+
+fn harness_with_conntrack(settings: Settings, conntrack_entries: u32) -> Harness {
+    let mut h = Harness::with_conntrack(settings, conntrack_entries);
     h.add_vip(
         key(VIP_TCP, 80, PROTO_TCP),
         1,
@@ -608,4 +612,79 @@ fn udp_entries_expire_after_idle_timeout() {
         "re-hashed after the idle timeout"
     );
     assert_eq!(model.backend_id, first, "same table, same answer");
+}
+
+/// Floods `count` SYNs of new flows; returns how many of `established`
+/// flows kept their entry and backend.
+fn flood_and_count_survivors(h: &mut Harness, established: &[(u16, u32)], count: u32) -> usize {
+    for i in 0..count {
+        let src = Ipv4Addr::from(0xC612_0000u32 + i); // 198.18.0.0/15
+        let p = packets::tcp(src, 40_000, v4(VIP_TCP), 80, TcpKind::Syn, 0);
+        let out = h.dp.test_run(&p, h.lb0).unwrap();
+        assert_eq!(
+            out.action,
+            Action::Tx.xdp_code(),
+            "flood SYNs are still balanced"
+        );
+    }
+    established
+        .iter()
+        .filter(|(port, backend)| {
+            let flow = lb_common::maps::FlowKey::new(
+                IpAddr::V4(v4(CLIENT)),
+                *port,
+                IpAddr::V4(v4(VIP_TCP)),
+                80,
+                PROTO_TCP,
+            );
+            h.dp.conntrack_get(&flow).map(|e| e.backend_id) == Some(*backend)
+        })
+        .count()
+}
+
+fn establish(h: &mut Harness, n: u16) -> Vec<(u16, u32)> {
+    (0..n)
+        .map(|i| {
+            let port = 20_000 + i;
+            let out = h.send(&tcp(VIP_TCP, 80, port, TcpKind::Syn));
+            (port, out.model.backend_id.unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn syn_flood_does_not_evict_established_flows() {
+    if !have_root() {
+        return;
+    }
+    // Table of 8192 entries; a flood of 40,000 new flows, 5x its size.
+    let guarded = Settings {
+        max_new_flows_per_sec: 2000,
+        ..Settings::DEFAULT
+    };
+    let mut h = harness_with_conntrack(guarded, 8192);
+    let established = establish(&mut h, 1000);
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // a fresh budget window
+    let started = std::time::Instant::now();
+    let kept = flood_and_count_survivors(&mut h, &established, 40_000);
+    let skipped = h.dp.reason_counter(Reason::ConntrackInsertSkipped).packets;
+    eprintln!(
+        "guarded: {kept}/1000 established flows kept through 40,000 flood SYNs in {:?}; {skipped} not recorded",
+        started.elapsed()
+    );
+    assert_eq!(
+        kept, 1000,
+        "every established flow keeps its entry and backend"
+    );
+    assert!(
+        skipped >= 40_000 - 2 * 2000 * (started.elapsed().as_secs() + 1),
+        "the budget held"
+    );
+
+    // Without the guard the same flood evicts established flows: the test can fail.
+    let mut h = harness_with_conntrack(Settings::DEFAULT, 8192);
+    let established = establish(&mut h, 1000);
+    let kept = flood_and_count_survivors(&mut h, &established, 40_000);
+    eprintln!("unguarded: {kept}/1000 established flows kept");
+    assert!(kept < 1000);
 }
