@@ -442,3 +442,45 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
     assert!(body.contains("lb_table_generation"));
     assert!(body.contains("lb_packets_total{reason=\"pass_not_vip\"}"));
 }
+
+#[test]
+fn a_flapping_backend_does_not_churn_the_table() {
+    if !have_root() {
+        return;
+    }
+    let b = bed("f");
+    let vips = format!(
+        "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
+         [vip.health]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 50\ntimeout_ms = 25\nrise = 2\nfall = 6\n{}",
+        backends_toml()
+    );
+    let cfg = config(&b, &vips);
+    let _steady: Vec<HealthTarget> = ["10.50.0.1:8080", "10.50.0.3:8080"]
+        .iter()
+        .map(|a| HealthTarget::start(&b.backend, a))
+        .collect();
+    let mut flapping = Some(HealthTarget::start(&b.backend, "10.50.0.2:8080"));
+    let lbd = Lbd::start(&b.lb, &cfg, &b.dir.join("lbd.sock"), &b.pin);
+    let key = VipKey::new(IpAddr::V4(VIP), 80, PROTO_TCP);
+    let table = lbd.kernel_table(&key);
+    // Down ~100 ms (about 2 failed probes), up ~200 ms, ten times: never
+    // `fall` (6) failures in a row, so never a transition.
+    for _ in 0..10 {
+        flapping = None;
+        std::thread::sleep(Duration::from_millis(100));
+        flapping = flapping.or_else(|| Some(HealthTarget::start(&b.backend, "10.50.0.2:8080")));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(flapping);
+    assert_eq!(
+        lbd.kernel_table(&key),
+        table,
+        "no table change from short flaps"
+    );
+    let status = lbd.call(Request::Status);
+    assert_eq!(
+        status.data["generation"].as_u64(),
+        Some(1),
+        "only the initial table was written"
+    );
+}
