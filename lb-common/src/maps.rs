@@ -35,6 +35,8 @@ pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
 pub const PROGRAM_BALANCER: &str = "balancer";
 /// An XDP program that only passes (benchmark floor, veth peers).
 pub const PROGRAM_PASS: &str = "pass";
+/// An XDP program that drops everything (benchmark sinks).
+pub const PROGRAM_SINK: &str = "sink";
 /// The XDP entry point of the backend side (IPIP decapsulation).
 pub const PROGRAM_DECAP: &str = "decap";
 

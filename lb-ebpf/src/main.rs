@@ -32,6 +32,13 @@ pub fn pass(_ctx: XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_PASS
 }
 
+/// Drops everything: a cheap traffic sink at the far end of benchmark
+/// links, so throughput figures measure the sender, not the receiver.
+#[xdp]
+pub fn sink(_ctx: XdpContext) -> u32 {
+    aya_ebpf::bindings::xdp_action::XDP_DROP
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -13,7 +13,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{
-        TestRun, TestRunOptions, Xdp, XdpMode,
+        TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
         xdp::{XdpLink, XdpLinkId},
     },
@@ -165,6 +165,8 @@ pub struct Dataplane {
     vips: HashMap<MapData, VipKey, VipMeta>,
     backends: Array<MapData, Backend>,
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
+    /// A duplicate of the connection table's fd, to read its fdinfo.
+    conntrack_fd: std::os::fd::OwnedFd,
     reason_stats: PerCpuArray<MapData, Counter>,
     vip_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
@@ -236,12 +238,17 @@ impl Dataplane {
             .map(|i| i.max_entries())
             .unwrap_or(opts.maglev_slots);
         let slots = SlotsMmap::new(&slots_map, entries)?;
+        let conntrack_fd = match ebpf.map(MAP_CONNTRACK) {
+            Some(Map::LruHashMap(data)) => data.fd().as_fd().try_clone_to_owned()?,
+            _ => bail!("CONNTRACK is not an LRU hash"),
+        };
         // The mapping keeps the map alive; the fd can go.
         drop(slots_map);
         Ok(Dataplane {
             slots,
             vips: take(&mut ebpf, MAP_VIPS)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
+            conntrack_fd,
             conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
             reason_stats: take(&mut ebpf, MAP_REASON_STATS)?,
             vip_stats: take(&mut ebpf, MAP_VIP_STATS)?,
@@ -471,6 +478,75 @@ impl Dataplane {
             ..TestRunOptions::new()
         };
         Ok(program.test_run(opts)?.duration)
+    }
+
+    /// Live-frames mode (`BPF_F_TEST_XDP_LIVE_FRAMES`): the kernel builds
+    /// `repeat` real frames from `packet` as if received on `ingress_ifindex`
+    /// and really transmits what `program` returns (XDP_TX/REDIRECT), or
+    /// hands XDP_PASS frames to the stack. Returns the wall-clock time.
+    pub fn run_live(
+        &mut self,
+        program: &str,
+        packet: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<Duration> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(program)
+            .context("no such program")?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        let mut ctx = [0u32; 6];
+        ctx[1] = packet.len() as u32;
+        ctx[3] = ingress_ifindex;
+        let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            ctx_in: Some(&ctx_bytes),
+            repeat,
+            attrs: TestRunAttrs::new().xdp_live_frames(64),
+            ..TestRunOptions::new()
+        };
+        let started = std::time::Instant::now();
+        program
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN (live frames)")?;
+        Ok(started.elapsed())
+    }
+
+    /// Attaches the do-nothing `pass` program to `interface` (testbeds: the
+    /// peer of a veth that receives XDP_TX frames needs an XDP program in
+    /// native mode).
+    pub fn attach_pass(&mut self, interface: &str, mode: XdpMode) -> Result<()> {
+        self.attach_helper(PROGRAM_PASS, interface, mode)
+    }
+
+    /// Attaches one of the object's helper programs (`pass`, `sink`).
+    pub fn attach_helper(&mut self, name: &str, interface: &str, mode: XdpMode) -> Result<()> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .context("no such program")?
+            .try_into()?;
+        if program.fd().is_err() {
+            program.load()?;
+        }
+        program
+            .attach(interface, mode)
+            .with_context(|| format!("attaching {name} to {interface}"))?;
+        Ok(())
+    }
+
+    /// Kernel memory charged to the connection table (from the map's fdinfo).
+    pub fn conntrack_memlock(&self) -> Option<u64> {
+        let fd = self.conntrack_fd.as_raw_fd();
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     /// Times `packet` over `repeat` runs in one call (kernel average per run).
