@@ -45,6 +45,10 @@ pub enum Request {
         dst: String,
         protocol: String,
     },
+    /// Withdraw every VIP from the routers (BGP) and stop announcing.
+    DrainInstance,
+    /// Announce again what this instance can serve.
+    ResumeInstance,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -18,6 +18,8 @@ use crate::health::HealthCheck;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub lb: LbConfig,
+    /// Announce VIPs over BGP through BIRD (optional).
+    pub bgp: Option<crate::announce::BgpConfig>,
     #[serde(default, rename = "vip")]
     pub vips: Vec<VipConfig>,
 }

@@ -3,7 +3,7 @@
 //! requests, reloads) through one loop.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -28,6 +28,7 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
+    announce::Announcer,
     api::{Request, Response},
     config::{BackendConfig, Config, VipConfig},
     dataplane::{Dataplane, LoadOptions},
@@ -51,6 +52,11 @@ pub struct Daemon {
     checkers: Checkers,
     events: mpsc::UnboundedSender<HealthEvent>,
     metrics: Arc<Mutex<String>>,
+    announcer: Option<Announcer>,
+    /// Instance drained: nothing announced whatever the backends' state.
+    draining: bool,
+    /// The program is attached (announce nothing before that).
+    attached: bool,
 }
 
 pub fn vip_key(v: &VipConfig) -> VipKey {
@@ -141,13 +147,19 @@ impl Daemon {
             checkers: BTreeMap::new(),
             events,
             metrics: Arc::new(Mutex::new(String::new())),
+            announcer: None,
+            draining: false,
+            attached: false,
         };
+        d.announcer = d.config.bgp.clone().map(Announcer::new);
         d.apply()?;
         let mode = xdp_mode(&d.config.lb.xdp_mode)?;
         for iface in d.config.lb.interfaces.clone() {
             let replaced = d.dp.attach_pinned(&iface, mode)?;
             info!(interface = %iface, mode = %d.config.lb.xdp_mode, replaced_pinned = replaced, "XDP attached");
         }
+        d.attached = true;
+        d.announce();
         Ok(d)
     }
 
@@ -189,7 +201,45 @@ impl Daemon {
             info!(vip = %name, generation = self.rec.generation, "Maglev table switched");
         }
         self.sync_checkers();
+        self.announce();
         Ok(())
+    }
+
+    /// VIP addresses this instance can serve now: attached, not drained,
+    /// and at least one healthy backend with weight in one of its VIPs.
+    fn servable(&self) -> BTreeSet<IpAddr> {
+        if !self.attached || self.draining {
+            return BTreeSet::new();
+        }
+        self.config
+            .vips
+            .iter()
+            .filter(|v| {
+                let key = vip_key(v);
+                v.backends
+                    .iter()
+                    .any(|b| b.weight > 0 && *self.health.get(&(key, b.address)).unwrap_or(&true))
+            })
+            .map(|v| v.address)
+            .collect()
+    }
+
+    /// Brings BIRD's announcements in line with `servable()`.
+    fn announce(&mut self) {
+        let wanted = self.servable();
+        if let Some(a) = self.announcer.as_mut() {
+            match a.set(wanted.clone()) {
+                Ok(true) => info!(vips = ?wanted, "BGP announcements updated"),
+                Ok(false) => {}
+                Err(e) => error!("updating BGP announcements: {e:#}"),
+            }
+        }
+    }
+
+    /// Withdraws everything (shutdown, drain).
+    pub fn withdraw_all(&mut self) {
+        self.draining = true;
+        self.announce();
     }
 
     fn sync_checkers(&mut self) {
@@ -385,6 +435,22 @@ impl Daemon {
                 Ok(json!("weight set"))
             }
             Request::Trace { src, dst, protocol } => self.trace(&src, &dst, &protocol),
+            Request::DrainInstance => {
+                if self.announcer.is_none() {
+                    bail!("no [bgp] section: this instance announces nothing to withdraw");
+                }
+                self.withdraw_all();
+                Ok(json!(
+                    "withdrawn from the routers; traffic moves to the other instances"
+                ))
+            }
+            Request::ResumeInstance => {
+                self.draining = false;
+                self.announce();
+                Ok(
+                    json!({"announced": self.announcer.as_ref().map(|a| a.announced()).unwrap_or_default()}),
+                )
+            }
         }
     }
 
@@ -423,10 +489,19 @@ impl Daemon {
                 })
             })
             .collect();
-        json!({ "generation": self.rec.generation, "vips": vips })
+        json!({
+            "generation": self.rec.generation,
+            "draining": self.draining,
+            "announced": self.announcer.as_ref().map(|a| a.announced()),
+            "vips": vips,
+        })
     }
 
     fn stats(&self) -> serde_json::Value {
+        let forwarded: u64 = [Reason::Tx, Reason::Redirect, Reason::PassNoNeighbour]
+            .iter()
+            .map(|r| self.dp.reason_counter(*r).packets)
+            .sum();
         let reasons: serde_json::Map<String, serde_json::Value> = self
             .dp
             .reason_counters()
@@ -438,7 +513,7 @@ impl Daemon {
                 )
             })
             .collect();
-        json!({ "reasons": reasons })
+        json!({ "reasons": reasons, "forwarded": forwarded })
     }
 
     fn trace(&self, src: &str, dst: &str, protocol: &str) -> Result<serde_json::Value> {

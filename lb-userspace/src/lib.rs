@@ -1,6 +1,7 @@
 //! The control plane of the load balancer: loading the XDP program and
 //! writing its maps. Binaries: `lbd` (daemon) and `lbctl` (CLI).
 
+pub mod announce;
 pub mod api;
 pub mod backend_check;
 pub mod config;

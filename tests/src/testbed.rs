@@ -12,7 +12,7 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
@@ -38,6 +38,9 @@ pub struct Spec {
     /// TCP health check every `interval_ms`, `fall` failures to go down.
     pub health_interval_ms: u64,
     pub health_fall: u32,
+    /// The router learns the VIP over BGP from a BIRD beside each lbd
+    /// (instead of a static multipath route).
+    pub bgp: bool,
 }
 
 impl Default for Spec {
@@ -47,8 +50,29 @@ impl Default for Spec {
             weights: vec![1, 1, 1],
             health_interval_ms: 200,
             health_fall: 2,
+            bgp: false,
         }
     }
+}
+
+/// BGP hold time in the testbed's BIRD configs (seconds).
+pub const BGP_HOLD_TIME: u64 = 3;
+
+fn start_bird(ns: &NetNs, config: &Path, socket: &Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.name, "bird", "-f", "-c"])
+            .arg(config)
+            .arg("-s")
+            .arg(socket)
+            .arg("-P")
+            .arg(socket.with_extension("pid"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting bird (apt-get install bird2)"),
+    )
 }
 
 /// A backend's servers; `stop` closes the listener and every connection.
@@ -63,6 +87,8 @@ pub struct Testbed {
     pub backends: Vec<NetNs>,
     pub lbds: Vec<Lbd>,
     decaps: Vec<KillOnDrop>,
+    /// BIRD daemons: the router's first, then one per LB (BGP testbeds).
+    birds: Vec<KillOnDrop>,
     servers: Vec<Servers>,
     dir: PathBuf,
     pub spec: Spec,
@@ -179,6 +205,26 @@ impl Testbed {
             .collect();
         let mut lbs = Vec::new();
         let mut lbds = Vec::new();
+        let mut birds = Vec::new();
+        if spec.bgp {
+            let neighbors: String = (1..=spec.lbs)
+                .map(|i| {
+                    format!("protocol bgp lb{i} from lb {{ neighbor 10.20.{i}.2 as 65001; }}\n")
+                })
+                .collect();
+            let conf = dir.join("router-bird.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "router id 10.10.0.1;\nprotocol device {{}}\n\
+                     protocol kernel {{ ipv4 {{ import none; export all; }}; merge paths on; }}\n\
+                     template bgp lb {{ local as 65000; ipv4 {{ import all; export none; }}; \
+                     hold time {BGP_HOLD_TIME}; connect retry time 1; }}\n{neighbors}"
+                ),
+            )
+            .unwrap();
+            birds.push(start_bird(&router, &conf, &dir.join("router-bird.ctl")));
+        }
         for i in 1..=spec.lbs {
             let lb = NetNs::new(&format!("{tag}-lb{i}"));
             router.link(
@@ -193,11 +239,35 @@ impl Testbed {
             let pin = PathBuf::from(format!("/sys/fs/bpf/{}", lb.name));
             let socket = dir.join(format!("lb{i}.sock"));
             let config = dir.join(format!("lb{i}.toml"));
+            let mut bgp_toml = String::new();
+            if spec.bgp {
+                let routes = dir.join(format!("lb{i}-vips.conf"));
+                std::fs::write(&routes, "protocol static lbd_vips { ipv4; }\n").unwrap();
+                let conf = dir.join(format!("lb{i}-bird.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "router id 10.20.{i}.2;\nprotocol device {{}}\ninclude \"{}\";\n\
+                         protocol bgp uplink {{ local as 65001; neighbor 10.20.{i}.1 as 65000; \
+                         ipv4 {{ import none; export where proto = \"lbd_vips\"; }}; \
+                         hold time {BGP_HOLD_TIME}; connect retry time 1; }}\n",
+                        routes.display()
+                    ),
+                )
+                .unwrap();
+                let ctl = dir.join(format!("lb{i}-bird.ctl"));
+                birds.push(start_bird(&lb, &conf, &ctl));
+                bgp_toml = format!(
+                    "[bgp]\nbird_socket = \"{}\"\nroutes_file = \"{}\"\n\n",
+                    ctl.display(),
+                    routes.display()
+                );
+            }
             std::fs::write(
                 &config,
                 format!(
                     "[lb]\ninterfaces = [\"eth0\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\nmaglev_slots = 524288\n\
-                     pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n\
+                     pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n{bgp_toml}\
                      [[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n\
                      [vip.health]\nkind = \"tcp\"\ninterval_ms = {}\ntimeout_ms = {}\nrise = 2\nfall = {}\n{backends_toml}\n\
                      [[vip]]\naddress = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\ntable_size = 65537\n{backends_toml}",
@@ -219,13 +289,26 @@ impl Testbed {
             backends,
             lbds,
             decaps,
+            birds,
             servers,
             dir,
             spec,
         };
-        let all: Vec<usize> = (0..tb.spec.lbs).collect();
-        tb.route("add", &all);
         tb.wait_attached();
+        if tb.spec.bgp {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while tb.vip_paths().len() < tb.spec.lbs {
+                assert!(
+                    Instant::now() < deadline,
+                    "router did not learn the VIP from every instance: {:?}",
+                    tb.vip_paths()
+                );
+                thread::sleep(Duration::from_millis(100));
+            }
+        } else {
+            let all: Vec<usize> = (0..tb.spec.lbs).collect();
+            tb.route("add", &all);
+        }
         tb
     }
 
@@ -250,6 +333,24 @@ impl Testbed {
             .chain(route.split_whitespace())
             .collect();
         self.router.ip(&args);
+    }
+
+    /// The next hops the router's kernel has for the VIP.
+    pub fn vip_paths(&self) -> Vec<String> {
+        let out = self.router.sh(&format!("ip route show {VIP}/32"));
+        out.split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "via")
+            .map(|w| w[1].to_string())
+            .collect()
+    }
+
+    /// Freezes LB `i`'s BIRD (SIGSTOP): its BGP session stays open but
+    /// silent, as on a hung host, so the router drops it at the hold time.
+    pub fn hang_bird(&mut self, i: usize) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.birds[i + 1].0.id() as i32, libc::SIGSTOP) };
     }
 
     /// Routes the VIP over the LB instances `active` (indexes) only.
@@ -282,6 +383,11 @@ impl Drop for Testbed {
         }
         self.lbds.clear();
         self.decaps.clear();
+        for b in &mut self.birds {
+            // SIGKILL also ends a stopped (hung) BIRD.
+            let _ = b.0.kill();
+        }
+        self.birds.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

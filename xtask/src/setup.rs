@@ -22,6 +22,8 @@ const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "ethtool",
+    // BIRD 2: the BGP daemon lbd drives (end-to-end BGP tests).
+    "bird2",
 ];
 
 fn installed(package: &str) -> bool {

@@ -47,6 +47,14 @@ enum Cmd {
         #[arg(long)]
         interface: String,
     },
+    /// Withdraw this instance's VIPs from the routers (BGP), then with
+    /// --wait return once traffic has stopped arriving.
+    Drain {
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Announce this instance's VIPs again after a drain.
+    Resume,
     #[command(subcommand)]
     Vip(VipCmd),
     #[command(subcommand)]
@@ -125,6 +133,33 @@ fn print_status(v: &Value) {
     }
 }
 
+/// Polls the forwarded-packet counter until a second passes with none
+/// (or 60 s): traffic has moved to the other instances.
+fn wait_for_quiet(socket: &std::path::Path) -> Result<()> {
+    let forwarded = || -> Result<u64> {
+        Ok(call(socket, &Request::Stats)?.data["forwarded"]
+            .as_u64()
+            .unwrap_or(0))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut last = forwarded()?;
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let now = forwarded()?;
+        if now == last {
+            println!("no traffic for 1 s: safe to stop");
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "traffic still arriving after 60 s ({} packets in the last second)",
+                now - last
+            );
+        }
+        last = now;
+    }
+}
+
 fn main() {
     if let Err(e) = real_main() {
         eprintln!("lbctl: {e:#}");
@@ -152,6 +187,18 @@ fn real_main() -> Result<()> {
     }
     let request = match cli.command {
         Cmd::CheckBackend { .. } => unreachable!("handled above"),
+        Cmd::Drain { wait } => {
+            let r = call(&cli.socket, &Request::DrainInstance)?;
+            if !r.ok {
+                bail!("{}", r.error.unwrap_or_default());
+            }
+            println!("{}", r.data.as_str().unwrap_or(""));
+            if wait {
+                wait_for_quiet(&cli.socket)?;
+            }
+            return Ok(());
+        }
+        Cmd::Resume => Request::ResumeInstance,
         Cmd::Status => Request::Status,
         Cmd::Stats => Request::Stats,
         Cmd::Reload => Request::Reload,

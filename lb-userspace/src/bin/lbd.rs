@@ -89,6 +89,8 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
             }
         }
     }
+    // Stop attracting traffic before going away (no-op without [bgp]).
+    daemon.withdraw_all();
     if daemon.pinned() {
         info!("exiting; the pinned data plane keeps forwarding (`lbd teardown` removes it)");
     } else {

@@ -1,0 +1,109 @@
+//! Announcing VIPs to routers through BIRD 2, which operators already run
+//! for BGP (lbd is not a BGP speaker). lbd owns one include file that holds
+//! a static protocol `lbd_vips` with a /32 route per VIP address this
+//! instance can serve; the operator's BIRD config includes it and exports
+//! `proto = "lbd_vips"` to its BGP peers. After each change lbd runs
+//! `birdc configure`. See docs/operations.md for both sides' config.
+
+use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BgpConfig {
+    /// BIRD's control socket.
+    #[serde(default = "default_socket")]
+    pub bird_socket: String,
+    /// The file lbd writes and BIRD includes.
+    pub routes_file: String,
+    /// The birdc binary.
+    #[serde(default = "default_birdc")]
+    pub birdc: String,
+}
+
+fn default_socket() -> String {
+    "/run/bird/bird.ctl".into()
+}
+fn default_birdc() -> String {
+    "birdc".into()
+}
+
+/// The include file announcing `vips` (empty set: a protocol with no routes).
+pub fn routes_file_text(vips: &BTreeSet<IpAddr>) -> String {
+    let mut out = String::from(
+        "# Written by lbd: VIPs this instance can serve. Do not edit.\nprotocol static lbd_vips {\n  ipv4;\n",
+    );
+    for vip in vips {
+        out.push_str(&format!("  route {vip}/32 blackhole;\n"));
+    }
+    out.push_str("}\n");
+    out
+}
+
+pub struct Announcer {
+    config: BgpConfig,
+    announced: Option<BTreeSet<IpAddr>>,
+}
+
+impl Announcer {
+    pub fn new(config: BgpConfig) -> Self {
+        Announcer {
+            config,
+            announced: None,
+        }
+    }
+
+    pub fn announced(&self) -> BTreeSet<IpAddr> {
+        self.announced.clone().unwrap_or_default()
+    }
+
+    /// Makes BIRD announce exactly `vips`; does nothing if that is already so.
+    pub fn set(&mut self, vips: BTreeSet<IpAddr>) -> Result<bool> {
+        if self.announced.as_ref() == Some(&vips) {
+            return Ok(false);
+        }
+        let path = PathBuf::from(&self.config.routes_file);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, routes_file_text(&vips))
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+        let out = Command::new(&self.config.birdc)
+            .args(["-s", &self.config.bird_socket, "configure"])
+            .output()
+            .with_context(|| format!("running {}", self.config.birdc))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success()
+            || !text.contains("Reconfigured") && !text.contains("Reconfiguration in progress")
+        {
+            bail!(
+                "birdc configure failed: {}{}",
+                text.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        self.announced = Some(vips);
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_file_lists_each_vip_once() {
+        let vips: BTreeSet<IpAddr> =
+            ["10.0.0.10".parse().unwrap(), "10.0.0.11".parse().unwrap()].into();
+        let text = routes_file_text(&vips);
+        assert!(text.contains("protocol static lbd_vips {\n  ipv4;\n"));
+        assert!(
+            text.contains("  route 10.0.0.10/32 blackhole;\n  route 10.0.0.11/32 blackhole;\n}")
+        );
+        assert_eq!(
+            routes_file_text(&BTreeSet::new()).matches("route ").count(),
+            0
+        );
+    }
+}
