@@ -321,3 +321,37 @@ fn a_reused_backend_id_has_its_old_flows_forgotten_first() {
     assert_eq!(maps.ops[0], "forget flows of 2", "{:?}", maps.ops);
     assert_eq!(maps.ops[1], "backend 2 flags=1");
 }
+
+#[test]
+fn a_full_slot_map_is_a_clear_error_and_changes_nothing() {
+    // Room for one 251-slot table and a bit: a second VIP does not fit.
+    let mut r = Reconciler::new(0, 300, Duration::from_secs(60));
+    let mut maps = FakeMaps::default();
+    let one = [vip(80, &[("10.1.0.1", 1, true)])];
+    r.apply(&one, &mut maps).unwrap();
+    let before_vips = maps.vips.clone();
+    let before_slots = maps.slots.clone();
+    let err = r
+        .apply(
+            &[one[0].clone(), vip(443, &[("10.1.0.2", 1, true)])],
+            &mut maps,
+        )
+        .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("MAGLEV_SLOTS is full"),
+        "{err:#}"
+    );
+    assert_eq!(
+        maps.vips.get(&key(80)),
+        before_vips.get(&key(80)),
+        "the running VIP is untouched"
+    );
+    let live = before_vips[&key(80)];
+    for s in live.table_offset..live.table_offset + live.table_size {
+        assert_eq!(maps.slots[&s], before_slots[&s], "its table is untouched");
+    }
+    assert!(
+        !maps.vips.contains_key(&key(443)),
+        "nothing half-installed is matched"
+    );
+}
