@@ -331,6 +331,21 @@ impl Dataplane {
         counts
     }
 
+    /// One of the object's programs, loaded on first use.
+    fn loaded(&mut self, name: &str) -> Result<&mut Xdp> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .with_context(|| format!("the kernel verifier rejected {name}"))?;
+        }
+        Ok(program)
+    }
+
     fn program(&mut self) -> &mut Xdp {
         self.ebpf
             .program_mut(PROGRAM_BALANCER)
@@ -440,11 +455,7 @@ impl Dataplane {
     /// if it had arrived on `ingress_ifindex` (0: none, FIB lookups fail).
     pub fn test_run(&mut self, packet: &[u8], ingress_ifindex: u32) -> Result<TestRunOutput> {
         let mut out = vec![0u8; packet.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        let mut ctx = [0u32; 6];
-        ctx[1] = packet.len() as u32;
-        ctx[3] = ingress_ifindex;
-        let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let ctx_bytes = xdp_md(packet.len(), ingress_ifindex);
         let opts = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
@@ -463,14 +474,7 @@ impl Dataplane {
     /// Runs the do-nothing `pass` program once on `packet`: the fixed cost
     /// of a `BPF_PROG_TEST_RUN` call, to subtract from measurements.
     pub fn test_run_empty(&mut self, packet: &[u8]) -> Result<Duration> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(PROGRAM_PASS)
-            .context("no pass program")?
-            .try_into()?;
-        if program.fd().is_err() {
-            program.load()?;
-        }
+        let program = self.loaded(PROGRAM_PASS)?;
         let mut out = vec![0u8; packet.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(packet),
@@ -491,18 +495,8 @@ impl Dataplane {
         ingress_ifindex: u32,
         repeat: u32,
     ) -> Result<Duration> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(program)
-            .context("no such program")?
-            .try_into()?;
-        if program.fd().is_err() {
-            program.load()?;
-        }
-        let mut ctx = [0u32; 6];
-        ctx[1] = packet.len() as u32;
-        ctx[3] = ingress_ifindex;
-        let ctx_bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let program = self.loaded(program)?;
+        let ctx_bytes = xdp_md(packet.len(), ingress_ifindex);
         let opts = TestRunOptions {
             data_in: Some(packet),
             ctx_in: Some(&ctx_bytes),
@@ -526,14 +520,7 @@ impl Dataplane {
 
     /// Attaches one of the object's helper programs (`pass`, `sink`).
     pub fn attach_helper(&mut self, name: &str, interface: &str, mode: XdpMode) -> Result<()> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .context("no such program")?
-            .try_into()?;
-        if program.fd().is_err() {
-            program.load()?;
-        }
+        let program = self.loaded(name)?;
         program
             .attach(interface, mode)
             .with_context(|| format!("attaching {name} to {interface}"))?;
@@ -565,6 +552,15 @@ impl Dataplane {
             .context("BPF_PROG_TEST_RUN")?
             .duration)
     }
+}
+
+/// A `struct xdp_md` for `BPF_PROG_TEST_RUN`: data, data_end, data_meta,
+/// ingress_ifindex, rx_queue_index, egress_ifindex.
+fn xdp_md(len: usize, ingress_ifindex: u32) -> Vec<u8> {
+    [0, len as u32, 0, ingress_ifindex, 0, 0]
+        .iter()
+        .flat_map(|w: &u32| w.to_ne_bytes())
+        .collect()
 }
 
 /// Fails with one clear line when `dir` is not on a mounted bpffs.

@@ -443,6 +443,72 @@ impl Conn {
     }
 }
 
+/// Per backend: (connections answering, connections).
+pub type Liveness = BTreeMap<String, (usize, usize)>;
+
+/// Long-lived connections held open on one client thread for a whole test;
+/// `check` pings every one and reports who still answers.
+pub struct LongLived {
+    requests: Option<std::sync::mpsc::Sender<std::sync::mpsc::Sender<Liveness>>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl LongLived {
+    /// Pings every connection; per backend, how many answered from it.
+    pub fn check(&self) -> Liveness {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.requests
+            .as_ref()
+            .expect("open")
+            .send(tx)
+            .expect("holder thread alive");
+        rx.recv_timeout(Duration::from_secs(60))
+            .expect("holder thread answers")
+    }
+
+    /// How many connections answered from their backend.
+    pub fn alive(&self) -> usize {
+        self.check().values().map(|v| v.0).sum()
+    }
+}
+
+impl Drop for LongLived {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Testbed {
+    /// Opens `n` connections from the client and keeps them open.
+    pub fn hold_connections(&self, n: usize) -> LongLived {
+        let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<Liveness>>();
+        let guard = self.client.enter();
+        let thread = thread::spawn(move || {
+            let mut conns: Vec<Conn> = (0..n).map(|_| Conn::open().expect("connection")).collect();
+            while let Ok(reply) = rx.recv() {
+                let mut by_backend = Liveness::new();
+                for c in conns.iter_mut() {
+                    let ok = c.alive();
+                    let e = by_backend.entry(c.backend.clone()).or_default();
+                    e.0 += ok as usize;
+                    e.1 += 1;
+                }
+                let _ = reply.send(by_backend);
+            }
+        });
+        drop(guard);
+        let held = LongLived {
+            requests: Some(tx),
+            thread: Some(thread),
+        };
+        held.check(); // every connection is open from here on
+        held
+    }
+}
+
 /// Opens `n` short connections and counts answers per backend.
 pub fn spread(n: usize) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use lb_tests::{
     have_root,
-    testbed::{BGP_HOLD_TIME, Conn, Spec, Testbed},
+    testbed::{BGP_HOLD_TIME, Spec, Testbed},
 };
 use lb_userspace::api::Request;
 
@@ -43,21 +43,8 @@ fn bgp_paths_follow_instances_drain_and_hard_kill() {
     // One path per instance.
     wait_paths(&tb, &["10.20.1.2", "10.20.2.2"], Duration::from_secs(5));
 
-    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<usize>>();
-    let guard = tb.client.enter();
-    let holder = std::thread::spawn(move || {
-        let mut conns: Vec<Conn> = (0..60).map(|_| Conn::open().expect("connection")).collect();
-        while let Ok(reply) = cmd_rx.recv() {
-            let alive = conns.iter_mut().map(|c| c.alive()).filter(|&ok| ok).count();
-            let _ = reply.send(alive);
-        }
-    });
-    drop(guard);
-    let check = || {
-        let (tx, rx) = std::sync::mpsc::channel();
-        cmd_tx.send(tx).unwrap();
-        rx.recv_timeout(Duration::from_secs(60)).unwrap()
-    };
+    let held = tb.hold_connections(60);
+    let check = || held.alive();
     assert_eq!(check(), 60);
 
     // Graceful drain of lb1: withdrawn, traffic moves, nothing breaks.
@@ -112,6 +99,4 @@ fn bgp_paths_follow_instances_drain_and_hard_kill() {
         "all 60 connections answer again {:?} after the kill",
         killed_at.elapsed()
     );
-    drop(cmd_tx);
-    holder.join().unwrap();
 }

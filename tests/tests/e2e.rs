@@ -56,33 +56,16 @@ fn connections_survive_an_lb_instance_leaving_and_joining_ecmp() {
         return;
     }
     let tb = Testbed::new("e2e", Spec::default());
-    // Long-lived connections live on one client thread for the whole test.
-    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<usize>>();
-    let guard = tb.client.enter();
-    let holder = std::thread::spawn(move || {
-        let mut conns: Vec<Conn> = (0..60).map(|_| Conn::open().expect("connection")).collect();
-        while let Ok(reply) = cmd_rx.recv() {
-            let alive = conns.iter_mut().map(|c| c.alive()).filter(|&ok| ok).count();
-            let _ = reply.send(alive);
-        }
-    });
-    drop(guard);
-    let check = || {
-        let (tx, rx) = std::sync::mpsc::channel();
-        cmd_tx.send(tx).unwrap();
-        rx.recv_timeout(Duration::from_secs(60)).unwrap()
-    };
-    assert_eq!(check(), 60);
+    let held = tb.hold_connections(60);
+    assert_eq!(held.alive(), 60);
     tb.set_ecmp(&[1]);
-    let after_leave = check();
+    let after_leave = held.alive();
     tb.set_ecmp(&[0, 1]);
-    let after_join = check();
+    let after_join = held.alive();
     tb.set_ecmp(&[0]);
-    let after_switch = check();
+    let after_switch = held.alive();
     eprintln!("survived: leave {after_leave}/60, join {after_join}/60, switch {after_switch}/60");
     assert_eq!((after_leave, after_join, after_switch), (60, 60, 60));
-    drop(cmd_tx);
-    holder.join().unwrap();
 }
 
 #[test]
@@ -98,29 +81,8 @@ fn backend_failure_is_detected_and_only_its_connections_break() {
             ..Spec::default()
         },
     );
-    let guard = tb.client.enter();
-    let (cmd_tx, cmd_rx) =
-        std::sync::mpsc::channel::<std::sync::mpsc::Sender<BTreeMap<String, (usize, usize)>>>();
-    let holder = std::thread::spawn(move || {
-        let mut conns: Vec<Conn> = (0..60).map(|_| Conn::open().expect("connection")).collect();
-        while let Ok(reply) = cmd_rx.recv() {
-            let mut by_backend: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-            for c in conns.iter_mut() {
-                let ok = c.alive();
-                let e = by_backend.entry(c.backend.clone()).or_default();
-                e.0 += ok as usize;
-                e.1 += 1;
-            }
-            let _ = reply.send(by_backend);
-        }
-    });
-    drop(guard);
-    let check = || {
-        let (tx, rx) = std::sync::mpsc::channel();
-        cmd_tx.send(tx).unwrap();
-        rx.recv_timeout(Duration::from_secs(60)).unwrap()
-    };
-    assert!(check().values().all(|(ok, n)| ok == n));
+    let held = tb.hold_connections(60);
+    assert!(held.check().values().all(|(ok, n)| ok == n));
     let failed_at = Instant::now();
     tb.stop_backend(2);
     // Health checks (100 ms x fall 2) take be3 out of every instance's table.
@@ -140,8 +102,7 @@ fn backend_failure_is_detected_and_only_its_connections_break() {
     };
     eprintln!("be3 out of both instances' tables {out:?} after its server stopped");
     assert!(out < Duration::from_millis(200 + 1000));
-    let after = check();
-    for (backend, (ok, n)) in &after {
+    for (backend, (ok, n)) in &held.check() {
         if backend != "be3" {
             assert_eq!(ok, n, "{backend}: a connection to a healthy backend broke");
         }
@@ -156,8 +117,6 @@ fn backend_failure_is_detected_and_only_its_connections_break() {
         !fresh.contains_key("be3"),
         "new connections avoid the failed backend: {fresh:?}"
     );
-    drop(cmd_tx);
-    holder.join().unwrap();
 }
 
 #[test]
@@ -166,27 +125,7 @@ fn draining_keeps_existing_connections_and_sends_new_ones_elsewhere() {
         return;
     }
     let tb = Testbed::new("e2d", Spec::default());
-    let guard = tb.client.enter();
-    let (cmd_tx, cmd_rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<(usize, usize)>>();
-    let holder = std::thread::spawn(move || {
-        let mut conns: Vec<Conn> = (0..60).map(|_| Conn::open().expect("connection")).collect();
-        while let Ok(reply) = cmd_rx.recv() {
-            let on_be1: Vec<&mut Conn> = conns.iter_mut().filter(|c| c.backend == "be1").collect();
-            let n = on_be1.len();
-            let ok = on_be1
-                .into_iter()
-                .map(|c| c.alive())
-                .filter(|&ok| ok)
-                .count();
-            let _ = reply.send((ok, n));
-        }
-    });
-    drop(guard);
-    // Wait until the connections are open before draining.
-    let (tx, rx) = std::sync::mpsc::channel();
-    cmd_tx.send(tx).unwrap();
-    let (ok, n) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
-    assert_eq!(ok, n);
+    let held = tb.hold_connections(60);
     for i in 0..tb.lbds.len() {
         let r = tb.lbctl(
             i,
@@ -197,9 +136,7 @@ fn draining_keeps_existing_connections_and_sends_new_ones_elsewhere() {
         );
         assert!(r.ok, "{r:?}");
     }
-    let (tx, rx) = std::sync::mpsc::channel();
-    cmd_tx.send(tx).unwrap();
-    let (ok, n) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    let (ok, n) = held.check().get("be1").copied().unwrap_or_default();
     assert!(n > 0, "some connections were on be1");
     assert_eq!(ok, n, "connections on the drained backend keep working");
     let tracked: u64 = (0..tb.lbds.len())
@@ -219,8 +156,6 @@ fn draining_keeps_existing_connections_and_sends_new_ones_elsewhere() {
         !fresh.contains_key("be1"),
         "no new connection on the drained backend: {fresh:?}"
     );
-    drop(cmd_tx);
-    holder.join().unwrap();
 }
 
 #[test]

@@ -7,11 +7,10 @@
 
 use std::{
     collections::BTreeMap,
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
-use lb_tests::testbed::{Conn, Spec, Testbed, spread};
+use lb_tests::testbed::{Spec, Testbed, spread};
 use lb_userspace::api::Request;
 
 const LONG_LIVED: usize = 60;
@@ -46,28 +45,9 @@ fn main() {
     bar(&short, "300 short connections, by backend:");
     let mut ok = short.values().sum::<usize>() == 300;
 
-    // Long-lived connections on one client thread; each request pings them all.
-    let (cmd_tx, cmd_rx) = mpsc::channel::<mpsc::Sender<BTreeMap<String, (usize, usize)>>>();
-    let guard = tb.client.enter();
-    let holder = std::thread::spawn(move || {
-        let mut conns: Vec<Conn> = (0..LONG_LIVED).filter_map(|_| Conn::open()).collect();
-        while let Ok(reply) = cmd_rx.recv() {
-            let mut by_backend: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-            for c in conns.iter_mut() {
-                let alive = c.alive();
-                let e = by_backend.entry(c.backend.clone()).or_default();
-                e.0 += alive as usize;
-                e.1 += 1;
-            }
-            let _ = reply.send(by_backend);
-        }
-    });
-    drop(guard);
-    let check = || {
-        let (tx, rx) = mpsc::channel();
-        cmd_tx.send(tx).ok();
-        rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default()
-    };
+    // Long-lived connections held on one client thread; `check` pings them all.
+    let held = tb.hold_connections(LONG_LIVED);
+    let check = || held.check();
     let alive = |m: &BTreeMap<String, (usize, usize)>| m.values().map(|v| v.0).sum::<usize>();
     let steady = check();
     bar(
@@ -130,8 +110,7 @@ fn main() {
     bar(&fresh, "100 new connections after the failure:");
     ok &= fresh.values().sum::<usize>() == 100 && !fresh.contains_key("be3");
 
-    drop(cmd_tx);
-    let _ = holder.join();
+    drop(held);
     drop(tb);
     println!(
         "\n== torn down; {:.1} s in all",
