@@ -227,6 +227,16 @@ fn main() -> anyhow::Result<()> {
             "net of the floor".into(),
         ));
     }
+    if std::env::var_os("LB_BENCH_QUICK").is_some() {
+        // Data path only, for quick comparisons while tuning.
+        for s in &stats {
+            println!(
+                "{:<48} {:>10.2} {:>10.2}  {}",
+                s.name, s.min, s.median, s.unit
+            );
+        }
+        return Ok(());
+    }
 
     // Throughput on one core: live frames (BPF_F_TEST_XDP_LIVE_FRAMES) really
     // transmitted, the LB encapsulating with XDP_TX versus the kernel's own
