@@ -27,6 +27,9 @@ pub const MAP_VIP_STATS: &str = "VIP_STATS";
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
 /// The load-time settings global (see `settings::Settings`).
 pub const GLOBAL_SETTINGS: &str = "SETTINGS";
+/// `ANY_PORT_VIPS`: array of one u32, non-zero while some VIP has port 0
+/// (saves non-VIP traffic a second `VIPS` lookup).
+pub const MAP_ANY_PORT_VIPS: &str = "ANY_PORT_VIPS";
 /// `NEXTHOP_CACHE`: per-CPU array, backend id -> `NextHopCache`.
 pub const MAP_NEXTHOP_CACHE: &str = "NEXTHOP_CACHE";
 /// `DECAP_STATS`: per-CPU array, `DecapReason` -> `Counter` (backend side).

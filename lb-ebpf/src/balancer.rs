@@ -17,7 +17,10 @@ use lb_common::{
 
 use crate::{
     encap::{NextHop, OuterIpv4, encapsulate, lookup_next_hop},
-    maps::{BACKENDS, CONNTRACK, INSERT_BUDGET, MAGLEV_SLOTS, NEXTHOP_CACHE, VIPS, settings},
+    maps::{
+        ANY_PORT_VIPS, BACKENDS, CONNTRACK, INSERT_BUDGET, MAGLEV_SLOTS, NEXTHOP_CACHE, VIPS,
+        settings,
+    },
     parse::{Ipv4Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, parse, ptr_at},
     stats::{count, count_backend, count_vip},
 };
@@ -77,7 +80,7 @@ fn lookup_vip(pkt: &Ipv4Packet) -> Option<VipMeta> {
     if let Some(meta) = unsafe { VIPS.get(&key) } {
         return Some(*meta);
     }
-    if pkt.is_fragment || key.port == 0 {
+    if pkt.is_fragment || key.port == 0 || ANY_PORT_VIPS.get(0).is_none_or(|&n| n == 0) {
         return None;
     }
     key.port = 0;

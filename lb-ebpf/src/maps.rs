@@ -28,6 +28,11 @@ pub fn settings() -> Settings {
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 2, 0);
 
+/// Non-zero while some VIP has port 0: otherwise a packet that misses its
+/// exact (address, port, protocol) key needs no second lookup.
+#[map]
+pub static ANY_PORT_VIPS: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Backends by id: outer address, validity, owning VIP.
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);

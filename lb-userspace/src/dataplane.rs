@@ -21,9 +21,9 @@ use aya::{
 use lb_common::{
     maps::{
         Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, FlowKey,
-        GLOBAL_SETTINGS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNTRACK, MAP_MAGLEV_SLOTS,
-        MAP_NEXTHOP_CACHE, MAP_REASON_STATS, MAP_VIP_STATS, MAP_VIPS, PROGRAM_BALANCER,
-        PROGRAM_PASS, Reason, VipKey, VipMeta,
+        GLOBAL_SETTINGS, MAP_ANY_PORT_VIPS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNTRACK,
+        MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_REASON_STATS, MAP_VIP_STATS, MAP_VIPS,
+        PROGRAM_BALANCER, PROGRAM_PASS, Reason, VipKey, VipMeta,
     },
     settings::Settings,
 };
@@ -54,8 +54,9 @@ impl Default for LoadOptions {
 }
 
 /// Maps that carry state across daemon restarts.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 9] = [
     MAP_VIPS,
+    MAP_ANY_PORT_VIPS,
     MAP_BACKENDS,
     MAP_MAGLEV_SLOTS,
     MAP_CONNTRACK,
@@ -163,6 +164,7 @@ use std::os::fd::AsFd;
 pub struct Dataplane {
     slots: SlotsMmap,
     vips: HashMap<MapData, VipKey, VipMeta>,
+    any_port_vips: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
     /// A duplicate of the connection table's fd, to read its fdinfo.
@@ -247,6 +249,7 @@ impl Dataplane {
         Ok(Dataplane {
             slots,
             vips: take(&mut ebpf, MAP_VIPS)?,
+            any_port_vips: take(&mut ebpf, MAP_ANY_PORT_VIPS)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             conntrack_fd,
             conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
@@ -366,6 +369,18 @@ impl Dataplane {
 
     pub fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<()> {
         self.vips.insert(key, meta, 0).context("writing VIPS")
+    }
+
+    /// Whether some VIP has port 0 (set before adding one, cleared after the
+    /// last one is gone).
+    pub fn set_any_port_vips(&mut self, on: bool) -> Result<()> {
+        self.any_port_vips
+            .set(0, on as u32, 0)
+            .context("writing ANY_PORT_VIPS")
+    }
+
+    pub fn any_port_vips(&self) -> bool {
+        self.any_port_vips.get(&0, 0).is_ok_and(|v| v != 0)
     }
 
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {

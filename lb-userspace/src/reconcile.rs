@@ -37,6 +37,8 @@ pub trait MapWriter {
     /// Deletes connection-table entries that still name backend `id`, before
     /// the id is given to another backend.
     fn forget_flows_of(&mut self, id: u32) -> Result<u64>;
+    /// Tells the data path whether any VIP has port 0.
+    fn set_any_port_vips(&mut self, on: bool) -> Result<()>;
 }
 
 impl MapWriter for crate::dataplane::Dataplane {
@@ -54,6 +56,9 @@ impl MapWriter for crate::dataplane::Dataplane {
     }
     fn forget_flows_of(&mut self, id: u32) -> Result<u64> {
         crate::dataplane::Dataplane::forget_flows_of(self, id)
+    }
+    fn set_any_port_vips(&mut self, on: bool) -> Result<()> {
+        crate::dataplane::Dataplane::set_any_port_vips(self, on)
     }
 }
 
@@ -157,6 +162,8 @@ pub struct Reconciler {
     /// Incremented each time any table is switched (exported as a metric).
     pub generation: u64,
     frag_keys: BTreeMap<VipKey, VipMeta>,
+    /// What `ANY_PORT_VIPS` says (None: not known yet).
+    any_port: Option<bool>,
 }
 
 impl Reconciler {
@@ -169,6 +176,7 @@ impl Reconciler {
             vip_ids: IdAllocator::new(1, MAX_VIPS, Duration::ZERO),
             generation: 0,
             frag_keys: BTreeMap::new(),
+            any_port: None,
         }
     }
 
@@ -202,6 +210,12 @@ impl Reconciler {
     ) -> Result<ApplyReport> {
         let now = Instant::now();
         let mut report = ApplyReport::default();
+        // Port-0 VIPs: the data path must look for them before one exists...
+        let want_any_port = desired.iter().any(|d| d.key.port == 0);
+        if want_any_port && self.any_port != Some(true) {
+            maps.set_any_port_vips(true)?;
+            self.any_port = Some(true);
+        }
         // VIPs that are gone: stop matching them first, then clean up.
         let wanted: BTreeMap<VipKey, &DesiredVip> = desired.iter().map(|d| (d.key, d)).collect();
         let gone: Vec<VipKey> = self
@@ -237,6 +251,11 @@ impl Reconciler {
             }
         }
         self.apply_fragment_keys(maps)?;
+        // ...and may stop only once none is left.
+        if !want_any_port && self.any_port != Some(false) {
+            maps.set_any_port_vips(false)?;
+            self.any_port = Some(false);
+        }
         Ok(report)
     }
 

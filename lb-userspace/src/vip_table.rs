@@ -111,6 +111,9 @@ pub fn install_vip(
         table_offset: offset,
         table_size: len,
     };
+    if key.port == 0 {
+        dp.set_any_port_vips(true)?;
+    }
     dp.set_vip(key, meta)?;
     Ok(meta)
 }

@@ -11,6 +11,7 @@ struct FakeMaps {
     backends: BTreeMap<u32, Backend>,
     slots: BTreeMap<u32, u32>,
     vips: BTreeMap<VipKey, VipMeta>,
+    any_port: bool,
 }
 
 impl MapWriter for FakeMaps {
@@ -78,6 +79,16 @@ impl MapWriter for FakeMaps {
     fn forget_flows_of(&mut self, id: u32) -> Result<u64> {
         self.ops.push(format!("forget flows of {id}"));
         Ok(0)
+    }
+    fn set_any_port_vips(&mut self, on: bool) -> Result<()> {
+        if !on {
+            assert!(
+                !self.vips.keys().any(|k| k.port == 0 && k.kind == 0),
+                "cleared while a port-0 VIP exists"
+            );
+        }
+        self.any_port = on;
+        Ok(())
     }
 }
 
@@ -354,4 +365,25 @@ fn a_full_slot_map_is_a_clear_error_and_changes_nothing() {
         !maps.vips.contains_key(&key(443)),
         "nothing half-installed is matched"
     );
+}
+
+#[test]
+fn any_port_flag_is_set_before_a_port_zero_vip_and_cleared_after() {
+    let mut r = Reconciler::new(0, 10_000, Duration::from_secs(60));
+    let mut maps = FakeMaps::default();
+    r.apply(&[vip(80, &[("10.1.0.1", 1, true)])], &mut maps)
+        .unwrap();
+    assert!(!maps.any_port);
+    r.apply(
+        &[
+            vip(80, &[("10.1.0.1", 1, true)]),
+            vip(0, &[("10.1.0.2", 1, true)]),
+        ],
+        &mut maps,
+    )
+    .unwrap();
+    assert!(maps.any_port);
+    r.apply(&[vip(80, &[("10.1.0.1", 1, true)])], &mut maps)
+        .unwrap();
+    assert!(!maps.any_port);
 }
