@@ -283,7 +283,14 @@ impl Daemon {
             return; // a checker that was just stopped
         }
         let state = if ev.healthy { "up" } else { "down" };
-        warn!(backend = %ev.backend, vip = ?ev.vip, state, "backend health changed");
+        let vip = self
+            .config
+            .vips
+            .iter()
+            .find(|v| vip_key(v) == ev.vip)
+            .map(|v| v.name())
+            .unwrap_or_default();
+        warn!(backend = %ev.backend, vip = %vip, state, "backend health changed");
         self.health.insert((ev.vip, ev.backend), ev.healthy);
         if let Err(e) = self.apply() {
             error!("applying a health change: {e:#}");
