@@ -201,6 +201,17 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Outcomes that sent the packet on toward a backend (by XDP or, while
+    /// the neighbour resolves, by the kernel).
+    pub const FORWARDED: [Reason; 3] = [Reason::Tx, Reason::Redirect, Reason::PassNoNeighbour];
+    /// Outcomes that dropped the packet.
+    pub const DROPPED: [Reason; 4] = [
+        Reason::DropNoBackend,
+        Reason::DropNoRoute,
+        Reason::DropTooBig,
+        Reason::DropEncapFailed,
+    ];
+
     pub const COUNT: u32 = 15;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIpv4,

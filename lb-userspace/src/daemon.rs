@@ -505,10 +505,7 @@ impl Daemon {
     }
 
     fn stats(&self) -> serde_json::Value {
-        let forwarded: u64 = [Reason::Tx, Reason::Redirect, Reason::PassNoNeighbour]
-            .iter()
-            .map(|r| self.dp.reason_counter(*r).packets)
-            .sum();
+        let forwarded = self.dp.packets_of(&Reason::FORWARDED);
         let reasons: serde_json::Map<String, serde_json::Value> = self
             .dp
             .reason_counters()
@@ -638,17 +635,8 @@ impl Daemon {
     }
 
     pub fn log_stats(&self) {
-        let tx = self.dp.reason_counter(Reason::Tx).packets
-            + self.dp.reason_counter(Reason::Redirect).packets;
-        let dropped: u64 = [
-            Reason::DropNoBackend,
-            Reason::DropNoRoute,
-            Reason::DropTooBig,
-            Reason::DropEncapFailed,
-        ]
-        .iter()
-        .map(|r| self.dp.reason_counter(*r).packets)
-        .sum();
+        let tx = self.dp.packets_of(&Reason::FORWARDED);
+        let dropped = self.dp.packets_of(&Reason::DROPPED);
         info!(
             forwarded = tx,
             dropped,

@@ -437,14 +437,15 @@ impl Dataplane {
     }
 
     fn sum(map: &PerCpuArray<MapData, Counter>, index: u32) -> Counter {
-        map.get(&index, 0)
-            .map(|per_cpu| {
-                per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
-                    packets: acc.packets + c.packets,
-                    bytes: acc.bytes + c.bytes,
-                })
-            })
-            .unwrap_or_default()
+        sum_cpus(map, index)
+    }
+
+    /// Packets summed over `reasons`.
+    pub fn packets_of(&self, reasons: &[Reason]) -> u64 {
+        reasons
+            .iter()
+            .map(|r| self.reason_counter(*r).packets)
+            .sum()
     }
 
     pub fn reason_counter(&self, reason: Reason) -> Counter {
@@ -567,6 +568,19 @@ impl Dataplane {
             .context("BPF_PROG_TEST_RUN")?
             .duration)
     }
+}
+
+/// Entry `index` of a per-CPU counter array, summed over the CPUs
+/// (0 when the entry cannot be read).
+pub fn sum_cpus(map: &PerCpuArray<MapData, Counter>, index: u32) -> Counter {
+    map.get(&index, 0)
+        .map(|per_cpu| {
+            per_cpu.iter().fold(Counter::default(), |acc, c| Counter {
+                packets: acc.packets + c.packets,
+                bytes: acc.bytes + c.bytes,
+            })
+        })
+        .unwrap_or_default()
 }
 
 /// A `struct xdp_md` for `BPF_PROG_TEST_RUN`: data, data_end, data_meta,

@@ -42,14 +42,6 @@ impl Decap {
     }
 
     pub fn counter(&self, reason: DecapReason) -> Counter {
-        self.stats
-            .get(&(reason as u32), 0)
-            .map(|v| {
-                v.iter().fold(Counter::default(), |a, c| Counter {
-                    packets: a.packets + c.packets,
-                    bytes: a.bytes + c.bytes,
-                })
-            })
-            .unwrap_or_default()
+        crate::dataplane::sum_cpus(&self.stats, reason as u32)
     }
 }

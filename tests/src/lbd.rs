@@ -158,18 +158,10 @@ impl Lbd {
     pub fn forwarded(&self) -> u64 {
         let m: aya::maps::PerCpuArray<MapData, lb_common::maps::Counter> =
             aya::maps::PerCpuArray::try_from(Map::PerCpuArray(self.map("REASON_STATS"))).unwrap();
-        [
-            lb_common::maps::Reason::Tx,
-            lb_common::maps::Reason::Redirect,
-            lb_common::maps::Reason::PassNoNeighbour,
-        ]
-        .iter()
-        .map(|r| {
-            m.get(&(*r as u32), 0)
-                .map(|v| v.iter().map(|c| c.packets).sum::<u64>())
-                .unwrap_or(0)
-        })
-        .sum()
+        lb_common::maps::Reason::FORWARDED
+            .iter()
+            .map(|r| lb_userspace::dataplane::sum_cpus(&m, *r as u32).packets)
+            .sum()
     }
 }
 
