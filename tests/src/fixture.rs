@@ -23,7 +23,7 @@ use lb_common::{
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions, TestRunOutput},
     slots::SlotAllocator,
-    vip_table::{BackendSpec, install_vip, maglev_ids},
+    vip_table::{BackendSpec, fragment_owners, install_vip, maglev_ids},
 };
 
 use crate::{
@@ -255,16 +255,27 @@ impl Harness {
             self.model.slots.insert(meta.table_offset + i as u32, *id);
         }
         self.model.vips.insert(key, meta);
-        // Fragments of this address and protocol go to the port-0 VIP, else
-        // to the first VIP added for it.
-        let frag_key = VipKey {
-            port: 0,
-            kind: VIP_KIND_FRAGMENTS,
-            ..key
-        };
-        if key.port == 0 || !self.model.vips.contains_key(&frag_key) {
-            self.dp.set_vip(frag_key, meta).unwrap();
-            self.model.vips.insert(frag_key, meta);
+        // Fragment keys follow the control plane's rule (port-0 VIP, else
+        // the lowest port's).
+        let keys: Vec<VipKey> = self
+            .model
+            .vips
+            .keys()
+            .filter(|k| k.kind != VIP_KIND_FRAGMENTS)
+            .copied()
+            .collect();
+        for ((addr, proto), owner) in fragment_owners(&keys) {
+            let frag_key = VipKey {
+                addr,
+                port: 0,
+                proto,
+                kind: VIP_KIND_FRAGMENTS,
+            };
+            let owner_meta = self.model.vips[&owner];
+            if self.model.vips.get(&frag_key) != Some(&owner_meta) {
+                self.dp.set_vip(frag_key, owner_meta).unwrap();
+                self.model.vips.insert(frag_key, owner_meta);
+            }
         }
         meta
     }

@@ -2,18 +2,8 @@
 
 use anyhow::Result;
 
-use crate::{cargo, run};
+use crate::run_tests_binary;
 
 pub fn bench(calls: u32) -> Result<()> {
-    run(cargo()
-        .args([
-            "run",
-            "--release",
-            "-p",
-            "lb-tests",
-            "--bin",
-            "lb-bench",
-            "--",
-        ])
-        .arg(calls.to_string()))
+    run_tests_binary("lb-bench", &[&calls.to_string()])
 }

@@ -4,9 +4,9 @@
 
 use anyhow::Result;
 
-use crate::{cargo, run};
+use crate::{cargo, run, run_tests_binary};
 
 pub fn demo() -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bins"]))?;
-    run(cargo().args(["run", "--release", "-p", "lb-tests", "--bin", "lb-demo"]))
+    run_tests_binary("lb-demo", &[])
 }

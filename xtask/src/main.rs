@@ -55,6 +55,13 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs one of the `lb-tests` binaries (bench, fuzz, demo) in release mode.
+pub fn run_tests_binary(name: &str, args: &[&str]) -> Result<()> {
+    run(cargo()
+        .args(["run", "--release", "-p", "lb-tests", "--bin", name, "--"])
+        .args(args))
+}
+
 /// cargo, with `~/.cargo/bin` (where bpf-linker lands) on PATH.
 pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -109,20 +116,10 @@ fn main() -> Result<()> {
         }
         Cmd::Fuzz { count, seed } => {
             setup::setup()?;
-            run(cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "lb-tests",
-                    "--bin",
-                    "lb-fuzz",
-                    "--",
-                    "--count",
-                ])
-                .arg(count.to_string())
-                .arg("--seed")
-                .arg(seed.to_string()))
+            run_tests_binary(
+                "lb-fuzz",
+                &["--count", &count.to_string(), "--seed", &seed.to_string()],
+            )
         }
         Cmd::Demo => {
             setup::setup()?;

@@ -104,30 +104,14 @@ fn main() -> anyhow::Result<()> {
         65_537,
     );
     let flows = 50_000u32;
-    let syn: Vec<Vec<u8>> = (0..flows)
-        .map(|i| {
-            packets::tcp(
-                client(i),
-                10_000 + (i % 50_000) as u16,
-                vip,
-                80,
-                TcpKind::Syn,
-                0,
-            )
-        })
-        .collect();
-    let ack: Vec<Vec<u8>> = (0..flows)
-        .map(|i| {
-            packets::tcp(
-                client(i),
-                10_000 + (i % 50_000) as u16,
-                vip,
-                80,
-                TcpKind::Ack,
-                0,
-            )
-        })
-        .collect();
+    // The same 50,000 flows, as SYNs (to create them) and as ACKs.
+    let packets_of = |kind: TcpKind| -> Vec<Vec<u8>> {
+        (0..flows)
+            .map(|i| packets::tcp(client(i), 10_000 + (i % 50_000) as u16, vip, 80, kind, 0))
+            .collect()
+    };
+    let syn = packets_of(TcpKind::Syn);
+    let ack = packets_of(TcpKind::Ack);
     let big: Vec<Vec<u8>> = vec![packets::tcp(
         client(0),
         10_000,
