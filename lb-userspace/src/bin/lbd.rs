@@ -57,10 +57,14 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
             error!("control socket: {e:#}");
         }
     });
-    if !daemon.config().lb.metrics_address.is_empty() {
+    // Without an endpoint nobody reads the text: do not render it each second.
+    let metrics_on = !daemon.config().lb.metrics_address.is_empty();
+    if metrics_on {
         serve_metrics(&daemon.config().lb.metrics_address, daemon.metrics_handle())?;
     }
-    daemon.refresh_metrics();
+    if metrics_on {
+        daemon.refresh_metrics();
+    }
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -81,7 +85,9 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {
-                daemon.refresh_metrics();
+                if metrics_on {
+                    daemon.refresh_metrics();
+                }
                 seconds += 1;
                 if stats_interval > 0 && seconds.is_multiple_of(stats_interval) {
                     daemon.log_stats();
