@@ -49,7 +49,8 @@ mod tests {
             sport,
             dport: 80,
             proto: 6,
-            _pad: [0; 3],
+            family: crate::maps::FAMILY_IPV4,
+            _pad: [0; 2],
         }
     }
 

@@ -24,3 +24,7 @@ pub mod user;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_IPIP: u8 = 4;
+/// IPv6 encapsulated in IPv4 or IPv6 (RFC 2473 / 4213).
+pub const PROTO_IPV6: u8 = 41;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;

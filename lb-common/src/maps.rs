@@ -8,8 +8,14 @@
 use core::mem::size_of;
 
 /// An IPv4 or IPv6 address as four 32-bit words in network byte order.
-/// IPv4 uses word 0; the other words are zero.
+/// IPv4 uses word 0; the other words are zero. Keys that hold addresses also
+/// carry the family, so an IPv6 address whose last 96 bits are zero never
+/// meets an IPv4 one.
 pub type Addr = [u32; 4];
+
+/// `FlowKey::family` / `VipKey::family` values.
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
 
 /// `VIPS`: `VipKey -> VipMeta`.
 pub const MAP_VIPS: &str = "VIPS";
@@ -59,6 +65,10 @@ pub const VIP_KIND_PORT: u8 = 0;
 /// use: fragments after the first carry no ports. Userspace points it at the
 /// port-0 VIP of that address if there is one, else at the lowest port's VIP.
 pub const VIP_KIND_FRAGMENTS: u8 = 1;
+/// `VipKey::kind` of the per-address key (port 0, protocol 0) that says
+/// "this address is a VIP": echo requests to it are answered by the data
+/// path. Its meta is the address's fragment owner's.
+pub const VIP_KIND_ADDRESS: u8 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,16 +77,23 @@ pub struct VipKey {
     /// Network byte order; 0 = every port.
     pub port: u16,
     pub proto: u8,
-    /// `VIP_KIND_PORT` or `VIP_KIND_FRAGMENTS`.
+    /// `VIP_KIND_PORT`, `VIP_KIND_FRAGMENTS` or `VIP_KIND_ADDRESS`.
     pub kind: u8,
+    /// `FAMILY_IPV4` or `FAMILY_IPV6`.
+    pub family: u8,
+    pub _pad: [u8; 3],
 }
+
+/// `VipMeta::flags`: encapsulate in GUE (outer UDP to `Settings::gue_port`,
+/// the inner IP packet right after the UDP header) instead of IP-in-IP.
+pub const VIP_F_GUE: u32 = 1;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipMeta {
     /// Index into `VIP_STATS`; stable for the VIP's lifetime.
     pub vip_id: u32,
-    /// Reserved for per-VIP switches (encapsulation kind, hash fields).
+    /// `VIP_F_*` switches (encapsulation kind).
     pub flags: u32,
     /// Where this VIP's Maglev table starts in `MAGLEV_SLOTS`.
     pub table_offset: u32,
@@ -87,6 +104,8 @@ pub struct VipMeta {
 /// `Backend::flags`: may receive packets (new and tracked). A removed or
 /// failed backend is cleared so tracked flows re-hash instead of black-holing.
 pub const BACKEND_F_VALID: u32 = 1;
+/// `Backend::flags`: `addr` is IPv6 (the outer header is IPv6).
+pub const BACKEND_F_IPV6: u32 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -104,11 +123,13 @@ pub struct Backend {
 pub struct FlowKey {
     pub src: Addr,
     pub dst: Addr,
-    /// Network byte order; 0 for fragments.
+    /// Network byte order; 0 for fragments and ICMP.
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    /// `FAMILY_IPV4` or `FAMILY_IPV6`.
+    pub family: u8,
+    pub _pad: [u8; 2],
 }
 
 #[repr(C)]
@@ -164,9 +185,9 @@ pub struct Counter {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Reason {
-    /// Not IPv4 (ARP, IPv6, other ethertypes): XDP_PASS.
-    PassNotIpv4 = 0,
-    /// IPv4 but no VIP matches: XDP_PASS, unchanged.
+    /// Neither IPv4 nor IPv6 (ARP, LLDP, ...): XDP_PASS.
+    PassNotIp = 0,
+    /// IP but no VIP matches: XDP_PASS, unchanged.
     PassNotVip = 1,
     /// Too short or inconsistent headers: XDP_PASS, the kernel's stack judges.
     PassMalformed = 2,
@@ -192,12 +213,21 @@ pub enum Reason {
     /// Sent through the configured gateway MAC because `bpf_fib_lookup`
     /// gave no answer (also counted under Tx).
     FibFallbackGateway = 12,
-    /// The encapsulated packet exceeds the egress MTU (`bpf_fib_lookup`
-    /// said "fragmentation needed"): XDP_DROP.
+    /// The encapsulated packet would exceed the configured MTU or the
+    /// egress MTU, and the client cannot be told (IPv4 without DF, or an
+    /// ICMP error): XDP_DROP.
     DropTooBig = 13,
     /// A new flow was balanced but not recorded: this CPU reached its
     /// `max_new_flows_per_sec` budget (SYN flood protection).
     ConntrackInsertSkipped = 14,
+    /// The encapsulated packet would exceed the MTU: answered with ICMP
+    /// "fragmentation needed" / ICMPv6 "packet too big" (XDP_TX).
+    IcmpTooBigSent = 15,
+    /// An echo request to a VIP address: answered (XDP_TX).
+    IcmpEchoReply = 16,
+    /// An ICMP error quoting a VIP flow: sent to that flow's backend (also
+    /// counted under the outcome).
+    IcmpErrorForwarded = 17,
 }
 
 impl Reason {
@@ -212,9 +242,9 @@ impl Reason {
         Reason::DropEncapFailed,
     ];
 
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 18;
     pub const ALL: [Reason; Self::COUNT as usize] = [
-        Reason::PassNotIpv4,
+        Reason::PassNotIp,
         Reason::PassNotVip,
         Reason::PassMalformed,
         Reason::PassNoNeighbour,
@@ -229,12 +259,15 @@ impl Reason {
         Reason::FibFallbackGateway,
         Reason::DropTooBig,
         Reason::ConntrackInsertSkipped,
+        Reason::IcmpTooBigSent,
+        Reason::IcmpEchoReply,
+        Reason::IcmpErrorForwarded,
     ];
 
     /// Stable name for metrics and CLI output.
     pub const fn name(self) -> &'static str {
         match self {
-            Reason::PassNotIpv4 => "pass_not_ipv4",
+            Reason::PassNotIp => "pass_not_ip",
             Reason::PassNotVip => "pass_not_vip",
             Reason::PassMalformed => "pass_malformed",
             Reason::PassNoNeighbour => "pass_no_neighbour",
@@ -249,6 +282,9 @@ impl Reason {
             Reason::FibFallbackGateway => "fib_fallback_gateway",
             Reason::DropTooBig => "drop_too_big",
             Reason::ConntrackInsertSkipped => "conntrack_insert_skipped",
+            Reason::IcmpTooBigSent => "icmp_too_big_sent",
+            Reason::IcmpEchoReply => "icmp_echo_reply",
+            Reason::IcmpErrorForwarded => "icmp_error_forwarded",
         }
     }
 }
@@ -257,11 +293,12 @@ impl Reason {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecapReason {
-    /// IPIP: outer header removed, inner packet passed to the stack.
+    /// IP-in-IP (any mix of IPv4/IPv6) or GUE: outer headers removed, the
+    /// inner packet passed to the stack.
     Decapsulated = 0,
-    /// Not IPIP: passed unchanged.
-    PassNotIpip = 1,
-    /// IPIP with a broken outer or inner header: passed unchanged.
+    /// Not encapsulated for us: passed unchanged.
+    PassNotEncapsulated = 1,
+    /// Encapsulated, with a broken outer or inner header: passed unchanged.
     PassMalformed = 2,
 }
 
@@ -269,21 +306,21 @@ impl DecapReason {
     pub const COUNT: u32 = 3;
     pub const ALL: [DecapReason; 3] = [
         DecapReason::Decapsulated,
-        DecapReason::PassNotIpip,
+        DecapReason::PassNotEncapsulated,
         DecapReason::PassMalformed,
     ];
 
     pub const fn name(self) -> &'static str {
         match self {
             DecapReason::Decapsulated => "decapsulated",
-            DecapReason::PassNotIpip => "pass_not_ipip",
+            DecapReason::PassNotEncapsulated => "pass_not_encapsulated",
             DecapReason::PassMalformed => "pass_malformed",
         }
     }
 }
 
 // The kernel and userspace must agree on these sizes byte for byte.
-const _: () = assert!(size_of::<VipKey>() == 20);
+const _: () = assert!(size_of::<VipKey>() == 24);
 const _: () = assert!(size_of::<VipMeta>() == 16);
 const _: () = assert!(size_of::<Backend>() == 24);
 const _: () = assert!(size_of::<FlowKey>() == 40);

@@ -29,7 +29,16 @@ pub struct Settings {
     /// it new flows are still balanced (by the table) but not recorded, so a
     /// SYN flood cannot evict established flows. 0 = no limit.
     pub max_new_flows_per_sec: u32,
-    pub _pad2: u32,
+    /// GUE destination port (network byte order); the decap side listens on it.
+    pub gue_port: u16,
+    /// Largest packet (IP header included) that may leave toward a backend
+    /// once encapsulated; a larger one is answered with "fragmentation
+    /// needed" / "packet too big" (or dropped when that cannot be said).
+    /// Host order; 0 = only the egress interface's MTU applies.
+    pub mtu: u16,
+    /// Outer IPv6 source: this /96 prefix with the flow hash in the last 32
+    /// bits (network byte order words; word 3 is ignored).
+    pub encap_src6_prefix: [u32; 4],
 }
 
 impl Settings {
@@ -44,7 +53,15 @@ impl Settings {
         outer_ttl: 64,
         _pad: 0,
         max_new_flows_per_sec: 0,
-        _pad2: 0,
+        gue_port: DEFAULT_GUE_PORT.to_be(),
+        mtu: 1500,
+        // fd00:172:16::/96 (a unique-local prefix, like 172.16.0.0/16 above).
+        encap_src6_prefix: [
+            u32::from_ne_bytes([0xfd, 0x00, 0x01, 0x72]),
+            u32::from_ne_bytes([0x00, 0x16, 0, 0]),
+            0,
+            0,
+        ],
     };
 }
 
@@ -54,4 +71,7 @@ impl Default for Settings {
     }
 }
 
-const _: () = assert!(size_of::<Settings>() == 40);
+/// UDP port of GUE (the port IANA lists for it).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+
+const _: () = assert!(size_of::<Settings>() == 56);

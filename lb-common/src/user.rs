@@ -31,6 +31,28 @@ pub fn addr_from_ip(ip: IpAddr) -> Addr {
     }
 }
 
+/// `FAMILY_IPV4` or `FAMILY_IPV6`.
+pub fn family_of(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        crate::maps::FAMILY_IPV4
+    } else {
+        crate::maps::FAMILY_IPV6
+    }
+}
+
+/// The address a map entry holds, read back with its family.
+pub fn ip_from_addr(addr: &Addr, family: u8) -> IpAddr {
+    if family == crate::maps::FAMILY_IPV6 {
+        let mut o = [0u8; 16];
+        for (i, w) in addr.iter().enumerate() {
+            o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    } else {
+        IpAddr::V4(ipv4_from_addr(addr))
+    }
+}
+
 pub fn ipv4_from_addr(addr: &Addr) -> Ipv4Addr {
     Ipv4Addr::from(addr[0].to_ne_bytes())
 }
@@ -42,6 +64,8 @@ impl VipKey {
             port: port.to_be(),
             proto,
             kind: crate::maps::VIP_KIND_PORT,
+            family: family_of(addr),
+            _pad: [0; 3],
         }
     }
 }
@@ -54,7 +78,8 @@ impl FlowKey {
             sport: sport.to_be(),
             dport: dport.to_be(),
             proto,
-            _pad: [0; 3],
+            family: family_of(src),
+            _pad: [0; 2],
         }
     }
 }

@@ -9,21 +9,26 @@ use lb_common::{
     PROTO_UDP,
     flow_hash::flow_hash,
     maps::{
-        BACKEND_F_VALID, Backend, ConnEntry, NEXTHOP_TTL_NS, NextHopCache, Reason,
-        VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
+        BACKEND_F_IPV6, BACKEND_F_VALID, Backend, ConnEntry, NEXTHOP_TTL_NS, NextHopCache, Reason,
+        VIP_F_GUE, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
     },
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
 };
 
 use crate::{
-    encap::{NextHop, OuterIpv4, encapsulate, lookup_next_hop},
+    encap::{NextHop, Outer, encapsulate, lookup_next_hop},
+    icmp::{echo_reply, ingress_macs, too_big_reply},
     maps::{
         ANY_PORT_VIPS, BACKENDS, CONNTRACK, INSERT_BUDGET, MAGLEV_SLOTS, NEXTHOP_CACHE, VIPS,
         settings,
     },
-    parse::{Ipv4Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, parse, ptr_at},
+    parse::{ICMP_ECHO_REQUEST, ICMP_ERROR, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, parse},
     stats::{count, count_backend, count_vip},
 };
+
+/// Bytes of the datagram a too-big answer quotes (see `icmp`).
+const QUOTE_V4: u16 = 128;
+const QUOTE_V6: u16 = 256;
 
 /// UDP entries refresh their access time at most this often (saves a write
 /// per packet on busy flows).
@@ -32,11 +37,15 @@ const ATIME_REFRESH_NS: u64 = 1_000_000_000;
 #[inline(always)]
 pub fn process(ctx: &XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let pkt = match parse(ctx) {
-        Parsed::Ipv4(pkt) => pkt,
-        Parsed::NotIpv4 => return finish(Reason::PassNotIpv4, XDP_PASS, bytes),
+    let mut pkt = Packet::EMPTY;
+    match parse(ctx, &mut pkt) {
+        Parsed::Ip => {}
+        Parsed::NotIp => return finish(Reason::PassNotIp, XDP_PASS, bytes),
         Parsed::Malformed => return finish(Reason::PassMalformed, XDP_PASS, bytes),
-    };
+    }
+    if pkt.icmp == ICMP_ECHO_REQUEST {
+        return answer_echo(ctx, &pkt, bytes);
+    }
     let Some(vip) = lookup_vip(&pkt) else {
         return finish(Reason::PassNotVip, XDP_PASS, bytes);
     };
@@ -54,7 +63,47 @@ pub fn process(ctx: &XdpContext) -> u32 {
         return finish(Reason::DropNoBackend, XDP_DROP, bytes);
     };
     count_backend(backend_id, bytes);
-    forward(ctx, &pkt, &backend, backend_id, hash, &cfg, now, bytes)
+    forward(
+        ctx, &pkt, &vip, &backend, backend_id, hash, &cfg, now, bytes,
+    )
+}
+
+/// Echo requests to a VIP address are answered here: the address is
+/// served by every instance, so any of them may answer.
+#[inline(always)]
+fn answer_echo(ctx: &XdpContext, pkt: &Packet, bytes: u64) -> u32 {
+    let key = VipKey {
+        addr: pkt.flow.dst,
+        port: 0,
+        proto: 0,
+        kind: VIP_KIND_ADDRESS,
+        family: pkt.flow.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: copied out at once.
+    let Some(vip_id) = (unsafe { VIPS.get(&key) }).map(|m| m.vip_id) else {
+        return finish(Reason::PassNotVip, XDP_PASS, bytes);
+    };
+    count_vip(vip_id, bytes);
+    if echo_reply(ctx, pkt).is_err() {
+        return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
+    }
+    finish(Reason::IcmpEchoReply, XDP_TX, bytes)
+}
+
+/// A packet too big for the way to the backend: tell the client the MTU
+/// it may use, unless it may not be told (IPv4 without DF, fragments, ICMP
+/// errors, less than a quote's worth of packet): then drop.
+#[inline(always)]
+fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16, bytes: u64) -> u32 {
+    let quote = if pkt.v6 { QUOTE_V6 } else { QUOTE_V4 };
+    if !pkt.dont_fragment || pkt.is_fragment || pkt.icmp == ICMP_ERROR || pkt.ip_len < quote {
+        return finish(Reason::DropTooBig, XDP_DROP, bytes);
+    }
+    if too_big_reply(ctx, pkt, mtu).is_err() {
+        return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
+    }
+    finish(Reason::IcmpTooBigSent, XDP_TX, bytes)
 }
 
 #[inline(always)]
@@ -66,12 +115,14 @@ fn finish(reason: Reason, action: u32, bytes: u64) -> u32 {
 /// Exact (address, port, protocol) first, then the VIP's every-port entry.
 /// Fragments carry no ports and use the address's fragment key.
 #[inline(always)]
-fn lookup_vip(pkt: &Ipv4Packet) -> Option<VipMeta> {
+fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
     let mut key = VipKey {
         addr: pkt.flow.dst,
         port: pkt.flow.dport,
         proto: pkt.flow.proto,
         kind: VIP_KIND_PORT,
+        family: pkt.flow.family,
+        _pad: [0; 3],
     };
     if pkt.is_fragment {
         key.kind = VIP_KIND_FRAGMENTS;
@@ -126,7 +177,7 @@ fn insert_allowed(cfg: &Settings, now: u64) -> bool {
 /// current answer), then the Maglev table; records the choice except for RST.
 #[inline(always)]
 fn choose_backend(
-    pkt: &Ipv4Packet,
+    pkt: &Packet,
     vip: &VipMeta,
     hash: u32,
     cfg: &Settings,
@@ -138,8 +189,12 @@ fn choose_backend(
         let id = maglev_pick(vip, hash);
         return backend_for(id, vip).map(|b| (id, b));
     }
+    let is_icmp_error = pkt.icmp == ICMP_ERROR;
+    if is_icmp_error {
+        count(Reason::IcmpErrorForwarded, bytes);
+    }
     let is_syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let is_udp = pkt.flow.proto == PROTO_UDP;
+    let is_udp = pkt.flow.proto == PROTO_UDP && !is_icmp_error;
     if !is_syn && let Some(entry) = CONNTRACK.get_ptr_mut(&pkt.flow) {
         // SAFETY: LRU values stay valid for this program run; a racing update
         // can at worst give another valid backend id.
@@ -162,7 +217,8 @@ fn choose_backend(
     count(Reason::ConntrackMiss, bytes);
     let id = maglev_pick(vip, hash);
     let backend = backend_for(id, vip)?;
-    if pkt.tcp_flags & TCP_RST == 0 {
+    // RSTs and ICMP errors end or report on a flow: never recorded.
+    if pkt.tcp_flags & TCP_RST == 0 && !is_icmp_error {
         if insert_allowed(cfg, now) {
             let entry = ConnEntry {
                 backend_id: id,
@@ -180,9 +236,11 @@ fn choose_backend(
 
 /// Encapsulates toward `backend` and sends it on its way.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn forward(
     ctx: &XdpContext,
-    pkt: &Ipv4Packet,
+    pkt: &Packet,
+    vip: &VipMeta,
     backend: &Backend,
     backend_id: u32,
     hash: u32,
@@ -190,15 +248,30 @@ fn forward(
     now: u64,
     bytes: u64,
 ) -> u32 {
-    let outer = OuterIpv4 {
-        src: cfg.encap_src_prefix | (hash & !cfg.encap_src_mask),
-        dst: backend.addr[0],
+    let v6 = backend.flags & BACKEND_F_IPV6 != 0;
+    let outer = Outer {
+        v6,
+        gue: vip.flags & VIP_F_GUE != 0,
+        src: if v6 {
+            let s6 = cfg.encap_src6_prefix;
+            [s6[0], s6[1], s6[2], hash]
+        } else {
+            [cfg.encap_src_prefix | (hash & !cfg.encap_src_mask), 0, 0, 0]
+        },
+        dst: backend.addr,
         ttl: cfg.outer_ttl,
+        hash,
+        gue_port: cfg.gue_port,
     };
+    let overhead = outer.overhead();
+    let outer_len = pkt.ip_len.wrapping_add(overhead);
+    if cfg.mtu != 0 && outer_len > cfg.mtu {
+        return too_big(ctx, pkt, cfg.mtu.wrapping_sub(overhead), bytes);
+    }
     let hop = if cfg.flags & SETTINGS_F_NO_FIB != 0 {
         NextHop::NoRoute
     } else {
-        cached_next_hop(ctx, &outer, pkt, backend_id, now)
+        cached_next_hop(ctx, &outer, pkt, outer_len, backend_id, now)
     };
     match hop {
         NextHop::Resolved {
@@ -229,7 +302,7 @@ fn forward(
             }
             finish(Reason::PassNoNeighbour, XDP_PASS, bytes)
         }
-        NextHop::TooBig => finish(Reason::DropTooBig, XDP_DROP, bytes),
+        NextHop::TooBig { mtu } => too_big(ctx, pkt, mtu.wrapping_sub(overhead), bytes),
         NextHop::NoRoute => {
             if cfg.flags & SETTINGS_F_GATEWAY_MAC == 0 {
                 return finish(Reason::DropNoRoute, XDP_DROP, bytes);
@@ -251,18 +324,18 @@ fn forward(
 #[inline(always)]
 fn cached_next_hop(
     ctx: &XdpContext,
-    outer: &OuterIpv4,
-    pkt: &Ipv4Packet,
+    outer: &Outer,
+    pkt: &Packet,
+    outer_len: u16,
     backend_id: u32,
     now: u64,
 ) -> NextHop {
     let ingress = ctx.ingress_ifindex() as u32;
-    let outer_len = pkt.tot_len as u32 + 20;
     let slot = NEXTHOP_CACHE.get_ptr_mut(backend_id);
     if let Some(entry) = slot {
         // SAFETY: this CPU's slot of a per-CPU array.
         let e = unsafe { &*entry };
-        if e.expires_ns > now && e.ingress_ifindex == ingress && outer_len <= e.mtu {
+        if e.expires_ns > now && e.ingress_ifindex == ingress && outer_len as u32 <= e.mtu {
             return NextHop::Resolved {
                 smac: e.smac,
                 dmac: e.dmac,
@@ -271,7 +344,7 @@ fn cached_next_hop(
             };
         }
     }
-    let hop = lookup_next_hop(ctx, outer, pkt);
+    let hop = lookup_next_hop(ctx, outer, pkt, outer_len);
     if let (
         NextHop::Resolved {
             smac,
@@ -296,12 +369,4 @@ fn cached_next_hop(
         }
     }
     hop
-}
-
-/// (destination, source) MACs of the packet as it arrived: ours and the sender's.
-#[inline(always)]
-fn ingress_macs(ctx: &XdpContext) -> Option<([u8; 6], [u8; 6])> {
-    let eth = ptr_at::<network_types::eth::EthHdr>(ctx, 0)?;
-    // SAFETY: bounds checked by ptr_at.
-    unsafe { Some(((*eth).dst_addr, (*eth).src_addr)) }
 }

@@ -7,6 +7,7 @@
 mod balancer;
 mod decap;
 mod encap;
+mod icmp;
 mod maps;
 mod parse;
 mod stats;

@@ -8,7 +8,9 @@ use anyhow::{Context, Result, bail};
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
     maglev::{DEFAULT_TABLE_SIZE, validate_table_size},
+    maps::VIP_F_GUE,
     settings::{SETTINGS_F_GATEWAY_MAC, Settings},
+    user::addr_from_ip,
 };
 use serde::Deserialize;
 
@@ -43,6 +45,22 @@ pub struct LbConfig {
     /// Outer source addresses are taken from this prefix, varied by flow.
     #[serde(default = "default_prefix")]
     pub encap_source_prefix: String,
+    /// Outer IPv6 source addresses (toward IPv6 backends): this /96 with
+    /// the flow hash in the last 32 bits.
+    #[serde(default = "default_prefix6")]
+    pub encap_source_prefix6: String,
+    /// "ipip" (IP-in-IP: IPIP, IP6IP6, 4in6, 6in4) or "gue" (the same
+    /// inside UDP to `gue_port`); a VIP may override it.
+    #[serde(default = "default_encap")]
+    pub encap: String,
+    /// GUE destination port (the backends' decap listens on it).
+    #[serde(default = "default_gue_port")]
+    pub gue_port: u16,
+    /// Largest packet that may leave toward a backend once encapsulated;
+    /// larger ones are answered with "fragmentation needed"/"packet too
+    /// big". 0 = only the egress interface's MTU applies.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
     /// Next-hop MAC used when the kernel's FIB has no route to a backend.
     pub gateway_mac: Option<String>,
     #[serde(default = "default_udp_timeout")]
@@ -62,6 +80,18 @@ pub struct LbConfig {
     pub metrics_address: String,
 }
 
+fn default_prefix6() -> String {
+    "fd00:172:16::/96".into()
+}
+fn default_encap() -> String {
+    "ipip".into()
+}
+fn default_gue_port() -> u16 {
+    lb_common::settings::DEFAULT_GUE_PORT
+}
+fn default_mtu() -> u16 {
+    1500
+}
 fn default_new_flows() -> u32 {
     125_000
 }
@@ -90,6 +120,8 @@ pub struct VipConfig {
     /// How backends are checked; none by default.
     #[serde(default)]
     pub health: HealthCheck,
+    /// "ipip" or "gue"; default: `lb.encap`.
+    pub encap: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -132,8 +164,31 @@ impl VipConfig {
     }
 
     pub fn name(&self) -> String {
-        format!("{}:{}/{}", self.address, self.port, self.protocol)
+        match self.address {
+            IpAddr::V4(a) => format!("{a}:{}/{}", self.port, self.protocol),
+            IpAddr::V6(a) => format!("[{a}]:{}/{}", self.port, self.protocol),
+        }
     }
+
+    /// `VipMeta::flags` for this VIP under `lb`'s defaults.
+    pub fn flags(&self, lb: &LbConfig) -> u32 {
+        match self.encap.as_deref().unwrap_or(&lb.encap) {
+            "gue" => VIP_F_GUE,
+            _ => 0,
+        }
+    }
+}
+
+/// Parses "a:b::/96" into the four address words (network byte order).
+fn parse_prefix6(s: &str) -> Result<[u32; 4]> {
+    let (addr, len) = s.split_once('/').context("expected ADDRESS/96")?;
+    let addr: std::net::Ipv6Addr = addr.parse().context("not an IPv6 address")?;
+    if len != "96" {
+        bail!("prefix length must be 96 (the flow hash fills the last 32 bits)");
+    }
+    let mut words = addr_from_ip(IpAddr::V6(addr));
+    words[3] = 0;
+    Ok(words)
 }
 
 /// Parses "a.b.c.d/len" into (prefix, mask), both network byte order.
@@ -183,6 +238,29 @@ impl Config {
             );
         }
         parse_prefix(&self.lb.encap_source_prefix).context("lb.encap_source_prefix")?;
+        parse_prefix6(&self.lb.encap_source_prefix6).context("lb.encap_source_prefix6")?;
+        if !["ipip", "gue"].contains(&self.lb.encap.as_str()) {
+            bail!("lb.encap: {:?} is not one of ipip, gue", self.lb.encap);
+        }
+        if self.lb.gue_port == 0 {
+            bail!("lb.gue_port must not be 0");
+        }
+        let any_v6 = self
+            .vips
+            .iter()
+            .any(|v| v.address.is_ipv6() || v.backends.iter().any(|b| b.address.is_ipv6()));
+        let min_mtu = if any_v6 { 1280 + 48 } else { 576 };
+        if self.lb.mtu != 0 && self.lb.mtu < min_mtu {
+            bail!(
+                "lb.mtu: {} is below {min_mtu} (0 turns the check off){}",
+                self.lb.mtu,
+                if any_v6 {
+                    ": IPv6 needs 1280 plus the encapsulation"
+                } else {
+                    ""
+                }
+            );
+        }
         if let Some(mac) = &self.lb.gateway_mac {
             parse_mac(mac).context("lb.gateway_mac")?;
         }
@@ -199,8 +277,11 @@ impl Config {
         let mut needed_slots = 0u64;
         for (i, vip) in self.vips.iter().enumerate() {
             let at = format!("vip[{i}] ({})", vip.name());
-            if !vip.address.is_ipv4() {
-                bail!("{at}.address: IPv6 VIPs are not supported yet");
+            if let Some(encap) = &vip.encap
+                && encap != "ipip"
+                && encap != "gue"
+            {
+                bail!("{at}.encap: {encap:?} is not one of ipip, gue");
             }
             if vip.protocol != "tcp" && vip.protocol != "udp" {
                 bail!("{at}.protocol: {:?} is not tcp or udp", vip.protocol);
@@ -230,9 +311,6 @@ impl Config {
             let mut addrs = BTreeSet::new();
             for (j, b) in vip.backends.iter().enumerate() {
                 let bat = format!("{at}.backend[{j}] ({})", b.address);
-                if !b.address.is_ipv4() {
-                    bail!("{bat}.address: IPv6 backends are not supported yet");
-                }
                 if !addrs.insert(b.address) {
                     bail!("{bat}: listed twice");
                 }
@@ -257,6 +335,9 @@ impl Config {
             hash_seed: self.lb.hash_seed,
             encap_src_prefix: prefix,
             encap_src_mask: mask,
+            encap_src6_prefix: parse_prefix6(&self.lb.encap_source_prefix6).expect("validated"),
+            gue_port: self.lb.gue_port.to_be(),
+            mtu: self.lb.mtu,
             udp_idle_timeout_ns: self.lb.udp_idle_timeout_secs * 1_000_000_000,
             max_new_flows_per_sec: self.lb.max_new_flows_per_sec,
             ..Settings::DEFAULT
@@ -339,6 +420,33 @@ weight = 2
             "xdp_mode = \"skb\"\nmaglev_slots = 5000",
         );
         assert!(err(&small).contains("lb.maglev_slots"));
+    }
+
+    #[test]
+    fn ipv6_vips_backends_and_encapsulation() {
+        let text = GOOD
+            .replace("10.30.2.2", "fd00:30::2")
+            .replace("table_size = 4099", "table_size = 4099\nencap = \"gue\"")
+            + "[[vip]]\naddress = \"fd00::10\"\nport = 443\nprotocol = \"tcp\"\n";
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.vips[0].flags(&c.lb), VIP_F_GUE);
+        assert_eq!(c.vips[1].flags(&c.lb), 0);
+        assert_eq!(c.vips[1].name(), "[fd00::10]:443/tcp");
+        let s = c.settings();
+        assert_eq!(s.gue_port, 6080u16.to_be());
+        assert_eq!(s.mtu, 1500);
+        assert_eq!(
+            s.encap_src6_prefix[0],
+            u32::from_ne_bytes([0xfd, 0, 1, 0x72])
+        );
+        assert!(
+            err(&text.replace("\"gue\"", "\"vxlan\"")).contains("vip[0] (10.0.0.10:80/tcp).encap")
+        );
+        assert!(err(&text.replace("[lb]", "[lb]\nmtu = 1300")).contains("lb.mtu"));
+        assert!(
+            err(&text.replace("[lb]", "[lb]\nencap_source_prefix6 = \"fd00::/64\""))
+                .contains("lb.encap_source_prefix6")
+        );
     }
 
     #[test]

@@ -15,8 +15,11 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::programs::XdpMode;
 use lb_common::{
     flow_hash::flow_hash,
-    maps::{BACKEND_F_VALID, FlowKey, Reason, VIP_KIND_FRAGMENTS, VipKey},
-    user::ipv4_from_addr,
+    maps::{
+        BACKEND_F_IPV6, BACKEND_F_VALID, FAMILY_IPV4, FAMILY_IPV6, FlowKey, Reason, VIP_KIND_PORT,
+        VipKey,
+    },
+    user::ip_from_addr,
 };
 use serde_json::json;
 use tokio::{
@@ -77,7 +80,7 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
     let backends = dp.backend_entries();
     let mut adopted = 0;
     for (key, meta) in dp.vip_entries() {
-        if key.kind == VIP_KIND_FRAGMENTS {
+        if key.kind != VIP_KIND_PORT {
             rec.adopt_fragment_key(key, meta);
             continue;
         }
@@ -85,7 +88,12 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
             .iter()
             .filter(|(_, b)| b.vip_id == meta.vip_id)
             .map(|(id, b)| {
-                let addr = IpAddr::V4(ipv4_from_addr(&b.addr));
+                let family = if b.flags & BACKEND_F_IPV6 != 0 {
+                    FAMILY_IPV6
+                } else {
+                    FAMILY_IPV4
+                };
+                let addr = ip_from_addr(&b.addr, family);
                 (
                     addr,
                     AppliedBackend {
@@ -99,7 +107,7 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
         let table = dp.read_slots(meta.table_offset, meta.table_size);
         let name = format!(
             "{}:{}/{}",
-            ipv4_from_addr(&key.addr),
+            ip_from_addr(&key.addr, key.family),
             u16::from_be(key.port),
             key.proto
         );
@@ -173,6 +181,7 @@ impl Daemon {
                     key,
                     name: v.name(),
                     table_size: v.table_size,
+                    flags: v.flags(&self.config.lb),
                     backends: v
                         .backends
                         .iter()
@@ -375,6 +384,7 @@ impl Daemon {
                         table_size: table_size.unwrap_or(lb_common::maglev::DEFAULT_TABLE_SIZE),
                         backends: Vec::new(),
                         health: HealthCheck::default(),
+                        encap: None,
                     });
                     Ok(())
                 })?;

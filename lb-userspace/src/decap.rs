@@ -6,8 +6,12 @@ use aya::{
     maps::{MapData, PerCpuArray},
     programs::{Xdp, XdpMode},
 };
-use lb_common::maps::{
-    Counter, DecapReason, MAP_CONNTRACK, MAP_DECAP_STATS, MAP_MAGLEV_SLOTS, PROGRAM_DECAP,
+use lb_common::{
+    maps::{
+        Counter, DecapReason, GLOBAL_SETTINGS, MAP_CONNTRACK, MAP_DECAP_STATS, MAP_MAGLEV_SLOTS,
+        PROGRAM_DECAP,
+    },
+    settings::Settings,
 };
 
 use crate::object::ebpf_object;
@@ -19,9 +23,14 @@ pub struct Decap {
 
 impl Decap {
     /// Loads `decap` and attaches it to `interface` (calling thread's namespace).
-    pub fn attach(interface: &str, mode: XdpMode) -> Result<Decap> {
+    pub fn attach(interface: &str, mode: XdpMode, gue_port: u16) -> Result<Decap> {
+        let settings = Settings {
+            gue_port: gue_port.to_be(),
+            ..Settings::DEFAULT
+        };
         // The balancer's big maps are in the same object; keep them tiny here.
         let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBAL_SETTINGS, &settings, true)
             .map_max_entries(MAP_MAGLEV_SLOTS, 1)
             .map_max_entries(MAP_CONNTRACK, 1)
             .load(ebpf_object()?)

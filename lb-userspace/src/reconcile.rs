@@ -19,13 +19,13 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use lb_common::maps::{
-    BACKEND_F_VALID, Backend, MAX_BACKENDS, MAX_VIPS, VIP_KIND_FRAGMENTS, VipKey, VipMeta,
+    BACKEND_F_IPV6, BACKEND_F_VALID, Backend, MAX_BACKENDS, MAX_VIPS, VipKey, VipMeta,
 };
 use lb_common::user::addr_from_ip;
 
 use crate::{
     slots::SlotAllocator,
-    vip_table::{BackendSpec, fragment_owners, table_with_failures},
+    vip_table::{BackendSpec, derived_keys, table_with_failures},
 };
 
 /// The map operations the reconciler needs.
@@ -77,6 +77,8 @@ pub struct DesiredVip {
     pub key: VipKey,
     pub name: String,
     pub table_size: u32,
+    /// `VIP_F_*` (encapsulation).
+    pub flags: u32,
     pub backends: Vec<DesiredBackend>,
 }
 
@@ -316,9 +318,10 @@ impl Reconciler {
                     id
                 }
             };
+            let family = if b.addr.is_ipv6() { BACKEND_F_IPV6 } else { 0 };
             let entry = |flags| Backend {
                 addr: addr_from_ip(b.addr),
-                flags,
+                flags: flags | family,
                 vip_id,
             };
             match (old.map(|o| o.healthy), b.healthy) {
@@ -355,12 +358,12 @@ impl Reconciler {
             .map(|b| backends[&b.addr].id)
             .collect();
         let table = table_with_failures(&specs, &failed, d.table_size, self.seed)?;
-        let unchanged = existing
-            .as_ref()
-            .is_some_and(|v| v.table == table && v.table_size == d.table_size);
+        let unchanged = existing.as_ref().is_some_and(|v| {
+            v.table == table && v.table_size == d.table_size && v.meta.flags == d.flags
+        });
         let mut meta = existing.as_ref().map(|v| v.meta).unwrap_or(VipMeta {
             vip_id,
-            flags: 0,
+            flags: d.flags,
             table_offset: 0,
             table_size: 0,
         });
@@ -378,13 +381,13 @@ impl Reconciler {
             }
             meta = VipMeta {
                 vip_id,
-                flags: 0,
+                flags: d.flags,
                 table_offset: offset,
                 table_size: len,
             };
             maps.set_vip(d.key, meta)?;
-            // The fragment key shares the VIP's meta: move it along before
-            // the old region can be reused.
+            // The fragment and address keys share the VIP's meta: move them
+            // along before the old region can be reused.
             for (fk, fmeta) in self.frag_keys.iter_mut() {
                 if fmeta.vip_id == vip_id {
                     maps.set_vip(*fk, meta)?;
@@ -424,19 +427,14 @@ impl Reconciler {
         Ok(!unchanged || existing.is_none())
     }
 
-    /// Points each (address, protocol)'s fragment key at its owner VIP.
+    /// Points each (address, protocol)'s fragment key and each address's
+    /// key (echo requests) at its owner VIP.
     fn apply_fragment_keys(&mut self, maps: &mut impl MapWriter) -> Result<()> {
         let keys: Vec<VipKey> = self.vips.keys().copied().collect();
-        let mut wanted = BTreeMap::new();
-        for ((addr, proto), owner) in fragment_owners(&keys) {
-            let key = VipKey {
-                addr,
-                port: 0,
-                proto,
-                kind: VIP_KIND_FRAGMENTS,
-            };
-            wanted.insert(key, self.vips[&owner].meta);
-        }
+        let wanted: BTreeMap<VipKey, VipMeta> = derived_keys(&keys)
+            .into_iter()
+            .map(|(key, owner)| (key, self.vips[&owner].meta))
+            .collect();
         for (key, meta) in &wanted {
             if self.frag_keys.get(key) != Some(meta) {
                 maps.set_vip(*key, *meta)?;

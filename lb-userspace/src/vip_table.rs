@@ -2,12 +2,15 @@
 //! order that keeps every packet on a valid path: backends first, then the
 //! table into a fresh region, then the one VIPS update that switches to it.
 
-use std::net::IpAddr;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use anyhow::{Context, Result};
 use lb_common::{
     maglev::{self, MaglevBackend},
-    maps::{BACKEND_F_VALID, Backend, VipKey, VipMeta},
+    maps::{
+        Addr, BACKEND_F_IPV6, BACKEND_F_VALID, Backend, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS,
+        VIP_KIND_PORT, VipKey, VipMeta,
+    },
     user::addr_from_ip,
 };
 
@@ -81,21 +84,24 @@ pub fn table_with_failures(
 }
 
 /// Writes a VIP and its backends, switching it to a new table atomically.
-/// Returns the new meta; the caller releases `previous`'s region.
+/// `vip` gives the id and flags; returns the meta with the new table's
+/// region (the caller releases the previous one).
 pub fn install_vip(
     dp: &mut Dataplane,
     alloc: &mut SlotAllocator,
     key: VipKey,
-    vip_id: u32,
+    vip: VipMeta,
     backends: &[BackendSpec],
     size: u32,
     seed: u32,
 ) -> Result<VipMeta> {
+    let vip_id = vip.vip_id;
     let table = maglev_ids(backends, size, seed).with_context(|| format!("VIP {key:?}"))?;
     for b in backends {
+        let family = if b.addr.is_ipv6() { BACKEND_F_IPV6 } else { 0 };
         let backend = Backend {
             addr: addr_from_ip(b.addr),
-            flags: BACKEND_F_VALID,
+            flags: BACKEND_F_VALID | family,
             vip_id,
         };
         dp.set_backend(b.id, backend)?;
@@ -106,10 +112,9 @@ pub fn install_vip(
         .context("MAGLEV_SLOTS is full: raise maglev_slots")?;
     dp.write_slots(offset, &table)?;
     let meta = VipMeta {
-        vip_id,
-        flags: 0,
         table_offset: offset,
         table_size: len,
+        ..vip
     };
     if key.port == 0 {
         dp.set_any_port_vips(true)?;
@@ -118,17 +123,16 @@ pub fn install_vip(
     Ok(meta)
 }
 
-/// The VIP whose table IPv4 fragments of (address, protocol) use: the
-/// port-0 VIP if there is one, else the lowest port's (fragments after the
-/// first carry no ports, so one VIP per address and protocol must own them).
-pub fn fragment_owners(
-    keys: &[VipKey],
-) -> std::collections::BTreeMap<(lb_common::maps::Addr, u8), VipKey> {
-    let mut owners = std::collections::BTreeMap::new();
-    for k in keys {
+/// The VIP whose table fragments of (address, protocol) use: the port-0
+/// VIP if there is one, else the lowest port's (fragments after the first
+/// carry no ports, so one VIP per address and protocol must own them).
+/// Keyed by (address, family, protocol).
+pub fn fragment_owners(keys: &[VipKey]) -> BTreeMap<(Addr, u8, u8), VipKey> {
+    let mut owners = BTreeMap::new();
+    for k in keys.iter().filter(|k| k.kind == VIP_KIND_PORT) {
         let port = u16::from_be(k.port);
         owners
-            .entry((k.addr, k.proto))
+            .entry((k.addr, k.family, k.proto))
             .and_modify(|owner: &mut VipKey| {
                 if port < u16::from_be(owner.port) {
                     *owner = *k;
@@ -139,12 +143,56 @@ pub fn fragment_owners(
     owners
 }
 
+/// The keys derived from the VIPs' own keys, each with the VIP whose meta
+/// it carries: one fragment key per (address, protocol), and one address
+/// key per address (echo requests; owned by the lowest protocol's fragment
+/// owner).
+pub fn derived_keys(keys: &[VipKey]) -> BTreeMap<VipKey, VipKey> {
+    let mut derived = BTreeMap::new();
+    for ((addr, family, proto), owner) in fragment_owners(keys) {
+        let fragments = VipKey {
+            addr,
+            port: 0,
+            proto,
+            kind: VIP_KIND_FRAGMENTS,
+            family,
+            _pad: [0; 3],
+        };
+        derived.insert(fragments, owner);
+        let address = VipKey {
+            proto: 0,
+            kind: VIP_KIND_ADDRESS,
+            ..fragments
+        };
+        derived.entry(address).or_insert(owner);
+    }
+    derived
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn k(port: u16, proto: u8) -> VipKey {
         VipKey::new("10.0.0.1".parse().unwrap(), port, proto)
+    }
+
+    #[test]
+    fn address_keys_follow_the_lowest_protocols_fragment_owner() {
+        let v6 = VipKey::new("fd00::10".parse().unwrap(), 80, 6);
+        let d = derived_keys(&[k(443, 6), k(53, 17), v6]);
+        let derived = |vip: VipKey, kind: u8, proto: u8| VipKey {
+            port: 0,
+            proto,
+            kind,
+            ..vip
+        };
+        assert_eq!(d.len(), 5);
+        assert_eq!(d[&derived(k(443, 6), VIP_KIND_FRAGMENTS, 6)], k(443, 6));
+        assert_eq!(d[&derived(k(53, 17), VIP_KIND_FRAGMENTS, 17)], k(53, 17));
+        assert_eq!(d[&derived(k(443, 6), VIP_KIND_ADDRESS, 0)], k(443, 6));
+        assert_eq!(d[&derived(v6, VIP_KIND_FRAGMENTS, 6)], v6);
+        assert_eq!(d[&derived(v6, VIP_KIND_ADDRESS, 0)], v6);
     }
 
     #[test]

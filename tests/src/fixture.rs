@@ -10,12 +10,15 @@
 //!   entry: "no neighbour", handed to the kernel.
 //! - `lb1` (10.101.0.2/24, MAC `LB1_MAC`), neighbour 10.101.0.1 = `LB1_PEER_MAC`;
 //!   backends in 10.60.0.0/24: XDP_REDIRECT to `lb1`.
+//! - the same for IPv6: `lb0` fd00:100::2/64 (router fd00:100::1), backends
+//!   in fd00:50::/64 (XDP_TX), fd00:70::/64 (via fd00:100::9, no neighbour);
+//!   `lb1` fd00:101::2/64 (peer fd00:101::1), backends in fd00:60::/64.
 //! - anything else has no route.
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::{
-    maps::{Addr, BACKEND_F_VALID, Backend, Counter, FlowKey, VIP_KIND_FRAGMENTS, VipKey, VipMeta},
+    maps::{Addr, BACKEND_F_IPV6, BACKEND_F_VALID, Backend, Counter, FlowKey, VipKey, VipMeta},
     model::{Decision, ModelMaps, ModelNextHop, ModelParse, parse},
     settings::Settings,
     user::addr_from_ip,
@@ -23,7 +26,7 @@ use lb_common::{
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions, TestRunOutput},
     slots::SlotAllocator,
-    vip_table::{BackendSpec, fragment_owners, install_vip, maglev_ids},
+    vip_table::{BackendSpec, derived_keys, install_vip, maglev_ids},
 };
 
 use crate::{
@@ -150,7 +153,34 @@ impl Harness {
             "dev",
             "lb0",
         ]);
-        ns.sh("sysctl -qw net.ipv4.conf.all.forwarding=1");
+        for (addr, dev) in [("fd00:100::2/64", "lb0"), ("fd00:101::2/64", "lb1")] {
+            ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+        }
+        for (peer, mac, dev) in [
+            ("fd00:100::1", ROUTER_MAC, "lb0"),
+            ("fd00:101::1", LB1_PEER_MAC, "lb1"),
+        ] {
+            ns.ip(&[
+                "-6",
+                "neigh",
+                "replace",
+                peer,
+                "lladdr",
+                &mac_str(&mac),
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
+        for (net, via, dev) in [
+            ("fd00:50::/64", "fd00:100::1", "lb0"),
+            ("fd00:60::/64", "fd00:101::1", "lb1"),
+            ("fd00:70::/64", "fd00:100::9", "lb0"),
+        ] {
+            ns.ip(&["-6", "route", "add", net, "via", via, "dev", dev]);
+        }
+        ns.sh("sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv6.conf.all.forwarding=1");
         let guard = ns.enter();
         let opts = LoadOptions {
             settings,
@@ -181,9 +211,16 @@ impl Harness {
         let (lb0, lb1) = (self.lb0, self.lb1);
         move |addr: &Addr, tot_len: u16| {
             let o = addr[0].to_ne_bytes();
+            // IPv6 backends: fd00:N0::/64 maps to 10.N0.0.0/24's behaviour.
+            let o = match (o, addr[1]) {
+                ([0xfd, 0, 0, 0x50], 0) => [10, 50, 0, 0],
+                ([0xfd, 0, 0, 0x60], 0) => [10, 60, 0, 0],
+                ([0xfd, 0, 0, 0x70], 0) => [10, 70, 0, 0],
+                _ => o,
+            };
             let routed = o[0] == 10 && matches!(o[1..3], [50, 0] | [60, 0] | [70, 0]);
             if routed && tot_len > MTU {
-                return ModelNextHop::TooBig;
+                return ModelNextHop::TooBig { mtu: MTU };
             }
             match o {
                 [10, 50, 0, _] => ModelNextHop::Resolved {
@@ -210,12 +247,24 @@ impl Harness {
         backends: &[BackendSpec],
         size: u32,
     ) -> VipMeta {
+        self.add_vip_with_flags(key, vip_id, 0, backends, size)
+    }
+
+    /// `add_vip` with `VipMeta::flags` (GUE).
+    pub fn add_vip_with_flags(
+        &mut self,
+        key: VipKey,
+        vip_id: u32,
+        flags: u32,
+        backends: &[BackendSpec],
+        size: u32,
+    ) -> VipMeta {
         let seed = self.model.settings.hash_seed;
         let previous = self.model.vips.get(&key).copied();
         let meta = if backends.iter().all(|b| b.weight == 0) && backends.is_empty() {
             let meta = VipMeta {
                 vip_id,
-                flags: 0,
+                flags,
                 table_offset: 0,
                 table_size: 0,
             };
@@ -226,7 +275,11 @@ impl Harness {
                 &mut self.dp,
                 &mut self.alloc,
                 key,
-                vip_id,
+                VipMeta {
+                    vip_id,
+                    flags,
+                    ..VipMeta::default()
+                },
                 backends,
                 size,
                 seed,
@@ -241,7 +294,7 @@ impl Harness {
                 b.id,
                 Backend {
                     addr: addr_from_ip(b.addr),
-                    flags: BACKEND_F_VALID,
+                    flags: BACKEND_F_VALID | if b.addr.is_ipv6() { BACKEND_F_IPV6 } else { 0 },
                     vip_id,
                 },
             );
@@ -255,26 +308,13 @@ impl Harness {
             self.model.slots.insert(meta.table_offset + i as u32, *id);
         }
         self.model.vips.insert(key, meta);
-        // Fragment keys follow the control plane's rule (port-0 VIP, else
-        // the lowest port's).
-        let keys: Vec<VipKey> = self
-            .model
-            .vips
-            .keys()
-            .filter(|k| k.kind != VIP_KIND_FRAGMENTS)
-            .copied()
-            .collect();
-        for ((addr, proto), owner) in fragment_owners(&keys) {
-            let frag_key = VipKey {
-                addr,
-                port: 0,
-                proto,
-                kind: VIP_KIND_FRAGMENTS,
-            };
+        // Fragment and address keys follow the control plane's rule.
+        let keys: Vec<VipKey> = self.model.vips.keys().copied().collect();
+        for (derived, owner) in derived_keys(&keys) {
             let owner_meta = self.model.vips[&owner];
-            if self.model.vips.get(&frag_key) != Some(&owner_meta) {
-                self.dp.set_vip(frag_key, owner_meta).unwrap();
-                self.model.vips.insert(frag_key, owner_meta);
+            if self.model.vips.get(&derived) != Some(&owner_meta) {
+                self.dp.set_vip(derived, owner_meta).unwrap();
+                self.model.vips.insert(derived, owner_meta);
             }
         }
         meta
@@ -300,7 +340,7 @@ impl Harness {
     /// packet would dominate its run time).
     pub fn send_batched(&mut self, pkt: &[u8]) -> Outcome {
         let flow = match parse(pkt) {
-            ModelParse::Ipv4(p) => Some(p.flow),
+            ModelParse::Ip(p) => Some(p.flow),
             _ => None,
         };
         if let Some(flow) = &flow {
@@ -343,7 +383,7 @@ impl Harness {
     pub fn send(&mut self, pkt: &[u8]) -> Outcome {
         // The model's answer first, only to know which VIP and backend
         // counters to watch; send_batched decides again and compares.
-        if let ModelParse::Ipv4(p) = parse(pkt) {
+        if let ModelParse::Ip(p) = parse(pkt) {
             self.sync_conntrack_entry(&p.flow);
         }
         let predicted = self.model.decide(pkt, self.lb0, self.next_hop(), None);
@@ -403,6 +443,24 @@ pub fn backend(id: u32, addr: [u8; 4], weight: u32) -> BackendSpec {
     BackendSpec {
         id,
         addr: IpAddr::V4(v4(addr)),
+        weight,
+    }
+}
+
+/// A `VipMeta` with only the id set (for `install_vip`).
+pub fn vip_meta(vip_id: u32) -> VipMeta {
+    VipMeta {
+        vip_id,
+        ..VipMeta::default()
+    }
+}
+
+/// An IPv6 backend: `fd00:<net>::<host>` (net 0x50, 0x60, 0x70 as the
+/// IPv4 10.50/10.60/10.70 networks).
+pub fn backend6(id: u32, net: u16, host: u16, weight: u32) -> BackendSpec {
+    BackendSpec {
+        id,
+        addr: IpAddr::V6(std::net::Ipv6Addr::new(0xfd00, net, 0, 0, 0, 0, 0, host)),
         weight,
     }
 }

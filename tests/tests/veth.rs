@@ -17,6 +17,7 @@ use lb_common::{
     settings::Settings,
 };
 use lb_tests::{
+    fixture::vip_meta,
     have_root,
     netns::{NetNs, ifindex},
 };
@@ -110,7 +111,7 @@ fn forwards_real_packets_through_a_veth() {
         addr: IpAddr::V4(BACKEND),
         weight: 1,
     }];
-    install_vip(&mut dp, &mut alloc, key, 1, &backends, 1009, 0).expect("install VIP");
+    install_vip(&mut dp, &mut alloc, key, vip_meta(1), &backends, 1009, 0).expect("install VIP");
     let lb_own = UdpSocket::bind("10.200.0.1:9999").unwrap();
     lb_own
         .set_read_timeout(Some(Duration::from_secs(2)))

@@ -38,12 +38,16 @@ enum Cmd {
         #[arg(long, default_value = "/sys/fs/bpf/lbd")]
         pin_path: PathBuf,
     },
-    /// Backend side: attach the IPIP decapsulation program to an interface.
+    /// Backend side: attach the decapsulation program (IP-in-IP in any
+    /// IPv4/IPv6 mix, and GUE) to an interface.
     Backend {
         #[arg(long)]
         interface: String,
         #[arg(long, default_value = "auto")]
         xdp_mode: String,
+        /// UDP port of GUE packets to decapsulate (the balancer's lb.gue_port).
+        #[arg(long, default_value_t = lb_common::settings::DEFAULT_GUE_PORT)]
+        gue_port: u16,
     },
 }
 
@@ -105,8 +109,8 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
     Ok(())
 }
 
-async fn backend(interface: String, mode: String) -> Result<()> {
-    let decap = Decap::attach(&interface, xdp_mode(&mode)?)?;
+async fn backend(interface: String, mode: String, gue_port: u16) -> Result<()> {
+    let decap = Decap::attach(&interface, xdp_mode(&mode)?, gue_port)?;
     info!(interface = %interface, "decap attached");
     let mut term = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(30));
@@ -164,6 +168,7 @@ fn real_main() -> Result<()> {
         Cmd::Backend {
             interface,
             xdp_mode,
-        } => rt.block_on(backend(interface, xdp_mode)),
+            gue_port,
+        } => rt.block_on(backend(interface, xdp_mode, gue_port)),
     }
 }

@@ -1,6 +1,6 @@
 use std::collections::BTreeSet;
 
-use lb_common::PROTO_TCP;
+use lb_common::{PROTO_TCP, maps::VIP_KIND_FRAGMENTS};
 
 use super::*;
 
@@ -101,6 +101,7 @@ fn vip(port: u16, backends: &[(&str, u32, bool)]) -> DesiredVip {
         key: key(port),
         name: format!("vip:{port}"),
         table_size: 251,
+        flags: 0,
         backends: backends
             .iter()
             .map(|&(a, w, h)| DesiredBackend {
@@ -137,6 +138,8 @@ fn first_apply_writes_backends_then_table_then_vip() {
             "backend 2 flags=1",
             "slots @0 len 251",
             "vip kind=0 size=251",
+            // The address key (echo requests), then the fragment key.
+            "vip kind=2 size=251",
             "vip kind=1 size=251"
         ]
     );

@@ -15,7 +15,7 @@ use lb_common::{
     settings::Settings,
 };
 use lb_tests::{
-    fixture::{Harness, backend},
+    fixture::{Harness, backend, vip_meta},
     packets::{self, TcpKind},
 };
 use lb_userspace::vip_table::{BackendSpec, install_vip};
@@ -296,7 +296,15 @@ fn main() -> anyhow::Result<()> {
         let key = VipKey::new(IpAddr::V4(vip), 80, PROTO_TCP);
         let old = h.dp.vip(&key).unwrap();
         let t = Instant::now();
-        install_vip(&mut h.dp, &mut h.alloc, key, 1, &weights, 65_537, 0)?;
+        install_vip(
+            &mut h.dp,
+            &mut h.alloc,
+            key,
+            vip_meta(1),
+            &weights,
+            65_537,
+            0,
+        )?;
         live.push(t.elapsed().as_secs_f64() * 1e3);
         h.alloc.release(old.table_offset, old.table_size);
     }

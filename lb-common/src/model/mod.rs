@@ -4,14 +4,23 @@
 //! from the program, so the two check each other; the fixture tests and the
 //! differential fuzzer compare them packet by packet.
 
+mod craft;
+mod parse;
+
 use std::{collections::BTreeMap, collections::HashMap, vec::Vec};
 
+pub use craft::{
+    ICMP_REPLY_TTL, Outer, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6, checksum_update, checksum_with,
+    encapsulate, gue_source_port, ipv4_checksum, ipv6_pseudo_sum,
+};
+pub use parse::{IcmpKind, MAX_EXTENSION_HEADERS, ModelParse, ParsedIp, ip_bytes, parse};
+
 use crate::{
-    PROTO_IPIP, PROTO_TCP, PROTO_UDP,
+    PROTO_UDP,
     flow_hash::flow_hash,
     maps::{
-        Addr, BACKEND_F_VALID, Backend, ConnEntry, FlowKey, Reason, VIP_KIND_FRAGMENTS,
-        VIP_KIND_PORT, VipKey, VipMeta,
+        Addr, BACKEND_F_IPV6, BACKEND_F_VALID, Backend, ConnEntry, FlowKey, Reason, VIP_F_GUE,
+        VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
     },
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
 };
@@ -36,7 +45,10 @@ pub enum ModelNextHop {
         ifindex: u32,
     },
     NoNeighbour,
-    TooBig,
+    /// "Fragmentation needed": the egress MTU.
+    TooBig {
+        mtu: u16,
+    },
     NoRoute,
 }
 
@@ -73,117 +85,8 @@ pub struct Decision {
     pub conntrack_write: Option<(FlowKey, u32)>,
 }
 
-/// What the model reads from the headers.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParsedIpv4 {
-    pub l2_len: usize,
-    pub flow: FlowKey,
-    pub tcp_flags: u8,
-    pub is_fragment: bool,
-    pub tos: u8,
-    pub tot_len: u16,
-    pub id: [u8; 2],
-    pub dont_fragment: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ModelParse {
-    NotIpv4,
-    Malformed,
-    Ipv4(ParsedIpv4),
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn word(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-/// Parses Ethernet (one optional 802.1Q/802.1ad tag), IPv4, TCP/UDP ports.
-pub fn parse(pkt: &[u8]) -> ModelParse {
-    if pkt.len() < 14 {
-        return ModelParse::Malformed;
-    }
-    let mut l2_len = 14;
-    let mut ether_type = be16(pkt, 12);
-    if ether_type == 0x8100 || ether_type == 0x88A8 {
-        if pkt.len() < 18 {
-            return ModelParse::Malformed;
-        }
-        ether_type = be16(pkt, 16);
-        l2_len = 18;
-    }
-    if ether_type != 0x0800 {
-        return ModelParse::NotIpv4;
-    }
-    if pkt.len() < l2_len + 20 {
-        return ModelParse::Malformed;
-    }
-    let ip = &pkt[l2_len..];
-    let ihl = (ip[0] & 0x0F) as usize * 4;
-    if ip[0] >> 4 != 4 || ihl < 20 {
-        return ModelParse::Malformed;
-    }
-    let tot_len = be16(ip, 2);
-    if (tot_len as usize) < ihl || l2_len + tot_len as usize > pkt.len() {
-        return ModelParse::Malformed;
-    }
-    let frags = be16(ip, 6);
-    let is_fragment = frags & 0x3FFF != 0;
-    let proto = ip[9];
-    let mut flow = FlowKey {
-        src: [word(ip, 12), 0, 0, 0],
-        dst: [word(ip, 16), 0, 0, 0],
-        proto,
-        ..FlowKey::default()
-    };
-    let mut tcp_flags = 0;
-    if !is_fragment {
-        let l4 = &ip[ihl..];
-        let need = match proto {
-            PROTO_TCP => 20,
-            PROTO_UDP => 8,
-            _ => 0,
-        };
-        if need > 0 {
-            if (tot_len as usize) < ihl + need {
-                return ModelParse::Malformed;
-            }
-            flow.sport = u16::from_ne_bytes([l4[0], l4[1]]);
-            flow.dport = u16::from_ne_bytes([l4[2], l4[3]]);
-            if proto == PROTO_TCP {
-                tcp_flags = l4[13];
-            }
-        }
-    }
-    ModelParse::Ipv4(ParsedIpv4 {
-        l2_len,
-        flow,
-        tcp_flags,
-        is_fragment,
-        tos: ip[1],
-        tot_len,
-        id: [ip[4], ip[5]],
-        dont_fragment: frags & 0x4000 != 0,
-    })
-}
-
-/// RFC 1071 checksum of a header.
-pub fn ipv4_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
-        .sum();
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 impl ModelMaps {
-    fn lookup_vip(&self, p: &ParsedIpv4) -> Option<VipMeta> {
+    fn lookup_vip(&self, p: &ParsedIp) -> Option<VipMeta> {
         let kind = if p.is_fragment {
             VIP_KIND_FRAGMENTS
         } else {
@@ -194,6 +97,8 @@ impl ModelMaps {
             port: p.flow.dport,
             proto: p.flow.proto,
             kind,
+            family: p.flow.family,
+            _pad: [0; 3],
         };
         if let Some(meta) = self.vips.get(&key) {
             return Some(*meta);
@@ -249,10 +154,24 @@ impl ModelMaps {
             conntrack_write: None,
         };
         let p = match parse(pkt) {
-            ModelParse::NotIpv4 => return d.finish(Reason::PassNotIpv4, Action::Pass),
+            ModelParse::NotIp => return d.finish(Reason::PassNotIp, Action::Pass),
             ModelParse::Malformed => return d.finish(Reason::PassMalformed, Action::Pass),
-            ModelParse::Ipv4(p) => p,
+            ModelParse::Ip(p) => p,
         };
+        if p.icmp == IcmpKind::EchoRequest {
+            let key = VipKey {
+                addr: p.flow.dst,
+                kind: VIP_KIND_ADDRESS,
+                family: p.flow.family,
+                ..VipKey::default()
+            };
+            let Some(vip) = self.vips.get(&key) else {
+                return d.finish(Reason::PassNotVip, Action::Pass);
+            };
+            d.vip_id = Some(vip.vip_id);
+            d.output = craft::echo_reply(pkt, &p);
+            return d.finish(Reason::IcmpEchoReply, Action::Tx);
+        }
         let Some(vip) = self.lookup_vip(&p) else {
             return d.finish(Reason::PassNotVip, Action::Pass);
         };
@@ -262,11 +181,15 @@ impl ModelMaps {
         }
         let cfg = self.settings;
         let hash = flow_hash(&p.flow, cfg.hash_seed);
+        let is_icmp_error = p.icmp == IcmpKind::Error;
         let chosen = if p.is_fragment {
             d.reasons.push(Reason::Fragment);
             let id = self.maglev_pick(&vip, hash);
             self.valid_backend(id, &vip).map(|b| (id, b))
         } else {
+            if is_icmp_error {
+                d.reasons.push(Reason::IcmpErrorForwarded);
+            }
             let is_syn = p.tcp_flags & 0x12 == 0x02;
             let tracked = (!is_syn)
                 .then(|| self.conntrack.get(&p.flow))
@@ -286,7 +209,8 @@ impl ModelMaps {
                 d.reasons.push(Reason::ConntrackMiss);
                 let id = self.maglev_pick(&vip, hash);
                 let b = self.valid_backend(id, &vip);
-                if b.is_some() && p.tcp_flags & 0x04 == 0 {
+                // RSTs and ICMP errors end or report on a flow: never recorded.
+                if b.is_some() && p.tcp_flags & 0x04 == 0 && !is_icmp_error {
                     d.conntrack_write = Some((p.flow, id));
                 }
                 b.map(|b| (id, b))
@@ -296,25 +220,33 @@ impl ModelMaps {
             return d.finish(Reason::DropNoBackend, Action::Drop);
         };
         d.backend_id = Some(backend_id);
-        let outer_src = cfg.encap_src_prefix | (hash & !cfg.encap_src_mask);
+        let v6 = backend.flags & BACKEND_F_IPV6 != 0;
+        let outer = Outer {
+            v6,
+            gue: vip.flags & VIP_F_GUE != 0,
+            src: if v6 {
+                let s6 = cfg.encap_src6_prefix;
+                [s6[0], s6[1], s6[2], hash]
+            } else {
+                [cfg.encap_src_prefix | (hash & !cfg.encap_src_mask), 0, 0, 0]
+            },
+            dst: backend.addr,
+            ttl: cfg.outer_ttl,
+            hash,
+            gue_port: cfg.gue_port,
+        };
+        let outer_len = p.ip_len.wrapping_add(outer.overhead());
+        if cfg.mtu != 0 && outer_len > cfg.mtu {
+            return d.too_big(pkt, &p, cfg.mtu.wrapping_sub(outer.overhead()));
+        }
         let hop = if cfg.flags & SETTINGS_F_NO_FIB != 0 {
             ModelNextHop::NoRoute
         } else {
-            next_hop(&backend.addr, p.tot_len.wrapping_add(20))
+            next_hop(&backend.addr, outer_len)
         };
         let our_mac: [u8; 6] = pkt[0..6].try_into().unwrap();
         let peer_mac: [u8; 6] = pkt[6..12].try_into().unwrap();
-        let encap = |dmac: [u8; 6], smac: [u8; 6]| {
-            encapsulate(
-                pkt,
-                &p,
-                outer_src,
-                backend.addr[0],
-                cfg.outer_ttl,
-                dmac,
-                smac,
-            )
-        };
+        let encap = |dmac: [u8; 6], smac: [u8; 6]| encapsulate(pkt, &p, &outer, dmac, smac);
         match hop {
             ModelNextHop::Resolved {
                 smac,
@@ -332,7 +264,7 @@ impl ModelMaps {
                 d.output = encap(our_mac, peer_mac);
                 d.finish(Reason::PassNoNeighbour, Action::Pass)
             }
-            ModelNextHop::TooBig => d.finish(Reason::DropTooBig, Action::Drop),
+            ModelNextHop::TooBig { mtu } => d.too_big(pkt, &p, mtu.wrapping_sub(outer.overhead())),
             ModelNextHop::NoRoute => {
                 if cfg.flags & SETTINGS_F_GATEWAY_MAC == 0 {
                     return d.finish(Reason::DropNoRoute, Action::Drop);
@@ -351,41 +283,26 @@ impl Decision {
         self.action = action;
         self
     }
-}
 
-/// The encapsulated packet: Ethernet (VLAN tag kept) + outer IPv4 + the
-/// original IP packet and anything after it, unchanged.
-fn encapsulate(
-    pkt: &[u8],
-    p: &ParsedIpv4,
-    src: u32,
-    dst: u32,
-    ttl: u8,
-    dmac: [u8; 6],
-    smac: [u8; 6],
-) -> Vec<u8> {
-    let mut out = Vec::with_capacity(pkt.len() + 20);
-    out.extend_from_slice(&dmac);
-    out.extend_from_slice(&smac);
-    if p.l2_len == 18 {
-        out.extend_from_slice(&pkt[12..16]);
+    /// Too big once encapsulated: tell the client the MTU it may use, unless
+    /// it may not be told (IPv4 without DF, fragments, ICMP errors, or less
+    /// than a quote's worth of packet), in which case drop.
+    fn too_big(mut self, pkt: &[u8], p: &ParsedIp, mtu: u16) -> Decision {
+        let quote = if p.v6 {
+            TOO_BIG_QUOTE_V6
+        } else {
+            TOO_BIG_QUOTE_V4
+        };
+        if !p.dont_fragment
+            || p.is_fragment
+            || p.icmp == IcmpKind::Error
+            || (p.ip_len as usize) < quote
+        {
+            return self.finish(Reason::DropTooBig, Action::Drop);
+        }
+        self.output = craft::too_big_reply(pkt, p, mtu);
+        self.finish(Reason::IcmpTooBigSent, Action::Tx)
     }
-    out.extend_from_slice(&0x0800u16.to_be_bytes());
-    let mut ip = [0u8; 20];
-    ip[0] = 0x45;
-    ip[1] = p.tos;
-    ip[2..4].copy_from_slice(&(p.tot_len.wrapping_add(20)).to_be_bytes());
-    ip[4..6].copy_from_slice(&p.id);
-    ip[6..8].copy_from_slice(&(if p.dont_fragment { 0x4000u16 } else { 0 }).to_be_bytes());
-    ip[8] = ttl;
-    ip[9] = PROTO_IPIP;
-    ip[12..16].copy_from_slice(&src.to_ne_bytes());
-    ip[16..20].copy_from_slice(&dst.to_ne_bytes());
-    let check = ipv4_checksum(&ip);
-    ip[10..12].copy_from_slice(&check.to_be_bytes());
-    out.extend_from_slice(&ip);
-    out.extend_from_slice(&pkt[p.l2_len..]);
-    out
 }
 
 #[cfg(test)]
@@ -407,6 +324,6 @@ mod tests {
         assert_eq!(parse(&[0u8; 10]), ModelParse::Malformed);
         let mut arp = [0u8; 42];
         arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-        assert_eq!(parse(&arp), ModelParse::NotIpv4);
+        assert_eq!(parse(&arp), ModelParse::NotIp);
     }
 }
