@@ -1,7 +1,7 @@
 //! Test packets: built with etherparse, then patched where a case needs
 //! something etherparse will not produce (fragments, options, bad lengths).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::PacketBuilder;
 use lb_common::model::ipv4_checksum;
@@ -128,4 +128,142 @@ pub fn arp() -> Vec<u8> {
     out.extend_from_slice(&[0; 6]);
     out.extend_from_slice(&[10, 100, 0, 2]);
     out
+}
+
+fn ip_step(src: IpAddr, dst: IpAddr) -> etherparse::PacketBuilderStep<etherparse::IpHeaders> {
+    let eth = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), 61),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth.ipv6(s.octets(), d.octets(), 61),
+        _ => panic!("mixed address families"),
+    }
+}
+
+/// An Ethernet/IP/TCP frame of either family (IPv4 with DF, as `tcp`).
+pub fn tcp_ip(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    kind: TcpKind,
+    payload: usize,
+) -> Vec<u8> {
+    if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
+        return tcp(s, sport, d, dport, kind, payload);
+    }
+    let b = ip_step(src, dst).tcp(sport, dport, 0x1000_0000, 65_000);
+    let b = match kind {
+        TcpKind::Syn => b.syn(),
+        TcpKind::SynAck => b.syn().ack(1),
+        TcpKind::Ack => b.ack(1),
+        TcpKind::Rst => b.rst(),
+        TcpKind::Fin => b.fin().ack(1),
+    };
+    let body: Vec<u8> = (0..payload).map(|i| i as u8).collect();
+    let mut out = Vec::with_capacity(b.size(payload));
+    b.write(&mut out, &body).unwrap();
+    out
+}
+
+/// An Ethernet/IP/UDP frame of either family.
+pub fn udp_ip(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: usize) -> Vec<u8> {
+    let b = ip_step(src, dst).udp(sport, dport);
+    let body: Vec<u8> = (0..payload).map(|i| (i * 7) as u8).collect();
+    let mut out = Vec::with_capacity(b.size(payload));
+    b.write(&mut out, &body).unwrap();
+    out
+}
+
+/// An echo request (ICMP or ICMPv6 by family).
+pub fn echo_request(src: IpAddr, dst: IpAddr, id: u16, seq: u16, payload: usize) -> Vec<u8> {
+    let body: Vec<u8> = (0..payload).map(|i| i as u8).collect();
+    let step = ip_step(src, dst);
+    let mut out = Vec::new();
+    if src.is_ipv4() {
+        let b = step.icmpv4_echo_request(id, seq);
+        b.write(&mut out, &body).unwrap();
+    } else {
+        let b = step.icmpv6_echo_request(id, seq);
+        b.write(&mut out, &body).unwrap();
+    }
+    out
+}
+
+/// An ICMP error from `from` to `to` that quotes `quoted` (an IP datagram,
+/// no Ethernet header): type 3 code 4 (IPv4) or ICMPv6 packet too big.
+pub fn icmp_too_big_error(from: IpAddr, to: IpAddr, mtu: u32, quoted: &[u8]) -> Vec<u8> {
+    let step = ip_step(from, to);
+    let mut out = Vec::new();
+    if from.is_ipv4() {
+        let m = (mtu as u16).to_be_bytes();
+        step.icmpv4_raw(3, 4, [0, 0, m[0], m[1]])
+            .write(&mut out, quoted)
+            .unwrap();
+    } else {
+        step.icmpv6_raw(2, 0, mtu.to_be_bytes())
+            .write(&mut out, quoted)
+            .unwrap();
+    }
+    out
+}
+
+/// The IPv6 extension headers `with_ipv6_extensions` can insert.
+#[derive(Clone, Copy, Debug)]
+pub enum Ext {
+    HopByHop,
+    Routing,
+    DestinationOptions,
+    /// Fragment header: offset (8-byte units) and the M flag.
+    Fragment {
+        offset: u16,
+        more: bool,
+    },
+}
+
+/// Inserts IPv6 extension headers (in order) between the IPv6 header and
+/// the upper-layer header; fixes next-header chain and payload length.
+pub fn with_ipv6_extensions(pkt: &[u8], exts: &[Ext]) -> Vec<u8> {
+    let l3 = 14;
+    let upper = pkt[l3 + 6];
+    let mut chain = Vec::new();
+    let codes: Vec<u8> = exts
+        .iter()
+        .map(|e| match e {
+            Ext::HopByHop => 0,
+            Ext::Routing => 43,
+            Ext::DestinationOptions => 60,
+            Ext::Fragment { .. } => 44,
+        })
+        .collect();
+    for (i, e) in exts.iter().enumerate() {
+        let next = codes.get(i + 1).copied().unwrap_or(upper);
+        match e {
+            // 16 bytes: length field 1; PadN fills the options.
+            Ext::HopByHop | Ext::DestinationOptions => {
+                chain.extend_from_slice(&[next, 1, 1, 12]);
+                chain.extend_from_slice(&[0; 12]);
+            }
+            // Type 0 routing header with no segments left (8 bytes).
+            Ext::Routing => chain.extend_from_slice(&[next, 0, 0, 0, 0, 0, 0, 0]),
+            Ext::Fragment { offset, more } => {
+                let of = (offset << 3) | u16::from(*more);
+                chain.extend_from_slice(&[next, 0]);
+                chain.extend_from_slice(&of.to_be_bytes());
+                chain.extend_from_slice(&[0, 0, 0, 42]);
+            }
+        }
+    }
+    let mut out = pkt[..l3 + 40].to_vec();
+    if let Some(first) = codes.first() {
+        out[l3 + 6] = *first;
+    }
+    let payload_len = u16::from_be_bytes([pkt[l3 + 4], pkt[l3 + 5]]) + chain.len() as u16;
+    out[l3 + 4..l3 + 6].copy_from_slice(&payload_len.to_be_bytes());
+    out.extend_from_slice(&chain);
+    out.extend_from_slice(&pkt[l3 + 40..]);
+    out
+}
+
+pub fn v6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
 }
