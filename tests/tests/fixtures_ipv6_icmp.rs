@@ -3,7 +3,7 @@
 //! against the reference model (action, bytes, counters, connection table)
 //! by the harness, and here field by field against the specification.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
