@@ -4,19 +4,19 @@
 //! connection table agree; counters are compared every `COUNTER_CHECK_EVERY`
 //! packets. A mismatch panics with a reproducer (seed, index, frame hex).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
-    maps::{BACKEND_F_VALID, VipKey},
+    maps::{BACKEND_F_IPV6, BACKEND_F_VALID, VIP_F_GUE, VipKey},
     model::ipv4_checksum,
     settings::Settings,
 };
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 
 use crate::{
-    fixture::{Harness, backend, hex},
-    packets::{self, TcpKind},
+    fixture::{Harness, backend, backend6, hex},
+    packets::{self, Ext, TcpKind},
 };
 
 pub const COUNTER_CHECK_EVERY: u64 = 256;
@@ -60,6 +60,194 @@ fn setup(h: &mut Harness) {
         &[backend(41, [10, 80, 0, 1], 1)],
         251,
     );
+    // IPv4 -> IPv6 backends, over GUE on one port.
+    let v6_backends = [backend6(51, 0x50, 1, 1), backend6(52, 0x60, 2, 1)];
+    h.add_vip(k(VIPS[3], 8080, PROTO_TCP), 7, &v6_backends, 251);
+    h.add_vip_with_flags(k(VIPS[3], 8443, PROTO_TCP), 8, VIP_F_GUE, &v6_backends, 251);
+    // IPv6 VIPs: to IPv6 backends (one behind no neighbour), to IPv4 ones, GUE.
+    let k6 = |i: usize, port, proto| VipKey::new(IpAddr::V6(VIPS6[i]), port, proto);
+    h.add_vip(
+        k6(0, 80, PROTO_TCP),
+        9,
+        &[
+            backend6(61, 0x50, 0x61, 1),
+            backend6(62, 0x50, 0x62, 2),
+            backend6(63, 0x70, 0x63, 1),
+        ],
+        251,
+    );
+    h.add_vip(
+        k6(0, 53, PROTO_UDP),
+        10,
+        &[
+            backend(71, [10, 50, 0, 71], 1),
+            backend(72, [10, 60, 0, 72], 1),
+        ],
+        251,
+    );
+    h.add_vip_with_flags(
+        k6(1, 0, PROTO_TCP),
+        11,
+        VIP_F_GUE,
+        &[backend6(81, 0x60, 0x81, 1), backend(82, [10, 50, 0, 82], 1)],
+        251,
+    );
+}
+
+const VIPS6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10),
+    Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x11),
+];
+
+/// A client of the family of `dst`, from a small pool (flows repeat).
+fn client_for(rng: &mut SmallRng, dst: IpAddr) -> IpAddr {
+    let n = rng.random_range(1..40u8);
+    match dst {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::new(192, 0, 2, n)),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, n as u16)),
+    }
+}
+
+/// A (destination, port, is UDP) among the configured services of both
+/// families, sometimes anything.
+fn service(rng: &mut SmallRng, v6: bool) -> (IpAddr, u16, bool) {
+    const SERVICES4: [([u8; 4], u16, bool); 8] = [
+        (VIPS[0], 80, false),
+        (VIPS[0], 443, false),
+        (VIPS[1], 0, false),
+        (VIPS[2], 53, true),
+        (VIPS[3], 80, false),
+        (VIPS[3], 81, false),
+        (VIPS[3], 8080, false),
+        (VIPS[3], 8443, false),
+    ];
+    const SERVICES6: [(usize, u16, bool); 3] = [(0, 80, false), (0, 53, true), (1, 0, false)];
+    let (dst, mut dport, mut udp) = if v6 {
+        let (i, port, udp) = SERVICES6[rng.random_range(0..SERVICES6.len())];
+        (IpAddr::V6(VIPS6[i]), port, udp)
+    } else {
+        let (a, port, udp) = SERVICES4[rng.random_range(0..SERVICES4.len())];
+        (IpAddr::V4(Ipv4Addr::from(a)), port, udp)
+    };
+    if dport == 0 {
+        dport = rng.random();
+    }
+    if rng.random_bool(0.15) {
+        dport = *[80u16, 443, 53, 81, 22, 0, rng.random()]
+            .get(rng.random_range(0..7))
+            .unwrap();
+        udp = rng.random_bool(0.3);
+    }
+    (dst, dport, udp)
+}
+
+fn tcp_kind(rng: &mut SmallRng) -> TcpKind {
+    [
+        TcpKind::Syn,
+        TcpKind::SynAck,
+        TcpKind::Ack,
+        TcpKind::Ack,
+        TcpKind::Rst,
+        TcpKind::Fin,
+    ][rng.random_range(0..6)]
+}
+
+/// ICMP: echo requests (to VIPs and not), and errors from a router quoting
+/// a VIP's answer to a client (sometimes a foreign or cut quote).
+fn icmp_frame(rng: &mut SmallRng, v6: bool) -> Vec<u8> {
+    let (vip, port, udp) = service(rng, v6);
+    let client = client_for(rng, vip);
+    if rng.random_bool(0.4) {
+        let dst = if rng.random_bool(0.8) { vip } else { client };
+        return packets::echo_request(
+            client,
+            dst,
+            rng.random(),
+            rng.random(),
+            rng.random_range(0..64),
+        );
+    }
+    let sport = rng.random_range(1000..1040);
+    let mut quoted = if udp {
+        packets::udp_ip(vip, port, client, sport, rng.random_range(0..200))
+    } else {
+        packets::tcp_ip(
+            vip,
+            port,
+            client,
+            sport,
+            tcp_kind(rng),
+            rng.random_range(0..200),
+        )
+    }
+    .split_off(14);
+    if rng.random_bool(0.2) {
+        quoted.truncate(rng.random_range(0..quoted.len()));
+    }
+    let router = if v6 {
+        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))
+    };
+    let to = if rng.random_bool(0.9) { vip } else { client };
+    let mut f = packets::icmp_too_big_error(router, to, rng.random_range(500..1500), &quoted);
+    if rng.random_bool(0.3) {
+        // Other error (and non-error) types.
+        let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+        f[l4] = *[1u8, 2, 3, 4, 11, 12, 128, 129, 0, 8, rng.random()]
+            .get(rng.random_range(0..11))
+            .unwrap();
+    }
+    f
+}
+
+/// An IPv6 frame: TCP/UDP to a service, sometimes behind extension
+/// headers or fragmented.
+fn ipv6_frame(rng: &mut SmallRng) -> Vec<u8> {
+    let (dst, dport, udp) = service(rng, true);
+    let dst = if rng.random_bool(0.05) {
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            rng.random_range(0..20),
+        ))
+    } else {
+        dst
+    };
+    let src = client_for(rng, dst);
+    let sport = rng.random_range(1000..1040);
+    let payload = *[0usize, 1, 40, 600, 1400, 1440]
+        .get(rng.random_range(0..6))
+        .unwrap();
+    let mut f = if udp {
+        packets::udp_ip(src, sport, dst, dport, payload)
+    } else {
+        packets::tcp_ip(src, sport, dst, dport, tcp_kind(rng), payload)
+    };
+    if rng.random_bool(0.25) {
+        let n = rng.random_range(1..=5);
+        let mut exts: Vec<Ext> = (0..n)
+            .map(|_| [Ext::HopByHop, Ext::Routing, Ext::DestinationOptions][rng.random_range(0..3)])
+            .collect();
+        if rng.random_bool(0.3) {
+            let at = rng.random_range(0..exts.len());
+            exts[at] = Ext::Fragment {
+                offset: if rng.random() {
+                    0
+                } else {
+                    rng.random_range(1..200)
+                },
+                more: rng.random(),
+            };
+        }
+        f = packets::with_ipv6_extensions(&f, &exts);
+    }
+    f
 }
 
 fn fix_checksum(f: &mut [u8], l3: usize) {
@@ -80,27 +268,72 @@ fn fix_checksum(f: &mut [u8], l3: usize) {
 /// clients (so flows repeat and hit the connection table), plus every kind
 /// of damage the parser must survive.
 pub fn frame(rng: &mut SmallRng) -> Vec<u8> {
+    let mut f = match rng.random_range(0..20) {
+        0..=5 => ipv6_frame(rng),
+        6 => icmp_frame(rng, false),
+        7 => icmp_frame(rng, true),
+        _ => ipv4_frame(rng),
+    };
+    let v6 = f[12..14] == [0x86, 0xdd];
+    let mut l3 = 14;
+    for _ in 0..rng
+        .random_range(0..3)
+        .min(if rng.random_bool(0.15) { 2 } else { 0 })
+    {
+        f = packets::with_vlan(&f, rng.random_range(0..4096));
+        if rng.random_bool(0.3) {
+            f[12..14].copy_from_slice(&0x88A8u16.to_be_bytes());
+        }
+        l3 += 4;
+    }
+    match rng.random_range(0..20) {
+        0 => f.truncate(rng.random_range(14..f.len().max(15))),
+        1 => {
+            let n = rng.random_range(1..4);
+            for _ in 0..n {
+                let at = rng.random_range(0..f.len().min(80));
+                f[at] = rng.random();
+            }
+        }
+        2 if v6 && f.len() > l3 + 6 => {
+            let len: u16 = rng.random_range(0..1600);
+            f[l3 + 4..l3 + 6].copy_from_slice(&len.to_be_bytes());
+        }
+        2 if f.len() > l3 + 4 => {
+            let len: u16 = rng.random_range(0..1600);
+            f[l3 + 2..l3 + 4].copy_from_slice(&len.to_be_bytes());
+            fix_checksum(&mut f, l3);
+        }
+        3 if f.len() > l3 => {
+            f[l3] = (rng.random_range(0..16u8) << 4) | rng.random_range(0..16u8);
+            if !v6 {
+                fix_checksum(&mut f, l3);
+            }
+        }
+        4 if v6 && f.len() > l3 + 6 => {
+            f[l3 + 6] = *[0u8, 4, 6, 17, 41, 43, 44, 50, 58, 59, 60, rng.random()]
+                .get(rng.random_range(0..12))
+                .unwrap();
+        }
+        4 if f.len() > l3 + 9 => {
+            f[l3 + 9] = *[1u8, 4, 47, 50, 132, rng.random()]
+                .get(rng.random_range(0..6))
+                .unwrap();
+            fix_checksum(&mut f, l3);
+        }
+        5 => f.extend((0..rng.random_range(1..30)).map(|_| rng.random::<u8>())),
+        _ => {}
+    }
+    f
+}
+
+fn ipv4_frame(rng: &mut SmallRng) -> Vec<u8> {
     let src = Ipv4Addr::new(192, 0, 2, rng.random_range(1..40));
     // Mostly a configured (VIP, port, protocol); sometimes anything.
-    const SERVICES: [([u8; 4], u16, bool); 6] = [
-        (VIPS[0], 80, false),
-        (VIPS[0], 443, false),
-        (VIPS[1], 0, false),
-        (VIPS[2], 53, true),
-        (VIPS[3], 80, false),
-        (VIPS[3], 81, false),
-    ];
-    let (dst, mut dport, mut udp) = SERVICES[rng.random_range(0..SERVICES.len())];
-    let mut dst = Ipv4Addr::from(dst);
-    if dport == 0 {
-        dport = rng.random();
-    }
-    if rng.random_bool(0.15) {
-        dport = *[80u16, 443, 53, 81, 22, 0, rng.random()]
-            .get(rng.random_range(0..7))
-            .unwrap();
-        udp = rng.random_bool(0.3);
-    }
+    let (dst, dport, udp) = service(rng, false);
+    let IpAddr::V4(mut dst) = dst else {
+        unreachable!()
+    };
     if rng.random_bool(0.05) {
         dst = Ipv4Addr::new(10, rng.random_range(0..3), 0, rng.random_range(0..20));
     }
@@ -110,17 +343,7 @@ pub fn frame(rng: &mut SmallRng) -> Vec<u8> {
         .unwrap();
     let mut f = match udp {
         true => packets::udp(src, sport, dst, dport, payload),
-        false => {
-            let kind = [
-                TcpKind::Syn,
-                TcpKind::SynAck,
-                TcpKind::Ack,
-                TcpKind::Ack,
-                TcpKind::Rst,
-                TcpKind::Fin,
-            ][rng.random_range(0..6)];
-            packets::tcp(src, sport, dst, dport, kind, payload)
-        }
+        false => packets::tcp(src, sport, dst, dport, tcp_kind(rng), payload),
     };
     if rng.random_bool(0.1) {
         let n = rng.random_range(1..=10) * 4;
@@ -144,44 +367,6 @@ pub fn frame(rng: &mut SmallRng) -> Vec<u8> {
         if f[23] == PROTO_TCP && at < f.len() {
             f[at] = rng.random();
         }
-    }
-    let mut l3 = 14;
-    for _ in 0..rng
-        .random_range(0..3)
-        .min(if rng.random_bool(0.15) { 2 } else { 0 })
-    {
-        f = packets::with_vlan(&f, rng.random_range(0..4096));
-        if rng.random_bool(0.3) {
-            f[12..14].copy_from_slice(&0x88A8u16.to_be_bytes());
-        }
-        l3 += 4;
-    }
-    match rng.random_range(0..20) {
-        0 => f.truncate(rng.random_range(14..f.len().max(15))),
-        1 => {
-            let n = rng.random_range(1..4);
-            for _ in 0..n {
-                let at = rng.random_range(0..f.len().min(80));
-                f[at] = rng.random();
-            }
-        }
-        2 if f.len() > l3 + 4 => {
-            let len: u16 = rng.random_range(0..1600);
-            f[l3 + 2..l3 + 4].copy_from_slice(&len.to_be_bytes());
-            fix_checksum(&mut f, l3);
-        }
-        3 if f.len() > l3 => {
-            f[l3] = (rng.random_range(0..16u8) << 4) | rng.random_range(0..16u8);
-            fix_checksum(&mut f, l3);
-        }
-        4 if f.len() > l3 + 9 => {
-            f[l3 + 9] = *[1u8, 4, 47, 50, 132, rng.random()]
-                .get(rng.random_range(0..6))
-                .unwrap();
-            fix_checksum(&mut f, l3);
-        }
-        5 => f.extend((0..rng.random_range(1..30)).map(|_| rng.random::<u8>())),
-        _ => {}
     }
     f
 }
@@ -207,13 +392,17 @@ pub fn run(seed: u64, count: u64) -> Vec<(lb_common::maps::Reason, lb_common::ma
     let mut rng = SmallRng::seed_from_u64(seed);
     for i in 0..count {
         if i % 997 == 996 {
-            let id = rng.random_range(1..=8);
-            let flags = if rng.random_bool(0.5) {
+            let (id, family) = match rng.random_range(0..3) {
+                0 => (rng.random_range(1..=8), 0),
+                1 => (rng.random_range(61..=63), BACKEND_F_IPV6),
+                _ => (51, BACKEND_F_IPV6),
+            };
+            let valid = if rng.random_bool(0.5) {
                 BACKEND_F_VALID
             } else {
                 0
             };
-            h.set_backend_flags(id, flags);
+            h.set_backend_flags(id, valid | family);
         }
         let f = frame(&mut rng);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
