@@ -1,9 +1,10 @@
 //! Announcing VIPs to routers through BIRD 2, which operators already run
 //! for BGP (lbd is not a BGP speaker). lbd owns one include file that holds
-//! a static protocol `lbd_vips` with a /32 route per VIP address this
-//! instance can serve; the operator's BIRD config includes it and exports
-//! `proto = "lbd_vips"` to its BGP peers. After each change lbd runs
-//! `birdc configure`. See docs/operations.md for both sides' config.
+//! a static protocol `lbd_vips` with a /32 route per IPv4 VIP address this
+//! instance can serve and `lbd_vips6` with a /128 per IPv6 one; the
+//! operator's BIRD config includes it and exports `proto = "lbd_vips"` (and
+//! `"lbd_vips6"` on IPv6 channels) to its BGP peers. After each change lbd
+//! runs `birdc configure`. See docs/operations.md for both sides' config.
 
 use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, process::Command};
 
@@ -30,15 +31,19 @@ fn default_birdc() -> String {
     "birdc".into()
 }
 
-/// The include file announcing `vips` (empty set: a protocol with no routes).
+/// The include file announcing `vips` (empty set: protocols with no routes).
 pub fn routes_file_text(vips: &BTreeSet<IpAddr>) -> String {
-    let mut out = String::from(
-        "# Written by lbd: VIPs this instance can serve. Do not edit.\nprotocol static lbd_vips {\n  ipv4;\n",
-    );
-    for vip in vips {
-        out.push_str(&format!("  route {vip}/32 blackhole;\n"));
+    let mut out = String::from("# Written by lbd: VIPs this instance can serve. Do not edit.\n");
+    for (name, channel, v6, len) in [
+        ("lbd_vips", "ipv4", false, 32),
+        ("lbd_vips6", "ipv6", true, 128),
+    ] {
+        out.push_str(&format!("protocol static {name} {{\n  {channel};\n"));
+        for vip in vips.iter().filter(|v| v.is_ipv6() == v6) {
+            out.push_str(&format!("  route {vip}/{len} blackhole;\n"));
+        }
+        out.push_str("}\n");
     }
-    out.push_str("}\n");
     out
 }
 
@@ -94,12 +99,21 @@ mod tests {
 
     #[test]
     fn routes_file_lists_each_vip_once() {
-        let vips: BTreeSet<IpAddr> =
-            ["10.0.0.10".parse().unwrap(), "10.0.0.11".parse().unwrap()].into();
+        let vips: BTreeSet<IpAddr> = [
+            "10.0.0.10".parse().unwrap(),
+            "10.0.0.11".parse().unwrap(),
+            "fd00::10".parse().unwrap(),
+        ]
+        .into();
         let text = routes_file_text(&vips);
         assert!(text.contains("protocol static lbd_vips {\n  ipv4;\n"));
         assert!(
             text.contains("  route 10.0.0.10/32 blackhole;\n  route 10.0.0.11/32 blackhole;\n}")
+        );
+        assert!(
+            text.contains(
+                "protocol static lbd_vips6 {\n  ipv6;\n  route fd00::10/128 blackhole;\n}"
+            )
         );
         assert_eq!(
             routes_file_text(&BTreeSet::new()).matches("route ").count(),

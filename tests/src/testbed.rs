@@ -30,6 +30,22 @@ use crate::{
 };
 
 pub const VIP: &str = "10.0.0.10";
+/// The IPv6 VIP (every address here is unique-local, inside the namespaces).
+pub const VIP6: &str = "fd00::10";
+/// Services beyond `VIP:80` (IPv4 backends) and `VIP:53/udp`: port 80 of
+/// `VIP6` goes to IPv6 backends (IP6IP6), port 8080 crosses families (4in6
+/// for `VIP`, 6in4 for `VIP6`), port 8443 is GUE (IPv4 in IPv4, IPv6 in IPv6).
+pub const PORT_CROSS_FAMILY: u16 = 8080;
+pub const PORT_GUE: u16 = 8443;
+/// Every TCP service as (address, port).
+pub fn services() -> Vec<SocketAddr> {
+    [VIP, VIP6]
+        .into_iter()
+        .flat_map(|a| {
+            [80, PORT_CROSS_FAMILY, PORT_GUE].map(|p| SocketAddr::new(a.parse().unwrap(), p))
+        })
+        .collect()
+}
 
 pub struct Spec {
     pub lbs: usize,
@@ -53,6 +69,11 @@ impl Default for Spec {
             bgp: false,
         }
     }
+}
+
+/// Adds an IPv6 address without duplicate address detection (usable at once).
+fn add6(ns: &NetNs, dev: &str, addr: &str) {
+    ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
 }
 
 /// BGP hold time in the testbed's BIRD configs (seconds).
@@ -101,16 +122,24 @@ fn nexthops(active: &[usize]) -> String {
         .collect()
 }
 
-/// Serves TCP (answers each line with "<name> <line>") and UDP (answers
-/// each datagram with "<name>") on the VIP inside the current namespace.
+/// Serves TCP (answers each line with "<name> <line>") on ports 80, 8080
+/// and 8443 of both families and UDP (answers each datagram with "<name>")
+/// on the VIP inside the current namespace.
 fn serve(name: String, stop: Arc<AtomicBool>, conns: Arc<Mutex<Vec<TcpStream>>>) {
-    let listener = TcpListener::bind("0.0.0.0:80").expect("bind :80");
-    listener.set_nonblocking(true).unwrap();
+    // [::] also accepts IPv4 (bindv6only is 0).
+    let listeners: Vec<TcpListener> = [80, PORT_CROSS_FAMILY, PORT_GUE]
+        .iter()
+        .map(|p| {
+            let l = TcpListener::bind(format!("[::]:{p}")).expect("bind TCP");
+            l.set_nonblocking(true).unwrap();
+            l
+        })
+        .collect();
     let udp = UdpSocket::bind(format!("{VIP}:53")).expect("bind :53");
     udp.set_read_timeout(Some(Duration::from_millis(20)))
         .unwrap();
     while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
+        match listeners.iter().find_map(|l| l.accept().ok()).ok_or(()) {
             Ok((stream, _)) => {
                 stream.set_nonblocking(false).unwrap();
                 let _ = stream.set_nodelay(true);
@@ -151,10 +180,14 @@ impl Testbed {
         let dir = std::env::temp_dir().join(&router.name);
         std::fs::create_dir_all(&dir).unwrap();
         router.link("rc", "10.10.0.1/24", &client, "c0", "10.10.0.2/24");
+        add6(&router, "rc", "fd00:10::1/64");
+        add6(&client, "c0", "fd00:10::2/64");
         client.ip(&["route", "add", "default", "via", "10.10.0.1"]);
+        client.ip(&["-6", "route", "add", "default", "via", "fd00:10::1"]);
         router.sh(
             "sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv4.fib_multipath_hash_policy=1 \
-             net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0",
+             net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 \
+             net.ipv6.conf.all.forwarding=1 net.ipv6.fib_multipath_hash_policy=1",
         );
         let mut backends = Vec::new();
         let mut decaps = Vec::new();
@@ -169,8 +202,27 @@ impl Testbed {
                 "eth0",
                 &format!("10.30.{n}.2/24"),
             );
+            add6(&router, &format!("rb{n}"), &format!("fd00:30:{n}::1/64"));
+            add6(&be, "eth0", &format!("fd00:30:{n}::2/64"));
             be.ip(&["route", "add", "default", "via", &format!("10.30.{n}.1")]);
+            be.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:30:{n}::1"),
+            ]);
             be.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+            be.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{VIP6}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ]);
             be.sh("sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0");
             decaps.push(KillOnDrop(
                 Command::new("nsenter")
@@ -192,17 +244,23 @@ impl Testbed {
             servers.push(Servers { stop });
             backends.push(be);
         }
-        let backends_toml: String = spec
-            .weights
-            .iter()
-            .enumerate()
-            .map(|(j, w)| {
-                format!(
-                    "[[vip.backend]]\naddress = \"10.30.{}.2\"\nweight = {w}\n",
-                    j + 1
-                )
-            })
-            .collect();
+        let backends_of = |v6: bool| -> String {
+            spec.weights
+                .iter()
+                .enumerate()
+                .map(|(j, w)| {
+                    let n = j + 1;
+                    let a = if v6 {
+                        format!("fd00:30:{n}::2")
+                    } else {
+                        format!("10.30.{n}.2")
+                    };
+                    format!("[[vip.backend]]\naddress = \"{a}\"\nweight = {w}\n")
+                })
+                .collect()
+        };
+        let backends_toml = backends_of(false);
+        let backends6_toml = backends_of(true);
         let mut lbs = Vec::new();
         let mut lbds = Vec::new();
         let mut birds = Vec::new();
@@ -234,8 +292,19 @@ impl Testbed {
                 "eth0",
                 &format!("10.20.{i}.2/24"),
             );
+            add6(&router, &format!("rl{i}"), &format!("fd00:20:{i}::1/64"));
+            add6(&lb, "eth0", &format!("fd00:20:{i}::2/64"));
             lb.ip(&["route", "add", "default", "via", &format!("10.20.{i}.1")]);
-            lb.sh("sysctl -qw net.ipv4.conf.all.forwarding=1");
+            lb.ip(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("fd00:20:{i}::1"),
+            ]);
+            // bpf_fib_lookup answers only for interfaces that forward.
+            lb.sh("sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv6.conf.all.forwarding=1");
             let pin = PathBuf::from(format!("/sys/fs/bpf/{}", lb.name));
             let socket = dir.join(format!("lb{i}.sock"));
             let config = dir.join(format!("lb{i}.toml"));
@@ -270,9 +339,18 @@ impl Testbed {
                      pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n{bgp_toml}\
                      [[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n\
                      [vip.health]\nkind = \"tcp\"\ninterval_ms = {}\ntimeout_ms = {}\nrise = 2\nfall = {}\n{backends_toml}\n\
-                     [[vip]]\naddress = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\ntable_size = 65537\n{backends_toml}",
+                     [[vip]]\naddress = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\ntable_size = 65537\n{backends_toml}\n\
+                     [[vip]]\naddress = \"{VIP6}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
+                     [vip.health]\nkind = \"tcp\"\ninterval_ms = {}\ntimeout_ms = {}\nrise = 2\nfall = {}\n{backends6_toml}\n\
+                     [[vip]]\naddress = \"{VIP}\"\nport = {PORT_CROSS_FAMILY}\nprotocol = \"tcp\"\ntable_size = 4099\n{backends6_toml}\n\
+                     [[vip]]\naddress = \"{VIP6}\"\nport = {PORT_CROSS_FAMILY}\nprotocol = \"tcp\"\ntable_size = 4099\n{backends_toml}\n\
+                     [[vip]]\naddress = \"{VIP}\"\nport = {PORT_GUE}\nprotocol = \"tcp\"\ntable_size = 4099\nencap = \"gue\"\n{backends_toml}\n\
+                     [[vip]]\naddress = \"{VIP6}\"\nport = {PORT_GUE}\nprotocol = \"tcp\"\ntable_size = 4099\nencap = \"gue\"\n{backends6_toml}",
                     pin.display(),
                     socket.display(),
+                    spec.health_interval_ms,
+                    spec.health_interval_ms / 2,
+                    spec.health_fall,
                     spec.health_interval_ms,
                     spec.health_interval_ms / 2,
                     spec.health_fall,
@@ -296,6 +374,8 @@ impl Testbed {
         };
         tb.wait_attached();
         if tb.spec.bgp {
+            let all: Vec<usize> = (0..tb.spec.lbs).collect();
+            tb.route6("replace", &all);
             let deadline = Instant::now() + Duration::from_secs(20);
             while tb.vip_paths().len() < tb.spec.lbs {
                 assert!(
@@ -329,6 +409,23 @@ impl Testbed {
     fn route(&self, verb: &str, active: &[usize]) {
         let route = format!("{VIP}/32{}", nexthops(active));
         let args: Vec<&str> = ["route", verb]
+            .into_iter()
+            .chain(route.split_whitespace())
+            .collect();
+        self.router.ip(&args);
+        self.route6(verb, active);
+    }
+
+    /// The IPv6 VIP over the same set (static also in the BGP testbed,
+    /// which announces IPv4 only).
+    fn route6(&self, verb: &str, active: &[usize]) {
+        let hops: String = active
+            .iter()
+            .map(|i| format!(" nexthop via fd00:20:{}::2", i + 1))
+            .collect();
+        let route = format!("{VIP6}/128{hops}");
+        let verb6 = if verb == "add" { "replace" } else { verb };
+        let args: Vec<&str> = ["-6", "route", verb6]
             .into_iter()
             .chain(route.split_whitespace())
             .collect();
@@ -412,9 +509,14 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Connects (from the calling thread's namespace) and learns the backend.
+    /// Connects to `VIP:80` (from the calling thread's namespace) and
+    /// learns the backend.
     pub fn open() -> Option<Conn> {
-        let addr: SocketAddr = format!("{VIP}:80").parse().unwrap();
+        Self::open_to(format!("{VIP}:80").parse().unwrap())
+    }
+
+    /// Connects to `addr` and learns the backend.
+    pub fn open_to(addr: SocketAddr) -> Option<Conn> {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         stream.set_nodelay(true).ok()?;
@@ -482,12 +584,22 @@ impl Drop for LongLived {
 }
 
 impl Testbed {
-    /// Opens `n` connections from the client and keeps them open.
+    /// Opens `n` connections to `VIP:80` from the client and keeps them open.
     pub fn hold_connections(&self, n: usize) -> LongLived {
+        self.hold_connections_to(&[format!("{VIP}:80").parse().unwrap()], n)
+    }
+
+    /// Opens `n` connections to each of `services` and keeps them open.
+    pub fn hold_connections_to(&self, services: &[SocketAddr], n: usize) -> LongLived {
         let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<Liveness>>();
         let guard = self.client.enter();
+        let services = services.to_vec();
         let thread = thread::spawn(move || {
-            let mut conns: Vec<Conn> = (0..n).map(|_| Conn::open().expect("connection")).collect();
+            let mut conns: Vec<Conn> = services
+                .iter()
+                .flat_map(|a| (0..n).map(move |_| *a))
+                .map(|a| Conn::open_to(a).unwrap_or_else(|| panic!("connection to {a}")))
+                .collect();
             while let Ok(reply) = rx.recv() {
                 let mut by_backend = Liveness::new();
                 for c in conns.iter_mut() {
@@ -511,9 +623,14 @@ impl Testbed {
 
 /// Opens `n` short connections and counts answers per backend.
 pub fn spread(n: usize) -> BTreeMap<String, usize> {
+    spread_to(format!("{VIP}:80").parse().unwrap(), n)
+}
+
+/// `spread` for the service at `addr`.
+pub fn spread_to(addr: SocketAddr, n: usize) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for _ in 0..n {
-        if let Some(c) = Conn::open() {
+        if let Some(c) = Conn::open_to(addr) {
             *counts.entry(c.backend).or_default() += 1;
         }
     }

@@ -1,0 +1,141 @@
+//! End to end with IPv6 and GUE: IPv4 and IPv6 clients, VIPs and backends
+//! in every combination (IPIP, IP6IP6, 4in6, 6in4, GUE over IPv4 and IPv6)
+//! through the ECMP router, two lbd instances and DSR backends that
+//! decapsulate with XDP; ICMP answers from the data path seen by the
+//! client's own kernel. Needs root.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream},
+    process::Command,
+    time::Duration,
+};
+
+use lb_tests::{
+    have_root,
+    testbed::{Spec, Testbed, VIP, VIP6, services, spread_to},
+};
+use lb_userspace::api::Request;
+
+#[test]
+fn every_family_combination_carries_connections_that_survive_ecmp_changes() {
+    if !have_root() {
+        return;
+    }
+    let tb = Testbed::new("e6c", Spec::default());
+    for addr in services() {
+        let counts = tb.in_client(move || spread_to(addr, 60));
+        eprintln!("{addr}: {counts:?}");
+        assert_eq!(
+            counts.values().sum::<usize>(),
+            60,
+            "{addr}: every connection answered"
+        );
+        assert_eq!(counts.len(), 3, "{addr}: every backend serves: {counts:?}");
+    }
+    let held = tb.hold_connections_to(&services(), 10);
+    let total = services().len() * 10;
+    assert_eq!(held.alive(), total);
+    tb.set_ecmp(&[1]);
+    let after_leave = held.alive();
+    tb.set_ecmp(&[0, 1]);
+    let after_join = held.alive();
+    tb.set_ecmp(&[0]);
+    let after_switch = held.alive();
+    eprintln!(
+        "survived: leave {after_leave}/{total}, join {after_join}/{total}, switch {after_switch}/{total}"
+    );
+    assert_eq!(
+        (after_leave, after_join, after_switch),
+        (total, total, total)
+    );
+    // Both instances carried traffic of both families, and the backends
+    // decapsulated every kind.
+    for i in 0..2 {
+        let stats = tb.lbctl(i, Request::Stats);
+        assert!(
+            stats.data["forwarded"].as_u64().unwrap() > 0,
+            "lb{i} forwarded"
+        );
+    }
+}
+
+#[test]
+fn vip_addresses_answer_pings() {
+    if !have_root() {
+        return;
+    }
+    let tb = Testbed::new("e6p", Spec::default());
+    for (cmd, vip) in [("ping", VIP), ("ping", VIP6)] {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &tb.client.name,
+                cmd,
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "1",
+                vip,
+            ])
+            .output()
+            .expect("ping");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "ping {vip}: {text}");
+        assert!(text.contains("3 received"), "ping {vip}: {text}");
+    }
+    let replies: u64 = (0..2)
+        .map(|i| {
+            tb.lbctl(i, Request::Stats).data["reasons"]["icmp_echo_reply"]["packets"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(replies, 6, "the data path answered every echo request");
+}
+
+/// Sends one `len`-byte line and reads the echo back.
+fn upload(addr: SocketAddr, len: usize) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let line: String = std::iter::repeat_n('x', len).collect();
+    s.write_all(format!("{line}\n").as_bytes()).ok()?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).ok()?;
+    Some(answer)
+}
+
+#[test]
+fn full_size_uploads_get_through_after_a_too_big_answer() {
+    if !have_root() {
+        return;
+    }
+    // Every link has MTU 1500: a full-size client segment cannot carry the
+    // outer header. The data path answers "fragmentation needed" / "packet
+    // too big"; the client's kernel lowers its path MTU and the upload goes.
+    let tb = Testbed::new("e6m", Spec::default());
+    for addr in [
+        format!("{VIP}:80"),
+        format!("[{VIP6}]:80"),
+        format!("[{VIP6}]:8080"),
+        format!("{VIP}:8443"),
+    ] {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let answer = tb.in_client(move || upload(addr, 64 * 1024));
+        let answer = answer.unwrap_or_else(|| panic!("{addr}: upload stalled"));
+        assert!(answer.starts_with("be"), "{addr}: {}", &answer[..10]);
+        assert_eq!(answer.len(), 64 * 1024 + 5, "{addr}: whole line echoed");
+    }
+    let sent: u64 = (0..2)
+        .map(|i| {
+            tb.lbctl(i, Request::Stats).data["reasons"]["icmp_too_big_sent"]["packets"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    eprintln!("too-big answers sent: {sent}");
+    assert!(sent >= 4, "each service needed at least one answer: {sent}");
+}
