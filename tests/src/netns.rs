@@ -33,6 +33,9 @@ impl NetNs {
         ip(&["netns", "add", &name]);
         let ns = NetNs { name };
         ns.ip(&["link", "set", "lo", "up"]);
+        // No duplicate address detection on the links created here: their
+        // IPv6 link-local addresses (neighbour discovery) work at once.
+        ns.sh("sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0");
         ns
     }
 
