@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::testbed::{Spec, Testbed, spread};
+use lb_tests::testbed::{Spec, Testbed, services, spread, spread_to};
 use lb_userspace::api::Request;
 
 const LONG_LIVED: usize = 60;
@@ -44,6 +44,21 @@ fn main() {
     let short = tb.in_client(|| spread(300));
     bar(&short, "300 short connections, by backend:");
     let mut ok = short.values().sum::<usize>() == 300;
+
+    println!("\n== IPv4 and IPv6, IP-in-IP and GUE: 30 connections to each service");
+    for addr in services() {
+        let counts = tb.in_client(move || spread_to(addr, 30));
+        let encap = match (addr.port(), addr.is_ipv6()) {
+            (80, false) => "IPv4 backends, IPIP",
+            (80, true) => "IPv6 backends, IP6IP6",
+            (8080, false) => "IPv6 backends, 4in6",
+            (8080, true) => "IPv4 backends, 6in4",
+            (_, false) => "IPv4 backends, GUE",
+            (_, true) => "IPv6 backends, GUE",
+        };
+        println!("   {addr:<18} {encap:<22} {counts:?}");
+        ok &= counts.values().sum::<usize>() == 30;
+    }
 
     // Long-lived connections held on one client thread; `check` pings them all.
     let held = tb.hold_connections(LONG_LIVED);
