@@ -15,7 +15,7 @@ use lb_common::{
     settings::Settings,
 };
 use lb_tests::{
-    fixture::{Harness, backend, vip_meta},
+    fixture::{Harness, backend, backend6, vip_meta},
     packets::{self, TcpKind},
 };
 use lb_userspace::vip_table::{BackendSpec, install_vip};
@@ -103,6 +103,14 @@ fn main() -> anyhow::Result<()> {
         &udp_backends,
         65_537,
     );
+    // IPv6 VIP with 100 IPv6 backends (IP6IP6).
+    let vip6: IpAddr = "fd00::10".parse().unwrap();
+    let tcp6_backends: Vec<BackendSpec> = (0..100)
+        .map(|i| backend6(500 + i, 0x50, i as u16 + 1, 1))
+        .collect();
+    h.add_vip(VipKey::new(vip6, 80, PROTO_TCP), 3, &tcp6_backends, 65_537);
+    let client6: IpAddr = "2001:db8::7".parse().unwrap();
+    let ack6 = packets::tcp_ip(client6, 10_000, vip6, 80, TcpKind::Ack, 0);
     let flows = 50_000u32;
     // The same 50,000 flows, as SYNs (to create them) and as ACKs.
     let packets_of = |kind: TcpKind| -> Vec<Vec<u8>> {
@@ -133,7 +141,7 @@ fn main() -> anyhow::Result<()> {
     );
     let lb0 = h.lb0;
     // Warm the connection table for the tracked cases.
-    for p in syn.iter().chain(&udp) {
+    for p in syn.iter().chain(&udp).chain([&ack6]) {
         h.dp.test_run(p, lb0)?;
     }
     let mut empty_runs = Vec::new();
@@ -145,6 +153,7 @@ fn main() -> anyhow::Result<()> {
         "1400-byte TCP, tracked flow",
         "TCP ACK, 50k tracked flows round-robin",
         "TCP SYN, same flow (replaces its entry)",
+        "IPv6 TCP ACK, tracked flow (IP6IP6)",
     ]
     .iter()
     .map(|n| (*n, Vec::new()))
@@ -189,6 +198,9 @@ fn main() -> anyhow::Result<()> {
         case_runs[6]
             .1
             .push(per_call(calls, |_| h.dp.test_run(&syn[0], lb0).unwrap().duration) - empty);
+        case_runs[7]
+            .1
+            .push(per_call(calls, |_| h.dp.test_run(&ack6, lb0).unwrap().duration) - empty);
         case_runs[5].1.push(
             per_call(calls, |i| {
                 h.dp.test_run(&ack[(i % flows) as usize], lb0)
