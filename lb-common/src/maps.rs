@@ -46,8 +46,16 @@ pub const PROGRAM_BALANCER: &str = "balancer";
 pub const PROGRAM_PASS: &str = "pass";
 /// An XDP program that drops everything (benchmark sinks).
 pub const PROGRAM_SINK: &str = "sink";
-/// The XDP entry point of the backend side (IPIP decapsulation).
+/// The XDP entry point of the backend side (decapsulation).
 pub const PROGRAM_DECAP: &str = "decap";
+/// Benchmark only: live-frames generator (rewrites the frame, tail-calls).
+pub const PROGRAM_BENCH_GEN: &str = "bench_gen";
+/// `BENCH_FRAME`: array of one frame template for `bench_gen`.
+pub const MAP_BENCH_FRAME: &str = "BENCH_FRAME";
+/// `BENCH_NEXT`: program array, slot 0 = the program `bench_gen` runs.
+pub const MAP_BENCH_NEXT: &str = "BENCH_NEXT";
+/// Length of `bench_gen`'s frames (shorter test frames are padded).
+pub const BENCH_FRAME_LEN: usize = 64;
 
 /// Compile-time capacities. The large ones are resized at load time
 /// (`EbpfLoader::map_max_entries`); these are the defaults.

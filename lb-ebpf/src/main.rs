@@ -5,6 +5,7 @@
 #![no_main]
 
 mod balancer;
+mod bench;
 mod decap;
 mod encap;
 mod icmp;
@@ -38,6 +39,13 @@ pub fn pass(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn sink(_ctx: XdpContext) -> u32 {
     aya_ebpf::bindings::xdp_action::XDP_DROP
+}
+
+/// Benchmark only: rewrites the live frame from a template, then runs the
+/// program under test (see `bench`).
+#[xdp]
+pub fn bench_gen(ctx: XdpContext) -> u32 {
+    bench::generate(&ctx)
 }
 
 #[cfg(not(test))]

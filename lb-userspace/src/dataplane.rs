@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, ProgramArray},
     programs::{
         TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -20,10 +20,11 @@ use aya::{
 };
 use lb_common::{
     maps::{
-        Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, FlowKey,
-        GLOBAL_SETTINGS, MAP_ANY_PORT_VIPS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_CONNTRACK,
-        MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_REASON_STATS, MAP_VIP_STATS, MAP_VIPS,
-        PROGRAM_BALANCER, PROGRAM_PASS, Reason, VipKey, VipMeta,
+        BENCH_FRAME_LEN, Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES,
+        DEFAULT_MAGLEV_SLOTS, FlowKey, GLOBAL_SETTINGS, MAP_ANY_PORT_VIPS, MAP_BACKEND_STATS,
+        MAP_BACKENDS, MAP_BENCH_FRAME, MAP_BENCH_NEXT, MAP_CONNTRACK, MAP_MAGLEV_SLOTS,
+        MAP_NEXTHOP_CACHE, MAP_REASON_STATS, MAP_VIP_STATS, MAP_VIPS, PROGRAM_BALANCER,
+        PROGRAM_BENCH_GEN, PROGRAM_PASS, Reason, VipKey, VipMeta,
     },
     settings::Settings,
 };
@@ -525,6 +526,40 @@ impl Dataplane {
             .test_run(opts)
             .context("BPF_PROG_TEST_RUN (live frames)")?;
         Ok(started.elapsed())
+    }
+
+    /// Live frames through `program` with every frame rewritten to `frame`
+    /// first (by `bench_gen`, which tail-calls `program`): the kernel does
+    /// not restore recycled live frames, and the balancer rewrites them.
+    /// `frame` is padded to `BENCH_FRAME_LEN` bytes.
+    pub fn run_live_generated(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        ingress_ifindex: u32,
+        repeat: u32,
+    ) -> Result<Duration> {
+        anyhow::ensure!(
+            frame.len() <= BENCH_FRAME_LEN,
+            "frame longer than {BENCH_FRAME_LEN}"
+        );
+        let mut template = [0u8; BENCH_FRAME_LEN];
+        template[..frame.len()].copy_from_slice(frame);
+        let target = self.loaded(program)?.fd()?.try_clone()?;
+        self.loaded(PROGRAM_BENCH_GEN)?;
+        let mut frames: Array<&mut MapData, [u8; BENCH_FRAME_LEN]> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_BENCH_FRAME)
+                .context("no BENCH_FRAME map")?,
+        )?;
+        frames.set(0, template, 0)?;
+        let mut next = ProgramArray::try_from(
+            self.ebpf
+                .map_mut(MAP_BENCH_NEXT)
+                .context("no BENCH_NEXT map")?,
+        )?;
+        next.set(0, &target, 0)?;
+        self.run_live(PROGRAM_BENCH_GEN, &template, ingress_ifindex, repeat)
     }
 
     /// Attaches the do-nothing `pass` program to `interface` (testbeds: the
