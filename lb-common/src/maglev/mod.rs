@@ -254,17 +254,27 @@ fn build_with(
 
 /// Weighted turn-taking shared by both implementations: calls `claim(i)`
 /// for each turn, in order, until it reports the table full.
+///
+/// Backend `i` takes a turn in round `r` when `r * w_i` reaches its
+/// threshold, which then grows by the largest weight; the round of its next
+/// turn, `ceil(threshold / w_i)`, is kept so each visit is one comparison.
 #[inline(always)]
 fn take_turns(weights: &[u32], mut claim: impl FnMut(usize) -> bool) {
     let max_weight = *weights.iter().max().unwrap_or(&0) as u64;
     let mut threshold = vec![0u64; weights.len()];
+    // u64::MAX: weight 0, never.
+    let mut next_round: Vec<u64> = weights
+        .iter()
+        .map(|&w| if w == 0 { u64::MAX } else { 0 })
+        .collect();
     let mut round = 0u64;
     loop {
         for (i, &w) in weights.iter().enumerate() {
-            if w == 0 || round * (w as u64) < threshold[i] {
+            if next_round[i] > round {
                 continue;
             }
             threshold[i] += max_weight;
+            next_round[i] = threshold[i].div_ceil(w as u64);
             if claim(i) {
                 return;
             }
@@ -372,7 +382,11 @@ pub fn populate(perms: &[Permutation], weights: &[u32], size: u32) -> Vec<u32> {
             let p = perms[i];
             let (mut best_k, mut best_pos) = (0usize, u64::MAX);
             for (k, &s) in free_list.iter().enumerate() {
-                let d = (s as u64 + m - p.offset as u64) % m;
+                let d = if s >= p.offset {
+                    s - p.offset
+                } else {
+                    s + size - p.offset
+                } as u64;
                 let pos = mul_mod(d, inverse[i], m, m_recip);
                 if pos < best_pos {
                     best_pos = pos;
