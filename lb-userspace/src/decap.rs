@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    programs::{TestRun, TestRunOptions, Xdp, XdpMode},
 };
 use lb_common::{
     maps::{
@@ -18,12 +18,22 @@ use crate::object::ebpf_object;
 
 pub struct Decap {
     stats: PerCpuArray<MapData, Counter>,
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
 }
 
 impl Decap {
     /// Loads `decap` and attaches it to `interface` (calling thread's namespace).
     pub fn attach(interface: &str, mode: XdpMode, gue_port: u16) -> Result<Decap> {
+        let mut decap = Self::load(gue_port)?;
+        decap
+            .program()?
+            .attach(interface, mode)
+            .with_context(|| format!("attaching decap to {interface}"))?;
+        Ok(decap)
+    }
+
+    /// Loads `decap` without attaching it (tests run it with `test_run`).
+    pub fn load(gue_port: u16) -> Result<Decap> {
         let settings = Settings {
             gue_port: gue_port.to_be(),
             ..Settings::DEFAULT
@@ -42,12 +52,34 @@ impl Decap {
         program
             .load()
             .context("the kernel verifier rejected decap")?;
-        program
-            .attach(interface, mode)
-            .with_context(|| format!("attaching decap to {interface}"))?;
         let stats =
             PerCpuArray::try_from(ebpf.take_map(MAP_DECAP_STATS).context("no DECAP_STATS")?)?;
-        Ok(Decap { stats, _ebpf: ebpf })
+        Ok(Decap { stats, ebpf: ebpf })
+    }
+
+    fn program(&mut self) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(PROGRAM_DECAP)
+            .context("no decap program")?
+            .try_into()?)
+    }
+
+    /// Runs `decap` once on `packet` (`BPF_PROG_TEST_RUN`): (XDP action,
+    /// the packet as the program left it).
+    pub fn test_run(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let mut out = vec![0u8; packet.len() + 64];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        let result = self
+            .program()?
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN")?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
     }
 
     pub fn counter(&self, reason: DecapReason) -> Counter {
