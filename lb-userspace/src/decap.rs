@@ -54,7 +54,7 @@ impl Decap {
             .context("the kernel verifier rejected decap")?;
         let stats =
             PerCpuArray::try_from(ebpf.take_map(MAP_DECAP_STATS).context("no DECAP_STATS")?)?;
-        Ok(Decap { stats, ebpf: ebpf })
+        Ok(Decap { stats, ebpf })
     }
 
     fn program(&mut self) -> Result<&mut Xdp> {
