@@ -32,8 +32,8 @@ enum Cmd {
     },
     /// Benchmarks: data path per packet (BPF_PROG_TEST_RUN) and Maglev builds.
     Bench {
-        /// Calls per case for the data-path figures.
-        #[arg(long, default_value_t = 200_000)]
+        /// Calls per case and run for the data-path figures (five runs).
+        #[arg(long, default_value_t = 1_000_000)]
         calls: u32,
     },
     /// Set up, then run the demo topology with real traffic.

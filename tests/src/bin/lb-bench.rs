@@ -78,7 +78,7 @@ fn main() -> anyhow::Result<()> {
     let calls: u32 = std::env::args()
         .nth(1)
         .and_then(|a| a.parse().ok())
-        .unwrap_or(200_000);
+        .unwrap_or(1_000_000);
     let mut stats: Vec<Stat> = Vec::new();
 
     // Data path: 1 TCP VIP and 1 UDP VIP with 100 backends each, M = 65537.
@@ -178,7 +178,9 @@ fn main() -> anyhow::Result<()> {
         empty_runs.push(empty);
         // New flows every call: a fresh source address range per run.
         let syn_round = run as u32 + 1;
-        let fresh: Vec<Vec<u8>> = (0..calls.min(100_000))
+        // At most 200,000 new flows per run: five runs of a million would
+        // overflow the 2^20-entry table and time LRU evictions instead.
+        let fresh: Vec<Vec<u8>> = (0..calls.min(200_000))
             .map(|i| {
                 packets::tcp(
                     Ipv4Addr::from(0xCB00_0000u32 + syn_round * 200_000 + i),
