@@ -139,3 +139,52 @@ fn full_size_uploads_get_through_after_a_too_big_answer() {
     eprintln!("too-big answers sent: {sent}");
     assert!(sent >= 4, "each service needed at least one answer: {sent}");
 }
+
+#[test]
+fn downloads_get_through_a_smaller_mtu_on_the_way_back() {
+    if !have_root() {
+        return;
+    }
+    // The router's routes to the client carry 1400 bytes, every link 1500:
+    // a backend's full-size answers (DSR) hit the router, which sends
+    // "fragmentation needed" / "packet too big" to the VIP. The LB must hand
+    // that error to the backend serving the flow, or the download stalls.
+    let tb = Testbed::new("e6d", Spec::default());
+    tb.router.ip(&[
+        "route",
+        "add",
+        "10.10.0.2/32",
+        "dev",
+        "rc",
+        "mtu",
+        "lock",
+        "1400",
+    ]);
+    tb.router.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd00:10::2/128",
+        "dev",
+        "rc",
+        "mtu",
+        "lock",
+        "1400",
+    ]);
+    for addr in [format!("{VIP}:80"), format!("[{VIP6}]:80")] {
+        let addr: SocketAddr = addr.parse().unwrap();
+        // A small upload, a large echo back: only the download needs PMTU.
+        let answer = tb.in_client(move || upload(addr, 64 * 1024));
+        let answer = answer.unwrap_or_else(|| panic!("{addr}: download stalled"));
+        assert_eq!(answer.len(), 64 * 1024 + 5, "{addr}: whole line echoed");
+    }
+    let forwarded: u64 = (0..2)
+        .map(|i| {
+            tb.lbctl(i, Request::Stats).data["reasons"]["icmp_error_forwarded"]["packets"]
+                .as_u64()
+                .unwrap()
+        })
+        .sum();
+    eprintln!("ICMP errors forwarded to backends: {forwarded}");
+    assert!(forwarded >= 2, "one error per family at least: {forwarded}");
+}
