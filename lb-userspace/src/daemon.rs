@@ -35,6 +35,7 @@ use crate::{
     api::{Request, Response},
     config::{BackendConfig, Config, VipConfig},
     dataplane::{Dataplane, LoadOptions},
+    flow_count::FlowCounter,
     health::{HealthCheck, HealthEvent, spawn_checker},
     reconcile::{AppliedBackend, AppliedVip, DesiredBackend, DesiredVip, Reconciler},
 };
@@ -60,6 +61,8 @@ pub struct Daemon {
     draining: bool,
     /// The program is attached (announce nothing before that).
     attached: bool,
+    /// Tracked flows per backend, counted on a thread of its own.
+    flows: FlowCounter,
 }
 
 pub fn vip_key(v: &VipConfig) -> VipKey {
@@ -146,7 +149,9 @@ impl Daemon {
             let n = adopt(&dp, &mut rec)?;
             info!(vips = n, pin_path = %config.lb.pin_path, "adopted pinned data plane state (connection table kept)");
         }
+        let flows = FlowCounter::start(dp.conntrack_handle()?)?;
         let mut d = Daemon {
+            flows,
             config_path,
             config,
             dp,
@@ -472,7 +477,8 @@ impl Daemon {
     }
 
     fn status(&self) -> serde_json::Value {
-        let tracked = self.dp.conntrack_counts();
+        let snapshot = self.flows.latest();
+        let tracked = snapshot.counts;
         let vips: Vec<serde_json::Value> = self
             .config
             .vips
@@ -509,6 +515,8 @@ impl Daemon {
         json!({
             "generation": self.rec.generation,
             "draining": self.draining,
+            // Age of the tracked-flow counts (walked once a second, off the loop).
+            "tracked_flows_age_ms": snapshot.taken.map(|t| t.elapsed().as_millis() as u64),
             "announced": self.announcer.as_ref().map(|a| a.announced()),
             "vips": vips,
         })

@@ -328,11 +328,14 @@ impl Dataplane {
 
     /// Tracked flows per backend id (walks the whole connection table).
     pub fn conntrack_counts(&self) -> std::collections::BTreeMap<u32, u64> {
-        let mut counts = std::collections::BTreeMap::new();
-        for (_, entry) in self.conntrack.iter().filter_map(|r| r.ok()) {
-            *counts.entry(entry.backend_id).or_insert(0) += 1;
-        }
-        counts
+        crate::flow_count::count(&self.conntrack)
+    }
+
+    /// A second handle of the connection table (its own file descriptor),
+    /// for walking it on another thread.
+    pub fn conntrack_handle(&self) -> Result<HashMap<MapData, FlowKey, ConnEntry>> {
+        let data = MapData::from_fd(self.conntrack_fd.try_clone()?)?;
+        Ok(HashMap::try_from(Map::LruHashMap(data))?)
     }
 
     /// One of the object's programs, loaded on first use.

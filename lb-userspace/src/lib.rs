@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod flow_count;
 pub mod health;
 pub mod object;
 pub mod reconcile;

@@ -139,13 +139,21 @@ fn draining_keeps_existing_connections_and_sends_new_ones_elsewhere() {
     let (ok, n) = held.check().get("be1").copied().unwrap_or_default();
     assert!(n > 0, "some connections were on be1");
     assert_eq!(ok, n, "connections on the drained backend keep working");
-    let tracked: u64 = (0..tb.lbds.len())
-        .map(|i| {
-            tb.lbctl(i, Request::Status).data["vips"][0]["backends"][0]["tracked_flows"]
-                .as_u64()
-                .unwrap()
-        })
-        .sum();
+    // Counted once a second off the daemon's loop: wait for a fresh count.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let tracked = loop {
+        let tracked: u64 = (0..tb.lbds.len())
+            .map(|i| {
+                tb.lbctl(i, Request::Status).data["vips"][0]["backends"][0]["tracked_flows"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum();
+        if tracked > 0 || Instant::now() > deadline {
+            break tracked;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         tracked > 0,
         "lbctl status shows the flows left on the drained backend"
