@@ -3,6 +3,7 @@
 //! table builds, and the time for a table change to be live in the kernel.
 //! Prints a table and writes target/bench/report.json.
 
+use anyhow::Context;
 use std::{
     net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
@@ -70,6 +71,84 @@ fn xdp_packets(dev: &str) -> u64 {
         .sum()
 }
 
+/// Time from a backend's health port closing to the backend's absence
+/// from the kernel's table, with the real `lbd` (TCP checks every 100 ms,
+/// fall 2): five failures and recoveries; milliseconds.
+fn health_failure_removal() -> anyhow::Result<Vec<f64>> {
+    use lb_tests::{
+        lbd::{HealthTarget, Lbd},
+        netns::NetNs,
+    };
+    let lb = NetNs::new("bhlb");
+    let backend = NetNs::new("bhbe");
+    lb.link("l1", "10.50.0.254/24", &backend, "b0", "10.50.0.1/24");
+    for a in ["10.50.0.2/24", "10.50.0.3/24"] {
+        backend.ip(&["addr", "add", a, "dev", "b0"]);
+    }
+    let dir = std::env::temp_dir().join(&lb.name);
+    std::fs::create_dir_all(&dir)?;
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lb.name));
+    let socket = dir.join("lbd.sock");
+    let backends: String = ["10.50.0.1", "10.50.0.2", "10.50.0.3"]
+        .iter()
+        .map(|a| format!("[[vip.backend]]\naddress = \"{a}\"\n"))
+        .collect();
+    let config = dir.join("lbd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[lb]\ninterfaces = [\"l1\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\n\
+             maglev_slots = 262144\npin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n\
+             [[vip]]\naddress = \"10.0.0.10\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n\
+             [vip.health]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 100\ntimeout_ms = 50\nrise = 2\nfall = 2\n{backends}",
+            pin.display(),
+            socket.display()
+        ),
+    )?;
+    let mut targets: Vec<HealthTarget> = ["10.50.0.1:8080", "10.50.0.2:8080", "10.50.0.3:8080"]
+        .iter()
+        .map(|a| HealthTarget::start(&backend, a))
+        .collect();
+    let lbd = Lbd::start(&lb, &config, &socket, &pin);
+    let key = VipKey::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)), 80, PROTO_TCP);
+    let failing: IpAddr = "10.50.0.2".parse()?;
+    let wait = |what: &str, done: &dyn Fn(&[Option<IpAddr>]) -> bool| -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(&lbd.kernel_table(&key)) {
+            anyhow::ensure!(Instant::now() < deadline, "{what} within 10 s");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(())
+    };
+    wait("backend in the table", &|t| t.contains(&Some(failing)))?;
+    // Reading a whole table takes 65537 syscalls: time the switch by the
+    // VIP's entry (one lookup; a new table means a new region), then check
+    // the new table once.
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let before = lbd.kernel_vip(&key).context("VIP in the kernel")?;
+        let failed_at = Instant::now();
+        targets.remove(1);
+        let deadline = failed_at + Duration::from_secs(10);
+        while lbd.kernel_vip(&key) == Some(before) {
+            anyhow::ensure!(Instant::now() < deadline, "no table switch within 10 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        took.push(failed_at.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(
+            !lbd.kernel_table(&key).contains(&Some(failing)),
+            "the new table still names the failed backend"
+        );
+        targets.insert(1, HealthTarget::start(&backend, "10.50.0.2:8080"));
+        wait("recovered backend back", &|t| t.contains(&Some(failing)))?;
+        // Let the checker settle into its rhythm again.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(lbd);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(took)
+}
+
 fn client(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(0xC633_0000u32 + (i % 60_000)) // 198.51.x.x
 }
@@ -80,6 +159,13 @@ fn main() -> anyhow::Result<()> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(1_000_000);
     let mut stats: Vec<Stat> = Vec::new();
+    if std::env::var_os("LB_BENCH_HEALTH").is_some() {
+        println!(
+            "failed backend out of the kernel table: {:?} ms",
+            health_failure_removal()?
+        );
+        return Ok(());
+    }
 
     // Data path: 1 TCP VIP and 1 UDP VIP with 100 backends each, M = 65537.
     let settings = if std::env::var_os("LB_BENCH_NO_FIB").is_some() {
@@ -359,6 +445,12 @@ fn main() -> anyhow::Result<()> {
         "build + write + VIP switch".into(),
     ));
     drop(h);
+    stats.push(summarize(
+        "failed backend out of the kernel table (lbd)",
+        health_failure_removal()?,
+        "ms",
+        "TCP check every 100 ms, fall 2: target 250 ms".into(),
+    ));
 
     // Connection table at scale: 2^20 entries (one LRU list per CPU, so half
     // are inserted from each CPU), then lookups with the table full.
