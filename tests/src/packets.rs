@@ -18,7 +18,7 @@ pub enum TcpKind {
     Fin,
 }
 
-/// An Ethernet/IPv4/TCP frame from the router to the LB.
+/// An Ethernet/IPv4/TCP frame from the router to the LB, with DF.
 pub fn tcp(
     src: Ipv4Addr,
     sport: u16,
@@ -27,8 +27,26 @@ pub fn tcp(
     kind: TcpKind,
     payload: usize,
 ) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC).ipv4(src.octets(), dst.octets(), 61);
-    let b = b.tcp(sport, dport, 0x1000_0000, 65_000);
+    let frame = tcp_frame(
+        IpAddr::V4(src),
+        sport,
+        IpAddr::V4(dst),
+        dport,
+        kind,
+        payload,
+    );
+    set_df(frame, true)
+}
+
+fn tcp_frame(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    kind: TcpKind,
+    payload: usize,
+) -> Vec<u8> {
+    let b = ip_step(src, dst).tcp(sport, dport, 0x1000_0000, 65_000);
     let b = match kind {
         TcpKind::Syn => b.syn(),
         TcpKind::SynAck => b.syn().ack(1),
@@ -39,18 +57,12 @@ pub fn tcp(
     let body: Vec<u8> = (0..payload).map(|i| i as u8).collect();
     let mut out = Vec::with_capacity(b.size(payload));
     b.write(&mut out, &body).unwrap();
-    set_df(out, true)
+    out
 }
 
 /// An Ethernet/IPv4/UDP frame from the router to the LB.
 pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: usize) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
-        .ipv4(src.octets(), dst.octets(), 61)
-        .udp(sport, dport);
-    let body: Vec<u8> = (0..payload).map(|i| (i * 7) as u8).collect();
-    let mut out = Vec::with_capacity(b.size(payload));
-    b.write(&mut out, &body).unwrap();
-    out
+    udp_ip(IpAddr::V4(src), sport, IpAddr::V4(dst), dport, payload)
 }
 
 const L3: usize = 14;
@@ -148,21 +160,10 @@ pub fn tcp_ip(
     kind: TcpKind,
     payload: usize,
 ) -> Vec<u8> {
-    if let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) {
-        return tcp(s, sport, d, dport, kind, payload);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => tcp(s, sport, d, dport, kind, payload),
+        _ => tcp_frame(src, sport, dst, dport, kind, payload),
     }
-    let b = ip_step(src, dst).tcp(sport, dport, 0x1000_0000, 65_000);
-    let b = match kind {
-        TcpKind::Syn => b.syn(),
-        TcpKind::SynAck => b.syn().ack(1),
-        TcpKind::Ack => b.ack(1),
-        TcpKind::Rst => b.rst(),
-        TcpKind::Fin => b.fin().ack(1),
-    };
-    let body: Vec<u8> = (0..payload).map(|i| i as u8).collect();
-    let mut out = Vec::with_capacity(b.size(payload));
-    b.write(&mut out, &body).unwrap();
-    out
 }
 
 /// An Ethernet/IP/UDP frame of either family.

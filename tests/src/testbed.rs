@@ -459,6 +459,17 @@ impl Testbed {
         self.lbds[lb].call(request)
     }
 
+    /// Packets counted under reason `name` (`lbctl stats`), all instances.
+    pub fn reason_packets(&self, name: &str) -> u64 {
+        (0..self.lbds.len())
+            .map(|i| {
+                self.lbctl(i, Request::Stats).data["reasons"][name]["packets"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
     /// Stops backend `j`'s servers: new connections are refused, open ones reset.
     pub fn stop_backend(&self, j: usize) {
         self.servers[j].stop.store(true, Ordering::Relaxed);

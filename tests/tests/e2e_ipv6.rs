@@ -87,13 +87,7 @@ fn vip_addresses_answer_pings() {
         assert!(out.status.success(), "ping {vip}: {text}");
         assert!(text.contains("3 received"), "ping {vip}: {text}");
     }
-    let replies: u64 = (0..2)
-        .map(|i| {
-            tb.lbctl(i, Request::Stats).data["reasons"]["icmp_echo_reply"]["packets"]
-                .as_u64()
-                .unwrap()
-        })
-        .sum();
+    let replies = tb.reason_packets("icmp_echo_reply");
     assert_eq!(replies, 6, "the data path answered every echo request");
 }
 
@@ -129,13 +123,7 @@ fn full_size_uploads_get_through_after_a_too_big_answer() {
         assert!(answer.starts_with("be"), "{addr}: {}", &answer[..10]);
         assert_eq!(answer.len(), 64 * 1024 + 5, "{addr}: whole line echoed");
     }
-    let sent: u64 = (0..2)
-        .map(|i| {
-            tb.lbctl(i, Request::Stats).data["reasons"]["icmp_too_big_sent"]["packets"]
-                .as_u64()
-                .unwrap()
-        })
-        .sum();
+    let sent = tb.reason_packets("icmp_too_big_sent");
     eprintln!("too-big answers sent: {sent}");
     assert!(sent >= 4, "each service needed at least one answer: {sent}");
 }
@@ -178,13 +166,7 @@ fn downloads_get_through_a_smaller_mtu_on_the_way_back() {
         let answer = answer.unwrap_or_else(|| panic!("{addr}: download stalled"));
         assert_eq!(answer.len(), 64 * 1024 + 5, "{addr}: whole line echoed");
     }
-    let forwarded: u64 = (0..2)
-        .map(|i| {
-            tb.lbctl(i, Request::Stats).data["reasons"]["icmp_error_forwarded"]["packets"]
-                .as_u64()
-                .unwrap()
-        })
-        .sum();
+    let forwarded = tb.reason_packets("icmp_error_forwarded");
     eprintln!("ICMP errors forwarded to backends: {forwarded}");
     assert!(forwarded >= 2, "one error per family at least: {forwarded}");
 }
