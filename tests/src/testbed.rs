@@ -459,6 +459,18 @@ impl Testbed {
         self.lbds[lb].call(request)
     }
 
+    /// `birdc <command>` against LB `i`'s BIRD (BGP testbeds).
+    pub fn birdc(&self, i: usize, command: &str) -> String {
+        let ctl = self.dir.join(format!("lb{}-bird.ctl", i + 1));
+        let out = Command::new("birdc")
+            .arg("-s")
+            .arg(&ctl)
+            .args(command.split_whitespace())
+            .output()
+            .expect("birdc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Packets counted under reason `name` (`lbctl stats`), all instances.
     pub fn reason_packets(&self, name: &str) -> u64 {
         (0..self.lbds.len())

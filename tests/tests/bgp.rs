@@ -42,6 +42,12 @@ fn bgp_paths_follow_instances_drain_and_hard_kill() {
     );
     // One path per instance.
     wait_paths(&tb, &["10.20.1.2", "10.20.2.2"], Duration::from_secs(5));
+    // The IPv6 VIP is in lbd's include file too, and BIRD took it (this
+    // testbed's sessions carry IPv4 only, so the router does not learn it).
+    for i in 0..2 {
+        let routes = tb.birdc(i, "show route protocol lbd_vips6");
+        assert!(routes.contains("fd00::10/128"), "lb{}: {routes}", i + 1);
+    }
 
     let held = tb.hold_connections(60);
     let check = || held.alive();
