@@ -39,10 +39,11 @@ pub fn vip_on_lo(addr_json: &Value, vip: IpAddr) -> Finding {
     if on_lo {
         finding(Level::Ok, format!("VIP {vip} is on lo"))
     } else {
+        let len = if vip.is_ipv6() { 128 } else { 32 };
         finding(
             Level::Fail,
             format!(
-                "VIP {vip} is not on lo: the kernel drops its packets. Fix: ip addr add {vip}/32 dev lo"
+                "VIP {vip} is not on lo: the kernel drops its packets. Fix: ip addr add {vip}/{len} dev lo"
             ),
         )
     }
@@ -176,6 +177,19 @@ mod tests {
             serde_json::from_str(r#"[{"ifname":"lo","addr_info":[{"local":"127.0.0.1"}]}]"#)
                 .unwrap();
         assert_eq!(vip_on_lo(&bare, vip).level, Level::Fail);
+        let vip6: IpAddr = "fd00::10".parse().unwrap();
+        let lo6: Value = serde_json::from_str(
+            r#"[{"ifname":"lo","addr_info":[{"local":"::1"},{"local":"fd00::10"}]}]"#,
+        )
+        .unwrap();
+        assert_eq!(vip_on_lo(&lo6, vip6).level, Level::Ok);
+        let missing = vip_on_lo(&bare, vip6);
+        assert_eq!(missing.level, Level::Fail);
+        assert!(
+            missing.message.contains("ip addr add fd00::10/128 dev lo"),
+            "{}",
+            missing.message
+        );
         let link: Value = serde_json::from_str(
             r#"[{"ifname":"eth0","xdp":{"mode":2,"prog":{"id":7,"name":"decap"}}}]"#,
         )
