@@ -28,3 +28,12 @@ pub const PROTO_IPIP: u8 = 4;
 pub const PROTO_IPV6: u8 = 41;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_ICMPV6: u8 = 58;
+
+/// Bytes of the original datagram an ICMP "fragmentation needed" quotes
+/// (RFC 792 needs the header + 8; more helps the sender). The data path
+/// and the reference model both use these.
+pub const TOO_BIG_QUOTE_V4: usize = 128;
+/// Bytes an ICMPv6 "packet too big" quotes.
+pub const TOO_BIG_QUOTE_V6: usize = 256;
+/// TTL / hop limit of the ICMP answers the data path sends.
+pub const ICMP_REPLY_TTL: u8 = 64;

@@ -57,6 +57,33 @@ pub fn ipv4_from_addr(addr: &Addr) -> Ipv4Addr {
     Ipv4Addr::from(addr[0].to_ne_bytes())
 }
 
+impl Backend {
+    /// The entry for a backend at `addr`: `BACKEND_F_IPV6` follows the
+    /// address, `flags` adds the rest (validity).
+    pub fn new(addr: IpAddr, flags: u32, vip_id: u32) -> Self {
+        let family = if addr.is_ipv6() {
+            crate::maps::BACKEND_F_IPV6
+        } else {
+            0
+        };
+        Backend {
+            addr: addr_from_ip(addr),
+            flags: flags | family,
+            vip_id,
+        }
+    }
+
+    /// The backend's address, read back with its family.
+    pub fn ip(&self) -> IpAddr {
+        let family = if self.flags & crate::maps::BACKEND_F_IPV6 != 0 {
+            crate::maps::FAMILY_IPV6
+        } else {
+            crate::maps::FAMILY_IPV4
+        };
+        ip_from_addr(&self.addr, family)
+    }
+}
+
 impl VipKey {
     pub fn new(addr: IpAddr, port: u16, proto: u8) -> Self {
         VipKey {

@@ -17,7 +17,7 @@ use lb_common::{
 
 use crate::{
     encap::{NextHop, Outer, encapsulate, lookup_next_hop},
-    icmp::{echo_reply, ingress_macs, too_big_reply},
+    icmp::{echo_reply, ingress_macs, quote_len, too_big_reply},
     maps::{
         ANY_PORT_VIPS, BACKENDS, CONNTRACK, INSERT_BUDGET, MAGLEV_SLOTS, NEXTHOP_CACHE, VIPS,
         settings,
@@ -25,10 +25,6 @@ use crate::{
     parse::{ICMP_ECHO_REQUEST, ICMP_ERROR, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, parse},
     stats::{count, count_backend, count_vip},
 };
-
-/// Bytes of the datagram a too-big answer quotes (see `icmp`).
-const QUOTE_V4: u16 = 128;
-const QUOTE_V6: u16 = 256;
 
 /// UDP entries refresh their access time at most this often (saves a write
 /// per packet on busy flows).
@@ -96,8 +92,11 @@ fn answer_echo(ctx: &XdpContext, pkt: &Packet, bytes: u64) -> u32 {
 /// errors, less than a quote's worth of packet): then drop.
 #[inline(always)]
 fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16, bytes: u64) -> u32 {
-    let quote = if pkt.v6 { QUOTE_V6 } else { QUOTE_V4 };
-    if !pkt.dont_fragment || pkt.is_fragment || pkt.icmp == ICMP_ERROR || pkt.ip_len < quote {
+    if !pkt.dont_fragment
+        || pkt.is_fragment
+        || pkt.icmp == ICMP_ERROR
+        || (pkt.ip_len as usize) < quote_len(pkt)
+    {
         return finish(Reason::DropTooBig, XDP_DROP, bytes);
     }
     if too_big_reply(ctx, pkt, mtu).is_err() {

@@ -6,7 +6,10 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{PROTO_ICMP, PROTO_ICMPV6};
+use lb_common::{
+    ICMP_REPLY_TTL as REPLY_TTL, PROTO_ICMP, PROTO_ICMPV6, TOO_BIG_QUOTE_V4 as QUOTE_V4,
+    TOO_BIG_QUOTE_V6 as QUOTE_V6,
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -17,12 +20,13 @@ use crate::{
     parse::{Packet, ptr_at},
 };
 
-/// Bytes of the original datagram quoted (as the model:
-/// `lb_common::model::TOO_BIG_QUOTE_V4/V6`).
-const QUOTE_V4: usize = 128;
-const QUOTE_V6: usize = 256;
 const ICMP_HDR_LEN: usize = 8;
-const REPLY_TTL: u8 = 64;
+
+/// Bytes of the datagram a too-big answer to `pkt` quotes.
+#[inline(always)]
+pub fn quote_len(pkt: &Packet) -> usize {
+    if pkt.v6 { QUOTE_V6 } else { QUOTE_V4 }
+}
 
 /// RFC 1624: a checksum (host order) after one 16-bit word changed.
 #[inline(always)]
@@ -41,12 +45,12 @@ pub fn ingress_macs(ctx: &XdpContext) -> Option<([u8; 6], [u8; 6])> {
 /// Turns an echo request into its reply, in place.
 #[inline(always)]
 pub fn echo_reply(ctx: &XdpContext, pkt: &Packet) -> Result<(), ()> {
-    let (ours, peer) = ingress_macs(ctx).ok_or(())?;
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
     let icmp = ptr_at::<[u8; 4]>(ctx, pkt.l2_len + pkt.icmp_offset).ok_or(())?;
     // SAFETY: every pointer was bounds-checked by ptr_at.
     unsafe {
-        (*eth).dst_addr = peer;
+        let ours = (*eth).dst_addr;
+        (*eth).dst_addr = (*eth).src_addr;
         (*eth).src_addr = ours;
         let reply_type = if pkt.v6 {
             let ip = ptr_at::<Ipv6Hdr>(ctx, pkt.l2_len).ok_or(())?;

@@ -15,10 +15,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::programs::XdpMode;
 use lb_common::{
     flow_hash::flow_hash,
-    maps::{
-        BACKEND_F_IPV6, BACKEND_F_VALID, FAMILY_IPV4, FAMILY_IPV6, FlowKey, Reason, VIP_KIND_PORT,
-        VipKey,
-    },
+    maps::{BACKEND_F_VALID, FlowKey, Reason, VIP_KIND_PORT, VipKey},
     user::ip_from_addr,
 };
 use serde_json::json;
@@ -91,14 +88,8 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
             .iter()
             .filter(|(_, b)| b.vip_id == meta.vip_id)
             .map(|(id, b)| {
-                let family = if b.flags & BACKEND_F_IPV6 != 0 {
-                    FAMILY_IPV6
-                } else {
-                    FAMILY_IPV4
-                };
-                let addr = ip_from_addr(&b.addr, family);
                 (
-                    addr,
+                    b.ip(),
                     AppliedBackend {
                         id: *id,
                         weight: 0,

@@ -327,10 +327,6 @@ impl Dataplane {
     }
 
     /// Tracked flows per backend id (walks the whole connection table).
-    pub fn conntrack_counts(&self) -> std::collections::BTreeMap<u32, u64> {
-        crate::flow_count::count(&self.conntrack)
-    }
-
     /// A second handle of the connection table (its own file descriptor),
     /// for walking it on another thread.
     pub fn conntrack_handle(&self) -> Result<HashMap<MapData, FlowKey, ConnEntry>> {

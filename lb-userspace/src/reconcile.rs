@@ -18,10 +18,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use lb_common::maps::{
-    BACKEND_F_IPV6, BACKEND_F_VALID, Backend, MAX_BACKENDS, MAX_VIPS, VipKey, VipMeta,
-};
-use lb_common::user::addr_from_ip;
+use lb_common::maps::{BACKEND_F_VALID, Backend, MAX_BACKENDS, MAX_VIPS, VipKey, VipMeta};
 
 use crate::{
     slots::SlotAllocator,
@@ -318,12 +315,7 @@ impl Reconciler {
                     id
                 }
             };
-            let family = if b.addr.is_ipv6() { BACKEND_F_IPV6 } else { 0 };
-            let entry = |flags| Backend {
-                addr: addr_from_ip(b.addr),
-                flags: flags | family,
-                vip_id,
-            };
+            let entry = |flags| Backend::new(b.addr, flags, vip_id);
             match (old.map(|o| o.healthy), b.healthy) {
                 (None, _) => {
                     maps.set_backend(id, entry(if b.healthy { BACKEND_F_VALID } else { 0 }))?

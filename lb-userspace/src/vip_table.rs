@@ -8,10 +8,9 @@ use anyhow::{Context, Result};
 use lb_common::{
     maglev::{self, MaglevBackend},
     maps::{
-        Addr, BACKEND_F_IPV6, BACKEND_F_VALID, Backend, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS,
-        VIP_KIND_PORT, VipKey, VipMeta,
+        Addr, BACKEND_F_VALID, Backend, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT,
+        VipKey, VipMeta,
     },
-    user::addr_from_ip,
 };
 
 use crate::{dataplane::Dataplane, slots::SlotAllocator};
@@ -98,13 +97,7 @@ pub fn install_vip(
     let vip_id = vip.vip_id;
     let table = maglev_ids(backends, size, seed).with_context(|| format!("VIP {key:?}"))?;
     for b in backends {
-        let family = if b.addr.is_ipv6() { BACKEND_F_IPV6 } else { 0 };
-        let backend = Backend {
-            addr: addr_from_ip(b.addr),
-            flags: BACKEND_F_VALID | family,
-            vip_id,
-        };
-        dp.set_backend(b.id, backend)?;
+        dp.set_backend(b.id, Backend::new(b.addr, BACKEND_F_VALID, vip_id))?;
     }
     let len = table.len() as u32;
     let offset = alloc

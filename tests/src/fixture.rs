@@ -18,10 +18,9 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::{
-    maps::{Addr, BACKEND_F_IPV6, BACKEND_F_VALID, Backend, Counter, FlowKey, VipKey, VipMeta},
+    maps::{Addr, BACKEND_F_VALID, Backend, Counter, FlowKey, VipKey, VipMeta},
     model::{Decision, ModelMaps, ModelNextHop, ModelParse, parse},
     settings::Settings,
-    user::addr_from_ip,
 };
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions, TestRunOutput},
@@ -290,14 +289,9 @@ impl Harness {
             self.alloc.release(old.table_offset, old.table_size);
         }
         for b in backends {
-            self.model.backends.insert(
-                b.id,
-                Backend {
-                    addr: addr_from_ip(b.addr),
-                    flags: BACKEND_F_VALID | if b.addr.is_ipv6() { BACKEND_F_IPV6 } else { 0 },
-                    vip_id,
-                },
-            );
+            self.model
+                .backends
+                .insert(b.id, Backend::new(b.addr, BACKEND_F_VALID, vip_id));
         }
         let table = if meta.table_size == 0 {
             Vec::new()
@@ -320,11 +314,16 @@ impl Harness {
         meta
     }
 
-    pub fn set_backend_flags(&mut self, id: u32, flags: u32) {
+    /// Fails or restores a backend (its other flags, the family, stay).
+    pub fn set_backend_valid(&mut self, id: u32, valid: bool) {
         let mut b = self.dp.backend(id).unwrap();
-        b.flags = flags;
+        b.flags = if valid {
+            b.flags | BACKEND_F_VALID
+        } else {
+            b.flags & !BACKEND_F_VALID
+        };
         self.dp.set_backend(id, b).unwrap();
-        self.model.backends.get_mut(&id).unwrap().flags = flags;
+        self.model.backends.get_mut(&id).unwrap().flags = b.flags;
     }
 
     fn counters(&self) -> Vec<Counter> {

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
-    maps::{BACKEND_F_IPV6, BACKEND_F_VALID, VIP_F_GUE, VipKey},
+    maps::{VIP_F_GUE, VipKey},
     model::ipv4_checksum,
     settings::Settings,
 };
@@ -392,17 +392,12 @@ pub fn run(seed: u64, count: u64) -> Vec<(lb_common::maps::Reason, lb_common::ma
     let mut rng = SmallRng::seed_from_u64(seed);
     for i in 0..count {
         if i % 997 == 996 {
-            let (id, family) = match rng.random_range(0..3) {
-                0 => (rng.random_range(1..=8), 0),
-                1 => (rng.random_range(61..=63), BACKEND_F_IPV6),
-                _ => (51, BACKEND_F_IPV6),
+            let id = match rng.random_range(0..3) {
+                0 => rng.random_range(1..=8),
+                1 => rng.random_range(61..=63),
+                _ => 51,
             };
-            let valid = if rng.random_bool(0.5) {
-                BACKEND_F_VALID
-            } else {
-                0
-            };
-            h.set_backend_flags(id, valid | family);
+            h.set_backend_valid(id, rng.random_bool(0.5));
         }
         let f = frame(&mut rng);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -142,8 +142,7 @@ impl Lbd {
                 let id = slots.get(&s, 0).unwrap();
                 *names.entry(id).or_insert_with(|| {
                     let b = backends.get(&id, 0).unwrap();
-                    (b.flags & lb_common::maps::BACKEND_F_VALID != 0)
-                        .then(|| IpAddr::V4(lb_common::user::ipv4_from_addr(&b.addr)))
+                    (b.flags & lb_common::maps::BACKEND_F_VALID != 0).then(|| b.ip())
                 })
             })
             .collect()

@@ -533,7 +533,7 @@ fn tracked_flow_survives_table_change_and_syn_takes_new_answer() {
     );
 
     // Backend 1 fails (invalid): its remaining tracked flows re-hash.
-    h.set_backend_flags(1, 0);
+    h.set_backend_valid(1, false);
     for &p in &on_one[1..] {
         let o = h.send(&tcp(VIP_TCP, 80, p, TcpKind::Ack));
         assert_eq!(
@@ -665,6 +665,10 @@ fn syn_flood_does_not_evict_established_flows() {
     if !have_root() {
         return;
     }
+    // Each CPU evicts from its own LRU list and has its own budget: keep the
+    // established flows and the flood on one CPU, or a migration between
+    // them would spare the entries the unguarded flood must evict.
+    lb_tests::pin_to_cpu(0);
     // Table of 8192 entries; a flood of 40,000 new flows, 5x its size.
     let guarded = Settings {
         max_new_flows_per_sec: 2000,

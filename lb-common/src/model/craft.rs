@@ -2,17 +2,12 @@
 
 use std::{vec, vec::Vec};
 
-use crate::{PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, maps::Addr};
+use crate::{
+    ICMP_REPLY_TTL, PROTO_ICMP, PROTO_ICMPV6, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, TOO_BIG_QUOTE_V4,
+    TOO_BIG_QUOTE_V6, maps::Addr,
+};
 
 use super::parse::{ParsedIp, be16};
-
-/// Bytes of the original datagram an ICMPv4 "fragmentation needed" quotes
-/// (RFC 792 needs the header + 8; more helps the sender).
-pub const TOO_BIG_QUOTE_V4: usize = 128;
-/// Bytes an ICMPv6 "packet too big" quotes.
-pub const TOO_BIG_QUOTE_V6: usize = 256;
-/// TTL / hop limit of ICMP answers.
-pub const ICMP_REPLY_TTL: u8 = 64;
 
 /// RFC 1071 checksum of `bytes` (plus an initial partial sum).
 pub fn checksum_with(initial: u32, bytes: &[u8]) -> u16 {

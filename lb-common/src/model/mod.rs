@@ -10,13 +10,13 @@ mod parse;
 use std::{collections::BTreeMap, collections::HashMap, vec::Vec};
 
 pub use craft::{
-    ICMP_REPLY_TTL, Outer, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6, checksum_update, checksum_with,
-    encapsulate, gue_source_port, ipv4_checksum, ipv6_pseudo_sum,
+    Outer, checksum_update, checksum_with, encapsulate, gue_source_port, ipv4_checksum,
+    ipv6_pseudo_sum,
 };
 pub use parse::{IcmpKind, MAX_EXTENSION_HEADERS, ModelParse, ParsedIp, ip_bytes, parse};
 
 use crate::{
-    PROTO_UDP,
+    PROTO_UDP, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6,
     flow_hash::flow_hash,
     maps::{
         Addr, BACKEND_F_IPV6, BACKEND_F_VALID, Backend, ConnEntry, FlowKey, Reason, VIP_F_GUE,

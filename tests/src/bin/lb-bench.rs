@@ -18,6 +18,7 @@ use lb_common::{
 use lb_tests::{
     fixture::{Harness, backend, backend6, vip_meta},
     packets::{self, TcpKind},
+    pin_to_cpu,
 };
 use lb_userspace::vip_table::{BackendSpec, install_vip};
 
@@ -49,15 +50,6 @@ fn per_call(calls: u32, mut f: impl FnMut(u32) -> Duration) -> f64 {
 }
 
 /// Runs the calling thread (and so its BPF_PROG_TEST_RUN calls) on `cpu`.
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
 /// Frames the XDP program of `dev` has seen (veth statistics).
 fn xdp_packets(dev: &str) -> u64 {
     let out = std::process::Command::new("ethtool")
