@@ -76,6 +76,30 @@ fn add6(ns: &NetNs, dev: &str, addr: &str) {
     ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
 }
 
+/// A dual-stack link from the router to `ns`: the router is `.1` of
+/// `<net4>.0/24` and `<net6>::1/64`, `ns` is `.2` / `::2` with its default
+/// routes of both families via the router.
+fn uplink(router: &NetNs, router_if: &str, ns: &NetNs, ns_if: &str, net4: &str, net6: &str) {
+    router.link(
+        router_if,
+        &format!("{net4}.1/24"),
+        ns,
+        ns_if,
+        &format!("{net4}.2/24"),
+    );
+    add6(router, router_if, &format!("{net6}::1/64"));
+    add6(ns, ns_if, &format!("{net6}::2/64"));
+    ns.ip(&["route", "add", "default", "via", &format!("{net4}.1")]);
+    ns.ip(&[
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &format!("{net6}::1"),
+    ]);
+}
+
 /// BGP hold time in the testbed's BIRD configs (seconds).
 pub const BGP_HOLD_TIME: u64 = 3;
 
@@ -179,11 +203,7 @@ impl Testbed {
         let router = NetNs::new(&format!("{tag}-rt"));
         let dir = std::env::temp_dir().join(&router.name);
         std::fs::create_dir_all(&dir).unwrap();
-        router.link("rc", "10.10.0.1/24", &client, "c0", "10.10.0.2/24");
-        add6(&router, "rc", "fd00:10::1/64");
-        add6(&client, "c0", "fd00:10::2/64");
-        client.ip(&["route", "add", "default", "via", "10.10.0.1"]);
-        client.ip(&["-6", "route", "add", "default", "via", "fd00:10::1"]);
+        uplink(&router, "rc", &client, "c0", "10.10.0", "fd00:10");
         router.sh(
             "sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv4.fib_multipath_hash_policy=1 \
              net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 \
@@ -195,24 +215,14 @@ impl Testbed {
         for (j, _) in spec.weights.iter().enumerate() {
             let n = j + 1;
             let be = NetNs::new(&format!("{tag}-be{n}"));
-            router.link(
+            uplink(
+                &router,
                 &format!("rb{n}"),
-                &format!("10.30.{n}.1/24"),
                 &be,
                 "eth0",
-                &format!("10.30.{n}.2/24"),
+                &format!("10.30.{n}"),
+                &format!("fd00:30:{n}"),
             );
-            add6(&router, &format!("rb{n}"), &format!("fd00:30:{n}::1/64"));
-            add6(&be, "eth0", &format!("fd00:30:{n}::2/64"));
-            be.ip(&["route", "add", "default", "via", &format!("10.30.{n}.1")]);
-            be.ip(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:30:{n}::1"),
-            ]);
             be.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
             be.ip(&[
                 "-6",
@@ -285,24 +295,14 @@ impl Testbed {
         }
         for i in 1..=spec.lbs {
             let lb = NetNs::new(&format!("{tag}-lb{i}"));
-            router.link(
+            uplink(
+                &router,
                 &format!("rl{i}"),
-                &format!("10.20.{i}.1/24"),
                 &lb,
                 "eth0",
-                &format!("10.20.{i}.2/24"),
+                &format!("10.20.{i}"),
+                &format!("fd00:20:{i}"),
             );
-            add6(&router, &format!("rl{i}"), &format!("fd00:20:{i}::1/64"));
-            add6(&lb, "eth0", &format!("fd00:20:{i}::2/64"));
-            lb.ip(&["route", "add", "default", "via", &format!("10.20.{i}.1")]);
-            lb.ip(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("fd00:20:{i}::1"),
-            ]);
             // bpf_fib_lookup answers only for interfaces that forward.
             lb.sh("sysctl -qw net.ipv4.conf.all.forwarding=1 net.ipv6.conf.all.forwarding=1");
             let pin = PathBuf::from(format!("/sys/fs/bpf/{}", lb.name));
