@@ -170,12 +170,18 @@ impl VipConfig {
         }
     }
 
-    /// `VipMeta::flags` for this VIP under `lb`'s defaults.
+    /// `VipMeta::flags` for this VIP under `lb`'s defaults (validated).
     pub fn flags(&self, lb: &LbConfig) -> u32 {
-        match self.encap.as_deref().unwrap_or(&lb.encap) {
-            "gue" => VIP_F_GUE,
-            _ => 0,
-        }
+        encap_flags(self.encap.as_deref().unwrap_or(&lb.encap)).expect("validated")
+    }
+}
+
+/// `VipMeta::flags` of an encapsulation name; `None` if it is not one.
+fn encap_flags(name: &str) -> Option<u32> {
+    match name {
+        "ipip" => Some(0),
+        "gue" => Some(VIP_F_GUE),
+        _ => None,
     }
 }
 
@@ -239,7 +245,7 @@ impl Config {
         }
         parse_prefix(&self.lb.encap_source_prefix).context("lb.encap_source_prefix")?;
         parse_prefix6(&self.lb.encap_source_prefix6).context("lb.encap_source_prefix6")?;
-        if !["ipip", "gue"].contains(&self.lb.encap.as_str()) {
+        if encap_flags(&self.lb.encap).is_none() {
             bail!("lb.encap: {:?} is not one of ipip, gue", self.lb.encap);
         }
         if self.lb.gue_port == 0 {
@@ -278,8 +284,7 @@ impl Config {
         for (i, vip) in self.vips.iter().enumerate() {
             let at = format!("vip[{i}] ({})", vip.name());
             if let Some(encap) = &vip.encap
-                && encap != "ipip"
-                && encap != "gue"
+                && encap_flags(encap).is_none()
             {
                 bail!("{at}.encap: {encap:?} is not one of ipip, gue");
             }

@@ -470,21 +470,7 @@ impl Dataplane {
     /// Runs the program once on `packet` (`BPF_PROG_TEST_RUN`, repeat 1) as
     /// if it had arrived on `ingress_ifindex` (0: none, FIB lookups fail).
     pub fn test_run(&mut self, packet: &[u8], ingress_ifindex: u32) -> Result<TestRunOutput> {
-        let mut out = vec![0u8; packet.len() + 256];
-        let ctx_bytes = xdp_md(packet.len(), ingress_ifindex);
-        let opts = TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ctx_in: (ingress_ifindex != 0).then_some(ctx_bytes.as_slice()),
-            ..TestRunOptions::new()
-        };
-        let result = self.program().test_run(opts).context("BPF_PROG_TEST_RUN")?;
-        out.truncate(result.data_size_out as usize);
-        Ok(TestRunOutput {
-            action: result.return_value,
-            packet: out,
-            duration: result.duration,
-        })
+        test_run_once(self.program(), packet, ingress_ifindex)
     }
 
     /// Runs the do-nothing `pass` program once on `packet`: the fixed cost
@@ -619,6 +605,30 @@ pub fn sum_cpus(map: &PerCpuArray<MapData, Counter>, index: u32) -> Counter {
 
 /// A `struct xdp_md` for `BPF_PROG_TEST_RUN`: data, data_end, data_meta,
 /// ingress_ifindex, rx_queue_index, egress_ifindex.
+/// Runs `program` once on `packet` (`BPF_PROG_TEST_RUN`, repeat 1) as if
+/// it had arrived on `ingress_ifindex` (0: none).
+pub(crate) fn test_run_once(
+    program: &mut Xdp,
+    packet: &[u8],
+    ingress_ifindex: u32,
+) -> Result<TestRunOutput> {
+    let mut out = vec![0u8; packet.len() + 256];
+    let ctx_bytes = xdp_md(packet.len(), ingress_ifindex);
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        data_out: Some(&mut out),
+        ctx_in: (ingress_ifindex != 0).then_some(ctx_bytes.as_slice()),
+        ..TestRunOptions::new()
+    };
+    let result = program.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+    out.truncate(result.data_size_out as usize);
+    Ok(TestRunOutput {
+        action: result.return_value,
+        packet: out,
+        duration: result.duration,
+    })
+}
+
 fn xdp_md(len: usize, ingress_ifindex: u32) -> Vec<u8> {
     [0, len as u32, 0, ingress_ifindex, 0, 0]
         .iter()

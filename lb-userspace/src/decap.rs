@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray},
-    programs::{TestRun, TestRunOptions, Xdp, XdpMode},
+    programs::{Xdp, XdpMode},
 };
 use lb_common::{
     maps::{
@@ -14,7 +14,10 @@ use lb_common::{
     settings::Settings,
 };
 
-use crate::object::ebpf_object;
+use crate::{
+    dataplane::{TestRunOutput, test_run_once},
+    object::ebpf_object,
+};
 
 pub struct Decap {
     stats: PerCpuArray<MapData, Counter>,
@@ -65,21 +68,9 @@ impl Decap {
             .try_into()?)
     }
 
-    /// Runs `decap` once on `packet` (`BPF_PROG_TEST_RUN`): (XDP action,
-    /// the packet as the program left it).
-    pub fn test_run(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; packet.len() + 64];
-        let opts = TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ..TestRunOptions::new()
-        };
-        let result = self
-            .program()?
-            .test_run(opts)
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+    /// Runs `decap` once on `packet` (`BPF_PROG_TEST_RUN`).
+    pub fn test_run(&mut self, packet: &[u8]) -> Result<TestRunOutput> {
+        test_run_once(self.program()?, packet, 0)
     }
 
     pub fn counter(&self, reason: DecapReason) -> Counter {

@@ -80,7 +80,8 @@ fn every_encapsulation_comes_out_as_the_inner_frame() {
         ("GUE, IPv6 in IPv6", &inner6, "fd00:30:1::2", true),
     ] {
         let frame = wrap(inner, backend, gue);
-        let (action, out) = decap.test_run(&frame).unwrap();
+        let run = decap.test_run(&frame).unwrap();
+        let (action, out) = (run.action, run.packet);
         assert_eq!(action, XDP_PASS, "{name}");
         // The outer frame's MACs stay; the rest is the inner frame.
         assert_eq!(&out[..12], &frame[..12], "{name}: MACs kept");
@@ -123,9 +124,9 @@ fn every_encapsulation_comes_out_as_the_inner_frame() {
         ),
     ] {
         let before = decap.counter(reason).packets;
-        let (action, out) = decap.test_run(&frame).unwrap();
-        assert_eq!(action, XDP_PASS, "{name}");
-        assert_eq!(out, frame, "{name}: unchanged");
+        let run = decap.test_run(&frame).unwrap();
+        assert_eq!(run.action, XDP_PASS, "{name}");
+        assert_eq!(run.packet, frame, "{name}: unchanged");
         assert_eq!(decap.counter(reason).packets, before + 1, "{name}: counted");
     }
 }
