@@ -140,7 +140,7 @@ impl Daemon {
             let n = adopt(&dp, &mut rec)?;
             info!(vips = n, pin_path = %config.lb.pin_path, "adopted pinned data plane state (connection table kept)");
         }
-        let flows = FlowCounter::start(dp.conntrack_handle()?)?;
+        let flows = FlowCounter::new(dp.conntrack_handle()?);
         let mut d = Daemon {
             flows,
             config_path,
@@ -506,7 +506,7 @@ impl Daemon {
         json!({
             "generation": self.rec.generation,
             "draining": self.draining,
-            // Age of the tracked-flow counts (walked once a second, off the loop).
+            // Age of the tracked-flow counts (walked on request, off the loop).
             "tracked_flows_age_ms": snapshot.taken.map(|t| t.elapsed().as_millis() as u64),
             "announced": self.announcer.as_ref().map(|a| a.announced()),
             "vips": vips,

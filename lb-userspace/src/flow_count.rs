@@ -1,7 +1,8 @@
 //! Tracked flows per backend, counted off the daemon's loop: walking a
 //! connection table of a million entries takes about a second, which must
-//! not hold back health events and API requests. A thread walks its own
-//! handle of the map every `INTERVAL` and publishes the counts.
+//! not hold back health events and API requests. A walk runs on a thread of
+//! its own, over its own handle of the map, when someone asks for counts
+//! older than `MAX_AGE`; the asker gets the latest finished counts.
 
 use std::{
     collections::BTreeMap,
@@ -13,12 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
 use aya::maps::{HashMap, MapData};
 use lb_common::maps::{ConnEntry, FlowKey};
 
-/// How often the table is walked.
-pub const INTERVAL: Duration = Duration::from_secs(1);
+/// Counts younger than this are served as they are.
+pub const MAX_AGE: Duration = Duration::from_secs(1);
 
 /// The latest counts: backend id -> tracked flows, and when they were taken.
 #[derive(Clone, Debug, Default)]
@@ -36,41 +36,49 @@ pub fn count(table: &HashMap<MapData, FlowKey, ConnEntry>) -> BTreeMap<u32, u64>
     counts
 }
 
-/// The counting thread; stopped when dropped.
+/// Walks on demand, one walk at a time; costs nothing while nobody asks.
 pub struct FlowCounter {
+    table: Arc<HashMap<MapData, FlowKey, ConnEntry>>,
     latest: Arc<Mutex<Snapshot>>,
-    stop: Arc<AtomicBool>,
+    walking: Arc<AtomicBool>,
 }
 
 impl FlowCounter {
-    /// Starts counting over `table` (a handle of its own, e.g. from a
-    /// duplicated file descriptor).
-    pub fn start(table: HashMap<MapData, FlowKey, ConnEntry>) -> Result<FlowCounter> {
-        let latest = Arc::new(Mutex::new(Snapshot::default()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (l, s) = (latest.clone(), stop.clone());
-        thread::Builder::new()
-            .name("flow-count".into())
-            .spawn(move || {
-                while !s.load(Ordering::Relaxed) {
+    /// Counts over `table` (a handle of its own, e.g. from a duplicated
+    /// file descriptor).
+    pub fn new(table: HashMap<MapData, FlowKey, ConnEntry>) -> FlowCounter {
+        FlowCounter {
+            table: Arc::new(table),
+            latest: Arc::new(Mutex::new(Snapshot::default())),
+            walking: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// The latest finished counts; starts a walk if they are older than
+    /// `MAX_AGE` (or missing) and none is running.
+    pub fn latest(&self) -> Snapshot {
+        let snapshot = self.latest.lock().unwrap().clone();
+        let stale = snapshot.taken.is_none_or(|t| t.elapsed() > MAX_AGE);
+        if stale && !self.walking.swap(true, Ordering::AcqRel) {
+            let (table, latest, walking) = (
+                self.table.clone(),
+                self.latest.clone(),
+                self.walking.clone(),
+            );
+            let spawned = thread::Builder::new()
+                .name("flow-count".into())
+                .spawn(move || {
                     let counts = count(&table);
-                    *l.lock().unwrap() = Snapshot {
+                    *latest.lock().unwrap() = Snapshot {
                         counts,
                         taken: Some(Instant::now()),
                     };
-                    thread::sleep(INTERVAL);
-                }
-            })?;
-        Ok(FlowCounter { latest, stop })
-    }
-
-    pub fn latest(&self) -> Snapshot {
-        self.latest.lock().unwrap().clone()
-    }
-}
-
-impl Drop for FlowCounter {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+                    walking.store(false, Ordering::Release);
+                });
+            if spawned.is_err() {
+                self.walking.store(false, Ordering::Release);
+            }
+        }
+        snapshot
     }
 }

@@ -139,7 +139,7 @@ fn draining_keeps_existing_connections_and_sends_new_ones_elsewhere() {
     let (ok, n) = held.check().get("be1").copied().unwrap_or_default();
     assert!(n > 0, "some connections were on be1");
     assert_eq!(ok, n, "connections on the drained backend keep working");
-    // Counted once a second off the daemon's loop: wait for a fresh count.
+    // Counted off the daemon's loop, on request: wait for a fresh count.
     let deadline = Instant::now() + Duration::from_secs(5);
     let tracked = loop {
         let tracked: u64 = (0..tb.lbds.len())
