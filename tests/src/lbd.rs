@@ -209,3 +209,74 @@ impl Drop for HealthTarget {
         }
     }
 }
+
+/// A small bed for daemon tests and benchmarks: client (10.200.0.2) -- l0
+/// [lb, lbd's XDP] l1 -- backend (10.50.0.1-3, one namespace).
+pub struct Bed {
+    pub client: NetNs,
+    pub lb: NetNs,
+    pub backend: NetNs,
+    pub dir: PathBuf,
+    pub pin: PathBuf,
+}
+
+impl Bed {
+    pub fn new(tag: &str) -> Bed {
+        let client = NetNs::new(&format!("lbd{tag}-c"));
+        let lb = NetNs::new(&format!("lbd{tag}-lb"));
+        let backend = NetNs::new(&format!("lbd{tag}-be"));
+        lb.link("l0", "10.200.0.1/24", &client, "c0", "10.200.0.2/24");
+        lb.link("l1", "10.50.0.254/24", &backend, "b0", "10.50.0.1/24");
+        for a in ["10.50.0.2/24", "10.50.0.3/24"] {
+            backend.ip(&["addr", "add", a, "dev", "b0"]);
+        }
+        client.ip(&["route", "add", "default", "via", "10.200.0.1"]);
+        lb.sh("sysctl -qw net.ipv4.conf.all.forwarding=1");
+        let dir = std::env::temp_dir().join(&lb.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pin = PathBuf::from(format!("/sys/fs/bpf/{}", lb.name));
+        Bed {
+            client,
+            lb,
+            backend,
+            dir,
+            pin,
+        }
+    }
+
+    /// Writes lbd's config (XDP on `l0`) with `vips` and returns its path.
+    pub fn config(&self, maglev_slots: u32, vips: &str) -> PathBuf {
+        let text = format!(
+            "[lb]\ninterfaces = [\"l0\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\nmaglev_slots = {maglev_slots}\n\
+             pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n{vips}",
+            self.pin.display(),
+            self.socket().display()
+        );
+        let path = self.dir.join("lbd.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("lbd.sock")
+    }
+
+    /// Starts lbd in the LB namespace with `config`.
+    pub fn start_lbd(&self, config: &Path) -> Lbd {
+        Lbd::start(&self.lb, config, &self.socket(), &self.pin)
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The bed's three backends as `[[vip.backend]]` entries.
+pub fn backends_toml() -> String {
+    ["10.50.0.1", "10.50.0.2", "10.50.0.3"]
+        .iter()
+        .map(|a| format!("[[vip.backend]]\naddress = \"{a}\"\n"))
+        .collect()
+}

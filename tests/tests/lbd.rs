@@ -5,88 +5,36 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use lb_common::{PROTO_TCP, PROTO_UDP, maps::VipKey};
 use lb_tests::{
     have_root,
-    lbd::{HealthTarget, Lbd},
+    lbd::{Bed, HealthTarget, backends_toml},
     netns::NetNs,
 };
 use lb_userspace::api::Request;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 
-struct Bed {
-    client: NetNs,
-    lb: NetNs,
-    backend: NetNs,
-    dir: PathBuf,
-    pin: PathBuf,
-}
-
-/// client (10.200.0.2) -- l0 [lb, XDP] l1 -- backend (10.50.0.1-3).
-fn bed(tag: &str) -> Bed {
-    let client = NetNs::new(&format!("lbd{tag}-c"));
-    let lb = NetNs::new(&format!("lbd{tag}-lb"));
-    let backend = NetNs::new(&format!("lbd{tag}-be"));
-    lb.link("l0", "10.200.0.1/24", &client, "c0", "10.200.0.2/24");
-    lb.link("l1", "10.50.0.254/24", &backend, "b0", "10.50.0.1/24");
-    for a in ["10.50.0.2/24", "10.50.0.3/24"] {
-        backend.ip(&["addr", "add", a, "dev", "b0"]);
-    }
-    client.ip(&["route", "add", "default", "via", "10.200.0.1"]);
-    lb.sh("sysctl -qw net.ipv4.conf.all.forwarding=1");
-    let dir = std::env::temp_dir().join(&lb.name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", lb.name));
-    Bed {
-        client,
-        lb,
-        backend,
-        dir,
-        pin,
-    }
-}
-
-fn config(bed: &Bed, vips: &str) -> PathBuf {
-    let text = format!(
-        "[lb]\ninterfaces = [\"l0\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\nmaglev_slots = 65536\n\
-         pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n{vips}",
-        bed.pin.display(),
-        bed.dir.join("lbd.sock").display()
-    );
-    let path = bed.dir.join("lbd.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn backends_toml() -> String {
-    ["10.50.0.1", "10.50.0.2", "10.50.0.3"]
-        .iter()
-        .map(|a| format!("[[vip.backend]]\naddress = \"{a}\"\n"))
-        .collect()
-}
-
 #[test]
 fn health_failure_removes_exactly_that_backend_from_the_kernel_table() {
     if !have_root() {
         return;
     }
-    let b = bed("h");
+    let b = Bed::new("h");
     let vips = format!(
         "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
          [vip.health]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 100\ntimeout_ms = 50\nrise = 2\nfall = 2\n{}",
         backends_toml()
     );
-    let cfg = config(&b, &vips);
+    let cfg = b.config(65536, &vips);
     let targets: Vec<HealthTarget> = ["10.50.0.1:8080", "10.50.0.2:8080", "10.50.0.3:8080"]
         .iter()
         .map(|a| HealthTarget::start(&b.backend, a))
         .collect();
-    let lbd = Lbd::start(&b.lb, &cfg, &b.dir.join("lbd.sock"), &b.pin);
+    let lbd = b.start_lbd(&cfg);
     let key = VipKey::new(IpAddr::V4(VIP), 80, PROTO_TCP);
     let failing: IpAddr = "10.50.0.2".parse().unwrap();
     let before = lbd.kernel_table(&key);
@@ -174,13 +122,13 @@ fn restart_and_sigkill_keep_forwarding_and_the_connection_table() {
     if !have_root() {
         return;
     }
-    let b = bed("r");
+    let b = Bed::new("r");
     let vips = format!(
         "[[vip]]\naddress = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\ntable_size = 4099\n{}",
         backends_toml()
     );
-    let cfg = config(&b, &vips);
-    let mut lbd = Lbd::start(&b.lb, &cfg, &b.dir.join("lbd.sock"), &b.pin);
+    let cfg = b.config(65536, &vips);
+    let mut lbd = b.start_lbd(&cfg);
     let key = VipKey::new(IpAddr::V4(VIP), 53, PROTO_UDP);
     send_flows(&b.client, 50);
     wait_for("50 tracked flows", || lbd.kernel_conntrack().len() >= 50);
@@ -257,19 +205,19 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
     if !have_root() {
         return;
     }
-    let b = bed("a");
+    let b = Bed::new("a");
     let vips = format!(
         "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n{}",
         backends_toml()
     );
-    let cfg = config(&b, &vips);
+    let cfg = b.config(65536, &vips);
     // Metrics on the LB namespace's loopback.
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "metrics_address = \"\"",
         "metrics_address = \"127.0.0.1:9641\"",
     );
     std::fs::write(&cfg, text).unwrap();
-    let lbd = Lbd::start(&b.lb, &cfg, &b.dir.join("lbd.sock"), &b.pin);
+    let lbd = b.start_lbd(&cfg);
     let key = VipKey::new(IpAddr::V4(VIP), 80, PROTO_TCP);
     let vip = "10.0.0.10:80/tcp".to_string();
 
@@ -448,19 +396,19 @@ fn a_flapping_backend_does_not_churn_the_table() {
     if !have_root() {
         return;
     }
-    let b = bed("f");
+    let b = Bed::new("f");
     let vips = format!(
         "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
          [vip.health]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 50\ntimeout_ms = 25\nrise = 2\nfall = 6\n{}",
         backends_toml()
     );
-    let cfg = config(&b, &vips);
+    let cfg = b.config(65536, &vips);
     let _steady: Vec<HealthTarget> = ["10.50.0.1:8080", "10.50.0.3:8080"]
         .iter()
         .map(|a| HealthTarget::start(&b.backend, a))
         .collect();
     let mut flapping = Some(HealthTarget::start(&b.backend, "10.50.0.2:8080"));
-    let lbd = Lbd::start(&b.lb, &cfg, &b.dir.join("lbd.sock"), &b.pin);
+    let lbd = b.start_lbd(&cfg);
     let key = VipKey::new(IpAddr::V4(VIP), 80, PROTO_TCP);
     let table = lbd.kernel_table(&key);
     // Down ~100 ms (about 2 failed probes), up ~200 ms, ten times: never

@@ -67,41 +67,21 @@ fn xdp_packets(dev: &str) -> u64 {
 /// from the kernel's table, with the real `lbd` (TCP checks every 100 ms,
 /// fall 2): five failures and recoveries; milliseconds.
 fn health_failure_removal() -> anyhow::Result<Vec<f64>> {
-    use lb_tests::{
-        lbd::{HealthTarget, Lbd},
-        netns::NetNs,
-    };
-    let lb = NetNs::new("bhlb");
-    let backend = NetNs::new("bhbe");
-    lb.link("l1", "10.50.0.254/24", &backend, "b0", "10.50.0.1/24");
-    for a in ["10.50.0.2/24", "10.50.0.3/24"] {
-        backend.ip(&["addr", "add", a, "dev", "b0"]);
-    }
-    let dir = std::env::temp_dir().join(&lb.name);
-    std::fs::create_dir_all(&dir)?;
-    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lb.name));
-    let socket = dir.join("lbd.sock");
-    let backends: String = ["10.50.0.1", "10.50.0.2", "10.50.0.3"]
-        .iter()
-        .map(|a| format!("[[vip.backend]]\naddress = \"{a}\"\n"))
-        .collect();
-    let config = dir.join("lbd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[lb]\ninterfaces = [\"l1\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\n\
-             maglev_slots = 262144\npin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n\
-             [[vip]]\naddress = \"10.0.0.10\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n\
-             [vip.health]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 100\ntimeout_ms = 50\nrise = 2\nfall = 2\n{backends}",
-            pin.display(),
-            socket.display()
+    use lb_tests::lbd::{Bed, HealthTarget, backends_toml};
+    let bed = Bed::new("bh");
+    let config = bed.config(
+        262_144,
+        &format!(
+            "[[vip]]\naddress = \"10.0.0.10\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n\
+             [vip.health]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 100\ntimeout_ms = 50\nrise = 2\nfall = 2\n{}",
+            backends_toml()
         ),
-    )?;
+    );
     let mut targets: Vec<HealthTarget> = ["10.50.0.1:8080", "10.50.0.2:8080", "10.50.0.3:8080"]
         .iter()
-        .map(|a| HealthTarget::start(&backend, a))
+        .map(|a| HealthTarget::start(&bed.backend, a))
         .collect();
-    let lbd = Lbd::start(&lb, &config, &socket, &pin);
+    let lbd = bed.start_lbd(&config);
     let key = VipKey::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10)), 80, PROTO_TCP);
     let failing: IpAddr = "10.50.0.2".parse()?;
     let wait = |what: &str, done: &dyn Fn(&[Option<IpAddr>]) -> bool| -> anyhow::Result<()> {
@@ -131,13 +111,12 @@ fn health_failure_removal() -> anyhow::Result<Vec<f64>> {
             !lbd.kernel_table(&key).contains(&Some(failing)),
             "the new table still names the failed backend"
         );
-        targets.insert(1, HealthTarget::start(&backend, "10.50.0.2:8080"));
+        targets.insert(1, HealthTarget::start(&bed.backend, "10.50.0.2:8080"));
         wait("recovered backend back", &|t| t.contains(&Some(failing)))?;
         // Let the checker settle into its rhythm again.
         std::thread::sleep(Duration::from_millis(300));
     }
     drop(lbd);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(took)
 }
 
