@@ -14,14 +14,18 @@
 //! paper's algorithm. Weight 0 takes no slot (draining).
 //!
 //! Two implementations produce identical tables: [`populate_reference`],
-//! the straightforward loop kept as the test oracle, and [`populate`], which
-//! tests occupancy in a bitmap and finishes the sparse last rounds by
+//! the straightforward loop kept as the test oracle, and [`populate`]
+//! (module `populate`), which tests windows of permutation positions
+//! against an occupancy bitmap and finishes the sparse last rounds by
 //! computing where each permutation next meets a free slot (modular inverse
 //! of its skip) instead of probing slot by slot.
 
 use std::{fmt, vec, vec::Vec};
 
 use siphasher::sip::SipHasher13;
+
+mod populate;
+pub use populate::populate;
 
 /// The paper's default table size.
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
@@ -252,34 +256,91 @@ fn build_with(
     })
 }
 
-/// Weighted turn-taking shared by both implementations: calls `claim(i)`
-/// for each turn, in order, until it reports the table full.
+/// Weighted turn order shared by both implementations: yields the backend
+/// of each turn, forever (the caller stops when the table is full).
 ///
 /// Backend `i` takes a turn in round `r` when `r * w_i` reaches its
-/// threshold, which then grows by the largest weight; the round of its next
-/// turn, `ceil(threshold / w_i)`, is kept so each visit is one comparison.
-#[inline(always)]
-fn take_turns(weights: &[u32], mut claim: impl FnMut(usize) -> bool) {
-    let max_weight = *weights.iter().max().unwrap_or(&0) as u64;
-    let mut threshold = vec![0u64; weights.len()];
-    // u64::MAX: weight 0, never.
-    let mut next_round: Vec<u64> = weights
-        .iter()
-        .map(|&w| if w == 0 { u64::MAX } else { 0 })
-        .collect();
-    let mut round = 0u64;
-    loop {
-        for (i, &w) in weights.iter().enumerate() {
-            if next_round[i] > round {
+/// threshold, which then grows by the largest weight. The round of its next
+/// turn, `ceil(threshold / w_i)`, is kept as a quotient and remainder that
+/// grow by `max / w_i` and `max % w_i`, so a turn costs no division.
+struct Turns<'a> {
+    weights: &'a [u32],
+    /// Equal weights: plain round robin.
+    uniform: bool,
+    state: Vec<TurnState>,
+    round: u64,
+    at: usize,
+}
+
+#[derive(Clone, Copy)]
+struct TurnState {
+    /// `max / w` and `max % w`.
+    whole: u64,
+    part: u64,
+    /// threshold = quotient * w + remainder.
+    quotient: u64,
+    remainder: u64,
+    /// The round of the next turn; u64::MAX for weight 0.
+    next_round: u64,
+}
+
+impl<'a> Turns<'a> {
+    /// `weights` must hold a non-zero weight.
+    fn new(weights: &'a [u32]) -> Self {
+        let max_weight = *weights.iter().max().unwrap_or(&0) as u64;
+        Turns {
+            weights,
+            uniform: weights.iter().all(|&w| w as u64 == max_weight),
+            state: weights
+                .iter()
+                .map(|&w| {
+                    let divisor = (w as u64).max(1);
+                    TurnState {
+                        whole: max_weight / divisor,
+                        part: max_weight % divisor,
+                        quotient: 0,
+                        remainder: 0,
+                        next_round: if w == 0 { u64::MAX } else { 0 },
+                    }
+                })
+                .collect(),
+            round: 0,
+            at: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn next_backend(&mut self) -> usize {
+        if self.uniform {
+            let i = self.at;
+            self.at = if i + 1 == self.weights.len() {
+                0
+            } else {
+                i + 1
+            };
+            return i;
+        }
+        loop {
+            if self.at == self.weights.len() {
+                self.at = 0;
+                self.round += 1;
+            }
+            let i = self.at;
+            self.at += 1;
+            let s = &mut self.state[i];
+            if s.next_round > self.round {
                 continue;
             }
-            threshold[i] += max_weight;
-            next_round[i] = threshold[i].div_ceil(w as u64);
-            if claim(i) {
-                return;
+            let w = self.weights[i] as u64;
+            s.quotient += s.whole;
+            s.remainder += s.part;
+            if s.remainder >= w {
+                s.quotient += 1;
+                s.remainder -= w;
             }
+            s.next_round = s.quotient + (s.remainder > 0) as u64;
+            return i;
         }
-        round += 1;
     }
 }
 
@@ -289,116 +350,19 @@ pub fn populate_reference(perms: &[Permutation], weights: &[u32], size: u32) -> 
     let m = size as u64;
     let mut entry = vec![EMPTY; size as usize];
     let mut next = vec![0u64; perms.len()];
-    let mut filled = 0u32;
-    take_turns(weights, |i| {
+    let mut turns = Turns::new(weights);
+    for _ in 0..size {
+        let i = turns.next_backend();
         let p = perms[i];
         loop {
             let c = ((p.offset as u64 + next[i] * p.skip as u64) % m) as usize;
             next[i] += 1;
             if entry[c] == EMPTY {
                 entry[c] = i as u32;
-                filled += 1;
                 break;
             }
         }
-        filled == size
-    });
-    entry
-}
-
-/// `a * b mod m` for `a, b < m < 2^21` through a floating-point quotient
-/// estimate (exact after one correction), avoiding a 64-bit division.
-#[inline(always)]
-fn mul_mod(a: u64, b: u64, m: u64, m_recip: f64) -> u64 {
-    let p = a * b;
-    let q = (p as f64 * m_recip) as u64;
-    let r = p as i64 - (q * m) as i64;
-    if r < 0 {
-        (r + m as i64) as u64
-    } else if r >= m as i64 {
-        (r - m as i64) as u64
-    } else {
-        r as u64
     }
-}
-
-fn mod_inverse(a: u64, m: u64) -> u64 {
-    // Fermat: m is prime.
-    let (mut base, mut exp, mut acc) = (a % m, m - 2, 1u64);
-    while exp > 0 {
-        if exp & 1 == 1 {
-            acc = acc * base % m;
-        }
-        base = base * base % m;
-        exp >>= 1;
-    }
-    acc
-}
-
-/// Same table as [`populate_reference`], faster: occupancy in a bitmap (fits
-/// in cache where the table does not), the permutation walked by addition,
-/// and, once few slots are free, each turn picks the free slot that comes
-/// first in its permutation, `pos = (s - offset) * skip^-1 mod M`, over the
-/// free list instead of probing ~M/free slots.
-pub fn populate(perms: &[Permutation], weights: &[u32], size: u32) -> Vec<u32> {
-    let m = size as u64;
-    let mut entry = vec![EMPTY; size as usize];
-    let mut occupied = vec![0u64; (size as usize).div_ceil(64)];
-    let mut cursor: Vec<u32> = perms.iter().map(|p| p.offset).collect();
-    let tail_at = ((m as f64 * 0.75).sqrt() as u32).max(8);
-    let mut free = size;
-    let mut tail: Option<(Vec<u32>, Vec<u64>)> = None;
-    let m_recip = 1.0 / m as f64;
-    take_turns(weights, |i| {
-        if free > tail_at {
-            let p = perms[i];
-            let mut c = cursor[i];
-            loop {
-                let slot = c;
-                c += p.skip;
-                if c >= size {
-                    c -= size;
-                }
-                let (word, bit) = ((slot >> 6) as usize, slot & 63);
-                if occupied[word] >> bit & 1 == 0 {
-                    occupied[word] |= 1 << bit;
-                    entry[slot as usize] = i as u32;
-                    break;
-                }
-            }
-            cursor[i] = c;
-        } else {
-            let (free_list, inverse) = tail.get_or_insert_with(|| {
-                let list = (0..size).filter(|&s| entry[s as usize] == EMPTY).collect();
-                let inv = perms
-                    .iter()
-                    .map(|p| mod_inverse(p.skip as u64, m))
-                    .collect();
-                (list, inv)
-            });
-            // No free slot lies before this backend's cursor in its
-            // permutation (it visited them all), so the first one in its
-            // permutation order is the one it would have probed to.
-            let p = perms[i];
-            let (mut best_k, mut best_pos) = (0usize, u64::MAX);
-            for (k, &s) in free_list.iter().enumerate() {
-                let d = if s >= p.offset {
-                    s - p.offset
-                } else {
-                    s + size - p.offset
-                } as u64;
-                let pos = mul_mod(d, inverse[i], m, m_recip);
-                if pos < best_pos {
-                    best_pos = pos;
-                    best_k = k;
-                }
-            }
-            let slot = free_list.swap_remove(best_k);
-            entry[slot as usize] = i as u32;
-        }
-        free -= 1;
-        free == 0
-    });
     entry
 }
 

@@ -205,15 +205,58 @@ fn diff_lists_exactly_the_changed_slots() {
 }
 
 #[test]
-fn modular_inverse_and_mul_mod() {
-    let m = 65_537u64;
-    for a in [1u64, 2, 3, 1000, 65_536] {
-        assert_eq!(a * mod_inverse(a, m) % m, 1);
+fn modular_inverse() {
+    use populate::tail::inverse_mod;
+    for (a, m) in [
+        (1u32, 65_537u32),
+        (2, 65_537),
+        (1000, 65_537),
+        (65_536, 65_537),
+    ] {
+        assert_eq!(a as u64 * inverse_mod(a, m) as u64 % m as u64, 1);
     }
-    let m = 1_048_573u64;
-    let recip = 1.0 / m as f64;
-    for (a, b) in [(m - 1, m - 1), (123_456, 987_654), (0, 5), (1, 1)] {
-        assert_eq!(mul_mod(a, b, m, recip), a * b % m);
+    for a in [1u32, 7, 123_456, 1_048_572] {
+        assert_eq!(
+            a as u64 * inverse_mod(a, MAX_TABLE_SIZE) as u64 % MAX_TABLE_SIZE as u64,
+            1
+        );
+    }
+}
+
+/// The tail's scan (vector and scalar) picks the free slot that comes
+/// first in the permutation, as walking the permutation would.
+#[test]
+fn tail_scan_finds_the_first_free_slot_in_permutation_order() {
+    use populate::tail::{first_in_permutation, inverse_mod, simd_available};
+    let size = MAX_TABLE_SIZE;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for len in [1usize, 3, 4, 5, 64, 887] {
+        let free: Vec<f64> = (0..len).map(|_| (next() % size as u64) as f64).collect();
+        let perm = Permutation {
+            offset: (next() % size as u64) as u32,
+            skip: (next() % (size as u64 - 1) + 1) as u32,
+        };
+        let position = |s: f64| {
+            let d = (s as u64 + size as u64 - perm.offset as u64) % size as u64;
+            d * inverse_mod(perm.skip, size) as u64 % size as u64
+        };
+        let want = (0..len).min_by_key(|&k| (position(free[k]), k)).unwrap();
+        // The walked permutation reaches that slot first.
+        let walked = (perm.offset as u64 + position(free[want]) * perm.skip as u64) % size as u64;
+        assert_eq!(walked as f64, free[want]);
+        for simd in [false, simd_available()] {
+            assert_eq!(
+                first_in_permutation(&free, perm.offset, inverse_mod(perm.skip, size), size, simd),
+                want,
+                "len {len} simd {simd}"
+            );
+        }
     }
 }
 

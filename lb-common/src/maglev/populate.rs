@@ -1,0 +1,284 @@
+//! The fast populate: the same table as `populate_reference`, built with
+//! fewer and cheaper steps.
+//!
+//! - Occupancy lives in a bitmap (8 KB at M=65537: stays in L1) and the
+//!   permutation is walked by addition.
+//! - Once the table is a quarter full, a turn tests a window of K
+//!   permutation positions at once (K grows as the table fills) and takes the
+//!   first free one of the window: no data-dependent branch per probe, so
+//!   the probes run in parallel instead of one mispredicted branch per turn.
+//! - The last ~sqrt(M) turns do not probe at all: a backend's next slot is
+//!   the free slot that comes first in its permutation, found by computing
+//!   `(s - offset) * skip^-1 mod M` over the free slots (see [`tail`]).
+
+use std::{vec, vec::Vec};
+
+use super::{EMPTY, Permutation, Turns};
+
+/// The widest window of permutation positions a turn tests at once.
+const WIDEST: usize = 16;
+
+/// Builds the table; `weights[i]` and `perms[i]` describe backend `i`.
+pub fn populate(perms: &[Permutation], weights: &[u32], size: u32) -> Vec<u32> {
+    let mut entry = vec![EMPTY; size as usize];
+    let mut occupied = vec![0u64; (size as usize).div_ceil(64)];
+    // The next permutation slot each backend tests.
+    let mut cursor: Vec<u32> = perms.iter().map(|p| p.offset).collect();
+    // `k * skip mod M` for k = 0..=WIDEST, per backend.
+    let strides: Vec<[u32; WIDEST + 1]> = perms
+        .iter()
+        .map(|p| {
+            let mut row = [0u32; WIDEST + 1];
+            for k in 1..=WIDEST {
+                row[k] = wrap(row[k - 1] + p.skip, size);
+            }
+            row
+        })
+        .collect();
+    // Probing costs ~M/free per turn, the tail ~free: switch near their
+    // crossing.
+    let tail_at = ((size as f64 * 0.75).sqrt() as u32).max(8);
+    let mut turns = Turns::new(weights);
+    let mut table = Table {
+        entry: &mut entry,
+        occupied: &mut occupied,
+        cursor: &mut cursor,
+        strides: &strides,
+        size,
+    };
+    // Window width by fill: about two free slots expected per window.
+    let mut free = size;
+    for (until, width) in [(size / 2, 1), (size / 4, 4), (size / 8, 8), (0, 16)] {
+        let until = until.max(tail_at);
+        if free <= until {
+            continue;
+        }
+        let count = free - until;
+        match width {
+            1 => table.fill::<1>(&mut turns, count),
+            4 => table.fill::<4>(&mut turns, count),
+            8 => table.fill::<8>(&mut turns, count),
+            _ => table.fill::<WIDEST>(&mut turns, count),
+        }
+        free = until;
+    }
+    let mut last = tail::Tail::new(&occupied, size, perms.len());
+    for _ in 0..free {
+        let i = turns.next_backend();
+        entry[last.take_first(&perms[i], i, size) as usize] = i as u32;
+    }
+    entry
+}
+
+/// The state the probing turns work on.
+struct Table<'a> {
+    entry: &'a mut [u32],
+    occupied: &'a mut [u64],
+    cursor: &'a mut [u32],
+    strides: &'a [[u32; WIDEST + 1]],
+    size: u32,
+}
+
+impl Table<'_> {
+    /// The next `count` turns, each testing `K` positions per step.
+    fn fill<const K: usize>(&mut self, turns: &mut Turns, count: u32) {
+        for _ in 0..count {
+            let i = turns.next_backend();
+            let (slot, next) =
+                search::<K>(self.occupied, self.cursor[i], &self.strides[i], self.size);
+            self.occupied[(slot >> 6) as usize] |= 1 << (slot & 63);
+            self.cursor[i] = next;
+            self.entry[slot as usize] = i as u32;
+        }
+    }
+}
+
+/// The first free slot from `at` in the permutation with these strides,
+/// testing `K` positions per step, and the slot after it.
+#[inline(always)]
+fn search<const K: usize>(
+    occupied: &[u64],
+    mut at: u32,
+    stride: &[u32; WIDEST + 1],
+    size: u32,
+) -> (u32, u32) {
+    loop {
+        let mut taken = 0u32;
+        for (k, &step) in stride.iter().take(K).enumerate() {
+            let slot = wrap(at + step, size);
+            taken |= ((occupied[(slot >> 6) as usize] >> (slot & 63)) as u32 & 1) << k;
+        }
+        let free = !taken & (u32::MAX >> (32 - K));
+        if free != 0 {
+            let slot = wrap(at + stride[free.trailing_zeros() as usize], size);
+            return (slot, wrap(slot + stride[1], size));
+        }
+        at = wrap(at + stride[K], size);
+    }
+}
+
+/// `x mod size` for `x < 2 * size`, without a branch.
+#[inline(always)]
+fn wrap(x: u32, size: u32) -> u32 {
+    x.min(x.wrapping_sub(size))
+}
+
+pub(super) mod tail {
+    //! The last turns: with few slots free, a backend's next slot is the
+    //! free slot whose position in its permutation,
+    //! `(s - offset) * skip^-1 mod M`, is smallest. No free slot lies before
+    //! its cursor (it has tested them all), so this is the slot it would
+    //! have probed its way to.
+
+    use std::vec::Vec;
+
+    use super::super::Permutation;
+
+    pub struct Tail {
+        /// Free slots as f64: exact (< 2^21), and the scan runs in f64 lanes.
+        free: Vec<f64>,
+        /// `skip^-1 mod M` per backend, 0 until first needed.
+        inverse: Vec<u32>,
+        simd: bool,
+    }
+
+    impl Tail {
+        pub fn new(occupied: &[u64], size: u32, backends: usize) -> Self {
+            let mut free = Vec::new();
+            for (w, &word) in occupied.iter().enumerate() {
+                let mut holes = !word;
+                while holes != 0 {
+                    let slot = w as u32 * 64 + holes.trailing_zeros();
+                    if slot < size {
+                        free.push(slot as f64);
+                    }
+                    holes &= holes - 1;
+                }
+            }
+            Tail {
+                free,
+                inverse: std::vec![0; backends],
+                simd: simd_available(),
+            }
+        }
+
+        /// Removes and returns backend `i`'s next slot.
+        pub fn take_first(&mut self, perm: &Permutation, i: usize, size: u32) -> u32 {
+            if self.inverse[i] == 0 {
+                self.inverse[i] = inverse_mod(perm.skip, size);
+            }
+            let k = first_in_permutation(&self.free, perm.offset, self.inverse[i], size, self.simd);
+            self.free.swap_remove(k) as u32
+        }
+    }
+
+    pub fn simd_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// `a^-1 mod m` for prime `m` and `0 < a < m` (extended Euclid).
+    pub fn inverse_mod(a: u32, m: u32) -> u32 {
+        let (mut r0, mut r1) = (m as i64, a as i64);
+        let (mut t0, mut t1) = (0i64, 1i64);
+        while r1 != 0 {
+            let q = r0 / r1;
+            (r0, r1) = (r1, r0 - q * r1);
+            (t0, t1) = (t1, t0 - q * t1);
+        }
+        t0.rem_euclid(m as i64) as u32
+    }
+
+    /// Index in `free` of the slot first in the permutation `(offset,
+    /// skip = inverse^-1)`. Every candidate gets the exact key
+    /// `position * 2^21 + index` (< 2^41, exact in f64), so the vector and
+    /// scalar scans agree bit for bit.
+    pub fn first_in_permutation(
+        free: &[f64],
+        offset: u32,
+        inverse: u32,
+        size: u32,
+        simd: bool,
+    ) -> usize {
+        let (offset, inverse, m) = (offset as f64, inverse as f64, size as f64);
+        let mut best = f64::MAX;
+        let mut start = 0;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is only true when AVX2 and FMA were detected.
+            best = unsafe { avx2::min_key(free, offset, inverse, m) };
+            start = free.len() / 4 * 4;
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = simd;
+        for (k, &slot) in free.iter().enumerate().skip(start) {
+            best = best.min(key(slot, k as f64, offset, inverse, m));
+        }
+        (best as u64 & INDEX_MASK) as usize
+    }
+
+    const INDEX_BITS: u32 = 21;
+    const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
+
+    #[inline(always)]
+    fn key(slot: f64, index: f64, offset: f64, inverse: f64, m: f64) -> f64 {
+        let mut d = slot - offset;
+        if d < 0.0 {
+            d += m;
+        }
+        let p = d * inverse;
+        let r = p - (p / m).floor() * m;
+        let r = if r < 0.0 {
+            r + m
+        } else if r >= m {
+            r - m
+        } else {
+            r
+        };
+        r * (1u64 << INDEX_BITS) as f64 + index
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
+        use core::arch::x86_64::*;
+
+        /// The smallest key over `free`'s whole groups of four.
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn min_key(free: &[f64], offset: f64, inverse: f64, m: f64) -> f64 {
+            let mv = _mm256_set1_pd(m);
+            let recip = _mm256_set1_pd(1.0 / m);
+            let off = _mm256_set1_pd(offset);
+            let inv = _mm256_set1_pd(inverse);
+            let zero = _mm256_setzero_pd();
+            let scale = _mm256_set1_pd((1u64 << super::INDEX_BITS) as f64);
+            let four = _mm256_set1_pd(4.0);
+            let mut index = _mm256_setr_pd(0.0, 1.0, 2.0, 3.0);
+            let mut best = _mm256_set1_pd(f64::MAX);
+            for group in free.chunks_exact(4) {
+                // SAFETY: `group` holds four f64.
+                let s = unsafe { _mm256_loadu_pd(group.as_ptr()) };
+                let d = _mm256_sub_pd(s, off);
+                let d = _mm256_add_pd(d, _mm256_and_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(d, zero), mv));
+                let p = _mm256_mul_pd(d, inv);
+                // The quotient may be one off; the remainder is exact and
+                // brought back into [0, m).
+                let q = _mm256_floor_pd(_mm256_mul_pd(p, recip));
+                let r = _mm256_fnmadd_pd(q, mv, p);
+                let r = _mm256_add_pd(r, _mm256_and_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(r, zero), mv));
+                let r = _mm256_sub_pd(r, _mm256_and_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(r, mv), mv));
+                best = _mm256_min_pd(best, _mm256_fmadd_pd(r, scale, index));
+                index = _mm256_add_pd(index, four);
+            }
+            let mut lanes = [0f64; 4];
+            // SAFETY: `lanes` holds four f64.
+            unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), best) };
+            lanes.into_iter().fold(f64::MAX, f64::min)
+        }
+    }
+}
