@@ -25,7 +25,9 @@ use std::{fmt, vec, vec::Vec};
 use siphasher::sip::SipHasher13;
 
 mod populate;
+mod turns;
 pub use populate::populate;
+use turns::Turns;
 
 /// The paper's default table size.
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;
@@ -254,94 +256,6 @@ fn build_with(
         backends: sorted,
         slots,
     })
-}
-
-/// Weighted turn order shared by both implementations: yields the backend
-/// of each turn, forever (the caller stops when the table is full).
-///
-/// Backend `i` takes a turn in round `r` when `r * w_i` reaches its
-/// threshold, which then grows by the largest weight. The round of its next
-/// turn, `ceil(threshold / w_i)`, is kept as a quotient and remainder that
-/// grow by `max / w_i` and `max % w_i`, so a turn costs no division.
-struct Turns<'a> {
-    weights: &'a [u32],
-    /// Equal weights: plain round robin.
-    uniform: bool,
-    state: Vec<TurnState>,
-    round: u64,
-    at: usize,
-}
-
-#[derive(Clone, Copy)]
-struct TurnState {
-    /// `max / w` and `max % w`.
-    whole: u64,
-    part: u64,
-    /// threshold = quotient * w + remainder.
-    quotient: u64,
-    remainder: u64,
-    /// The round of the next turn; u64::MAX for weight 0.
-    next_round: u64,
-}
-
-impl<'a> Turns<'a> {
-    /// `weights` must hold a non-zero weight.
-    fn new(weights: &'a [u32]) -> Self {
-        let max_weight = *weights.iter().max().unwrap_or(&0) as u64;
-        Turns {
-            weights,
-            uniform: weights.iter().all(|&w| w as u64 == max_weight),
-            state: weights
-                .iter()
-                .map(|&w| {
-                    let divisor = (w as u64).max(1);
-                    TurnState {
-                        whole: max_weight / divisor,
-                        part: max_weight % divisor,
-                        quotient: 0,
-                        remainder: 0,
-                        next_round: if w == 0 { u64::MAX } else { 0 },
-                    }
-                })
-                .collect(),
-            round: 0,
-            at: 0,
-        }
-    }
-
-    #[inline(always)]
-    fn next_backend(&mut self) -> usize {
-        if self.uniform {
-            let i = self.at;
-            self.at = if i + 1 == self.weights.len() {
-                0
-            } else {
-                i + 1
-            };
-            return i;
-        }
-        loop {
-            if self.at == self.weights.len() {
-                self.at = 0;
-                self.round += 1;
-            }
-            let i = self.at;
-            self.at += 1;
-            let s = &mut self.state[i];
-            if s.next_round > self.round {
-                continue;
-            }
-            let w = self.weights[i] as u64;
-            s.quotient += s.whole;
-            s.remainder += s.part;
-            if s.remainder >= w {
-                s.quotient += 1;
-                s.remainder -= w;
-            }
-            s.next_round = s.quotient + (s.remainder > 0) as u64;
-            return i;
-        }
-    }
 }
 
 /// The straightforward algorithm: each turn walks the backend's permutation

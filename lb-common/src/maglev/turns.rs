@@ -1,0 +1,168 @@
+//! The weighted turn order shared by both populate implementations.
+//!
+//! Backend `i` takes a turn in round `r` when `r * w_i` reaches its
+//! threshold, which then grows by the largest weight; within a round,
+//! backends go in canonical order. A backend of the largest weight takes a
+//! turn every round, one of half that weight every other round.
+
+use std::{cmp::Reverse, collections::BinaryHeap, vec::Vec};
+
+/// Yields the backend of each turn, forever (the caller stops when the
+/// table is full).
+pub(super) struct Turns<'a> {
+    weights: &'a [u32],
+    state: Vec<TurnState>,
+    order: Order,
+    round: u64,
+    at: usize,
+}
+
+enum Order {
+    /// Equal weights: every backend every round.
+    RoundRobin,
+    /// Most backends take a turn in most rounds: visit them all.
+    Scan,
+    /// Few backends per round (a few heavy, many light): the next turns by
+    /// (round, index), instead of visiting every backend every round.
+    Queue(BinaryHeap<Reverse<(u64, usize)>>),
+}
+
+/// The round of a backend's next turn, `ceil(threshold / w)`, kept as a
+/// quotient and remainder that grow by `max / w` and `max % w`, so a turn
+/// costs no division.
+#[derive(Clone, Copy)]
+struct TurnState {
+    whole: u64,
+    part: u64,
+    quotient: u64,
+    remainder: u64,
+    /// u64::MAX for weight 0: never.
+    next_round: u64,
+}
+
+impl<'a> Turns<'a> {
+    /// `weights` must hold a non-zero weight.
+    pub fn new(weights: &'a [u32]) -> Self {
+        let max_weight = *weights.iter().max().unwrap_or(&0) as u64;
+        let state: Vec<TurnState> = weights
+            .iter()
+            .map(|&w| {
+                let divisor = (w as u64).max(1);
+                TurnState {
+                    whole: max_weight / divisor,
+                    part: max_weight % divisor,
+                    quotient: 0,
+                    remainder: 0,
+                    next_round: if w == 0 { u64::MAX } else { 0 },
+                }
+            })
+            .collect();
+        let total: u64 = weights.iter().map(|&w| w as u64).sum();
+        let order = if weights.iter().all(|&w| w as u64 == max_weight) {
+            Order::RoundRobin
+        } else if total * 4 >= max_weight * weights.len() as u64 {
+            Order::Scan
+        } else {
+            Order::Queue(
+                (0..weights.len())
+                    .filter(|&i| weights[i] > 0)
+                    .map(|i| Reverse((0, i)))
+                    .collect(),
+            )
+        };
+        Turns {
+            weights,
+            state,
+            order,
+            round: 0,
+            at: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub fn next_backend(&mut self) -> usize {
+        match &mut self.order {
+            Order::RoundRobin => {
+                let i = self.at;
+                self.at = if i + 1 == self.weights.len() {
+                    0
+                } else {
+                    i + 1
+                };
+                i
+            }
+            Order::Scan => loop {
+                if self.at == self.weights.len() {
+                    self.at = 0;
+                    self.round += 1;
+                }
+                let i = self.at;
+                self.at += 1;
+                if self.state[i].next_round <= self.round {
+                    advance(&mut self.state[i], self.weights[i]);
+                    return i;
+                }
+            },
+            Order::Queue(queue) => {
+                let mut top = queue.peek_mut().expect("a backend of non-zero weight");
+                let i = top.0.1;
+                top.0.0 = advance(&mut self.state[i], self.weights[i]);
+                i
+            }
+        }
+    }
+}
+
+/// Takes a turn for a backend of weight `w`; returns its next round.
+#[inline(always)]
+fn advance(s: &mut TurnState, w: u32) -> u64 {
+    s.quotient += s.whole;
+    s.remainder += s.part;
+    if s.remainder >= w as u64 {
+        s.quotient += 1;
+        s.remainder -= w as u64;
+    }
+    s.next_round = s.quotient + (s.remainder > 0) as u64;
+    s.next_round
+}
+
+#[cfg(test)]
+mod tests {
+    use std::vec;
+
+    use super::*;
+
+    /// The turn order straight from the definition, with divisions.
+    fn by_definition(weights: &[u32], count: usize) -> Vec<usize> {
+        let max = *weights.iter().max().unwrap() as u64;
+        let mut threshold = vec![0u64; weights.len()];
+        let mut out = Vec::new();
+        let mut round = 0u64;
+        while out.len() < count {
+            for (i, &w) in weights.iter().enumerate() {
+                if w > 0 && round * w as u64 >= threshold[i] && out.len() < count {
+                    threshold[i] += max;
+                    out.push(i);
+                }
+            }
+            round += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn every_order_follows_the_definition() {
+        for weights in [
+            vec![3u32, 3, 3],
+            vec![1, 2, 3, 4, 10, 0, 5],
+            vec![1000, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+            vec![0, 7, 0, 1],
+            vec![0, 100, 0, 1, 1],
+            vec![5],
+        ] {
+            let mut turns = Turns::new(&weights);
+            let got: Vec<usize> = (0..5000).map(|_| turns.next_backend()).collect();
+            assert_eq!(got, by_definition(&weights, 5000), "weights {weights:?}");
+        }
+    }
+}
