@@ -3,13 +3,18 @@
 //!
 //! - Occupancy lives in a bitmap (8 KB at M=65537: stays in L1) and the
 //!   permutation is walked by addition.
-//! - Once the table is a quarter full, a turn tests a window of K
-//!   permutation positions at once (K grows as the table fills) and takes the
-//!   first free one of the window: no data-dependent branch per probe, so
-//!   the probes run in parallel instead of one mispredicted branch per turn.
-//! - The last ~sqrt(M) turns do not probe at all: a backend's next slot is
-//!   the free slot that comes first in its permutation, found by computing
-//!   `(s - offset) * skip^-1 mod M` over the free slots (see [`tail`]).
+//! - While the table is less than half full a turn walks its permutation
+//!   one position at a time (the first position is usually free). After
+//!   that, a turn tests a window of K positions at once and takes the first
+//!   free one: no data-dependent branch per probe, so the probes of a window
+//!   (and of consecutive turns) run in parallel instead of ending every turn
+//!   in a mispredicted branch. K grows as the table fills (4, 8, then 16),
+//!   keeping about two free slots per window; 16-position windows use two
+//!   AVX2 gathers where the CPU has them.
+//! - The last ~sqrt(1.5 M) turns do not probe at all: a backend's next slot
+//!   is the free slot that comes first in its permutation, found by
+//!   computing `(s - offset) * skip^-1 mod M` over the free slots (see
+//!   [`tail`]).
 
 use std::{vec, vec::Vec};
 
@@ -20,6 +25,17 @@ const WIDEST: usize = 16;
 
 /// Builds the table; `weights[i]` and `perms[i]` describe backend `i`.
 pub fn populate(perms: &[Permutation], weights: &[u32], size: u32) -> Vec<u32> {
+    populate_with(perms, weights, size, tail::simd_available())
+}
+
+/// [`populate`], with the wide windows and the tail scan in AVX2 lanes or
+/// not (the same table either way).
+pub(super) fn populate_with(
+    perms: &[Permutation],
+    weights: &[u32],
+    size: u32,
+    simd: bool,
+) -> Vec<u32> {
     let mut entry = vec![EMPTY; size as usize];
     let mut occupied = vec![0u64; (size as usize).div_ceil(64)];
     // The next permutation slot each backend tests.
@@ -37,7 +53,7 @@ pub fn populate(perms: &[Permutation], weights: &[u32], size: u32) -> Vec<u32> {
         .collect();
     // Probing costs ~M/free per turn, the tail ~free: switch near their
     // crossing.
-    let tail_at = ((size as f64 * 0.75).sqrt() as u32).max(8);
+    let tail_at = ((size as f64 * 1.5).sqrt() as u32).max(8);
     let mut turns = Turns::new(weights);
     let mut table = Table {
         entry: &mut entry,
@@ -48,7 +64,7 @@ pub fn populate(perms: &[Permutation], weights: &[u32], size: u32) -> Vec<u32> {
     };
     // Window width by fill: about two free slots expected per window.
     let mut free = size;
-    for (until, width) in [(size / 2, 1), (size / 4, 4), (size / 8, 8), (0, 16)] {
+    for (until, width) in [(size / 2, 1), (size / 4, 4), (size / 8, 8), (0, WIDEST)] {
         let until = until.max(tail_at);
         if free <= until {
             continue;
@@ -58,11 +74,14 @@ pub fn populate(perms: &[Permutation], weights: &[u32], size: u32) -> Vec<u32> {
             1 => table.fill::<1>(&mut turns, count),
             4 => table.fill::<4>(&mut turns, count),
             8 => table.fill::<8>(&mut turns, count),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `simd` is only true when AVX2 was detected.
+            _ if simd => unsafe { wide::fill(&mut table, &mut turns, count) },
             _ => table.fill::<WIDEST>(&mut turns, count),
         }
         free = until;
     }
-    let mut last = tail::Tail::new(&occupied, size, perms.len());
+    let mut last = tail::Tail::new(&occupied, size, perms, simd);
     for _ in 0..free {
         let i = turns.next_backend();
         entry[last.take_first(&perms[i], i, size) as usize] = i as u32;
@@ -84,24 +103,92 @@ impl Table<'_> {
     fn fill<const K: usize>(&mut self, turns: &mut Turns, count: u32) {
         for _ in 0..count {
             let i = turns.next_backend();
-            let (slot, next) =
-                search::<K>(self.occupied, self.cursor[i], &self.strides[i], self.size);
-            self.occupied[(slot >> 6) as usize] |= 1 << (slot & 63);
-            self.cursor[i] = next;
-            self.entry[slot as usize] = i as u32;
+            let slot = search::<K>(self.occupied, self.cursor[i], &self.strides[i], self.size);
+            self.claim(i, slot);
+        }
+    }
+
+    /// Backend `i` takes `slot`; its cursor moves past it.
+    #[inline(always)]
+    fn claim(&mut self, i: usize, slot: u32) {
+        self.occupied[(slot >> 6) as usize] |= 1 << (slot & 63);
+        self.cursor[i] = wrap(slot + self.strides[i][1], self.size);
+        self.entry[slot as usize] = i as u32;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod wide {
+    //! Windows of 16 positions tested with two AVX2 gathers: the positions
+    //! are computed in 8 lanes and their occupancy bits gathered from the
+    //! bitmap read as 32-bit words. (Narrower windows, in the fuller
+    //! rounds, are faster with scalar loads.)
+
+    use core::arch::x86_64::*;
+
+    use super::{Table, Turns, WIDEST, wrap};
+
+    /// [`Table::fill`] with windows of 16 positions.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn fill(table: &mut Table, turns: &mut Turns, count: u32) {
+        let size = table.size;
+        let sizes = _mm256_set1_epi32(size as i32);
+        let low_bits = _mm256_set1_epi32(31);
+        for _ in 0..count {
+            let i = turns.next_backend();
+            let row = &table.strides[i];
+            let steps = [0, 1].map(|v| {
+                // SAFETY: a row holds WIDEST + 1 = 17 values.
+                unsafe { _mm256_loadu_si256(row[8 * v..].as_ptr() as *const __m256i) }
+            });
+            let words = table.occupied.as_ptr() as *const i32;
+            let mut at = table.cursor[i];
+            let slot = loop {
+                let base = _mm256_set1_epi32(at as i32);
+                let mut taken = 0u32;
+                for (v, step) in steps.iter().enumerate() {
+                    let pos = _mm256_add_epi32(base, *step);
+                    let pos = _mm256_min_epu32(pos, _mm256_sub_epi32(pos, sizes));
+                    // SAFETY: every position is below `size`, so its word
+                    // lies inside the bitmap.
+                    let word =
+                        unsafe { _mm256_i32gather_epi32::<4>(words, _mm256_srli_epi32::<5>(pos)) };
+                    // The position's bit moved to the sign bit.
+                    let bit = _mm256_sllv_epi32(
+                        word,
+                        _mm256_sub_epi32(low_bits, _mm256_and_si256(pos, low_bits)),
+                    );
+                    taken |= (_mm256_movemask_ps(_mm256_castsi256_ps(bit)) as u32) << (8 * v);
+                }
+                let free = !taken & 0xffff;
+                if free != 0 {
+                    break wrap(at + row[free.trailing_zeros() as usize], size);
+                }
+                at = wrap(at + row[WIDEST], size);
+            };
+            table.claim(i, slot);
         }
     }
 }
 
 /// The first free slot from `at` in the permutation with these strides,
-/// testing `K` positions per step, and the slot after it.
+/// testing `K` positions per step.
 #[inline(always)]
 fn search<const K: usize>(
     occupied: &[u64],
     mut at: u32,
     stride: &[u32; WIDEST + 1],
     size: u32,
-) -> (u32, u32) {
+) -> u32 {
+    if K == 1 {
+        // One position per step: a plain walk.
+        loop {
+            if occupied[(at >> 6) as usize] >> (at & 63) & 1 == 0 {
+                return at;
+            }
+            at = wrap(at + stride[1], size);
+        }
+    }
     loop {
         let mut taken = 0u32;
         for (k, &step) in stride.iter().take(K).enumerate() {
@@ -110,8 +197,7 @@ fn search<const K: usize>(
         }
         let free = !taken & (u32::MAX >> (32 - K));
         if free != 0 {
-            let slot = wrap(at + stride[free.trailing_zeros() as usize], size);
-            return (slot, wrap(slot + stride[1], size));
+            return wrap(at + stride[free.trailing_zeros() as usize], size);
         }
         at = wrap(at + stride[K], size);
     }
@@ -137,13 +223,13 @@ pub(super) mod tail {
     pub struct Tail {
         /// Free slots as f64: exact (< 2^21), and the scan runs in f64 lanes.
         free: Vec<f64>,
-        /// `skip^-1 mod M` per backend, 0 until first needed.
+        /// `skip^-1 mod M` per backend.
         inverse: Vec<u32>,
         simd: bool,
     }
 
     impl Tail {
-        pub fn new(occupied: &[u64], size: u32, backends: usize) -> Self {
+        pub fn new(occupied: &[u64], size: u32, perms: &[Permutation], simd: bool) -> Self {
             let mut free = Vec::new();
             for (w, &word) in occupied.iter().enumerate() {
                 let mut holes = !word;
@@ -157,16 +243,13 @@ pub(super) mod tail {
             }
             Tail {
                 free,
-                inverse: std::vec![0; backends],
-                simd: simd_available(),
+                inverse: inverses(perms.iter().map(|p| p.skip), size),
+                simd,
             }
         }
 
         /// Removes and returns backend `i`'s next slot.
         pub fn take_first(&mut self, perm: &Permutation, i: usize, size: u32) -> u32 {
-            if self.inverse[i] == 0 {
-                self.inverse[i] = inverse_mod(perm.skip, size);
-            }
             let k = first_in_permutation(&self.free, perm.offset, self.inverse[i], size, self.simd);
             self.free.swap_remove(k) as u32
         }
@@ -181,6 +264,30 @@ pub(super) mod tail {
         {
             false
         }
+    }
+
+    /// The inverses mod prime `m` of values in `1..m`, with one extended
+    /// Euclid and three multiplications each (Montgomery's batch trick:
+    /// invert the product, then peel the factors off).
+    pub fn inverses(values: impl Iterator<Item = u32> + Clone, m: u32) -> Vec<u32> {
+        let mut prefix: Vec<u32> = Vec::new();
+        let mut product = 1u32;
+        for v in values.clone() {
+            prefix.push(product);
+            product = mul_mod(product, v, m);
+        }
+        let mut inverse_of_rest = inverse_mod(product, m);
+        let values: Vec<u32> = values.collect();
+        let mut out = std::vec![0u32; values.len()];
+        for k in (0..values.len()).rev() {
+            out[k] = mul_mod(inverse_of_rest, prefix[k], m);
+            inverse_of_rest = mul_mod(inverse_of_rest, values[k], m);
+        }
+        out
+    }
+
+    fn mul_mod(a: u32, b: u32, m: u32) -> u32 {
+        (a as u64 * b as u64 % m as u64) as u32
     }
 
     /// `a^-1 mod m` for prime `m` and `0 < a < m` (extended Euclid).
@@ -226,21 +333,14 @@ pub(super) mod tail {
     const INDEX_BITS: u32 = 21;
     const INDEX_MASK: u64 = (1 << INDEX_BITS) - 1;
 
+    /// `(slot - offset) * inverse mod m` (both products are exact in f64:
+    /// |p| < m^2 < 2^40), as the key `position * 2^21 + index`.
     #[inline(always)]
     fn key(slot: f64, index: f64, offset: f64, inverse: f64, m: f64) -> f64 {
-        let mut d = slot - offset;
-        if d < 0.0 {
-            d += m;
-        }
-        let p = d * inverse;
+        let p = (slot - offset) * inverse;
+        // p / m is within 2^-32 of the true quotient, which is an integer
+        // or at least 1/m away from one: the floor is exact.
         let r = p - (p / m).floor() * m;
-        let r = if r < 0.0 {
-            r + m
-        } else if r >= m {
-            r - m
-        } else {
-            r
-        };
         r * (1u64 << INDEX_BITS) as f64 + index
     }
 
@@ -255,7 +355,6 @@ pub(super) mod tail {
             let recip = _mm256_set1_pd(1.0 / m);
             let off = _mm256_set1_pd(offset);
             let inv = _mm256_set1_pd(inverse);
-            let zero = _mm256_setzero_pd();
             let scale = _mm256_set1_pd((1u64 << super::INDEX_BITS) as f64);
             let four = _mm256_set1_pd(4.0);
             let mut index = _mm256_setr_pd(0.0, 1.0, 2.0, 3.0);
@@ -263,14 +362,11 @@ pub(super) mod tail {
             for group in free.chunks_exact(4) {
                 // SAFETY: `group` holds four f64.
                 let s = unsafe { _mm256_loadu_pd(group.as_ptr()) };
-                let d = _mm256_sub_pd(s, off);
-                let d = _mm256_add_pd(d, _mm256_and_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(d, zero), mv));
-                let p = _mm256_mul_pd(d, inv);
-                // The quotient may be one off; the remainder is exact and
-                // brought back into [0, m).
+                let p = _mm256_mul_pd(_mm256_sub_pd(s, off), inv);
+                // Through the rounded 1/m the quotient can only come out one
+                // low, when p is an exact multiple of m: then r = m, not 0.
                 let q = _mm256_floor_pd(_mm256_mul_pd(p, recip));
                 let r = _mm256_fnmadd_pd(q, mv, p);
-                let r = _mm256_add_pd(r, _mm256_and_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(r, zero), mv));
                 let r = _mm256_sub_pd(r, _mm256_and_pd(_mm256_cmp_pd::<_CMP_GE_OQ>(r, mv), mv));
                 best = _mm256_min_pd(best, _mm256_fmadd_pd(r, scale, index));
                 index = _mm256_add_pd(index, four);
