@@ -300,15 +300,23 @@ pub fn diff(old: &[u32], new: &[u32]) -> Vec<SlotChange> {
             })
             .collect();
     }
-    old.iter()
-        .zip(new)
-        .enumerate()
-        .filter(|(_, (o, n))| o != n)
-        .map(|(i, (_, &n))| SlotChange {
-            slot: i as u32,
-            backend: n,
-        })
-        .collect()
+    // Compare whole chunks first (vectorised); a change touches few slots.
+    const CHUNK: usize = 32;
+    let mut changes = Vec::new();
+    for (c, (o, n)) in old.chunks(CHUNK).zip(new.chunks(CHUNK)).enumerate() {
+        if o == n {
+            continue;
+        }
+        for (k, (a, &b)) in o.iter().zip(n).enumerate() {
+            if *a != b {
+                changes.push(SlotChange {
+                    slot: (c * CHUNK + k) as u32,
+                    backend: b,
+                });
+            }
+        }
+    }
+    changes
 }
 
 #[cfg(test)]

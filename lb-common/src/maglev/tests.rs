@@ -205,6 +205,32 @@ fn diff_lists_exactly_the_changed_slots() {
 }
 
 #[test]
+fn diff_of_real_tables_lists_every_moved_slot() {
+    let all = backends(100);
+    let old = build(&all, 65_537, 3).unwrap();
+    // Without the backend that sorts last, the others keep their canonical
+    // index, so slot values compare across the two tables.
+    let rest: Vec<_> = all
+        .iter()
+        .filter(|b| b.identity != "10.1.0.99")
+        .cloned()
+        .collect();
+    let new = build(&rest, 65_537, 3).unwrap();
+    assert_eq!(old.backends[..99], new.backends[..]);
+    let changes = diff(&old.slots, &new.slots);
+    let moved: Vec<u32> = (0..65_537u32)
+        .filter(|&s| old.slots[s as usize] != new.slots[s as usize])
+        .collect();
+    assert_eq!(changes.iter().map(|c| c.slot).collect::<Vec<_>>(), moved);
+    assert!(
+        changes
+            .iter()
+            .all(|c| new.slots[c.slot as usize] == c.backend)
+    );
+    assert!(!moved.is_empty() && moved.len() < 2 * 65_537 / 99);
+}
+
+#[test]
 fn modular_inverse() {
     use populate::tail::inverse_mod;
     for (a, m) in [
