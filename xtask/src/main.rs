@@ -108,6 +108,17 @@ fn main() -> Result<()> {
                 "--release",
                 "--",
                 "--test-threads=1",
+            ]))?;
+            // The Maglev engine indexes unchecked where its invariants hold;
+            // its tests once more with debug assertions on.
+            run(cargo().args([
+                "test",
+                "-p",
+                "lb-common",
+                "--features",
+                "user",
+                "--lib",
+                "maglev",
             ]))
         }
         Cmd::Bench { calls } => {

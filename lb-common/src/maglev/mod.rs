@@ -27,7 +27,7 @@ use siphasher::sip::SipHasher13;
 mod populate;
 mod turns;
 pub use populate::populate;
-use turns::Turns;
+use turns::{TurnOrder, Turns};
 
 /// The paper's default table size.
 pub const DEFAULT_TABLE_SIZE: u32 = 65_537;

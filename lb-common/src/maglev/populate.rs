@@ -18,7 +18,10 @@
 
 use std::{vec, vec::Vec};
 
-use super::{EMPTY, Permutation, Turns};
+use super::{
+    EMPTY, Permutation,
+    turns::{RoundRobin, TurnOrder, Turns},
+};
 
 /// The widest window of permutation positions a turn tests at once.
 const WIDEST: usize = 16;
@@ -54,37 +57,13 @@ pub(super) fn populate_with(
     // Probing costs ~M/free per turn, the tail ~free: switch near their
     // crossing.
     let tail_at = ((size as f64 * 1.5).sqrt() as u32).max(8);
+    let mut table = Table::new(&mut entry, &mut occupied, &mut cursor, &strides, size);
     let mut turns = Turns::new(weights);
-    let mut table = Table {
-        entry: &mut entry,
-        occupied: &mut occupied,
-        cursor: &mut cursor,
-        strides: &strides,
-        size,
-    };
-    // Window width by fill: about two free slots expected per window.
-    let mut free = size;
-    for (until, width) in [(size / 2, 1), (size / 4, 4), (size / 8, 8), (0, WIDEST)] {
-        let until = until.max(tail_at);
-        if free <= until {
-            continue;
-        }
-        let count = free - until;
-        match width {
-            1 => table.fill::<1>(&mut turns, count),
-            4 => table.fill::<4>(&mut turns, count),
-            8 => table.fill::<8>(&mut turns, count),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `simd` is only true when AVX2 was detected.
-            _ if simd => unsafe { wide::fill(&mut table, &mut turns, count) },
-            _ => table.fill::<WIDEST>(&mut turns, count),
-        }
-        free = until;
-    }
-    let mut last = tail::Tail::new(&occupied, size, perms, simd);
-    for _ in 0..free {
-        let i = turns.next_backend();
-        entry[last.take_first(&perms[i], i, size) as usize] = i as u32;
+    // Equal weights (the common case) get turn loops of their own.
+    if turns.is_round_robin() {
+        table.take_all_turns(&mut RoundRobin::new(perms.len()), perms, tail_at, simd);
+    } else {
+        table.take_all_turns(&mut turns, perms, tail_at, simd);
     }
     entry
 }
@@ -98,23 +77,113 @@ struct Table<'a> {
     size: u32,
 }
 
-impl Table<'_> {
+impl<'a> Table<'a> {
+    /// Checks once what the turns rely on instead of checking every index:
+    /// every cursor and stride is below M, so every probed slot (a cursor
+    /// plus a stride, reduced by `wrap`) is below M, inside `occupied` and
+    /// `entry`; a backend index from a `TurnOrder` is below the backend
+    /// count, inside `cursor` and `strides`.
+    fn new(
+        entry: &'a mut [u32],
+        occupied: &'a mut [u64],
+        cursor: &'a mut [u32],
+        strides: &'a [[u32; WIDEST + 1]],
+        size: u32,
+    ) -> Self {
+        assert!(entry.len() == size as usize && occupied.len() * 64 >= size as usize);
+        assert!(cursor.len() == strides.len());
+        assert!(cursor.iter().all(|&c| c < size));
+        assert!(strides.iter().flatten().all(|&s| s < size));
+        Table {
+            entry,
+            occupied,
+            cursor,
+            strides,
+            size,
+        }
+    }
+
+    /// Every turn: probing in windows that widen as the table fills, then
+    /// the tail.
+    fn take_all_turns<T: TurnOrder>(
+        &mut self,
+        turns: &mut T,
+        perms: &[Permutation],
+        tail_at: u32,
+        simd: bool,
+    ) {
+        assert_eq!(turns.backends(), self.cursor.len());
+        let size = self.size;
+        // Window width by fill: about two free slots expected per window.
+        let mut free = size;
+        for (until, width) in [(size / 2, 1), (size / 4, 4), (size / 8, 8), (0, WIDEST)] {
+            let until = until.max(tail_at);
+            if free <= until {
+                continue;
+            }
+            let count = free - until;
+            match width {
+                1 => self.fill::<1, T>(turns, count),
+                4 => self.fill::<4, T>(turns, count),
+                8 => self.fill::<8, T>(turns, count),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `simd` is only true when AVX2 was detected.
+                _ if simd => unsafe { wide::fill(self, turns, count) },
+                _ => self.fill::<WIDEST, T>(turns, count),
+            }
+            free = until;
+        }
+        let mut last = tail::Tail::new(self.occupied, size, perms, simd);
+        for _ in 0..free {
+            let i = turns.next_backend();
+            self.entry[last.take_first(&perms[i], i, size) as usize] = i as u32;
+        }
+    }
+
     /// The next `count` turns, each testing `K` positions per step.
-    fn fill<const K: usize>(&mut self, turns: &mut Turns, count: u32) {
+    fn fill<const K: usize, T: TurnOrder>(&mut self, turns: &mut T, count: u32) {
         for _ in 0..count {
             let i = turns.next_backend();
-            let slot = search::<K>(self.occupied, self.cursor[i], &self.strides[i], self.size);
-            self.claim(i, slot);
+            // SAFETY: `i` from the turn order is a backend; cursors and
+            // strides are below M (checked in `new`).
+            unsafe {
+                let slot = search::<K>(
+                    self.occupied,
+                    *self.cursor.get_unchecked(i),
+                    self.strides.get_unchecked(i),
+                    self.size,
+                );
+                self.claim(i, slot);
+            }
         }
     }
 
     /// Backend `i` takes `slot`; its cursor moves past it.
+    ///
+    /// # Safety
+    /// `i` is a backend and `slot < M`.
     #[inline(always)]
-    fn claim(&mut self, i: usize, slot: u32) {
-        self.occupied[(slot >> 6) as usize] |= 1 << (slot & 63);
-        self.cursor[i] = wrap(slot + self.strides[i][1], self.size);
-        self.entry[slot as usize] = i as u32;
+    unsafe fn claim(&mut self, i: usize, slot: u32) {
+        debug_assert!(i < self.cursor.len() && slot < self.size);
+        // SAFETY: as the caller promises; the lengths were checked in `new`.
+        unsafe {
+            *self.occupied.get_unchecked_mut((slot >> 6) as usize) |= 1 << (slot & 63);
+            *self.cursor.get_unchecked_mut(i) =
+                wrap(slot + self.strides.get_unchecked(i)[1], self.size);
+            *self.entry.get_unchecked_mut(slot as usize) = i as u32;
+        }
     }
+}
+
+/// Whether `slot` is taken.
+///
+/// # Safety
+/// `slot` is below the bitmap's length in bits.
+#[inline(always)]
+unsafe fn taken(occupied: &[u64], slot: u32) -> u32 {
+    debug_assert!((slot as usize) < occupied.len() * 64);
+    // SAFETY: as the caller promises.
+    (unsafe { *occupied.get_unchecked((slot >> 6) as usize) } >> (slot & 63)) as u32 & 1
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -126,11 +195,11 @@ mod wide {
 
     use core::arch::x86_64::*;
 
-    use super::{Table, Turns, WIDEST, wrap};
+    use super::{Table, TurnOrder, WIDEST, wrap};
 
     /// [`Table::fill`] with windows of 16 positions.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn fill(table: &mut Table, turns: &mut Turns, count: u32) {
+    pub unsafe fn fill<T: TurnOrder>(table: &mut Table, turns: &mut T, count: u32) {
         let size = table.size;
         let sizes = _mm256_set1_epi32(size as i32);
         let low_bits = _mm256_set1_epi32(31);
@@ -166,15 +235,19 @@ mod wide {
                 }
                 at = wrap(at + row[WIDEST], size);
             };
-            table.claim(i, slot);
+            // SAFETY: `i` from the turn order, `slot` from `wrap`.
+            unsafe { table.claim(i, slot) };
         }
     }
 }
 
 /// The first free slot from `at` in the permutation with these strides,
 /// testing `K` positions per step.
+///
+/// # Safety
+/// `at` and every stride are below `size`, and `occupied` holds `size` bits.
 #[inline(always)]
-fn search<const K: usize>(
+unsafe fn search<const K: usize>(
     occupied: &[u64],
     mut at: u32,
     stride: &[u32; WIDEST + 1],
@@ -183,7 +256,8 @@ fn search<const K: usize>(
     if K == 1 {
         // One position per step: a plain walk.
         loop {
-            if occupied[(at >> 6) as usize] >> (at & 63) & 1 == 0 {
+            // SAFETY: `at` stays below `size` (`wrap` of two values below it).
+            if unsafe { taken(occupied, at) } == 0 {
                 return at;
             }
             at = wrap(at + stride[1], size);
@@ -192,8 +266,8 @@ fn search<const K: usize>(
     loop {
         let mut taken = 0u32;
         for (k, &step) in stride.iter().take(K).enumerate() {
-            let slot = wrap(at + step, size);
-            taken |= ((occupied[(slot >> 6) as usize] >> (slot & 63)) as u32 & 1) << k;
+            // SAFETY: as above.
+            taken |= unsafe { self::taken(occupied, wrap(at + step, size)) } << k;
         }
         let free = !taken & (u32::MAX >> (32 - K));
         if free != 0 {

@@ -7,8 +7,45 @@
 
 use std::{cmp::Reverse, collections::BinaryHeap, vec::Vec};
 
-/// Yields the backend of each turn, forever (the caller stops when the
-/// table is full).
+/// A source of turns: the backend of each, forever (the caller stops when
+/// the table is full).
+///
+/// # Safety
+/// `next_backend` only returns indices below `backends()`: the fast
+/// populate indexes its per-backend arrays with them unchecked.
+pub(super) unsafe trait TurnOrder {
+    fn next_backend(&mut self) -> usize;
+    fn backends(&self) -> usize;
+}
+
+/// Equal weights: every backend every round, in order.
+pub(super) struct RoundRobin {
+    at: usize,
+    backends: usize,
+}
+
+impl RoundRobin {
+    pub fn new(backends: usize) -> Self {
+        assert!(backends > 0);
+        RoundRobin { at: 0, backends }
+    }
+}
+
+// SAFETY: `at` wraps to 0 at `backends`.
+unsafe impl TurnOrder for RoundRobin {
+    fn backends(&self) -> usize {
+        self.backends
+    }
+
+    #[inline(always)]
+    fn next_backend(&mut self) -> usize {
+        let i = self.at;
+        self.at = if i + 1 == self.backends { 0 } else { i + 1 };
+        i
+    }
+}
+
+/// Any weights.
 pub(super) struct Turns<'a> {
     weights: &'a [u32],
     state: Vec<TurnState>,
@@ -79,8 +116,21 @@ impl<'a> Turns<'a> {
         }
     }
 
+    /// Whether every backend takes a turn every round.
+    pub fn is_round_robin(&self) -> bool {
+        matches!(self.order, Order::RoundRobin)
+    }
+}
+
+// SAFETY: every order yields an index of `weights` (the scan and the
+// round robin wrap at its length, the queue holds only its indices).
+unsafe impl TurnOrder for Turns<'_> {
+    fn backends(&self) -> usize {
+        self.weights.len()
+    }
+
     #[inline(always)]
-    pub fn next_backend(&mut self) -> usize {
+    fn next_backend(&mut self) -> usize {
         match &mut self.order {
             Order::RoundRobin => {
                 let i = self.at;
