@@ -57,7 +57,16 @@ pub(super) fn populate_with(
     // Probing costs ~M/free per turn, the tail ~free: switch near their
     // crossing.
     let tail_at = ((size as f64 * 1.5).sqrt() as u32).max(8);
-    let mut table = Table::new(&mut entry, &mut occupied, &mut cursor, &strides, size);
+    // The plain walk needs only the skip: a compact copy stays in L1.
+    let skips: Vec<u32> = strides.iter().map(|row| row[1]).collect();
+    let mut table = Table::new(
+        &mut entry,
+        &mut occupied,
+        &mut cursor,
+        &strides,
+        &skips,
+        size,
+    );
     let mut turns = Turns::new(weights);
     // Equal weights (the common case) get turn loops of their own.
     if turns.is_round_robin() {
@@ -74,6 +83,7 @@ struct Table<'a> {
     occupied: &'a mut [u64],
     cursor: &'a mut [u32],
     strides: &'a [[u32; WIDEST + 1]],
+    skips: &'a [u32],
     size: u32,
 }
 
@@ -88,17 +98,19 @@ impl<'a> Table<'a> {
         occupied: &'a mut [u64],
         cursor: &'a mut [u32],
         strides: &'a [[u32; WIDEST + 1]],
+        skips: &'a [u32],
         size: u32,
     ) -> Self {
         assert!(entry.len() == size as usize && occupied.len() * 64 >= size as usize);
-        assert!(cursor.len() == strides.len());
+        assert!(cursor.len() == strides.len() && cursor.len() == skips.len());
         assert!(cursor.iter().all(|&c| c < size));
-        assert!(strides.iter().flatten().all(|&s| s < size));
+        assert!(strides.iter().flatten().chain(skips).all(|&s| s < size));
         Table {
             entry,
             occupied,
             cursor,
             strides,
+            skips,
             size,
         }
     }
@@ -147,12 +159,12 @@ impl<'a> Table<'a> {
             // SAFETY: `i` from the turn order is a backend; cursors and
             // strides are below M (checked in `new`).
             unsafe {
-                let slot = search::<K>(
-                    self.occupied,
-                    *self.cursor.get_unchecked(i),
-                    self.strides.get_unchecked(i),
-                    self.size,
-                );
+                let at = *self.cursor.get_unchecked(i);
+                let slot = if K == 1 {
+                    walk(self.occupied, at, *self.skips.get_unchecked(i), self.size)
+                } else {
+                    search::<K>(self.occupied, at, self.strides.get_unchecked(i), self.size)
+                };
                 self.claim(i, slot);
             }
         }
@@ -169,7 +181,7 @@ impl<'a> Table<'a> {
         unsafe {
             *self.occupied.get_unchecked_mut((slot >> 6) as usize) |= 1 << (slot & 63);
             *self.cursor.get_unchecked_mut(i) =
-                wrap(slot + self.strides.get_unchecked(i)[1], self.size);
+                wrap(slot + *self.skips.get_unchecked(i), self.size);
             *self.entry.get_unchecked_mut(slot as usize) = i as u32;
         }
     }
@@ -241,6 +253,21 @@ mod wide {
     }
 }
 
+/// The first free slot from `at`, one permutation position per step.
+///
+/// # Safety
+/// `at` and `skip` are below `size`, and `occupied` holds `size` bits.
+#[inline(always)]
+unsafe fn walk(occupied: &[u64], mut at: u32, skip: u32, size: u32) -> u32 {
+    loop {
+        // SAFETY: `at` stays below `size` (`wrap` of two values below it).
+        if unsafe { taken(occupied, at) } == 0 {
+            return at;
+        }
+        at = wrap(at + skip, size);
+    }
+}
+
 /// The first free slot from `at` in the permutation with these strides,
 /// testing `K` positions per step.
 ///
@@ -253,16 +280,6 @@ unsafe fn search<const K: usize>(
     stride: &[u32; WIDEST + 1],
     size: u32,
 ) -> u32 {
-    if K == 1 {
-        // One position per step: a plain walk.
-        loop {
-            // SAFETY: `at` stays below `size` (`wrap` of two values below it).
-            if unsafe { taken(occupied, at) } == 0 {
-                return at;
-            }
-            at = wrap(at + stride[1], size);
-        }
-    }
     loop {
         let mut taken = 0u32;
         for (k, &step) in stride.iter().take(K).enumerate() {
