@@ -233,7 +233,8 @@ fn build_with(
     fill: fn(&[Permutation], &[u32], u32) -> Vec<u32>,
 ) -> Result<MaglevTable, MaglevError> {
     let mut sorted = backends.to_vec();
-    sorted.sort_by(|a, b| a.identity.cmp(&b.identity));
+    // Unstable is fine: equal identities are an error below.
+    sorted.sort_unstable_by(|a, b| a.identity.cmp(&b.identity));
     if let Some(pair) = sorted.windows(2).find(|w| w[0].identity == w[1].identity) {
         return Err(MaglevError::DuplicateBackend {
             identity: pair[0].identity.clone(),
