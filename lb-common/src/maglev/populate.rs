@@ -39,34 +39,10 @@ pub(super) fn populate_with(
     size: u32,
     simd: bool,
 ) -> Vec<u32> {
-    let mut entry = vec![EMPTY; size as usize];
-    let mut occupied = vec![0u64; (size as usize).div_ceil(64)];
-    // The next permutation slot each backend tests.
-    let mut cursor: Vec<u32> = perms.iter().map(|p| p.offset).collect();
-    // `k * skip mod M` for k = 0..=WIDEST, per backend.
-    let strides: Vec<[u32; WIDEST + 1]> = perms
-        .iter()
-        .map(|p| {
-            let mut row = [0u32; WIDEST + 1];
-            for k in 1..=WIDEST {
-                row[k] = wrap(row[k - 1] + p.skip, size);
-            }
-            row
-        })
-        .collect();
     // Probing costs ~M/free per turn, the tail ~free: switch near their
     // crossing.
     let tail_at = ((size as f64 * 1.5).sqrt() as u32).max(8);
-    // The plain walk needs only the skip: a compact copy stays in L1.
-    let skips: Vec<u32> = strides.iter().map(|row| row[1]).collect();
-    let mut table = Table::new(
-        &mut entry,
-        &mut occupied,
-        &mut cursor,
-        &strides,
-        &skips,
-        size,
-    );
+    let mut table = Table::new(perms, size);
     let mut turns = Turns::new(weights);
     // Equal weights (the common case) get turn loops of their own.
     if turns.is_round_robin() {
@@ -74,43 +50,46 @@ pub(super) fn populate_with(
     } else {
         table.take_all_turns(&mut turns, perms, tail_at, simd);
     }
-    entry
+    table.entry
 }
 
 /// The state the probing turns work on.
-struct Table<'a> {
-    entry: &'a mut [u32],
-    occupied: &'a mut [u64],
-    cursor: &'a mut [u32],
-    strides: &'a [[u32; WIDEST + 1]],
-    skips: &'a [u32],
+struct Table {
+    entry: Vec<u32>,
+    occupied: Vec<u64>,
+    /// The next permutation slot each backend tests.
+    cursor: Vec<u32>,
+    /// `k * skip mod M` for k = 0..=WIDEST, per backend.
+    strides: Vec<[u32; WIDEST + 1]>,
+    /// The skips alone: the plain walk's compact copy stays in L1.
+    skips: Vec<u32>,
     size: u32,
 }
 
-impl<'a> Table<'a> {
-    /// Checks once what the turns rely on instead of checking every index:
-    /// every cursor and stride is below M, so every probed slot (a cursor
-    /// plus a stride, reduced by `wrap`) is below M, inside `occupied` and
-    /// `entry`; a backend index from a `TurnOrder` is below the backend
-    /// count, inside `cursor` and `strides`.
-    fn new(
-        entry: &'a mut [u32],
-        occupied: &'a mut [u64],
-        cursor: &'a mut [u32],
-        strides: &'a [[u32; WIDEST + 1]],
-        skips: &'a [u32],
-        size: u32,
-    ) -> Self {
-        assert!(entry.len() == size as usize && occupied.len() * 64 >= size as usize);
-        assert!(cursor.len() == strides.len() && cursor.len() == skips.len());
-        assert!(cursor.iter().all(|&c| c < size));
-        assert!(strides.iter().flatten().chain(skips).all(|&s| s < size));
+impl Table {
+    /// Every cursor and stride is below M (checked here once instead of at
+    /// every index), so every probed slot, a cursor plus a stride reduced
+    /// by `wrap`, is below M: inside `occupied` and `entry`. A backend index
+    /// from a `TurnOrder` is below the backend count: inside `cursor`,
+    /// `strides` and `skips`.
+    fn new(perms: &[Permutation], size: u32) -> Self {
+        assert!(perms.iter().all(|p| p.offset < size && p.skip < size));
+        let strides: Vec<[u32; WIDEST + 1]> = perms
+            .iter()
+            .map(|p| {
+                let mut row = [0u32; WIDEST + 1];
+                for k in 1..=WIDEST {
+                    row[k] = wrap(row[k - 1] + p.skip, size);
+                }
+                row
+            })
+            .collect();
         Table {
-            entry,
-            occupied,
-            cursor,
+            entry: vec![EMPTY; size as usize],
+            occupied: vec![0u64; (size as usize).div_ceil(64)],
+            cursor: perms.iter().map(|p| p.offset).collect(),
+            skips: strides.iter().map(|row| row[1]).collect(),
             strides,
-            skips,
             size,
         }
     }
@@ -145,7 +124,7 @@ impl<'a> Table<'a> {
             }
             free = until;
         }
-        let mut last = tail::Tail::new(self.occupied, size, perms, simd);
+        let mut last = tail::Tail::new(&self.occupied, size, perms, simd);
         for _ in 0..free {
             let i = turns.next_backend();
             self.entry[last.take_first(&perms[i], i, size) as usize] = i as u32;
@@ -161,9 +140,9 @@ impl<'a> Table<'a> {
             unsafe {
                 let at = *self.cursor.get_unchecked(i);
                 let slot = if K == 1 {
-                    walk(self.occupied, at, *self.skips.get_unchecked(i), self.size)
+                    walk(&self.occupied, at, *self.skips.get_unchecked(i), self.size)
                 } else {
-                    search::<K>(self.occupied, at, self.strides.get_unchecked(i), self.size)
+                    search::<K>(&self.occupied, at, self.strides.get_unchecked(i), self.size)
                 };
                 self.claim(i, slot);
             }
