@@ -116,10 +116,13 @@ impl Table {
             match width {
                 1 => self.fill::<1, T>(turns, count),
                 4 => self.fill::<4, T>(turns, count),
-                8 => self.fill::<8, T>(turns, count),
-                #[cfg(target_arch = "x86_64")]
                 // SAFETY: `simd` is only true when AVX2 was detected.
-                _ if simd => unsafe { wide::fill(self, turns, count) },
+                #[cfg(target_arch = "x86_64")]
+                8 if simd => unsafe { wide::fill::<1, T>(self, turns, count) },
+                8 => self.fill::<8, T>(turns, count),
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                _ if simd => unsafe { wide::fill::<2, T>(self, turns, count) },
                 _ => self.fill::<WIDEST, T>(turns, count),
             }
             free = until;
@@ -179,55 +182,148 @@ unsafe fn taken(occupied: &[u64], slot: u32) -> u32 {
 
 #[cfg(target_arch = "x86_64")]
 mod wide {
-    //! Windows of 16 positions tested with two AVX2 gathers: the positions
+    //! Windows of 8 or 16 positions tested with AVX2 gathers: the positions
     //! are computed in 8 lanes and their occupancy bits gathered from the
-    //! bitmap read as 32-bit words. (Narrower windows, in the fuller
-    //! rounds, are faster with scalar loads.)
+    //! bitmap read as 32-bit words. A gather takes long to arrive, so two
+    //! consecutive turns search at once: the later one's windows are
+    //! gathered beside the earlier one's, and what it finds stands unless
+    //! the earlier turn took that very slot. (Narrower windows, in the
+    //! fuller rounds, are faster with scalar loads.)
 
     use core::arch::x86_64::*;
 
-    use super::{Table, TurnOrder, WIDEST, wrap};
+    use super::{Table, TurnOrder, wrap};
 
-    /// [`Table::fill`] with windows of 16 positions.
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn fill<T: TurnOrder>(table: &mut Table, turns: &mut T, count: u32) {
-        let size = table.size;
-        let sizes = _mm256_set1_epi32(size as i32);
-        let low_bits = _mm256_set1_epi32(31);
-        for _ in 0..count {
-            let i = turns.next_backend();
+    /// One turn's search: its backend, strides and permutation slot.
+    #[derive(Clone, Copy)]
+    struct Lane<const V: usize> {
+        i: usize,
+        at: u32,
+        /// `k * skip mod M` for the window's k = 0..8V.
+        steps: [__m256i; V],
+    }
+
+    impl<const V: usize> Lane<V> {
+        /// Backend `i`'s search from its cursor.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn start(table: &Table, i: usize) -> Self {
             let row = &table.strides[i];
-            let steps = [0, 1].map(|v| {
-                // SAFETY: a row holds WIDEST + 1 = 17 values.
-                unsafe { _mm256_loadu_si256(row[8 * v..].as_ptr() as *const __m256i) }
-            });
+            let mut steps = [_mm256_setzero_si256(); V];
+            for (v, step) in steps.iter_mut().enumerate() {
+                // SAFETY: a row holds WIDEST + 1 >= 8 * V + 1 values.
+                *step = unsafe { _mm256_loadu_si256(row[8 * v..].as_ptr() as *const __m256i) };
+            }
+            Lane {
+                i,
+                at: table.cursor[i],
+                steps,
+            }
+        }
+
+        /// The window's free positions (bit k: `at + k * skip`).
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn free(&self, table: &Table) -> u32 {
             let words = table.occupied.as_ptr() as *const i32;
-            let mut at = table.cursor[i];
-            let slot = loop {
-                let base = _mm256_set1_epi32(at as i32);
-                let mut taken = 0u32;
-                for (v, step) in steps.iter().enumerate() {
-                    let pos = _mm256_add_epi32(base, *step);
-                    let pos = _mm256_min_epu32(pos, _mm256_sub_epi32(pos, sizes));
-                    // SAFETY: every position is below `size`, so its word
-                    // lies inside the bitmap.
-                    let word =
-                        unsafe { _mm256_i32gather_epi32::<4>(words, _mm256_srli_epi32::<5>(pos)) };
-                    // The position's bit moved to the sign bit.
-                    let bit = _mm256_sllv_epi32(
-                        word,
-                        _mm256_sub_epi32(low_bits, _mm256_and_si256(pos, low_bits)),
-                    );
-                    taken |= (_mm256_movemask_ps(_mm256_castsi256_ps(bit)) as u32) << (8 * v);
+            let sizes = _mm256_set1_epi32(table.size as i32);
+            let low_bits = _mm256_set1_epi32(31);
+            let base = _mm256_set1_epi32(self.at as i32);
+            let mut taken = 0u32;
+            for (v, step) in self.steps.iter().enumerate() {
+                let pos = _mm256_add_epi32(base, *step);
+                let pos = _mm256_min_epu32(pos, _mm256_sub_epi32(pos, sizes));
+                // SAFETY: every position is below `size` (cursors and
+                // strides are), so its word lies inside the bitmap.
+                let word =
+                    unsafe { _mm256_i32gather_epi32::<4>(words, _mm256_srli_epi32::<5>(pos)) };
+                // The position's bit moved to the sign bit.
+                let bit = _mm256_sllv_epi32(
+                    word,
+                    _mm256_sub_epi32(low_bits, _mm256_and_si256(pos, low_bits)),
+                );
+                taken |= (_mm256_movemask_ps(_mm256_castsi256_ps(bit)) as u32) << (8 * v);
+            }
+            !taken & (u32::MAX >> (32 - 8 * V))
+        }
+
+        /// The slot of the first position in `free` (non-zero).
+        #[inline(always)]
+        fn slot(&self, table: &Table, free: u32) -> u32 {
+            wrap(
+                self.at + table.strides[self.i][free.trailing_zeros() as usize],
+                table.size,
+            )
+        }
+
+        /// On to the next window.
+        #[inline(always)]
+        fn advance(&mut self, table: &Table) {
+            self.at = wrap(self.at + table.strides[self.i][8 * V], table.size);
+        }
+    }
+
+    /// [`Table::fill`] with windows of `8 * V` positions.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn fill<const V: usize, T: TurnOrder>(table: &mut Table, turns: &mut T, count: u32) {
+        if count == 0 {
+            return;
+        }
+        let mut left = count - 1;
+        let mut x = Lane::<V>::start(table, turns.next_backend());
+        // Two turns of one backend in a row: the second starts from where
+        // the first ends, so they cannot search side by side.
+        if left > 0 && turns.distinct_neighbours() {
+            let mut y = Lane::<V>::start(table, turns.next_backend());
+            left -= 1;
+            loop {
+                let (fx, mut fy) = (x.free(table), y.free(table));
+                if fx == 0 {
+                    x.advance(table);
+                    if fy == 0 {
+                        y.advance(table);
+                    }
+                    continue;
                 }
-                let free = !taken & 0xffff;
-                if free != 0 {
-                    break wrap(at + row[free.trailing_zeros() as usize], size);
+                let taken = x.slot(table, fx);
+                // SAFETY: `i` from the turn order, `slot` from `wrap`.
+                unsafe { table.claim(x.i, taken) };
+                if fy != 0 && y.slot(table, fy) == taken {
+                    fy &= fy - 1;
                 }
-                at = wrap(at + row[WIDEST], size);
-            };
-            // SAFETY: `i` from the turn order, `slot` from `wrap`.
-            unsafe { table.claim(i, slot) };
+                if fy != 0 {
+                    // SAFETY: as above.
+                    unsafe { table.claim(y.i, y.slot(table, fy)) };
+                    if left == 0 {
+                        return;
+                    }
+                    x = Lane::start(table, turns.next_backend());
+                    left -= 1;
+                } else {
+                    // Every position of y's window is taken now.
+                    y.advance(table);
+                    x = y;
+                }
+                if left == 0 {
+                    break;
+                }
+                y = Lane::start(table, turns.next_backend());
+                left -= 1;
+            }
+        }
+        loop {
+            let free = x.free(table);
+            if free == 0 {
+                x.advance(table);
+                continue;
+            }
+            // SAFETY: as above.
+            unsafe { table.claim(x.i, x.slot(table, free)) };
+            if left == 0 {
+                return;
+            }
+            x = Lane::start(table, turns.next_backend());
+            left -= 1;
         }
     }
 }

@@ -16,6 +16,10 @@ use std::{cmp::Reverse, collections::BinaryHeap, vec::Vec};
 pub(super) unsafe trait TurnOrder {
     fn next_backend(&mut self) -> usize;
     fn backends(&self) -> usize;
+    /// Whether two consecutive turns are never the same backend's.
+    fn distinct_neighbours(&self) -> bool {
+        false
+    }
 }
 
 /// Equal weights: every backend every round, in order.
@@ -35,6 +39,10 @@ impl RoundRobin {
 unsafe impl TurnOrder for RoundRobin {
     fn backends(&self) -> usize {
         self.backends
+    }
+
+    fn distinct_neighbours(&self) -> bool {
+        self.backends > 1
     }
 
     #[inline(always)]
