@@ -63,8 +63,19 @@ struct Table {
     strides: Vec<[u32; WIDEST + 1]>,
     /// The skips alone: the plain walk's compact copy stays in L1.
     skips: Vec<u32>,
+    /// `k * skip mod M` for k = 0..=BATCHED_WIDEST, by k then backend (so
+    /// consecutive backends' strides load as one vector), padded like
+    /// `cursor`.
+    strides_by_step: Vec<u32>,
+    /// A batch's first free slot per turn (M: none in its window).
+    choices: Vec<u32>,
     size: u32,
 }
+
+/// The widest window a batch tests.
+const BATCHED_WIDEST: usize = 16;
+/// Turns chosen at once, at most.
+const BATCH: usize = 256;
 
 impl Table {
     /// Every cursor and stride is below M (checked here once instead of at
@@ -84,12 +95,24 @@ impl Table {
                 row
             })
             .collect();
+        // Eight lanes loaded from any backend stay inside the padding.
+        let padded = perms.len().next_multiple_of(8) + 8;
+        let mut cursor: Vec<u32> = perms.iter().map(|p| p.offset).collect();
+        cursor.resize(padded, 0);
+        let mut strides_by_step = vec![0u32; (BATCHED_WIDEST + 1) * padded];
+        for (i, row) in strides.iter().enumerate() {
+            for (k, &stride) in row.iter().take(BATCHED_WIDEST + 1).enumerate() {
+                strides_by_step[k * padded + i] = stride;
+            }
+        }
         Table {
             entry: vec![EMPTY; size as usize],
             occupied: vec![0u64; (size as usize).div_ceil(64)],
-            cursor: perms.iter().map(|p| p.offset).collect(),
+            cursor,
             skips: strides.iter().map(|row| row[1]).collect(),
             strides,
+            strides_by_step,
+            choices: vec![0u32; BATCH + 8],
             size,
         }
     }
@@ -103,24 +126,37 @@ impl Table {
         tail_at: u32,
         simd: bool,
     ) {
-        assert_eq!(turns.backends(), self.cursor.len());
+        assert_eq!(turns.backends(), self.skips.len());
         let size = self.size;
         // Window width by fill: about two free slots expected per window.
+        // With AVX2 and long runs of distinct backends in the turn order
+        // (equal weights), turns choose their slots a batch at a time; the
+        // sparsest rounds then search two turns at a time.
+        let batched = simd && T::LONG_RUNS;
         let mut free = size;
-        for (until, width) in [(size / 2, 1), (size / 4, 4), (size / 8, 8), (0, WIDEST)] {
+        for (phase, until) in [size / 2, size / 4, size / 8, size / 12, 0]
+            .into_iter()
+            .enumerate()
+        {
             let until = until.max(tail_at);
             if free <= until {
                 continue;
             }
             let count = free - until;
-            match width {
-                1 => self.fill::<1, T>(turns, count),
-                4 => self.fill::<4, T>(turns, count),
-                // SAFETY: `simd` is only true when AVX2 was detected.
+            match (phase, batched) {
+                // SAFETY (all `unsafe` here): `simd`, so `batched`, is only
+                // true when AVX2 was detected.
                 #[cfg(target_arch = "x86_64")]
-                8 if simd => unsafe { wide::fill::<1, T>(self, turns, count) },
-                8 => self.fill::<8, T>(turns, count),
-                // SAFETY: as above.
+                (0, true) => unsafe { self.fill_batched::<2, T>(turns, count) },
+                (0, _) => self.fill::<1, T>(turns, count),
+                #[cfg(target_arch = "x86_64")]
+                (1, true) => unsafe { self.fill_batched::<4, T>(turns, count) },
+                (1, _) => self.fill::<4, T>(turns, count),
+                #[cfg(target_arch = "x86_64")]
+                (2, true) => unsafe { self.fill_batched::<8, T>(turns, count) },
+                (2, _) => self.fill::<8, T>(turns, count),
+                #[cfg(target_arch = "x86_64")]
+                (3, true) => unsafe { self.fill_batched::<16, T>(turns, count) },
                 #[cfg(target_arch = "x86_64")]
                 _ if simd => unsafe { wide::fill::<2, T>(self, turns, count) },
                 _ => self.fill::<WIDEST, T>(turns, count),
@@ -131,6 +167,54 @@ impl Table {
         for _ in 0..free {
             let i = turns.next_backend();
             self.entry[last.take_first(&perms[i], i, size) as usize] = i as u32;
+        }
+    }
+
+    /// [`Table::fill`], choosing the slots of a batch of turns together
+    /// (a run of distinct backends in the turn order): their windows
+    /// are tested against the bitmap as it was before the batch, in AVX2
+    /// lanes across backends, and the turns then claim in order. A turn's
+    /// choice stands unless an earlier turn of the batch took it meanwhile
+    /// (claims only take slots, so no earlier one opened); that turn, and
+    /// one whose window was full, search on as in `fill`.
+    ///
+    /// # Safety
+    /// AVX2 is available.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn fill_batched<const K: usize, T: TurnOrder>(&mut self, turns: &mut T, count: u32) {
+        let mut left = count as usize;
+        while left > 0 {
+            let run = turns.take_run(left.min(BATCH));
+            left -= run.len();
+            // SAFETY: as the caller promises; the run's backends exist and
+            // number at most BATCH.
+            unsafe { batch::choose::<K>(self, run.start, run.len()) };
+            let size = self.size;
+            for (n, i) in run.enumerate() {
+                // SAFETY: `n < BATCH`, `i` from the turn order; a choice is
+                // a slot or `size`, cursors and strides are below M.
+                unsafe {
+                    let choice = *self.choices.get_unchecked(n);
+                    let slot = if choice < size && taken(&self.occupied, choice) == 0 {
+                        choice
+                    } else {
+                        // From the position after the choice, or after a
+                        // window that was full.
+                        let from = if choice < size {
+                            wrap(choice + *self.skips.get_unchecked(i), size)
+                        } else {
+                            let at = *self.cursor.get_unchecked(i);
+                            wrap(at + self.strides.get_unchecked(i)[K], size)
+                        };
+                        if K == 1 {
+                            walk(&self.occupied, from, *self.skips.get_unchecked(i), size)
+                        } else {
+                            search::<K>(&self.occupied, from, self.strides.get_unchecked(i), size)
+                        }
+                    };
+                    self.claim(i, slot);
+                }
+            }
         }
     }
 
@@ -178,6 +262,59 @@ unsafe fn taken(occupied: &[u64], slot: u32) -> u32 {
     debug_assert!((slot as usize) < occupied.len() * 64);
     // SAFETY: as the caller promises.
     (unsafe { *occupied.get_unchecked((slot >> 6) as usize) } >> (slot & 63)) as u32 & 1
+}
+
+#[cfg(target_arch = "x86_64")]
+mod batch {
+    //! The windows of consecutive backends' turns, eight backends per
+    //! vector.
+
+    use core::arch::x86_64::*;
+
+    use super::Table;
+
+    /// Writes to `table.choices[..len]` the first free slot in the
+    /// `K`-position window of backends `first..first + len`, or M.
+    ///
+    /// # Safety
+    /// AVX2 is available; `first + len` is at most the backend count and
+    /// `len` at most `BATCH`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn choose<const K: usize>(table: &mut Table, first: usize, len: usize) {
+        let padded = table.cursor.len();
+        debug_assert!(first + len <= padded - 8 && len <= super::BATCH);
+        let words = table.occupied.as_ptr() as *const i32;
+        let sizes = _mm256_set1_epi32(table.size as i32);
+        let low_bits = _mm256_set1_epi32(31);
+        for lane in (0..len).step_by(8) {
+            let i = first + lane;
+            // SAFETY: `i + 8 <= padded`: the padding covers the last lanes
+            // (see `Table::new`), and `strides_by_step` holds padded
+            // values per step; `choices` holds BATCH + 8.
+            unsafe {
+                let cursor = _mm256_loadu_si256(table.cursor.as_ptr().add(i) as *const __m256i);
+                let mut choice = sizes;
+                // Last position first: the first free one is chosen last.
+                for k in (0..K).rev() {
+                    let step = table.strides_by_step.as_ptr().add(k * padded + i);
+                    let pos = _mm256_add_epi32(cursor, _mm256_loadu_si256(step as *const __m256i));
+                    let pos = _mm256_min_epu32(pos, _mm256_sub_epi32(pos, sizes));
+                    let word = _mm256_i32gather_epi32::<4>(words, _mm256_srli_epi32::<5>(pos));
+                    // The position's bit moved to the sign bit: set = taken.
+                    let bit = _mm256_sllv_epi32(
+                        word,
+                        _mm256_sub_epi32(low_bits, _mm256_and_si256(pos, low_bits)),
+                    );
+                    choice = _mm256_castps_si256(_mm256_blendv_ps(
+                        _mm256_castsi256_ps(pos),
+                        _mm256_castsi256_ps(choice),
+                        _mm256_castsi256_ps(bit),
+                    ));
+                }
+                _mm256_storeu_si256(table.choices.as_mut_ptr().add(lane) as *mut __m256i, choice);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

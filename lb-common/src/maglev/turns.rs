@@ -5,7 +5,7 @@
 //! backends go in canonical order. A backend of the largest weight takes a
 //! turn every round, one of half that weight every other round.
 
-use std::{cmp::Reverse, collections::BinaryHeap, vec::Vec};
+use std::{cmp::Reverse, collections::BinaryHeap, ops::Range, vec::Vec};
 
 /// A source of turns: the backend of each, forever (the caller stops when
 /// the table is full).
@@ -19,6 +19,17 @@ pub(super) unsafe trait TurnOrder {
     /// Whether two consecutive turns are never the same backend's.
     fn distinct_neighbours(&self) -> bool {
         false
+    }
+
+    /// Whether `take_run` returns many turns at once.
+    const LONG_RUNS: bool = false;
+
+    /// Takes the next turns, those of backends `start..end` in order: at
+    /// least one and at most `max` (if `max` is not 0).
+    fn take_run(&mut self, max: usize) -> Range<usize> {
+        let _ = max;
+        let i = self.next_backend();
+        i..i + 1
     }
 }
 
@@ -43,6 +54,17 @@ unsafe impl TurnOrder for RoundRobin {
 
     fn distinct_neighbours(&self) -> bool {
         self.backends > 1
+    }
+
+    const LONG_RUNS: bool = true;
+
+    /// The rest of the round, or its next `max` turns.
+    #[inline(always)]
+    fn take_run(&mut self, max: usize) -> Range<usize> {
+        let start = self.at;
+        let end = (start + max.max(1)).min(self.backends);
+        self.at = if end == self.backends { 0 } else { end };
+        start..end
     }
 
     #[inline(always)]
