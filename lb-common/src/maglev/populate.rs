@@ -132,7 +132,7 @@ impl Table {
         // With AVX2 and long runs of distinct backends in the turn order
         // (equal weights), turns choose their slots a batch at a time; the
         // sparsest rounds then search two turns at a time.
-        let batched = simd && T::LONG_RUNS;
+        let batched = simd && turns.long_runs();
         let mut free = size;
         for (phase, until) in [size / 2, size / 4, size / 8, size / 12, 0]
             .into_iter()

@@ -21,8 +21,11 @@ pub(super) unsafe trait TurnOrder {
         false
     }
 
-    /// Whether `take_run` returns many turns at once.
-    const LONG_RUNS: bool = false;
+    /// Whether `take_run` returns many turns at once (enough to fill
+    /// vectors of eight).
+    fn long_runs(&self) -> bool {
+        false
+    }
 
     /// Takes the next turns, those of backends `start..end` in order: at
     /// least one and at most `max` (if `max` is not 0).
@@ -56,7 +59,9 @@ unsafe impl TurnOrder for RoundRobin {
         self.backends > 1
     }
 
-    const LONG_RUNS: bool = true;
+    fn long_runs(&self) -> bool {
+        self.backends >= 16
+    }
 
     /// The rest of the round, or its next `max` turns.
     #[inline(always)]
