@@ -150,7 +150,7 @@ impl Table {
                 (0, true) => unsafe { self.fill_batched::<2, T>(turns, count) },
                 (0, _) => self.fill::<1, T>(turns, count),
                 #[cfg(target_arch = "x86_64")]
-                (1, true) => unsafe { self.fill_batched::<4, T>(turns, count) },
+                (1, true) => unsafe { self.fill_batched::<6, T>(turns, count) },
                 (1, _) => self.fill::<4, T>(turns, count),
                 #[cfg(target_arch = "x86_64")]
                 (2, true) => unsafe { self.fill_batched::<8, T>(turns, count) },
