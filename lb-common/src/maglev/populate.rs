@@ -57,17 +57,19 @@ pub(super) fn populate_with(
 struct Table {
     entry: Vec<u32>,
     occupied: Vec<u64>,
-    /// The next permutation slot each backend tests.
+    /// The next permutation slot each backend tests (in batched rounds:
+    /// the slot it took last, which a claim stores as is).
     cursor: Vec<u32>,
     /// `k * skip mod M` for k = 0..=WIDEST, per backend.
     strides: Vec<[u32; WIDEST + 1]>,
     /// The skips alone: the plain walk's compact copy stays in L1.
     skips: Vec<u32>,
-    /// `k * skip mod M` for k = 0..=BATCHED_WIDEST, by k then backend (so
+    /// `k * skip mod M` for k = 0..=BATCHED_WIDEST + 1, by k then backend (so
     /// consecutive backends' strides load as one vector), padded like
     /// `cursor`.
     strides_by_step: Vec<u32>,
-    /// A batch's first free slot per turn (M: none in its window).
+    /// A batch's first free slot per turn, or M plus the slot after its
+    /// window when none is free.
     choices: Vec<u32>,
     size: u32,
 }
@@ -99,10 +101,12 @@ impl Table {
         let padded = perms.len().next_multiple_of(8) + 8;
         let mut cursor: Vec<u32> = perms.iter().map(|p| p.offset).collect();
         cursor.resize(padded, 0);
-        let mut strides_by_step = vec![0u32; (BATCHED_WIDEST + 1) * padded];
-        for (i, row) in strides.iter().enumerate() {
-            for (k, &stride) in row.iter().take(BATCHED_WIDEST + 1).enumerate() {
+        let mut strides_by_step = vec![0u32; (BATCHED_WIDEST + 2) * padded];
+        for (i, p) in perms.iter().enumerate() {
+            let mut stride = 0;
+            for k in 0..BATCHED_WIDEST + 2 {
                 strides_by_step[k * padded + i] = stride;
+                stride = wrap(stride + p.skip, size);
             }
         }
         Table {
@@ -134,10 +138,16 @@ impl Table {
         // sparsest rounds then search two turns at a time.
         let batched = simd && turns.long_runs();
         let mut free = size;
+        if batched {
+            self.step_cursors(false);
+        }
         for (phase, until) in [size / 2, size / 4, size / 8, size / 12, 0]
             .into_iter()
             .enumerate()
         {
+            if phase == 4 && batched {
+                self.step_cursors(true);
+            }
             let until = until.max(tail_at);
             if free <= until {
                 continue;
@@ -203,8 +213,7 @@ impl Table {
                         let from = if choice < size {
                             wrap(choice + *self.skips.get_unchecked(i), size)
                         } else {
-                            let at = *self.cursor.get_unchecked(i);
-                            wrap(at + self.strides.get_unchecked(i)[K], size)
+                            choice - size
                         };
                         if K == 1 {
                             walk(&self.occupied, from, *self.skips.get_unchecked(i), size)
@@ -212,9 +221,25 @@ impl Table {
                             search::<K>(&self.occupied, from, self.strides.get_unchecked(i), size)
                         }
                     };
-                    self.claim(i, slot);
+                    // A claim whose cursor stays on the slot taken.
+                    *self.occupied.get_unchecked_mut((slot >> 6) as usize) |= 1 << (slot & 63);
+                    *self.cursor.get_unchecked_mut(i) = slot;
+                    *self.entry.get_unchecked_mut(slot as usize) = i as u32;
                 }
             }
+        }
+    }
+
+    /// Cursors to the slot before (`forward` false: batched rounds keep the
+    /// last slot claimed) or after (`forward`) where they point.
+    fn step_cursors(&mut self, forward: bool) {
+        let size = self.size;
+        for (at, &skip) in self.cursor.iter_mut().zip(&self.skips) {
+            *at = if forward {
+                wrap(*at + skip, size)
+            } else {
+                wrap(*at + size - skip, size)
+            };
         }
     }
 
@@ -273,8 +298,9 @@ mod batch {
 
     use super::Table;
 
-    /// Writes to `table.choices[..len]` the first free slot in the
-    /// `K`-position window of backends `first..first + len`, or M.
+    /// Writes to `table.choices[..len]`, for backends `first..first + len`,
+    /// the first free slot among the `K` after the one each took last, or
+    /// (all taken) M plus the slot after those.
     ///
     /// # Safety
     /// AVX2 is available; `first + len` is at most the backend count and
@@ -293,9 +319,12 @@ mod batch {
             // values per step; `choices` holds BATCH + 8.
             unsafe {
                 let cursor = _mm256_loadu_si256(table.cursor.as_ptr().add(i) as *const __m256i);
-                let mut choice = sizes;
+                let step = table.strides_by_step.as_ptr().add((K + 1) * padded + i);
+                let next = _mm256_add_epi32(cursor, _mm256_loadu_si256(step as *const __m256i));
+                let next = _mm256_min_epu32(next, _mm256_sub_epi32(next, sizes));
+                let mut choice = _mm256_add_epi32(next, sizes);
                 // Last position first: the first free one is chosen last.
-                for k in (0..K).rev() {
+                for k in (1..=K).rev() {
                     let step = table.strides_by_step.as_ptr().add(k * padded + i);
                     let pos = _mm256_add_epi32(cursor, _mm256_loadu_si256(step as *const __m256i));
                     let pos = _mm256_min_epu32(pos, _mm256_sub_epi32(pos, sizes));
