@@ -164,6 +164,10 @@ impl Table {
                 (1, _) => self.fill::<4, T>(turns, count),
                 #[cfg(target_arch = "x86_64")]
                 (2, true) => unsafe { self.fill_batched::<8, T>(turns, count) },
+                #[cfg(target_arch = "x86_64")]
+                (2, _) if simd && turns.distinct_neighbours() => unsafe {
+                    wide::fill::<1, T>(self, turns, count)
+                },
                 (2, _) => self.fill::<8, T>(turns, count),
                 #[cfg(target_arch = "x86_64")]
                 (3, true) => unsafe { self.fill_batched::<16, T>(turns, count) },
