@@ -141,7 +141,7 @@ impl Table {
         if batched {
             self.step_cursors(false);
         }
-        for (phase, until) in [size / 2, size / 4, size / 8, size / 12, 0]
+        for (phase, until) in [size / 2, size / 4, size / 8, size / 24, 0]
             .into_iter()
             .enumerate()
         {
@@ -219,7 +219,11 @@ impl Table {
                         } else {
                             choice - size
                         };
-                        if K == 1 {
+                        if K == 16 {
+                            // Sixteen scalar probes a step cost more than
+                            // two gathers.
+                            wide::search::<2>(self, i, from)
+                        } else if K == 1 {
                             walk(&self.occupied, from, *self.skips.get_unchecked(i), size)
                         } else {
                             search::<K>(&self.occupied, from, self.strides.get_unchecked(i), size)
@@ -430,6 +434,20 @@ mod wide {
         #[inline(always)]
         fn advance(&mut self, table: &Table) {
             self.at = wrap(self.at + table.strides[self.i][8 * V], table.size);
+        }
+    }
+
+    /// Backend `i`'s first free slot from `at`, in windows of `8 * V`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn search<const V: usize>(table: &Table, i: usize, at: u32) -> u32 {
+        let mut lane = Lane::<V>::start(table, i);
+        lane.at = at;
+        loop {
+            let free = lane.free(table);
+            if free != 0 {
+                return lane.slot(table, free);
+            }
+            lane.advance(table);
         }
     }
 
