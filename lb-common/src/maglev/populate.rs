@@ -3,14 +3,16 @@
 //!
 //! - Occupancy lives in a bitmap (8 KB at M=65537: stays in L1) and the
 //!   permutation is walked by addition.
-//! - While the table is less than half full a turn walks its permutation
-//!   one position at a time (the first position is usually free). After
-//!   that, a turn tests a window of K positions at once and takes the first
-//!   free one: no data-dependent branch per probe, so the probes of a window
-//!   (and of consecutive turns) run in parallel instead of ending every turn
-//!   in a mispredicted branch. K grows as the table fills (4, 8, then 16),
-//!   keeping about two free slots per window; 16-position windows use two
-//!   AVX2 gathers where the CPU has them.
+//! - A turn tests a window of K positions at once and takes the first free
+//!   one: no data-dependent branch per probe. K grows as the table fills,
+//!   keeping about two free slots per window.
+//! - With equal weights and AVX2, a batch of turns (consecutive backends)
+//!   chooses together in vector lanes across backends, against the bitmap
+//!   as it was before the batch, then claims in order
+//!   ([`Table::fill_batched`]).
+//! - Otherwise, and in the sparsest rounds, two consecutive turns search
+//!   side by side in gathered windows ([`wide`]); without AVX2, one turn at
+//!   a time with scalar loads.
 //! - The last ~sqrt(1.5 M) turns do not probe at all: a backend's next slot
 //!   is the free slot that comes first in its permutation, found by
 //!   computing `(s - offset) * skip^-1 mod M` over the free slots (see
