@@ -70,6 +70,8 @@ struct Table {
     /// consecutive backends' strides load as one vector), padded like
     /// `cursor`.
     strides_by_step: Vec<u32>,
+    /// The backends of a batch that take a turn (weighted orders).
+    takers: Vec<u32>,
     /// A batch's first free slot per turn, or M plus the slot after its
     /// window when none is free.
     choices: Vec<u32>,
@@ -119,6 +121,7 @@ impl Table {
             strides,
             strides_by_step,
             choices: vec![0u32; BATCH + 8],
+            takers: Vec::with_capacity(BATCH),
             size,
         }
     }
@@ -198,45 +201,66 @@ impl Table {
     /// AVX2 is available.
     #[cfg(target_arch = "x86_64")]
     unsafe fn fill_batched<const K: usize, T: TurnOrder>(&mut self, turns: &mut T, count: u32) {
+        let mut takers = core::mem::take(&mut self.takers);
         let mut left = count as usize;
         while left > 0 {
-            let run = turns.take_run(left.min(BATCH));
-            left -= run.len();
+            let (run, all) = turns.take_run(left.min(BATCH), &mut takers);
             // SAFETY: as the caller promises; the run's backends exist and
             // number at most BATCH.
             unsafe { batch::choose::<K>(self, run.start, run.len()) };
-            let size = self.size;
-            for (n, i) in run.enumerate() {
-                // SAFETY: `n < BATCH`, `i` from the turn order; a choice is
-                // a slot or `size`, cursors and strides are below M.
-                unsafe {
-                    let choice = *self.choices.get_unchecked(n);
-                    let slot = if choice < size && taken(&self.occupied, choice) == 0 {
-                        choice
-                    } else {
-                        // From the position after the choice, or after a
-                        // window that was full.
-                        let from = if choice < size {
-                            wrap(choice + *self.skips.get_unchecked(i), size)
-                        } else {
-                            choice - size
-                        };
-                        if K == 16 {
-                            // Sixteen scalar probes a step cost more than
-                            // two gathers.
-                            wide::search::<2>(self, i, from)
-                        } else if K == 1 {
-                            walk(&self.occupied, from, *self.skips.get_unchecked(i), size)
-                        } else {
-                            search::<K>(&self.occupied, from, self.strides.get_unchecked(i), size)
-                        }
-                    };
-                    // A claim whose cursor stays on the slot taken.
-                    *self.occupied.get_unchecked_mut((slot >> 6) as usize) |= 1 << (slot & 63);
-                    *self.cursor.get_unchecked_mut(i) = slot;
-                    *self.entry.get_unchecked_mut(slot as usize) = i as u32;
+            // SAFETY (both loops): `n < BATCH`; `i` from the turn order.
+            if all {
+                left -= run.len();
+                for (n, i) in run.enumerate() {
+                    unsafe { self.claim_choice::<K>(n, i) };
+                }
+            } else {
+                left -= takers.len();
+                for &i in &takers {
+                    let i = i as usize;
+                    unsafe { self.claim_choice::<K>(i - run.start, i) };
                 }
             }
+        }
+        self.takers = takers;
+    }
+
+    /// Backend `i` takes its batch choice `n`, or searches on from it.
+    ///
+    /// # Safety
+    /// `n < BATCH`, `i` is a backend, AVX2 is available.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn claim_choice<const K: usize>(&mut self, n: usize, i: usize) {
+        let size = self.size;
+        // SAFETY: as the caller promises; a choice is a slot or `size` plus
+        // one, cursors and strides are below M.
+        unsafe {
+            let choice = *self.choices.get_unchecked(n);
+            let slot = if choice < size && taken(&self.occupied, choice) == 0 {
+                choice
+            } else {
+                // From the position after the choice, or after a window
+                // that was full.
+                let from = if choice < size {
+                    wrap(choice + *self.skips.get_unchecked(i), size)
+                } else {
+                    choice - size
+                };
+                if K == 16 {
+                    // Sixteen scalar probes a step cost more than two
+                    // gathers.
+                    wide::search::<2>(self, i, from)
+                } else if K == 1 {
+                    walk(&self.occupied, from, *self.skips.get_unchecked(i), size)
+                } else {
+                    search::<K>(&self.occupied, from, self.strides.get_unchecked(i), size)
+                }
+            };
+            // A claim whose cursor stays on the slot taken.
+            *self.occupied.get_unchecked_mut((slot >> 6) as usize) |= 1 << (slot & 63);
+            *self.cursor.get_unchecked_mut(i) = slot;
+            *self.entry.get_unchecked_mut(slot as usize) = i as u32;
         }
     }
 

@@ -27,12 +27,14 @@ pub(super) unsafe trait TurnOrder {
         false
     }
 
-    /// Takes the next turns, those of backends `start..end` in order: at
-    /// least one and at most `max` (if `max` is not 0).
-    fn take_run(&mut self, max: usize) -> Range<usize> {
-        let _ = max;
+    /// Takes the next turns, which are those of some of backends
+    /// `start..end`, each at most once, in index order: all of them (true),
+    /// or those left in `takers` (false). At most `max` turns (at least one
+    /// if `max` is not 0, though a run may take none).
+    fn take_run(&mut self, max: usize, takers: &mut Vec<u32>) -> (Range<usize>, bool) {
+        let _ = (max, takers);
         let i = self.next_backend();
-        i..i + 1
+        (i..i + 1, true)
     }
 }
 
@@ -65,11 +67,11 @@ unsafe impl TurnOrder for RoundRobin {
 
     /// The rest of the round, or its next `max` turns.
     #[inline(always)]
-    fn take_run(&mut self, max: usize) -> Range<usize> {
+    fn take_run(&mut self, max: usize, _: &mut Vec<u32>) -> (Range<usize>, bool) {
         let start = self.at;
         let end = (start + max.max(1)).min(self.backends);
         self.at = if end == self.backends { 0 } else { end };
-        start..end
+        (start..end, true)
     }
 
     #[inline(always)]
@@ -164,6 +166,34 @@ unsafe impl TurnOrder for Turns<'_> {
         self.weights.len()
     }
 
+    /// Scans of 16 backends or more: most backends of a round take a turn.
+    fn long_runs(&self) -> bool {
+        matches!(self.order, Order::Scan) && self.weights.len() >= 16
+    }
+
+    /// In a scan, the turns among the next `max` backends of the round.
+    fn take_run(&mut self, max: usize, takers: &mut Vec<u32>) -> (Range<usize>, bool) {
+        let Order::Scan = self.order else {
+            let i = self.next_backend();
+            return (i..i + 1, true);
+        };
+        if self.at == self.weights.len() {
+            self.at = 0;
+            self.round += 1;
+        }
+        let start = self.at;
+        let end = (start + max.max(1)).min(self.weights.len());
+        takers.clear();
+        for i in start..end {
+            if self.state[i].next_round <= self.round {
+                advance(&mut self.state[i], self.weights[i]);
+                takers.push(i as u32);
+            }
+        }
+        self.at = end;
+        (start..end, false)
+    }
+
     #[inline(always)]
     fn next_backend(&mut self) -> usize {
         match &mut self.order {
@@ -247,6 +277,33 @@ mod tests {
         ] {
             let mut turns = Turns::new(&weights);
             let got: Vec<usize> = (0..5000).map(|_| turns.next_backend()).collect();
+            assert_eq!(got, by_definition(&weights, 5000), "weights {weights:?}");
+        }
+    }
+
+    /// Runs (the batched rounds' way to take turns), mixed with single
+    /// turns, give the same order.
+    #[test]
+    fn runs_follow_the_definition() {
+        let mut weights: Vec<u32> = (0..40).map(|i| 1 + i % 4).collect();
+        weights[7] = 0;
+        for weights in [weights, vec![2; 20]] {
+            let mut turns = Turns::new(&weights);
+            let mut got = Vec::new();
+            let mut takers = Vec::new();
+            let mut max = 1;
+            while got.len() < 5000 {
+                let (run, all) = turns.take_run(max, &mut takers);
+                if all {
+                    got.extend(run);
+                } else {
+                    assert!(takers.iter().all(|&i| run.contains(&(i as usize))));
+                    got.extend(takers.iter().map(|&i| i as usize));
+                }
+                got.push(turns.next_backend());
+                max = max % 23 + 1;
+            }
+            got.truncate(5000);
             assert_eq!(got, by_definition(&weights, 5000), "weights {weights:?}");
         }
     }
