@@ -6,10 +6,11 @@
 //! - A turn tests a window of K positions at once and takes the first free
 //!   one: no data-dependent branch per probe. K grows as the table fills,
 //!   keeping about two free slots per window.
-//! - With equal weights and AVX2, a batch of turns (consecutive backends)
-//!   chooses together in vector lanes across backends, against the bitmap
-//!   as it was before the batch, then claims in order
-//!   ([`Table::fill_batched`]).
+//! - With AVX2 and a turn order whose rounds give most of 16+ backends a
+//!   turn (equal or close weights), a batch of turns (a window of
+//!   consecutive backends) chooses together in vector lanes across
+//!   backends, against the bitmap as it was before the batch, then claims
+//!   in order ([`Table::fill_batched`]).
 //! - Otherwise, and in the sparsest rounds, two consecutive turns search
 //!   side by side in gathered windows ([`wide`]); without AVX2, one turn at
 //!   a time with scalar loads.
@@ -68,7 +69,7 @@ struct Table {
     skips: Vec<u32>,
     /// `k * skip mod M` for k = 0..=BATCHED_WIDEST + 1, by k then backend (so
     /// consecutive backends' strides load as one vector), padded like
-    /// `cursor`.
+    /// `cursor`. Laid out by `start_batches`, as are the two below.
     strides_by_step: Vec<u32>,
     /// The backends of a batch that take a turn (weighted orders).
     takers: Vec<u32>,
@@ -105,23 +106,15 @@ impl Table {
         let padded = perms.len().next_multiple_of(8) + 8;
         let mut cursor: Vec<u32> = perms.iter().map(|p| p.offset).collect();
         cursor.resize(padded, 0);
-        let mut strides_by_step = vec![0u32; (BATCHED_WIDEST + 2) * padded];
-        for (i, p) in perms.iter().enumerate() {
-            let mut stride = 0;
-            for k in 0..BATCHED_WIDEST + 2 {
-                strides_by_step[k * padded + i] = stride;
-                stride = wrap(stride + p.skip, size);
-            }
-        }
         Table {
             entry: vec![EMPTY; size as usize],
             occupied: vec![0u64; (size as usize).div_ceil(64)],
             cursor,
             skips: strides.iter().map(|row| row[1]).collect(),
             strides,
-            strides_by_step,
-            choices: vec![0u32; BATCH + 8],
-            takers: Vec::with_capacity(BATCH),
+            strides_by_step: Vec::new(),
+            choices: Vec::new(),
+            takers: Vec::new(),
             size,
         }
     }
@@ -139,12 +132,12 @@ impl Table {
         let size = self.size;
         // Window width by fill: about two free slots expected per window.
         // With AVX2 and long runs of distinct backends in the turn order
-        // (equal weights), turns choose their slots a batch at a time; the
-        // sparsest rounds then search two turns at a time.
+        // (equal or close weights), turns choose their slots a batch at a
+        // time; the sparsest rounds then search two turns at a time.
         let batched = simd && turns.long_runs();
         let mut free = size;
         if batched {
-            self.step_cursors(false);
+            self.start_batches();
         }
         for (phase, until) in [size / 2, size / 4, size / 8, size / 24, 0]
             .into_iter()
@@ -233,8 +226,8 @@ impl Table {
     #[inline(always)]
     unsafe fn claim_choice<const K: usize>(&mut self, n: usize, i: usize) {
         let size = self.size;
-        // SAFETY: as the caller promises; a choice is a slot or `size` plus
-        // one, cursors and strides are below M.
+        // SAFETY: as the caller promises; a choice is a slot, or `size`
+        // plus a slot; cursors and strides are below M.
         unsafe {
             let choice = *self.choices.get_unchecked(n);
             let slot = if choice < size && taken(&self.occupied, choice) == 0 {
@@ -262,6 +255,24 @@ impl Table {
             *self.cursor.get_unchecked_mut(i) = slot;
             *self.entry.get_unchecked_mut(slot as usize) = i as u32;
         }
+    }
+
+    /// What the batched rounds work with: the strides by step, the
+    /// buffers, and cursors one step back (they keep the last slot taken).
+    fn start_batches(&mut self) {
+        let padded = self.cursor.len();
+        let size = self.size;
+        self.strides_by_step = vec![0u32; (BATCHED_WIDEST + 2) * padded];
+        for (i, &skip) in self.skips.iter().enumerate() {
+            let mut stride = 0;
+            for k in 0..BATCHED_WIDEST + 2 {
+                self.strides_by_step[k * padded + i] = stride;
+                stride = wrap(stride + skip, size);
+            }
+        }
+        self.choices = vec![0u32; BATCH + 8];
+        self.takers = Vec::with_capacity(BATCH);
+        self.step_cursors(false);
     }
 
     /// Cursors to the slot before (`forward` false: batched rounds keep the
@@ -324,13 +335,46 @@ unsafe fn taken(occupied: &[u64], slot: u32) -> u32 {
 }
 
 #[cfg(target_arch = "x86_64")]
+mod lanes {
+    //! Eight permutation positions at a time, for [`super::batch`] and
+    //! [`super::wide`].
+
+    use core::arch::x86_64::*;
+
+    /// [`super::wrap`] in each lane: `x mod size` for `x < 2 * size`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub fn wrap(x: __m256i, sizes: __m256i) -> __m256i {
+        _mm256_min_epu32(x, _mm256_sub_epi32(x, sizes))
+    }
+
+    /// Each position's occupancy bit, gathered from the bitmap read as
+    /// 32-bit words and moved to its lane's sign bit (set: taken).
+    ///
+    /// # Safety
+    /// Every position is below the bitmap's length in bits.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn taken_sign(occupied: &[u64], pos: __m256i) -> __m256i {
+        let words = occupied.as_ptr() as *const i32;
+        let low_bits = _mm256_set1_epi32(31);
+        // SAFETY: as the caller promises, every word lies in the bitmap.
+        let word = unsafe { _mm256_i32gather_epi32::<4>(words, _mm256_srli_epi32::<5>(pos)) };
+        _mm256_sllv_epi32(
+            word,
+            _mm256_sub_epi32(low_bits, _mm256_and_si256(pos, low_bits)),
+        )
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 mod batch {
     //! The windows of consecutive backends' turns, eight backends per
     //! vector.
 
     use core::arch::x86_64::*;
 
-    use super::Table;
+    use super::{Table, lanes};
 
     /// Writes to `table.choices[..len]`, for backends `first..first + len`,
     /// the first free slot among the `K` after the one each took last, or
@@ -343,9 +387,7 @@ mod batch {
     pub unsafe fn choose<const K: usize>(table: &mut Table, first: usize, len: usize) {
         let padded = table.cursor.len();
         debug_assert!(first + len <= padded - 8 && len <= super::BATCH);
-        let words = table.occupied.as_ptr() as *const i32;
         let sizes = _mm256_set1_epi32(table.size as i32);
-        let low_bits = _mm256_set1_epi32(31);
         for lane in (0..len).step_by(8) {
             let i = first + lane;
             // SAFETY: `i + 8 <= padded`: the padding covers the last lanes
@@ -355,19 +397,13 @@ mod batch {
                 let cursor = _mm256_loadu_si256(table.cursor.as_ptr().add(i) as *const __m256i);
                 let step = table.strides_by_step.as_ptr().add((K + 1) * padded + i);
                 let next = _mm256_add_epi32(cursor, _mm256_loadu_si256(step as *const __m256i));
-                let next = _mm256_min_epu32(next, _mm256_sub_epi32(next, sizes));
-                let mut choice = _mm256_add_epi32(next, sizes);
+                let mut choice = _mm256_add_epi32(lanes::wrap(next, sizes), sizes);
                 // Last position first: the first free one is chosen last.
                 for k in (1..=K).rev() {
                     let step = table.strides_by_step.as_ptr().add(k * padded + i);
                     let pos = _mm256_add_epi32(cursor, _mm256_loadu_si256(step as *const __m256i));
-                    let pos = _mm256_min_epu32(pos, _mm256_sub_epi32(pos, sizes));
-                    let word = _mm256_i32gather_epi32::<4>(words, _mm256_srli_epi32::<5>(pos));
-                    // The position's bit moved to the sign bit: set = taken.
-                    let bit = _mm256_sllv_epi32(
-                        word,
-                        _mm256_sub_epi32(low_bits, _mm256_and_si256(pos, low_bits)),
-                    );
+                    let pos = lanes::wrap(pos, sizes);
+                    let bit = lanes::taken_sign(&table.occupied, pos);
                     choice = _mm256_castps_si256(_mm256_blendv_ps(
                         _mm256_castsi256_ps(pos),
                         _mm256_castsi256_ps(choice),
@@ -383,8 +419,8 @@ mod batch {
 #[cfg(target_arch = "x86_64")]
 mod wide {
     //! Windows of 8 or 16 positions tested with AVX2 gathers: the positions
-    //! are computed in 8 lanes and their occupancy bits gathered from the
-    //! bitmap read as 32-bit words. A gather takes long to arrive, so two
+    //! are computed in 8 lanes and their occupancy bits gathered
+    //! ([`lanes::taken_sign`]). A gather takes long to arrive, so two
     //! consecutive turns search at once: the later one's windows are
     //! gathered beside the earlier one's, and what it finds stands unless
     //! the earlier turn took that very slot. (Narrower windows, in the
@@ -392,7 +428,7 @@ mod wide {
 
     use core::arch::x86_64::*;
 
-    use super::{Table, TurnOrder, wrap};
+    use super::{Table, TurnOrder, lanes, wrap};
 
     /// One turn's search: its backend, strides and permutation slot.
     #[derive(Clone, Copy)]
@@ -425,23 +461,14 @@ mod wide {
         #[inline]
         #[target_feature(enable = "avx2")]
         fn free(&self, table: &Table) -> u32 {
-            let words = table.occupied.as_ptr() as *const i32;
             let sizes = _mm256_set1_epi32(table.size as i32);
-            let low_bits = _mm256_set1_epi32(31);
             let base = _mm256_set1_epi32(self.at as i32);
             let mut taken = 0u32;
             for (v, step) in self.steps.iter().enumerate() {
-                let pos = _mm256_add_epi32(base, *step);
-                let pos = _mm256_min_epu32(pos, _mm256_sub_epi32(pos, sizes));
+                let pos = lanes::wrap(_mm256_add_epi32(base, *step), sizes);
                 // SAFETY: every position is below `size` (cursors and
                 // strides are), so its word lies inside the bitmap.
-                let word =
-                    unsafe { _mm256_i32gather_epi32::<4>(words, _mm256_srli_epi32::<5>(pos)) };
-                // The position's bit moved to the sign bit.
-                let bit = _mm256_sllv_epi32(
-                    word,
-                    _mm256_sub_epi32(low_bits, _mm256_and_si256(pos, low_bits)),
-                );
+                let bit = unsafe { lanes::taken_sign(&table.occupied, pos) };
                 taken |= (_mm256_movemask_ps(_mm256_castsi256_ps(bit)) as u32) << (8 * v);
             }
             !taken & (u32::MAX >> (32 - 8 * V))
@@ -461,6 +488,19 @@ mod wide {
         fn advance(&mut self, table: &Table) {
             self.at = wrap(self.at + table.strides[self.i][8 * V], table.size);
         }
+
+        /// The first free slot from the window on, searched alone.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        fn find(&mut self, table: &Table) -> u32 {
+            loop {
+                let free = self.free(table);
+                if free != 0 {
+                    return self.slot(table, free);
+                }
+                self.advance(table);
+            }
+        }
     }
 
     /// Backend `i`'s first free slot from `at`, in windows of `8 * V`.
@@ -468,13 +508,7 @@ mod wide {
     pub unsafe fn search<const V: usize>(table: &Table, i: usize, at: u32) -> u32 {
         let mut lane = Lane::<V>::start(table, i);
         lane.at = at;
-        loop {
-            let free = lane.free(table);
-            if free != 0 {
-                return lane.slot(table, free);
-            }
-            lane.advance(table);
-        }
+        lane.find(table)
     }
 
     /// [`Table::fill`] with windows of `8 * V` positions.
@@ -526,13 +560,9 @@ mod wide {
             }
         }
         loop {
-            let free = x.free(table);
-            if free == 0 {
-                x.advance(table);
-                continue;
-            }
+            let slot = x.find(table);
             // SAFETY: as above.
-            unsafe { table.claim(x.i, x.slot(table, free)) };
+            unsafe { table.claim(x.i, slot) };
             if left == 0 {
                 return;
             }

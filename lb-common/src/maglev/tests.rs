@@ -310,8 +310,9 @@ proptest! {
         size in prop::sample::select(vec![401u32, 1009, 4099, 65_537]),
         seed in any::<u64>(),
     ) {
-        // Equal weights take the round-robin loops (two turns searched at
-        // once), the others the weighted turn order.
+        // Equal weights take the round-robin loops (batched from 16
+        // backends, else two turns searched at once), the others the
+        // weighted turn order (its scans batched too).
         let weight = |w: u32| if equal { 1 } else { w };
         let b: Vec<_> = weights.iter().enumerate().map(|(i, &w)| MaglevBackend::new(format!("{i}"), weight(w))).collect();
         let reference = build_reference(&b, size, seed).unwrap();

@@ -153,6 +153,25 @@ impl<'a> Turns<'a> {
         }
     }
 
+    /// A scan past the last backend starts the next round.
+    #[inline(always)]
+    fn wrap_round(&mut self) {
+        if self.at == self.weights.len() {
+            self.at = 0;
+            self.round += 1;
+        }
+    }
+
+    /// Gives backend `i` its turn if it is due in this round.
+    #[inline(always)]
+    fn take_if_due(&mut self, i: usize) -> bool {
+        let due = self.state[i].next_round <= self.round;
+        if due {
+            advance(&mut self.state[i], self.weights[i]);
+        }
+        due
+    }
+
     /// Whether every backend takes a turn every round.
     pub fn is_round_robin(&self) -> bool {
         matches!(self.order, Order::RoundRobin)
@@ -177,16 +196,12 @@ unsafe impl TurnOrder for Turns<'_> {
             let i = self.next_backend();
             return (i..i + 1, true);
         };
-        if self.at == self.weights.len() {
-            self.at = 0;
-            self.round += 1;
-        }
+        self.wrap_round();
         let start = self.at;
         let end = (start + max.max(1)).min(self.weights.len());
         takers.clear();
         for i in start..end {
-            if self.state[i].next_round <= self.round {
-                advance(&mut self.state[i], self.weights[i]);
+            if self.take_if_due(i) {
                 takers.push(i as u32);
             }
         }
@@ -207,14 +222,10 @@ unsafe impl TurnOrder for Turns<'_> {
                 i
             }
             Order::Scan => loop {
-                if self.at == self.weights.len() {
-                    self.at = 0;
-                    self.round += 1;
-                }
+                self.wrap_round();
                 let i = self.at;
                 self.at += 1;
-                if self.state[i].next_round <= self.round {
-                    advance(&mut self.state[i], self.weights[i]);
+                if self.take_if_due(i) {
                     return i;
                 }
             },
