@@ -12,7 +12,7 @@ use lb_common::{
     settings::{SETTINGS_F_GATEWAY_MAC, Settings},
     user::addr_from_ip,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::health::HealthCheck;
 
@@ -26,7 +26,7 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct LbConfig {
     /// The interface(s) facing the routers.
@@ -220,11 +220,120 @@ fn parse_mac(s: &str) -> Result<[u8; 6]> {
         .map_err(|_| anyhow::anyhow!("expected six bytes"))
 }
 
+/// Config files larger than this are refused (a real one is a few KB).
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Reads a config file without ever blocking on it: opened non-blocking
+/// (a FIFO would otherwise wait for a writer), refused unless it is a
+/// regular file of at most `MAX_CONFIG_BYTES`.
+pub fn read_config_file(path: &Path) -> Result<String> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        bail!("{} is not a regular file", path.display());
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        bail!(
+            "{} is {} bytes; a config file may be at most {MAX_CONFIG_BYTES}",
+            path.display(),
+            meta.len()
+        );
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        bail!("{} grew past {MAX_CONFIG_BYTES} bytes", path.display());
+    }
+    Ok(text)
+}
+
+/// The control socket may replace a stale socket, never another file, and
+/// its directory must exist.
+pub fn check_socket_path(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    if path.as_os_str().is_empty() {
+        bail!("must name a path");
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {}
+        Ok(_) => bail!(
+            "{} exists and is not a socket: refusing to replace it",
+            path.display()
+        ),
+        Err(_) => {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !dir.is_dir() {
+                bail!("directory {} does not exist", dir.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why `ip` cannot be a backend's address, if it cannot.
+fn unusable_backend(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(a) if a.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(a) if a.is_loopback() => Some("a loopback address (this host, not a backend)"),
+        IpAddr::V4(a) if a.is_multicast() => Some("a multicast address"),
+        IpAddr::V6(a) if a.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V6(a) if a.is_loopback() => Some("a loopback address (this host, not a backend)"),
+        IpAddr::V6(a) if a.is_multicast() => Some("a multicast address"),
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
+            Some("an IPv4-mapped IPv6 address (write the IPv4 address)")
+        }
+        _ => None,
+    }
+}
+
+/// Why `ip` cannot be a VIP, if it cannot: the same as for backends.
+fn unusable_vip(ip: IpAddr) -> Option<&'static str> {
+    unusable_backend(ip)
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = read_config_file(path)?;
         Config::parse(&text).with_context(|| format!("in {}", path.display()))
+    }
+
+    /// What `check-config` can know beyond the file itself: the control
+    /// socket's path on this host.
+    pub fn check_host(&self) -> Result<()> {
+        check_socket_path(Path::new(&self.lb.control_socket)).context("lb.control_socket")
+    }
+
+    /// Fields of `self` (the running config) that differ in `other` and
+    /// take effect only at a restart: everything under `[lb]` and `[bgp]`.
+    pub fn restart_only_changes(&self, other: &Config) -> Vec<String> {
+        let mut changed = Vec::new();
+        let ours = serde_json::to_value(&self.lb).ok();
+        let theirs = serde_json::to_value(&other.lb).ok();
+        if let (Some(serde_json::Value::Object(a)), Some(serde_json::Value::Object(b))) =
+            (ours, theirs)
+        {
+            let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            changed.extend(
+                keys.into_iter()
+                    .filter(|k| a.get(*k) != b.get(*k))
+                    .map(|k| format!("lb.{k}")),
+            );
+        }
+        if self.bgp != other.bgp {
+            changed.push("bgp".into());
+        }
+        changed
     }
 
     pub fn parse(text: &str) -> Result<Config> {
@@ -236,6 +345,18 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         if self.lb.interfaces.is_empty() {
             bail!("lb.interfaces: name at least one interface");
+        }
+        let mut interfaces = BTreeSet::new();
+        for name in &self.lb.interfaces {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                bail!("lb.interfaces: {name:?} is not an interface name");
+            }
+            if !interfaces.insert(name) {
+                bail!("lb.interfaces: {name} is listed twice");
+            }
+        }
+        if self.lb.control_socket.is_empty() {
+            bail!("lb.control_socket: must name a path (lbctl talks to it)");
         }
         if !["auto", "driver", "skb"].contains(&self.lb.xdp_mode.as_str()) {
             bail!(
@@ -294,6 +415,9 @@ impl Config {
             if !seen.insert((vip.address, vip.port, vip.proto())) {
                 bail!("{at}: listed twice");
             }
+            if let Some(why) = unusable_vip(vip.address) {
+                bail!("{at}.address: {} is {why}", vip.address);
+            }
             validate_table_size(vip.table_size, vip.backends.len())
                 .with_context(|| format!("{at}.table_size"))?;
             let h = &vip.health;
@@ -305,6 +429,12 @@ impl Config {
             }
             if h.kind != "none" && vip.port == 0 && h.port.is_none() {
                 bail!("{at}.health.port: an every-port VIP needs a port to probe");
+            }
+            if h.kind != "none" && vip.protocol == "udp" && h.port.is_none() {
+                bail!(
+                    "{at}.health.port: a {} check of a UDP VIP probes over TCP: name the TCP port to probe",
+                    h.kind
+                );
             }
             if h.interval_ms < 10 || h.timeout_ms == 0 || h.timeout_ms > h.interval_ms {
                 bail!("{at}.health: need interval_ms >= 10 and 0 < timeout_ms <= interval_ms");
@@ -318,6 +448,9 @@ impl Config {
                 let bat = format!("{at}.backend[{j}] ({})", b.address);
                 if !addrs.insert(b.address) {
                     bail!("{bat}: listed twice");
+                }
+                if let Some(why) = unusable_backend(b.address) {
+                    bail!("{bat}.address: {} is {why}", b.address);
                 }
                 if b.weight > 65_535 {
                     bail!("{bat}.weight: {} is above 65535", b.weight);
@@ -452,6 +585,86 @@ weight = 2
             err(&text.replace("[lb]", "[lb]\nencap_source_prefix6 = \"fd00::/64\""))
                 .contains("lb.encap_source_prefix6")
         );
+    }
+
+    #[test]
+    fn addresses_that_cannot_be_right_are_refused() {
+        for (bad, why) in [
+            ("0.0.0.0", "unspecified"),
+            ("255.255.255.255", "broadcast"),
+            ("127.0.0.1", "loopback"),
+            ("224.0.0.5", "multicast"),
+            ("::ffff:10.30.1.2", "IPv4-mapped"),
+            ("::1", "loopback"),
+        ] {
+            let e = err(&GOOD.replace("10.30.2.2", bad));
+            assert!(e.contains("backend[1]") && e.contains(why), "{bad}: {e}");
+        }
+        for (bad, why) in [
+            ("0.0.0.0", "unspecified"),
+            ("::ffff:10.0.0.10", "IPv4-mapped"),
+        ] {
+            let e = err(&GOOD.replace("10.0.0.10", bad));
+            assert!(
+                e.contains("vip[0]") && e.contains(".address") && e.contains(why),
+                "{e}"
+            );
+        }
+        let twice = GOOD.replace("[\"eth0\"]", "[\"eth0\", \"eth0\"]");
+        assert!(err(&twice).contains("lb.interfaces: eth0 is listed twice"));
+        let udp_http = GOOD.replace("\"tcp\"", "\"udp\"").replace(
+            "table_size = 4099",
+            "table_size = 4099\n[vip.health]\nkind = \"http\"",
+        );
+        assert!(err(&udp_http).contains("health.port"), "{}", err(&udp_http));
+        let udp_http_port = udp_http.replace("kind = \"http\"", "kind = \"http\"\nport = 8080");
+        Config::parse(&udp_http_port).expect("an HTTP check on its own port is legitimate");
+    }
+
+    #[test]
+    fn control_socket_never_replaces_a_file_and_needs_its_directory() {
+        let dir = std::env::temp_dir().join(format!("lbd-sock-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("precious");
+        std::fs::write(&file, "data").unwrap();
+        let e = format!("{:#}", check_socket_path(&file).unwrap_err());
+        assert!(e.contains("not a socket"), "{e}");
+        let e = format!(
+            "{:#}",
+            check_socket_path(&dir.join("nope/lbd.sock")).unwrap_err()
+        );
+        assert!(e.contains("does not exist"), "{e}");
+        check_socket_path(&dir.join("lbd.sock")).unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn config_files_must_be_regular_and_small() {
+        let dir = std::env::temp_dir().join(format!("lbd-cfg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo.toml");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Returns at once (a blocking open would wait for a writer forever).
+        let e = format!("{:#}", Config::load(&fifo).unwrap_err());
+        assert!(e.contains("not a regular file"), "{e}");
+        let big = dir.join("big.toml");
+        std::fs::write(&big, vec![b'#'; MAX_CONFIG_BYTES as usize + 1]).unwrap();
+        let e = format!("{:#}", Config::load(&big).unwrap_err());
+        assert!(e.contains("at most"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn restart_only_changes_are_named() {
+        let a = Config::parse(GOOD).unwrap();
+        let b =
+            Config::parse(&GOOD.replace("xdp_mode = \"skb\"", "xdp_mode = \"driver\"\nmtu = 9000"))
+                .unwrap();
+        assert_eq!(a.restart_only_changes(&b), ["lb.mtu", "lb.xdp_mode"]);
+        assert!(a.restart_only_changes(&a).is_empty());
     }
 
     #[test]

@@ -19,19 +19,14 @@ use lb_common::{
     user::ip_from_addr,
 };
 use serde_json::json;
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::UnixListener,
-    sync::{mpsc, oneshot},
-    task::JoinHandle,
-};
+use tokio::{sync::mpsc, task::JoinHandle};
 use tracing::{error, info, warn};
 
 use crate::{
     announce::Announcer,
     api::{Request, Response},
     config::{BackendConfig, Config, VipConfig},
-    dataplane::{Dataplane, LoadOptions},
+    dataplane::{Dataplane, LoadOptions, remove_pinned},
     flow_count::FlowCounter,
     health::{HealthCheck, HealthEvent, spawn_checker},
     reconcile::{AppliedBackend, AppliedVip, DesiredBackend, DesiredVip, Reconciler},
@@ -60,6 +55,9 @@ pub struct Daemon {
     attached: bool,
     /// Tracked flows per backend, counted on a thread of its own.
     flows: FlowCounter,
+    /// Health probes that failed on this host (EMFILE, no route, ...):
+    /// never counted against a backend.
+    local_probe_errors: u64,
 }
 
 pub fn vip_key(v: &VipConfig) -> VipKey {
@@ -121,13 +119,42 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
 }
 
 impl Daemon {
+    /// Loads (or adopts) the data plane for `config` (read from
+    /// `config_path`), applies the VIPs and attaches. A start that fails
+    /// after creating the pinned state removes it again; adopted state (a
+    /// previous daemon's tables and connections) is left as it was.
     pub fn start(
         config_path: PathBuf,
+        config: Config,
         events: mpsc::UnboundedSender<HealthEvent>,
     ) -> Result<Daemon> {
-        let config = Config::load(&config_path)?;
         preflight(&config)?;
         let pin_path = (!config.lb.pin_path.is_empty()).then(|| PathBuf::from(&config.lb.pin_path));
+        let fresh = pin_path
+            .as_ref()
+            .is_some_and(|dir| !dir.join(lb_common::maps::MAP_VIPS).exists());
+        let started = Self::load_and_attach(config_path, config, pin_path.clone(), events);
+        if let (Err(e), true, Some(dir)) = (&started, fresh, &pin_path) {
+            // Nothing of ours may outlive a failed first start.
+            match remove_pinned(dir) {
+                Ok(removed) if !removed.is_empty() => {
+                    warn!(pin_path = %dir.display(), removed = removed.len(), "start failed: removed the pinned objects it had created: {e:#}")
+                }
+                Ok(_) => {}
+                Err(te) => {
+                    error!("start failed, and removing its pinned objects failed too: {te:#}")
+                }
+            }
+        }
+        started
+    }
+
+    fn load_and_attach(
+        config_path: PathBuf,
+        config: Config,
+        pin_path: Option<PathBuf>,
+        events: mpsc::UnboundedSender<HealthEvent>,
+    ) -> Result<Daemon> {
         let opts = LoadOptions {
             settings: config.settings(),
             maglev_slots: config.lb.maglev_slots,
@@ -154,6 +181,7 @@ impl Daemon {
             announcer: None,
             draining: false,
             attached: false,
+            local_probe_errors: 0,
         };
         d.announcer = d.config.bgp.clone().map(Announcer::new);
         d.apply()?;
@@ -287,6 +315,10 @@ impl Daemon {
         if !self.checkers.contains_key(&(ev.vip, ev.backend)) {
             return; // a checker that was just stopped
         }
+        if ev.local_error {
+            self.local_probe_errors += 1;
+            return;
+        }
         let state = if ev.healthy { "up" } else { "down" };
         let vip = self
             .config
@@ -306,9 +338,6 @@ impl Daemon {
     /// otherwise keeps the running one.
     fn replace_config(&mut self, candidate: Config) -> Result<()> {
         candidate.validate()?;
-        if candidate.lb != self.config.lb {
-            warn!("changes under [lb] need a restart of lbd; applying the VIP changes only");
-        }
         let previous = std::mem::replace(&mut self.config, candidate);
         if let Err(e) = self.apply() {
             self.config = previous;
@@ -318,12 +347,26 @@ impl Daemon {
         Ok(())
     }
 
-    pub fn reload(&mut self) -> Result<()> {
+    /// Re-reads the file and applies its VIPs. `[lb]` and `[bgp]` apply
+    /// only at a restart: the running ones are kept, and the answer names
+    /// every such change so nobody believes it took effect.
+    pub fn reload(&mut self) -> Result<String> {
         let mut candidate = Config::load(&self.config_path)?;
+        let pending = self.config.restart_only_changes(&candidate);
         candidate.lb = self.config.lb.clone();
+        candidate.bgp = self.config.bgp.clone();
         self.replace_config(candidate)?;
-        info!(file = %self.config_path.display(), "configuration reloaded");
-        Ok(())
+        if pending.is_empty() {
+            info!(file = %self.config_path.display(), "configuration reloaded");
+            Ok("reloaded".into())
+        } else {
+            let list = pending.join(", ");
+            warn!(file = %self.config_path.display(), needs_restart = %list,
+                "configuration reloaded; these changes need a restart of lbd and are not applied");
+            Ok(format!(
+                "reloaded VIPs and backends; not applied until lbd restarts: {list}"
+            ))
+        }
     }
 
     fn vip_index(&self, name: &str) -> Result<usize> {
@@ -364,7 +407,7 @@ impl Daemon {
         match req {
             Request::Status => Ok(self.status()),
             Request::Stats => Ok(self.stats()),
-            Request::Reload => self.reload().map(|_| json!("reloaded")),
+            Request::Reload => self.reload().map(|text| json!(text)),
             Request::AddVip {
                 address,
                 port,
@@ -509,6 +552,8 @@ impl Daemon {
             // Age of the tracked-flow counts (walked on request, off the loop).
             "tracked_flows_age_ms": snapshot.taken.map(|t| t.elapsed().as_millis() as u64),
             "announced": self.announcer.as_ref().map(|a| a.announced()),
+            // Probes that failed on this host, not counted against backends.
+            "health_probe_local_errors": self.local_probe_errors,
             "vips": vips,
         })
     }
@@ -633,6 +678,12 @@ impl Daemon {
             "# TYPE lb_table_generation gauge\nlb_table_generation {}",
             self.rec.generation
         );
+        let _ = writeln!(
+            out,
+            "# HELP lb_health_probe_local_errors_total Health probes that failed on this host (not counted against backends).\n\
+             # TYPE lb_health_probe_local_errors_total counter\nlb_health_probe_local_errors_total {}",
+            self.local_probe_errors
+        );
         out
     }
 
@@ -667,7 +718,7 @@ impl Daemon {
     }
 }
 
-fn preflight(config: &Config) -> Result<()> {
+pub fn preflight(config: &Config) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -681,74 +732,5 @@ fn preflight(config: &Config) -> Result<()> {
             bail!("interface {name} does not exist: fix lb.interfaces in the config");
         }
     }
-    Ok(())
-}
-
-/// Serves the control socket: requests go to the daemon loop through `tx`.
-pub async fn serve_socket(
-    path: PathBuf,
-    tx: mpsc::Sender<(Request, oneshot::Sender<Response>)>,
-) -> Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener =
-        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let response = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => {
-                        let (rtx, rrx) = oneshot::channel();
-                        if tx.send((req, rtx)).await.is_err() {
-                            return;
-                        }
-                        rrx.await
-                            .unwrap_or_else(|_| Response::err("daemon is shutting down"))
-                    }
-                    Err(e) => Response::err(format!("malformed request: {e}")),
-                };
-                let mut text = serde_json::to_string(&response).unwrap_or_default();
-                text.push('\n');
-                if write.write_all(text.as_bytes()).await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
-}
-
-/// Serves `GET /metrics` on `address` from a background thread.
-pub fn serve_metrics(address: &str, text: Arc<Mutex<String>>) -> Result<()> {
-    let server =
-        tiny_http::Server::http(address).map_err(|e| anyhow!("metrics endpoint {address}: {e}"))?;
-    std::thread::spawn(move || {
-        for request in server.incoming_requests() {
-            let body = if request.url() == "/metrics" {
-                text.lock().map(|t| t.clone()).unwrap_or_default()
-            } else {
-                String::new()
-            };
-            let status = if request.url() == "/metrics" {
-                200
-            } else {
-                404
-            };
-            let header = tiny_http::Header::from_bytes(
-                &b"Content-Type"[..],
-                &b"text/plain; version=0.0.4"[..],
-            )
-            .expect("static header");
-            let _ = request.respond(
-                tiny_http::Response::from_string(body)
-                    .with_status_code(status)
-                    .with_header(header),
-            );
-        }
-    });
     Ok(())
 }

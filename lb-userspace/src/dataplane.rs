@@ -69,7 +69,17 @@ pub const PINNED_MAPS: [&str; 9] = [
 
 /// Removes everything pinned under `pin_path`: links (which detaches the
 /// program from its interfaces) and maps (freed once nothing uses them).
+/// Refuses while an lbd runs on this path (it would go on driving removed maps).
 pub fn teardown(pin_path: &Path) -> Result<Vec<String>> {
+    if !pin_path.exists() {
+        return Ok(Vec::new());
+    }
+    let _lock = crate::instance_lock::lock(pin_path, "pin path")?;
+    remove_pinned(pin_path)
+}
+
+/// Removes what is pinned under `pin_path`; the caller holds its lock.
+pub fn remove_pinned(pin_path: &Path) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(pin_path) else {
         return Ok(removed);
@@ -637,7 +647,7 @@ fn xdp_md(len: usize, ingress_ifindex: u32) -> Vec<u8> {
 }
 
 /// Fails with one clear line when `dir` is not on a mounted bpffs.
-fn ensure_bpffs(dir: &Path) -> Result<()> {
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     let on_bpffs = mounts.lines().any(|l| {
         let mut f = l.split_whitespace();

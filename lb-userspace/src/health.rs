@@ -12,7 +12,7 @@ use lb_common::maps::VipKey;
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    net::{TcpSocket, TcpStream},
     sync::mpsc,
     task::JoinHandle,
 };
@@ -122,13 +122,69 @@ pub struct HealthEvent {
     pub vip: VipKey,
     pub backend: IpAddr,
     pub healthy: bool,
+    /// A probe failed on this host; `healthy` is the unchanged state.
+    pub local_error: bool,
 }
 
-pub async fn probe_tcp(addr: IpAddr, port: u16, timeout: Duration) -> bool {
+/// A checker logs its local probe failures at most this often.
+const LOCAL_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One probe's outcome. `Local` is a failure of this host (no descriptor,
+/// no buffer, no route, no local port): it says nothing about the backend,
+/// so it never counts toward taking one out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    Up,
+    Down,
+    Local(i32),
+}
+
+impl Probe {
+    fn from_bool(ok: bool) -> Probe {
+        if ok { Probe::Up } else { Probe::Down }
+    }
+}
+
+/// Errors that come from this host, not from the backend.
+pub fn is_local_error(e: &std::io::Error) -> bool {
     matches!(
-        tokio::time::timeout(timeout, TcpStream::connect((addr, port))).await,
-        Ok(Ok(_))
+        e.raw_os_error(),
+        Some(
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::EADDRNOTAVAIL
+                | libc::ENETUNREACH
+                | libc::EPERM
+                | libc::EACCES
+        )
     )
+}
+
+/// Connects to the backend; a local failure is `Err(Probe::Local)`.
+async fn connect(addr: IpAddr, port: u16) -> Result<TcpStream, Probe> {
+    let local = |e: std::io::Error| {
+        if is_local_error(&e) {
+            Probe::Local(e.raw_os_error().unwrap_or(0))
+        } else {
+            Probe::Down
+        }
+    };
+    let socket = match addr {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| Probe::Local(e.raw_os_error().unwrap_or(0)))?;
+    socket.connect((addr, port).into()).await.map_err(local)
+}
+
+pub async fn probe_tcp(addr: IpAddr, port: u16, timeout: Duration) -> Probe {
+    match tokio::time::timeout(timeout, connect(addr, port)).await {
+        Ok(Ok(_)) => Probe::Up,
+        Ok(Err(p)) => p,
+        Err(_) => Probe::Down,
+    }
 }
 
 /// GET `path` over HTTP/1.0; healthy if the status matches (any 2xx when
@@ -139,35 +195,38 @@ pub async fn probe_http(
     path: &str,
     expect: u16,
     timeout: Duration,
-) -> bool {
+) -> Probe {
     let attempt = async {
-        let mut s = TcpStream::connect((addr, port)).await.ok()?;
+        let mut s = connect(addr, port).await?;
         let req = format!(
             "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: lbd-health\r\nConnection: close\r\n\r\n"
         );
-        s.write_all(req.as_bytes()).await.ok()?;
+        s.write_all(req.as_bytes()).await.map_err(|_| Probe::Down)?;
         let mut buf = [0u8; 64];
         let mut n = 0;
         while n < 12 {
-            let r = s.read(&mut buf[n..]).await.ok()?;
+            let r = s.read(&mut buf[n..]).await.map_err(|_| Probe::Down)?;
             if r == 0 {
                 break;
             }
             n += r;
         }
         let line = String::from_utf8_lossy(&buf[..n]);
-        let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(status)
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or(Probe::Down)?;
+        Ok::<u16, Probe>(status)
     };
     match tokio::time::timeout(timeout, attempt).await {
-        Ok(Some(status)) => {
-            if expect == 0 {
-                (200..300).contains(&status)
-            } else {
-                status == expect
-            }
-        }
-        _ => false,
+        Ok(Ok(status)) => Probe::from_bool(if expect == 0 {
+            (200..300).contains(&status)
+        } else {
+            status == expect
+        }),
+        Ok(Err(p)) => p,
+        Err(_) => Probe::Down,
     }
 }
 
@@ -183,15 +242,35 @@ pub fn spawn_checker(
         let port = check.port.unwrap_or(vip_port);
         let timeout = Duration::from_millis(check.timeout_ms);
         let mut state = Hysteresis::new(check.rise, check.fall);
+        let mut last_local_log: Option<std::time::Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(check.interval_ms.max(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let ok = match check.kind.as_str() {
+            let probe = match check.kind.as_str() {
                 "http" => {
                     probe_http(backend, port, &check.path, check.expect_status, timeout).await
                 }
                 _ => probe_tcp(backend, port, timeout).await,
+            };
+            let ok = match probe {
+                Probe::Up => true,
+                Probe::Down => false,
+                Probe::Local(errno) => {
+                    // Not the backend's fault: no verdict, the state stands.
+                    if last_local_log.is_none_or(|t| t.elapsed() > LOCAL_ERROR_LOG_EVERY) {
+                        last_local_log = Some(std::time::Instant::now());
+                        tracing::warn!(%backend, port, error = %std::io::Error::from_raw_os_error(errno),
+                            "health probe failed on this host (not counted against the backend)");
+                    }
+                    let _ = events.send(HealthEvent {
+                        vip,
+                        backend,
+                        healthy: state.healthy,
+                        local_error: true,
+                    });
+                    continue;
+                }
             };
             if let Some(healthy) = state.observe(ok)
                 && events
@@ -199,6 +278,7 @@ pub fn spawn_checker(
                         vip,
                         backend,
                         healthy,
+                        local_error: false,
                     })
                     .is_err()
             {
@@ -249,15 +329,23 @@ mod tests {
         });
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let t = Duration::from_secs(1);
-        assert!(probe_http(lo, port, "/", 0, t).await, "200 is healthy");
-        assert!(!probe_http(lo, port, "/", 0, t).await, "503 is not");
-        assert!(probe_http(lo, port, "/", 200, t).await);
-        assert!(probe_tcp(lo, port, t).await);
+        assert_eq!(
+            probe_http(lo, port, "/", 0, t).await,
+            Probe::Up,
+            "200 is healthy"
+        );
+        assert_eq!(
+            probe_http(lo, port, "/", 0, t).await,
+            Probe::Down,
+            "503 is not"
+        );
+        assert_eq!(probe_http(lo, port, "/", 200, t).await, Probe::Up);
+        assert_eq!(probe_tcp(lo, port, t).await, Probe::Up);
         // A port with nothing listening.
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dead = closed.local_addr().unwrap().port();
         drop(closed);
-        assert!(!probe_tcp(lo, dead, t).await);
-        assert!(!probe_http(lo, dead, "/", 0, t).await);
+        assert_eq!(probe_tcp(lo, dead, t).await, Probe::Down);
+        assert_eq!(probe_http(lo, dead, "/", 0, t).await, Probe::Down);
     }
 }

@@ -161,6 +161,11 @@ fn wait_for_quiet(socket: &std::path::Path) -> Result<()> {
 }
 
 fn main() {
+    // A closed output pipe (`lbctl stats | head -5`) ends lbctl quietly, as
+    // it does any Unix filter; Rust's default (SIGPIPE ignored) made every
+    // println! panic with a backtrace instead.
+    // SAFETY: setting a signal disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     if let Err(e) = real_main() {
         eprintln!("lbctl: {e:#}");
         std::process::exit(1);

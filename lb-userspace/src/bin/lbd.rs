@@ -7,9 +7,11 @@ use clap::{Parser, Subcommand};
 use lb_common::maps::DecapReason;
 use lb_userspace::{
     config::Config,
-    daemon::{Daemon, serve_metrics, serve_socket, xdp_mode},
+    daemon::{Daemon, preflight, xdp_mode},
     dataplane::teardown,
     decap::Decap,
+    instance_lock::InstanceLock,
+    serve::{bind_control_socket, bind_metrics, serve_metrics, serve_socket},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
@@ -52,22 +54,27 @@ enum Cmd {
 }
 
 async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let mut daemon = Daemon::start(config_path, events_tx)?;
-    let (api_tx, mut api) = tokio::sync::mpsc::channel(64);
-    let socket = PathBuf::from(&daemon.config().lb.control_socket);
-    tokio::spawn(async move {
-        if let Err(e) = serve_socket(socket, api_tx).await {
-            error!("control socket: {e:#}");
-        }
-    });
+    let config = Config::load(&config_path)?;
+    preflight(&config)?;
+    let pin_dir = (!config.lb.pin_path.is_empty()).then(|| PathBuf::from(&config.lb.pin_path));
+    let socket = PathBuf::from(&config.lb.control_socket);
+    // Before anything is touched: one daemon per pin path and socket.
+    let _lock = InstanceLock::acquire(pin_dir.as_deref(), &socket)?;
+    let control = bind_control_socket(&socket)?;
     // Without an endpoint nobody reads the text: do not render it each second.
-    let metrics_on = !daemon.config().lb.metrics_address.is_empty();
-    if metrics_on {
-        serve_metrics(&daemon.config().lb.metrics_address, daemon.metrics_handle())?;
-    }
-    if metrics_on {
+    let metrics_listener = if config.lb.metrics_address.is_empty() {
+        None
+    } else {
+        Some(bind_metrics(&config.lb.metrics_address)?)
+    };
+    let metrics_on = metrics_listener.is_some();
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let mut daemon = Daemon::start(config_path, config, events_tx)?;
+    let (api_tx, mut api) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(serve_socket(control, api_tx));
+    if let Some(listener) = metrics_listener {
         daemon.refresh_metrics();
+        tokio::spawn(serve_metrics(listener, daemon.metrics_handle()));
     }
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
@@ -82,7 +89,7 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
                 let _ = reply.send(response);
             }
             _ = hup.recv() => {
-                if let Err(e) = daemon.reload() {
+                if let Err(e) = daemon.reload().map(|_| ()) {
                     error!("reload rejected, running configuration kept: {e:#}");
                 }
             }
@@ -152,7 +159,7 @@ fn real_main() -> Result<()> {
             stats_interval,
         } => rt.block_on(run(config, stats_interval)),
         Cmd::CheckConfig { file } => {
-            Config::load(&file)?;
+            Config::load(&file)?.check_host()?;
             println!("{}: ok", file.display());
             Ok(())
         }
