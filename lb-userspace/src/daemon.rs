@@ -222,6 +222,7 @@ impl Daemon {
 
     /// Brings maps and health checkers in line with the working config.
     pub fn apply(&mut self) -> Result<()> {
+        self.new_backends_start_down();
         let desired = self.desired();
         let report = self.rec.apply(&desired, &mut self.dp)?;
         for name in &report.vips_added {
@@ -275,6 +276,26 @@ impl Daemon {
         self.announce();
     }
 
+    /// A checked backend that appears while lbd runs (reload, `lbctl`) gets
+    /// no slots before `rise` successful probes: it may not even be set up
+    /// yet. Those of the first apply (this start's config, or adopted from
+    /// a running data plane) start up, so a restart never pulls working
+    /// backends while its first probes are in flight.
+    fn new_backends_start_down(&mut self) {
+        if !self.attached {
+            return;
+        }
+        for v in &self.config.vips {
+            if v.health.kind == "none" {
+                continue;
+            }
+            let key = vip_key(v);
+            for b in &v.backends {
+                self.health.entry((key, b.address)).or_insert(false);
+            }
+        }
+    }
+
     fn sync_checkers(&mut self) {
         let mut wanted: Checkers = BTreeMap::new();
         for v in &self.config.vips {
@@ -296,6 +317,7 @@ impl Daemon {
                             v.port,
                             b.address,
                             v.health.clone(),
+                            *self.health.get(&k).unwrap_or(&true),
                             self.events.clone(),
                         );
                         wanted.insert(k, (v.health.clone(), handle));

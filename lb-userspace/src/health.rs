@@ -91,8 +91,13 @@ impl Hysteresis {
     /// Starts healthy: a restarted daemon must not pull working backends
     /// out of the table while its first probes are in flight.
     pub fn new(rise: u32, fall: u32) -> Self {
+        Self::starting(true, rise, fall)
+    }
+
+    /// Starts in `healthy` (a backend added at runtime starts down).
+    pub fn starting(healthy: bool, rise: u32, fall: u32) -> Self {
         Hysteresis {
-            healthy: true,
+            healthy,
             streak: 0,
             rise: rise.max(1),
             fall: fall.max(1),
@@ -236,12 +241,13 @@ pub fn spawn_checker(
     vip_port: u16,
     backend: IpAddr,
     check: HealthCheck,
+    initially_healthy: bool,
     events: mpsc::UnboundedSender<HealthEvent>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let port = check.port.unwrap_or(vip_port);
         let timeout = Duration::from_millis(check.timeout_ms);
-        let mut state = Hysteresis::new(check.rise, check.fall);
+        let mut state = Hysteresis::starting(initially_healthy, check.rise, check.fall);
         let mut last_local_log: Option<std::time::Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(check.interval_ms.max(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -47,17 +47,60 @@ pub struct Lbd {
     pub pin: PathBuf,
     pub config: PathBuf,
     netns: String,
+    /// RLIMIT_NOFILE for the daemon (None: inherited).
+    nofile: Option<u64>,
+}
+
+/// Runs `lbd args...` in `ns` to completion (at most 20 s) and returns its
+/// exit status and stderr: for starts that must be refused.
+pub fn lbd_once(ns: &NetNs, args: &[&str]) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/var/run/netns/{}", ns.name))
+        .arg(lbd_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting lbd");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("lbd {args:?} still running after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (status, err)
 }
 
 impl Lbd {
     /// Starts `lbd run` in `ns` with `config` (which must use `pin` and `socket`).
     pub fn start(ns: &NetNs, config: &Path, socket: &Path, pin: &Path) -> Lbd {
+        Self::start_limited(ns, config, socket, pin, None)
+    }
+
+    /// As `start`, with the daemon's descriptor limit set to `nofile`.
+    pub fn start_limited(
+        ns: &NetNs,
+        config: &Path,
+        socket: &Path,
+        pin: &Path,
+        nofile: Option<u64>,
+    ) -> Lbd {
         let mut lbd = Lbd {
             child: None,
             socket: socket.to_path_buf(),
             pin: pin.to_path_buf(),
             config: config.to_path_buf(),
             netns: ns.name.clone(),
+            nofile,
         };
         lbd.spawn();
         lbd
@@ -66,7 +109,24 @@ impl Lbd {
     fn spawn(&mut self) {
         let _ = std::fs::remove_file(&self.socket);
         // nsenter keeps the mount namespace (and so /sys/fs/bpf).
-        let child = Command::new("nsenter")
+        let mut cmd = Command::new("nsenter");
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg(format!("--net=/var/run/netns/{}", self.netns))
             .arg(lbd_binary())
             .args(["run", "--stats-interval", "0", "--config"])
@@ -106,6 +166,18 @@ impl Lbd {
     }
 
     /// Stops the daemon with `signal` (SIGTERM or SIGKILL) and waits for it.
+    /// The daemon's pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Whether the daemon is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
     pub fn stop(&mut self, signal: i32) {
         if let Some(mut child) = self.child.take() {
             // SAFETY: signalling our own child.
@@ -264,6 +336,11 @@ impl Bed {
     /// Starts lbd in the LB namespace with `config`.
     pub fn start_lbd(&self, config: &Path) -> Lbd {
         Lbd::start(&self.lb, config, &self.socket(), &self.pin)
+    }
+
+    /// As `start_lbd`, with at most `nofile` descriptors for the daemon.
+    pub fn start_lbd_limited(&self, config: &Path, nofile: u64) -> Lbd {
+        Lbd::start_limited(&self.lb, config, &self.socket(), &self.pin, Some(nofile))
     }
 }
 

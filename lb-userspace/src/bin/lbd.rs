@@ -55,6 +55,7 @@ enum Cmd {
 
 async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
     let config = Config::load(&config_path)?;
+    config.check_host()?;
     preflight(&config)?;
     let pin_dir = (!config.lb.pin_path.is_empty()).then(|| PathBuf::from(&config.lb.pin_path));
     let socket = PathBuf::from(&config.lb.control_socket);
