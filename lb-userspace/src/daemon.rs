@@ -12,7 +12,6 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
-use aya::programs::XdpMode;
 use lb_common::{
     flow_hash::flow_hash,
     maps::{BACKEND_F_VALID, FlowKey, Reason, VIP_KIND_PORT, VipKey},
@@ -58,19 +57,12 @@ pub struct Daemon {
     /// Health probes that failed on this host (EMFILE, no route, ...):
     /// never counted against a backend.
     local_probe_errors: u64,
+    /// The last attach error per interface (logged once, not every retry).
+    link_errors: BTreeMap<String, String>,
 }
 
 pub fn vip_key(v: &VipConfig) -> VipKey {
     VipKey::new(v.address, v.port, v.proto())
-}
-
-pub fn xdp_mode(name: &str) -> Result<XdpMode> {
-    Ok(match name {
-        "auto" => XdpMode::Default,
-        "driver" => XdpMode::Driver,
-        "skb" => XdpMode::Skb,
-        other => bail!("xdp mode {other:?} is not one of auto, driver, skb"),
-    })
 }
 
 /// Rebuilds the reconciler's view from pinned maps left by a previous daemon.
@@ -182,13 +174,15 @@ impl Daemon {
             draining: false,
             attached: false,
             local_probe_errors: 0,
+            link_errors: BTreeMap::new(),
         };
         d.announcer = d.config.bgp.clone().map(Announcer::new);
         d.apply()?;
-        let mode = xdp_mode(&d.config.lb.xdp_mode)?;
         for iface in d.config.lb.interfaces.clone() {
-            let replaced = d.dp.attach_pinned(&iface, mode)?;
-            info!(interface = %iface, mode = %d.config.lb.xdp_mode, replaced_pinned = replaced, "XDP attached");
+            let chosen = crate::xdp_mode::choose(&iface, &d.config.lb.xdp_mode)?;
+            let how = d.dp.attach_pinned(&iface, &chosen)?;
+            info!(interface = %iface, mode = chosen.name, why = chosen.why, configured = %d.config.lb.xdp_mode,
+                how = ?how, "XDP attached");
         }
         d.attached = true;
         d.announce();
@@ -274,6 +268,42 @@ impl Daemon {
     pub fn withdraw_all(&mut self) {
         self.draining = true;
         self.announce();
+    }
+
+    /// Compares each configured interface with the one the program was
+    /// attached to: a deleted interface is logged; one that is back (or
+    /// was recreated, so has a new index) gets the program again, on a new
+    /// link, with the maps and connection table as they were.
+    pub fn check_links(&mut self) {
+        for iface in self.config.lb.interfaces.clone() {
+            let now = crate::dataplane::ifindex_of(&iface);
+            let was = self.dp.attached_ifindex(&iface);
+            match (was, now) {
+                (Some(a), Some(b)) if a == b => continue,
+                (Some(_), None) => {
+                    error!(interface = %iface, "interface deleted: its XDP program went with it; lbd attaches again when it returns");
+                    self.dp.forget_interface(&iface);
+                    continue;
+                }
+                (None, None) => continue,
+                (_, Some(_)) => {}
+            }
+            let attached = crate::xdp_mode::choose(&iface, &self.config.lb.xdp_mode)
+                .and_then(|chosen| self.dp.attach_pinned(&iface, &chosen).map(|h| (chosen, h)));
+            match attached {
+                Ok((chosen, how)) => {
+                    self.link_errors.remove(&iface);
+                    warn!(interface = %iface, mode = chosen.name, how = ?how, "interface back: XDP attached again (connection table kept)");
+                }
+                Err(e) => {
+                    let text = format!("{e:#}");
+                    if self.link_errors.get(&iface) != Some(&text) {
+                        error!(interface = %iface, "attaching to the interface that came back failed (retried on every change): {text}");
+                        self.link_errors.insert(iface.clone(), text);
+                    }
+                }
+            }
+        }
     }
 
     /// A checked backend that appears while lbd runs (reload, `lbctl`) gets

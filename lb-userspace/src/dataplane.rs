@@ -29,7 +29,27 @@ use lb_common::{
     settings::Settings,
 };
 
-use crate::object::ebpf_object;
+use crate::{object::ebpf_object, xdp_mode::Chosen};
+
+/// How `attach_pinned` attached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Attached {
+    /// A new link (nothing was pinned for the interface).
+    Fresh,
+    /// The program replaced on the pinned link: no moment without XDP.
+    Replaced,
+    /// The pinned link was removed and a new one attached: its mode
+    /// changed, or its interface had been deleted.
+    Reattached { was: String },
+}
+
+/// The interface's index in this network namespace, if it exists.
+pub fn ifindex_of(interface: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(interface).ok()?;
+    // SAFETY: valid C string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
+}
 
 /// Sizes and settings fixed when the program is loaded.
 #[derive(Clone, Debug)]
@@ -185,6 +205,8 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, Counter>,
     ebpf: Ebpf,
     attached: Vec<XdpLinkId>,
+    /// Interface -> its ifindex when attached (a new index: recreated).
+    ifindexes: std::collections::BTreeMap<String, u32>,
     pin_path: Option<PathBuf>,
     /// True when the maps were found pinned (a previous daemon's state).
     pub adopted: bool,
@@ -269,42 +291,110 @@ impl Dataplane {
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
             ebpf,
             attached: Vec::new(),
+            ifindexes: Default::default(),
             pin_path: opts.pin_path.clone(),
             adopted,
         })
     }
 
-    /// Attaches to `interface`. With a pin path, the link is pinned so the
-    /// program stays attached after the daemon exits, and a pinned link
-    /// found there is taken over by replacing its program atomically (no
-    /// moment without XDP on the interface).
-    pub fn attach_pinned(&mut self, interface: &str, mode: XdpMode) -> Result<bool> {
+    /// Attaches to `interface` in `chosen` mode. With a pin path, the link
+    /// is pinned (`link_<interface>@<mode>`) so the program stays attached
+    /// after the daemon exits. A pinned link of the same mode is taken over
+    /// by replacing its program atomically (no moment without XDP). One of
+    /// another mode is removed and the program attached anew in the chosen
+    /// mode; so is one the kernel severed (its interface was deleted). The
+    /// maps, and so the connection table, are kept in every case.
+    pub fn attach_pinned(&mut self, interface: &str, chosen: &Chosen) -> Result<Attached> {
+        let ifindex = ifindex_of(interface)
+            .with_context(|| format!("interface {interface} does not exist"))?;
         let Some(dir) = self.pin_path.clone() else {
-            self.attach(interface, mode)?;
-            return Ok(false);
+            self.attach(interface, chosen.mode)?;
+            self.ifindexes.insert(interface.to_string(), ifindex);
+            return Ok(Attached::Fresh);
         };
-        let link_path = dir.join(format!("link_{interface}"));
-        let program = self.program();
-        if link_path.exists() {
-            let pinned = PinnedLink::from_pin(&link_path).context("opening the pinned link")?;
-            let link = XdpLink::try_from(FdLink::from(pinned))
-                .context("pinned link is not an XDP link")?;
-            let id = program
-                .attach_to_link(link)
-                .context("replacing the program on the pinned link")?;
-            self.attached.push(id);
-            return Ok(true);
+        let wanted = dir.join(format!("link_{interface}@{}", chosen.name));
+        let legacy = format!("link_{interface}");
+        let prefix = format!("link_{interface}@");
+        let mut pinned: Vec<(String, PathBuf)> = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+                    .filter(|(n, _)| *n == legacy || n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // The wanted name first: it is the one to take over.
+        pinned.sort_by_key(|(_, p)| *p != wanted);
+        let mut outcome = Attached::Fresh;
+        for (name, path) in pinned {
+            // A link pinned before modes were recorded: its mode is unknown,
+            // so it is taken over as it is.
+            let same_mode = path == wanted || name == legacy;
+            if same_mode && matches!(outcome, Attached::Fresh) {
+                match self.replace_on_pinned(&path) {
+                    Ok(()) => {
+                        self.ifindexes.insert(interface.to_string(), ifindex);
+                        if name == legacy && chosen.name != "auto" {
+                            tracing::warn!(interface, "the pinned link's mode is unknown (pinned by an older lbd): kept as it is; `lbd teardown` and a start attach in the configured mode");
+                        }
+                        outcome = Attached::Replaced;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(interface, "pinned link unusable, attaching anew (connection table kept): {e:#}");
+                        outcome = Attached::Reattached {
+                            was: "a severed link (interface deleted)".into(),
+                        };
+                    }
+                }
+            } else if !same_mode {
+                outcome = Attached::Reattached {
+                    was: name.trim_start_matches(&prefix).to_string(),
+                };
+            } else {
+                continue;
+            }
+            // Unpinning the last reference detaches that link.
+            std::fs::remove_file(&path)
+                .with_context(|| format!("removing {}", path.display()))?;
         }
+        if matches!(outcome, Attached::Replaced) {
+            return Ok(outcome);
+        }
+        let program = self.program();
         let id = program
-            .attach(interface, mode)
-            .with_context(|| format!("attaching XDP to {interface} in {mode:?} mode"))?;
+            .attach(interface, chosen.mode)
+            .with_context(|| format!("attaching XDP to {interface} in {} mode", chosen.name))?;
         let link = program.take_link(id)?;
         let fd_link =
             FdLink::try_from(link).context("this kernel gave no bpf_link for XDP (needs 5.9+)")?;
         fd_link
-            .pin(&link_path)
-            .with_context(|| format!("pinning {}", link_path.display()))?;
-        Ok(false)
+            .pin(&wanted)
+            .with_context(|| format!("pinning {}", wanted.display()))?;
+        self.ifindexes.insert(interface.to_string(), ifindex);
+        Ok(outcome)
+    }
+
+    fn replace_on_pinned(&mut self, path: &Path) -> Result<()> {
+        let pinned = PinnedLink::from_pin(path).context("opening the pinned link")?;
+        let link =
+            XdpLink::try_from(FdLink::from(pinned)).context("pinned link is not an XDP link")?;
+        let id = self
+            .program()
+            .attach_to_link(link)
+            .context("replacing the program on the pinned link")?;
+        self.attached.push(id);
+        Ok(())
+    }
+
+    /// The ifindex `interface` had when the program was attached to it.
+    pub fn attached_ifindex(&self, interface: &str) -> Option<u32> {
+        self.ifindexes.get(interface).copied()
+    }
+
+    /// Forgets the attachment to an interface that is gone.
+    pub fn forget_interface(&mut self, interface: &str) {
+        self.ifindexes.remove(interface);
     }
 
     /// Every `VIPS` entry (for adopting pinned state).

@@ -355,3 +355,114 @@ fn lbctl_ends_quietly_when_its_output_pipe_closes() {
     assert!(!err.contains("panicked"), "{err}");
     assert_ne!(out.status.code(), Some(101), "a panic's exit code");
 }
+
+/// Sends one datagram from each of `n` source ports to the UDP VIP.
+fn send_udp_flows(b: &Bed, n: u16) {
+    let _guard = b.client.enter();
+    for i in 0..n {
+        let s = std::net::UdpSocket::bind(("10.200.0.2", 21_000 + i)).unwrap();
+        s.send_to(b"ping", (VIP, 53)).unwrap();
+    }
+}
+
+fn udp_vip() -> String {
+    format!(
+        "[[vip]]\naddress = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\ntable_size = 4099\n{}",
+        backends_toml()
+    )
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `ip link show DEV`'s XDP attachment: "xdpgeneric", "xdp" or "".
+fn xdp_shown(b: &Bed, dev: &str) -> &'static str {
+    let line = b.lb.sh(&format!("ip link show {dev}"));
+    if line.contains("xdpgeneric") {
+        "xdpgeneric"
+    } else if line.contains("xdp") {
+        "xdp"
+    } else {
+        ""
+    }
+}
+
+#[test]
+fn a_changed_xdp_mode_is_applied_at_restart_and_flows_are_kept() {
+    if !have_root() {
+        return;
+    }
+    let b = Bed::new("mode");
+    let cfg = b.config(65536, &udp_vip());
+    let mut lbd = b.start_lbd(&cfg);
+    assert_eq!(xdp_shown(&b, "l0"), "xdpgeneric");
+    send_udp_flows(&b, 40);
+    wait_until("40 tracked flows", 5, || lbd.kernel_conntrack().len() >= 40);
+    let flows = lbd.kernel_conntrack();
+    lbd.stop(libc::SIGTERM);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("xdp_mode = \"skb\"", "xdp_mode = \"driver\"");
+    std::fs::write(&cfg, text).unwrap();
+    lbd.restart();
+    assert_eq!(xdp_shown(&b, "l0"), "xdp", "native mode after the restart");
+    let now = lbd.kernel_conntrack();
+    for (flow, entry) in &flows {
+        assert!(
+            now.iter().any(|(f, e)| f == flow && e.backend_id == entry.backend_id),
+            "tracked flow lost across the mode change"
+        );
+    }
+    // And back, with `auto`: a veth gets generic mode.
+    lbd.stop(libc::SIGTERM);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("xdp_mode = \"driver\"", "xdp_mode = \"auto\"");
+    std::fs::write(&cfg, text).unwrap();
+    lbd.restart();
+    assert_eq!(xdp_shown(&b, "l0"), "xdpgeneric", "auto on a veth is skb");
+}
+
+#[test]
+fn a_deleted_interface_gets_the_program_back_when_it_returns() {
+    if !have_root() {
+        return;
+    }
+    let b = Bed::new("del");
+    let cfg = b.config(65536, &udp_vip());
+    let mut lbd = b.start_lbd(&cfg);
+    send_udp_flows(&b, 20);
+    wait_until("20 tracked flows", 5, || lbd.kernel_conntrack().len() >= 20);
+    let recreate = || {
+        b.lb.ip(&["link", "del", "l0"]);
+        std::thread::sleep(Duration::from_millis(300));
+        b.lb
+            .link("l0", "10.200.0.1/24", &b.client, "c0", "10.200.0.2/24");
+        b.client
+            .ip(&["route", "add", "default", "via", "10.200.0.1"]);
+    };
+    // While lbd runs: it sees the link come back and attaches again.
+    recreate();
+    wait_until("XDP on the new l0", 5, || xdp_shown(&b, "l0") != "");
+    assert!(lbd.running());
+    let before = lbd.forwarded();
+    send_udp_flows(&b, 20);
+    wait_until("forwarding on the new l0", 5, || lbd.forwarded() >= before + 20);
+    assert!(lbd.kernel_conntrack().len() >= 20, "connection table kept");
+    // While lbd is stopped: the pinned link is severed; a start recovers.
+    lbd.stop(libc::SIGTERM);
+    recreate();
+    lbd.restart();
+    wait_until("XDP on the newer l0", 5, || xdp_shown(&b, "l0") != "");
+    let before = lbd.forwarded();
+    send_udp_flows(&b, 20);
+    wait_until("forwarding after the start", 5, || {
+        lbd.forwarded() >= before + 20
+    });
+    assert!(lbd.kernel_conntrack().len() >= 20, "connection table kept");
+}

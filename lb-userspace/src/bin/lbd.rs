@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use lb_common::maps::DecapReason;
 use lb_userspace::{
     config::Config,
-    daemon::{Daemon, preflight, xdp_mode},
+    daemon::{Daemon, preflight},
     dataplane::teardown,
     decap::Decap,
     instance_lock::InstanceLock,
@@ -77,6 +77,7 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
         daemon.refresh_metrics();
         tokio::spawn(serve_metrics(listener, daemon.metrics_handle()));
     }
+    let links = lb_userspace::link_watch::LinkWatch::new()?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -94,9 +95,17 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
                     error!("reload rejected, running configuration kept: {e:#}");
                 }
             }
+            changed = links.changed() => {
+                if let Err(e) = changed {
+                    error!("link notifications: {e}");
+                }
+                daemon.check_links();
+            }
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {
+                // Also without a notification (one lost to ENOBUFS, say).
+                daemon.check_links();
                 if metrics_on {
                     daemon.refresh_metrics();
                 }
@@ -118,7 +127,7 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
 }
 
 async fn backend(interface: String, mode: String, gue_port: u16) -> Result<()> {
-    let decap = Decap::attach(&interface, xdp_mode(&mode)?, gue_port)?;
+    let decap = Decap::attach(&interface, lb_userspace::xdp_mode::parse(&mode)?, gue_port)?;
     info!(interface = %interface, "decap attached");
     let mut term = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(30));
