@@ -57,6 +57,12 @@ pub struct Spec {
     /// The router learns the VIP over BGP from a BIRD beside each lbd
     /// (instead of a static multipath route).
     pub bgp: bool,
+    /// lbd's `xdp_mode` ("skb", "driver" or "auto"). Native ("driver") on a
+    /// veth needs what a real NIC gives: complete checksums from the client
+    /// (its TX checksum offload off) and an XDP program on the router's
+    /// side of each LB link (the peer of an XDP_TX), both set up here.
+    /// The backends' decapsulation runs in the same mode.
+    pub xdp_mode: &'static str,
 }
 
 impl Default for Spec {
@@ -67,7 +73,18 @@ impl Default for Spec {
             health_interval_ms: 200,
             health_fall: 2,
             bgp: false,
+            xdp_mode: default_xdp_mode(),
         }
+    }
+}
+
+/// "skb", or the mode named by `LB_TEST_XDP_MODE` (driver, auto), so the
+/// whole suite can run in another mode.
+fn default_xdp_mode() -> &'static str {
+    match std::env::var("LB_TEST_XDP_MODE").as_deref() {
+        Ok("driver") | Ok("native") => "driver",
+        Ok("auto") => "auto",
+        _ => "skb",
     }
 }
 
@@ -137,6 +154,8 @@ pub struct Testbed {
     servers: Vec<Servers>,
     dir: PathBuf,
     pub spec: Spec,
+    /// Native mode: the pass program on the router's LB links.
+    peer_xdp: Option<lb_userspace::dataplane::Dataplane>,
 }
 
 fn nexthops(active: &[usize]) -> String {
@@ -238,7 +257,7 @@ impl Testbed {
                 Command::new("nsenter")
                     .arg(format!("--net=/var/run/netns/{}", be.name))
                     .arg(lbd_binary())
-                    .args(["backend", "--interface", "eth0", "--xdp-mode", "skb"])
+                    .args(["backend", "--interface", "eth0", "--xdp-mode", spec.xdp_mode])
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -335,7 +354,7 @@ impl Testbed {
             std::fs::write(
                 &config,
                 format!(
-                    "[lb]\ninterfaces = [\"eth0\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\nmaglev_slots = 524288\n\
+                    "[lb]\ninterfaces = [\"eth0\"]\nxdp_mode = \"{}\"\nconntrack_entries = 65536\nmaglev_slots = 524288\n\
                      pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n{bgp_toml}\
                      [[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n\
                      [vip.health]\nkind = \"tcp\"\ninterval_ms = {}\ntimeout_ms = {}\nrise = 2\nfall = {}\n{backends_toml}\n\
@@ -346,6 +365,7 @@ impl Testbed {
                      [[vip]]\naddress = \"{VIP6}\"\nport = {PORT_CROSS_FAMILY}\nprotocol = \"tcp\"\ntable_size = 4099\n{backends_toml}\n\
                      [[vip]]\naddress = \"{VIP}\"\nport = {PORT_GUE}\nprotocol = \"tcp\"\ntable_size = 4099\nencap = \"gue\"\n{backends_toml}\n\
                      [[vip]]\naddress = \"{VIP6}\"\nport = {PORT_GUE}\nprotocol = \"tcp\"\ntable_size = 4099\nencap = \"gue\"\n{backends6_toml}",
+                    spec.xdp_mode,
                     pin.display(),
                     socket.display(),
                     spec.health_interval_ms,
@@ -360,7 +380,28 @@ impl Testbed {
             lbds.push(Lbd::start(&lb, &config, &socket, &pin));
             lbs.push(lb);
         }
+        let peer_xdp = (spec.xdp_mode == "driver").then(|| {
+            // What a wire and a real NIC give native XDP: complete checksums
+            // (veth would pass the client's partial ones), and a receiver
+            // with NAPI for the frames the LB sends back with XDP_TX.
+            client.sh("ethtool -K c0 tx off >/dev/null");
+            let mut dp = lb_userspace::dataplane::Dataplane::load(
+                &lb_userspace::dataplane::LoadOptions {
+                    maglev_slots: 1024,
+                    conntrack_entries: 1024,
+                    ..Default::default()
+                },
+            )
+            .expect("loading the pass program");
+            let _g = router.enter();
+            for i in 1..=spec.lbs {
+                dp.attach_pass(&format!("rl{i}"), aya::programs::XdpMode::Driver)
+                    .expect("XDP pass on the router's LB links");
+            }
+            dp
+        });
         let tb = Testbed {
+            peer_xdp,
             client,
             router,
             lbs,
@@ -503,6 +544,7 @@ impl Drop for Testbed {
         }
         self.lbds.clear();
         self.decaps.clear();
+        self.peer_xdp = None;
         for b in &mut self.birds {
             // SIGKILL also ends a stopped (hung) BIRD.
             let _ = b.0.kill();
