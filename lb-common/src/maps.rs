@@ -236,6 +236,10 @@ pub enum Reason {
     /// An ICMP error quoting a VIP flow: sent to that flow's backend (also
     /// counted under the outcome).
     IcmpErrorForwarded = 17,
+    /// To a VIP address, but no VIP has its port and protocol: dropped.
+    /// Passed, it would go back to the router (the LB host does not own
+    /// the address) and loop until its TTL runs out.
+    DropNotAService = 18,
 }
 
 impl Reason {
@@ -243,14 +247,15 @@ impl Reason {
     /// the neighbour resolves, by the kernel).
     pub const FORWARDED: [Reason; 3] = [Reason::Tx, Reason::Redirect, Reason::PassNoNeighbour];
     /// Outcomes that dropped the packet.
-    pub const DROPPED: [Reason; 4] = [
+    pub const DROPPED: [Reason; 5] = [
         Reason::DropNoBackend,
         Reason::DropNoRoute,
         Reason::DropTooBig,
         Reason::DropEncapFailed,
+        Reason::DropNotAService,
     ];
 
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 19;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassNotVip,
@@ -270,6 +275,7 @@ impl Reason {
         Reason::IcmpTooBigSent,
         Reason::IcmpEchoReply,
         Reason::IcmpErrorForwarded,
+        Reason::DropNotAService,
     ];
 
     /// Stable name for metrics and CLI output.
@@ -293,6 +299,7 @@ impl Reason {
             Reason::IcmpTooBigSent => "icmp_too_big_sent",
             Reason::IcmpEchoReply => "icmp_echo_reply",
             Reason::IcmpErrorForwarded => "icmp_error_forwarded",
+            Reason::DropNotAService => "drop_not_a_service",
         }
     }
 }

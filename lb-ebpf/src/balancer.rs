@@ -43,6 +43,10 @@ pub fn process(ctx: &XdpContext) -> u32 {
         return answer_echo(ctx, &pkt, bytes);
     }
     let Some(vip) = lookup_vip(&pkt) else {
+        // Never back out unbalanced: the router would send it here again.
+        if is_vip_address(&pkt) {
+            return finish(Reason::DropNotAService, XDP_DROP, bytes);
+        }
         return finish(Reason::PassNotVip, XDP_PASS, bytes);
     };
     count_vip(vip.vip_id, bytes);
@@ -64,20 +68,31 @@ pub fn process(ctx: &XdpContext) -> u32 {
     )
 }
 
-/// Echo requests to a VIP address are answered here: the address is
-/// served by every instance, so any of them may answer.
+/// The per-address key: is the destination some VIP's address?
 #[inline(always)]
-fn answer_echo(ctx: &XdpContext, pkt: &Packet, bytes: u64) -> u32 {
-    let key = VipKey {
+fn address_key(pkt: &Packet) -> VipKey {
+    VipKey {
         addr: pkt.flow.dst,
         port: 0,
         proto: 0,
         kind: VIP_KIND_ADDRESS,
         family: pkt.flow.family,
         _pad: [0; 3],
-    };
+    }
+}
+
+#[inline(always)]
+fn is_vip_address(pkt: &Packet) -> bool {
+    // SAFETY: only presence is read.
+    unsafe { VIPS.get(&address_key(pkt)) }.is_some()
+}
+
+/// Echo requests to a VIP address are answered here: the address is
+/// served by every instance, so any of them may answer.
+#[inline(always)]
+fn answer_echo(ctx: &XdpContext, pkt: &Packet, bytes: u64) -> u32 {
     // SAFETY: copied out at once.
-    let Some(vip_id) = (unsafe { VIPS.get(&key) }).map(|m| m.vip_id) else {
+    let Some(vip_id) = (unsafe { VIPS.get(&address_key(pkt)) }).map(|m| m.vip_id) else {
         return finish(Reason::PassNotVip, XDP_PASS, bytes);
     };
     count_vip(vip_id, bytes);

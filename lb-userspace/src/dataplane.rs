@@ -335,13 +335,19 @@ impl Dataplane {
                     Ok(()) => {
                         self.ifindexes.insert(interface.to_string(), ifindex);
                         if name == legacy && chosen.name != "auto" {
-                            tracing::warn!(interface, "the pinned link's mode is unknown (pinned by an older lbd): kept as it is; `lbd teardown` and a start attach in the configured mode");
+                            tracing::warn!(
+                                interface,
+                                "the pinned link's mode is unknown (pinned by an older lbd): kept as it is; `lbd teardown` and a start attach in the configured mode"
+                            );
                         }
                         outcome = Attached::Replaced;
                         continue;
                     }
                     Err(e) => {
-                        tracing::warn!(interface, "pinned link unusable, attaching anew (connection table kept): {e:#}");
+                        tracing::warn!(
+                            interface,
+                            "pinned link unusable, attaching anew (connection table kept): {e:#}"
+                        );
                         outcome = Attached::Reattached {
                             was: "a severed link (interface deleted)".into(),
                         };
@@ -355,8 +361,7 @@ impl Dataplane {
                 continue;
             }
             // Unpinning the last reference detaches that link.
-            std::fs::remove_file(&path)
-                .with_context(|| format!("removing {}", path.display()))?;
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
         if matches!(outcome, Attached::Replaced) {
             return Ok(outcome);

@@ -76,7 +76,12 @@ pub fn lbd_once(ns: &NetNs, args: &[&str]) -> (std::process::ExitStatus, String)
     };
     let mut err = String::new();
     use std::io::Read;
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     (status, err)
 }
 

@@ -257,7 +257,13 @@ impl Testbed {
                 Command::new("nsenter")
                     .arg(format!("--net=/var/run/netns/{}", be.name))
                     .arg(lbd_binary())
-                    .args(["backend", "--interface", "eth0", "--xdp-mode", spec.xdp_mode])
+                    .args([
+                        "backend",
+                        "--interface",
+                        "eth0",
+                        "--xdp-mode",
+                        spec.xdp_mode,
+                    ])
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -385,14 +391,13 @@ impl Testbed {
             // (veth would pass the client's partial ones), and a receiver
             // with NAPI for the frames the LB sends back with XDP_TX.
             client.sh("ethtool -K c0 tx off >/dev/null");
-            let mut dp = lb_userspace::dataplane::Dataplane::load(
-                &lb_userspace::dataplane::LoadOptions {
+            let mut dp =
+                lb_userspace::dataplane::Dataplane::load(&lb_userspace::dataplane::LoadOptions {
                     maglev_slots: 1024,
                     conntrack_entries: 1024,
                     ..Default::default()
-                },
-            )
-            .expect("loading the pass program");
+                })
+                .expect("loading the pass program");
             let _g = router.enter();
             for i in 1..=spec.lbs {
                 dp.attach_pass(&format!("rl{i}"), aya::programs::XdpMode::Driver)

@@ -291,6 +291,19 @@ fn adding_a_backend_moves_about_one_in_n_of_new_flows() {
             .ok
         );
     }
+    // A backend added at runtime gets slots once its checks pass (rise 2).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for i in 0..tb.lbds.len() {
+        while !tb.lbctl(i, Request::Status).data["vips"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["address"] == "10.30.4.2" && b["healthy"] == true)
+        {
+            assert!(Instant::now() < deadline, "lb{i}: new backend never up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let after = trace_all(&tb);
     let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
     let to_new = before
@@ -352,4 +365,26 @@ fn check_backend_reports_what_is_wrong_with_a_backend() {
     be.ip(&["addr", "del", &format!("{VIP}/32"), "dev", "lo"]);
     let (ok, text) = check();
     assert!(!ok && text.contains("VIP 10.0.0.10 is not on lo"), "{text}");
+}
+
+#[test]
+fn packets_to_a_vip_address_on_no_service_are_dropped_not_looped() {
+    if !have_root() {
+        return;
+    }
+    let tb = Testbed::new("e2l", Spec::default());
+    let ports = [81u16, 82, 443, 8081, 9000];
+    tb.in_client(move || {
+        for port in ports {
+            let addr = std::net::SocketAddr::new(VIP.parse().unwrap(), port);
+            // Nothing serves it: no answer, a timeout (one SYN each).
+            assert!(
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err()
+            );
+        }
+    });
+    // Each SYN reached an LB once and ended there. Passed (as before), it
+    // went back to the router and returned until its TTL ran out.
+    let dropped = tb.reason_packets("drop_not_a_service");
+    assert_eq!(dropped, ports.len() as u64, "one drop per SYN");
 }

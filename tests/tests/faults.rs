@@ -72,10 +72,7 @@ fn a_second_daemon_and_a_teardown_under_a_running_one_are_refused() {
     // Its socket was not taken over: the first daemon still answers.
     assert!(lbd.call(Request::Status).ok);
 
-    let (status, err) = lbd_once(
-        &b.lb,
-        &["teardown", "--pin-path", b.pin.to_str().unwrap()],
-    );
+    let (status, err) = lbd_once(&b.lb, &["teardown", "--pin-path", b.pin.to_str().unwrap()]);
     assert!(!status.success(), "teardown under a running lbd succeeded");
     assert!(err.contains("another lbd"), "{err}");
     assert!(b.pin.join("VIPS").exists(), "pinned maps still there");
@@ -84,10 +81,7 @@ fn a_second_daemon_and_a_teardown_under_a_running_one_are_refused() {
 
     // Once the daemon is gone, teardown works.
     lbd.stop(libc::SIGTERM);
-    let (status, err) = lbd_once(
-        &b.lb,
-        &["teardown", "--pin-path", b.pin.to_str().unwrap()],
-    );
+    let (status, err) = lbd_once(&b.lb, &["teardown", "--pin-path", b.pin.to_str().unwrap()]);
     assert!(status.success(), "{err}");
     assert!(!b.pin.exists());
 }
@@ -226,7 +220,10 @@ fn the_metrics_endpoint_survives_a_slowloris() {
             .collect()
     };
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(lbd.call(Request::Status).ok, "control socket during the attack");
+    assert!(
+        lbd.call(Request::Status).ok,
+        "control socket during the attack"
+    );
     assert_eq!(lbd.kernel_table(&key()), table, "health unaffected");
     drop(slow);
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -270,13 +267,20 @@ fn bad_socket_paths_are_refused_and_reloads_never_block() {
     .unwrap();
     let (status, err) = lbd_once(&b.lb, &["run", "--config", cfg.to_str().unwrap()]);
     assert!(!status.success() && err.contains("does not exist"), "{err}");
-    assert!(!b.pin.join("VIPS").exists(), "nothing pinned by a refused start");
+    assert!(
+        !b.pin.join("VIPS").exists(),
+        "nothing pinned by a refused start"
+    );
 
     // Running: a reload that changes [lb] says it needs a restart.
     std::fs::write(&cfg, &good).unwrap();
     let _targets = health_targets(&b);
     let lbd = b.start_lbd(&cfg);
-    std::fs::write(&cfg, good.replace("xdp_mode = \"skb\"", "xdp_mode = \"driver\"")).unwrap();
+    std::fs::write(
+        &cfg,
+        good.replace("xdp_mode = \"skb\"", "xdp_mode = \"driver\""),
+    )
+    .unwrap();
     let r = lbd.call(Request::Reload);
     assert!(r.ok, "{r:?}");
     let text = r.data.as_str().unwrap();
@@ -414,7 +418,8 @@ fn a_changed_xdp_mode_is_applied_at_restart_and_flows_are_kept() {
     let now = lbd.kernel_conntrack();
     for (flow, entry) in &flows {
         assert!(
-            now.iter().any(|(f, e)| f == flow && e.backend_id == entry.backend_id),
+            now.iter()
+                .any(|(f, e)| f == flow && e.backend_id == entry.backend_id),
             "tracked flow lost across the mode change"
         );
     }
@@ -441,8 +446,7 @@ fn a_deleted_interface_gets_the_program_back_when_it_returns() {
     let recreate = || {
         b.lb.ip(&["link", "del", "l0"]);
         std::thread::sleep(Duration::from_millis(300));
-        b.lb
-            .link("l0", "10.200.0.1/24", &b.client, "c0", "10.200.0.2/24");
+        b.lb.link("l0", "10.200.0.1/24", &b.client, "c0", "10.200.0.2/24");
         b.client
             .ip(&["route", "add", "default", "via", "10.200.0.1"]);
     };
@@ -452,7 +456,9 @@ fn a_deleted_interface_gets_the_program_back_when_it_returns() {
     assert!(lbd.running());
     let before = lbd.forwarded();
     send_udp_flows(&b, 20);
-    wait_until("forwarding on the new l0", 5, || lbd.forwarded() >= before + 20);
+    wait_until("forwarding on the new l0", 5, || {
+        lbd.forwarded() >= before + 20
+    });
     assert!(lbd.kernel_conntrack().len() >= 20, "connection table kept");
     // While lbd is stopped: the pinned link is severed; a start recovers.
     lbd.stop(libc::SIGTERM);

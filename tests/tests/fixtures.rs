@@ -239,7 +239,8 @@ fn fixture_table() {
         );
     }
 
-    // Not for a VIP: passed byte for byte.
+    // Not for a VIP: passed byte for byte. To a VIP address but no VIP's
+    // port or protocol: dropped (passed, it would loop via the router).
     for (name, p, reason) in [
         (
             "other address",
@@ -249,22 +250,27 @@ fn fixture_table() {
         (
             "VIP address, other port",
             tcp(VIP_TCP, 81, 40_000, TcpKind::Syn),
-            Reason::PassNotVip,
+            Reason::DropNotAService,
         ),
         (
             "VIP address and port, UDP",
             packets::udp(v4(CLIENT), 1, v4(VIP_TCP), 80, 10),
-            Reason::PassNotVip,
+            Reason::DropNotAService,
         ),
         (
             "UDP VIP, TCP packet",
             tcp(VIP_UDP, 53, 40_000, TcpKind::Syn),
-            Reason::PassNotVip,
+            Reason::DropNotAService,
         ),
         ("ARP", packets::arp(), Reason::PassNotIp),
     ] {
         let o = h.send(&p);
-        assert_eq!(o.model.action, Action::Pass, "{name}");
+        let action = if reason == Reason::DropNotAService {
+            Action::Drop
+        } else {
+            Action::Pass
+        };
+        assert_eq!(o.model.action, action, "{name}");
         assert_eq!(o.model.reasons, [reason], "{name}");
         assert_eq!(o.kernel.packet, p, "{name}: unchanged");
     }
@@ -272,7 +278,7 @@ fn fixture_table() {
     icmp[14 + 9] = 1;
     assert_eq!(
         h.send(&icmp).model.reasons,
-        [Reason::PassNotVip],
+        [Reason::DropNotAService],
         "ICMP (neither echo nor a quoting error) to a VIP address"
     );
 

@@ -300,13 +300,23 @@ fn every_family_combination_and_gue() {
     // Not a VIP: an IPv6 address whose last 96 bits are zero must not
     // match an IPv4 VIP (the keys carry the family), nor other ports.
     let lookalike = ip6("a00:14::");
-    for p in [
-        packets::tcp_ip(c6, 1, lookalike, 80, TcpKind::Syn, 0),
-        packets::tcp_ip(c6, 1, ip6(VIP6), 81, TcpKind::Syn, 0),
-        packets::udp_ip(c6, 1, ip6(VIP6), 80, 0),
+    for (p, reason) in [
+        (
+            packets::tcp_ip(c6, 1, lookalike, 80, TcpKind::Syn, 0),
+            Reason::PassNotVip,
+        ),
+        // The VIP's address, not one of its services: dropped, not looped.
+        (
+            packets::tcp_ip(c6, 1, ip6(VIP6), 81, TcpKind::Syn, 0),
+            Reason::DropNotAService,
+        ),
+        (
+            packets::udp_ip(c6, 1, ip6(VIP6), 80, 0),
+            Reason::DropNotAService,
+        ),
     ] {
         let o = h.send(&p);
-        assert_eq!(o.model.reasons, [Reason::PassNotVip]);
+        assert_eq!(o.model.reasons, [reason]);
         assert_eq!(o.kernel.packet, p);
     }
 }
@@ -497,12 +507,12 @@ fn icmp_errors_reach_the_backend_of_the_flow_they_quote() {
         // A quote whose source is not the error's destination: not ours.
         let other = packets::tcp_ip(client, 80, client, 40_000, TcpKind::SynAck, 0);
         let err = packets::icmp_too_big_error(router, vip, 1280, &other[14..]);
-        assert_eq!(h.send(&err).model.reasons, [Reason::PassNotVip]);
+        assert_eq!(h.send(&err).model.reasons, [Reason::DropNotAService]);
         // A quote cut before the ports: not ours either.
         let reply = packets::tcp_ip(vip, 80, client, 40_000, TcpKind::SynAck, 0);
         let cut = if vip.is_ipv6() { 42 } else { 22 };
         let err = packets::icmp_too_big_error(router, vip, 1280, &reply[14..14 + cut]);
-        assert_eq!(h.send(&err).model.reasons, [Reason::PassNotVip]);
+        assert_eq!(h.send(&err).model.reasons, [Reason::DropNotAService]);
     }
 }
 

@@ -173,6 +173,15 @@ impl ModelMaps {
             return d.finish(Reason::IcmpEchoReply, Action::Tx);
         }
         let Some(vip) = self.lookup_vip(&p) else {
+            let address = VipKey {
+                addr: p.flow.dst,
+                kind: VIP_KIND_ADDRESS,
+                family: p.flow.family,
+                ..VipKey::default()
+            };
+            if self.vips.contains_key(&address) {
+                return d.finish(Reason::DropNotAService, Action::Drop);
+            }
             return d.finish(Reason::PassNotVip, Action::Pass);
         };
         d.vip_id = Some(vip.vip_id);
