@@ -158,6 +158,9 @@ fn parse_ipv4(ctx: &XdpContext, pkt: &mut Packet) -> Option<()> {
     if (ip_len as usize) < ihl || l2_len + ip_len as usize > packet_len {
         return None;
     }
+    if !ipv4_header_checksum_ok(ctx, l2_len, ihl) {
+        return None;
+    }
     let frags = u16::from_be_bytes(ip.frags);
     pkt.flow.src[0] = u32::from_ne_bytes(ip.src_addr);
     pkt.flow.dst[0] = u32::from_ne_bytes(ip.dst_addr);
@@ -169,6 +172,37 @@ fn parse_ipv4(ctx: &XdpContext, pkt: &mut Packet) -> Option<()> {
     pkt.ip_id = u16::from_ne_bytes(ip.id);
     pkt.dont_fragment = frags & IP_DF != 0;
     transport(ctx, ihl, pkt)
+}
+
+/// The IPv4 header at `at`, `ihl` bytes with options, sums to 0xFFFF in
+/// ones' complement. 32-bit words summed in 64 bits, then folded: the
+/// same test as on 16-bit words, in a quarter of the additions.
+#[inline(always)]
+fn ipv4_header_checksum_ok(ctx: &XdpContext, at: usize, ihl: usize) -> bool {
+    let Some(base) = ptr_at::<[u32; 5]>(ctx, at) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let w = unsafe { *base };
+    let mut sum = w[0] as u64 + w[1] as u64 + w[2] as u64 + w[3] as u64 + w[4] as u64;
+    let mut off = Ipv4Hdr::LEN;
+    // Options: at most 10 more words.
+    for _ in 0..10 {
+        if off >= ihl {
+            break;
+        }
+        let Some(word) = ptr_at::<u32>(ctx, at + off) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        sum += unsafe { *word } as u64;
+        off += 4;
+    }
+    sum = (sum & 0xFFFF_FFFF) + (sum >> 32);
+    sum = (sum & 0xFFFF_FFFF) + (sum >> 32);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    sum = (sum & 0xFFFF) + (sum >> 16);
+    sum == 0xFFFF
 }
 
 #[inline(always)]
@@ -271,6 +305,11 @@ fn transport(ctx: &XdpContext, l4: usize, pkt: &mut Packet) -> Option<()> {
                 return None;
             }
             // SAFETY: bounds checked by ptr_at.
+            let doff = ((unsafe { *((tcp as *const u8).add(12)) } >> 4) as usize) * 4;
+            if doff < TcpHdr::LEN || l4 + doff > ip_len {
+                return None;
+            }
+            // SAFETY: bounds checked by ptr_at.
             unsafe {
                 pkt.flow.sport = u16::from_ne_bytes((*tcp).source);
                 pkt.flow.dport = u16::from_ne_bytes((*tcp).dest);
@@ -280,6 +319,11 @@ fn transport(ctx: &XdpContext, l4: usize, pkt: &mut Packet) -> Option<()> {
         PROTO_UDP => {
             let udp = ptr_at::<UdpHdr>(ctx, at)?;
             if ip_len < l4 + UdpHdr::LEN {
+                return None;
+            }
+            // SAFETY: bounds checked by ptr_at.
+            let ulen = u16::from_be_bytes(unsafe { (*udp).len }) as usize;
+            if ulen < UdpHdr::LEN || l4 + ulen > ip_len {
                 return None;
             }
             // SAFETY: bounds checked by ptr_at.

@@ -322,6 +322,32 @@ pub fn frame(rng: &mut SmallRng) -> Vec<u8> {
             fix_checksum(&mut f, l3);
         }
         5 => f.extend((0..rng.random_range(1..30)).map(|_| rng.random::<u8>())),
+        // Lengths inside the transport header: a TCP data offset below 5
+        // or past the end, a UDP length below 8 or past the end (or fine).
+        6 => {
+            let l4 = if v6 {
+                l3 + 40
+            } else {
+                l3 + (f.get(l3).map_or(5, |b| b & 0x0F) as usize * 4)
+            };
+            let proto = if v6 { f.get(l3 + 6) } else { f.get(l3 + 9) };
+            match proto {
+                Some(&PROTO_TCP) if f.len() > l4 + 12 => {
+                    f[l4 + 12] = rng.random_range(0..16u8) << 4;
+                }
+                Some(&PROTO_UDP) if f.len() > l4 + 6 => {
+                    let len: u16 = *[0u16, 7, 8, 9, 1500, rng.random()]
+                        .get(rng.random_range(0..6))
+                        .unwrap();
+                    f[l4 + 4..l4 + 6].copy_from_slice(&len.to_be_bytes());
+                }
+                _ => {}
+            }
+        }
+        // An IPv4 header checksum off by one bit.
+        7 if !v6 && f.len() > l3 + 11 => {
+            f[l3 + 10 + rng.random_range(0..2)] ^= 1 << rng.random_range(0..8)
+        }
         _ => {}
     }
     f

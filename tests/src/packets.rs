@@ -67,7 +67,8 @@ pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: usize)
 
 const L3: usize = 14;
 
-fn fix_ip_checksum(pkt: &mut [u8], l3: usize) {
+/// Recomputes the IPv4 header checksum of the header at `l3`.
+pub fn fix_ip_checksum(pkt: &mut [u8], l3: usize) {
     let ihl = (pkt[l3] & 0x0F) as usize * 4;
     pkt[l3 + 10] = 0;
     pkt[l3 + 11] = 0;

@@ -276,6 +276,7 @@ fn fixture_table() {
     }
     let mut icmp = tcp(VIP_TCP, 80, 40_000, TcpKind::Syn);
     icmp[14 + 9] = 1;
+    packets::fix_ip_checksum(&mut icmp, 14);
     assert_eq!(
         h.send(&icmp).model.reasons,
         [Reason::DropNotAService],
@@ -472,6 +473,46 @@ fn truncated_at_every_length() {
     let mut padded = tcp(VIP_TCP, 80, 40_000, TcpKind::Ack);
     padded.extend_from_slice(&[0; 6]);
     assert_eq!(h.send(&padded).model.action, Action::Tx);
+}
+
+#[test]
+fn inconsistent_headers_are_malformed_never_forwarded() {
+    if !have_root() {
+        return;
+    }
+    let mut h = harness(Settings::DEFAULT);
+    let good_tcp = tcp(VIP_TCP, 80, 40_000, TcpKind::Ack);
+    let good_udp = packets::udp(v4(CLIENT), 1, v4(VIP_UDP), 53, 10);
+    assert_eq!(h.send(&good_tcp).model.action, Action::Tx);
+    assert_eq!(h.send(&good_udp).model.action, Action::Tx);
+    let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut bad_sum = good_tcp.clone();
+    bad_sum[14 + 10] ^= 0x01;
+    cases.push(("IPv4 header checksum".into(), bad_sum));
+    let mut with_opts = packets::with_ip_options(&good_tcp, &[1, 1, 1, 1]);
+    with_opts[14 + 21] = 7; // an option byte changed, checksum not
+    cases.push(("IPv4 checksum over options".into(), with_opts));
+    for doff in [0u8, 4, 6, 15] {
+        // No options in these frames: anything above 5 words runs past the end.
+        let mut f = good_tcp.clone();
+        f[14 + 20 + 12] = doff << 4;
+        cases.push((format!("TCP data offset {doff}"), f));
+    }
+    for len in [0u16, 7, 19, 400] {
+        let mut f = good_udp.clone();
+        f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&len.to_be_bytes());
+        cases.push((format!("UDP length {len} of 18"), f));
+    }
+    for (name, f) in cases {
+        let o = h.send(&f);
+        assert_eq!(o.model.reasons, [Reason::PassMalformed], "{name}");
+        assert_eq!(o.model.action, Action::Pass, "{name}");
+        assert_eq!(o.kernel.packet, f, "{name}: passed unchanged");
+    }
+    // A UDP length shorter than the datagram (trailing bytes) is legal.
+    let mut short = good_udp.clone();
+    short[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&12u16.to_be_bytes());
+    assert_eq!(h.send(&short).model.action, Action::Tx);
 }
 
 #[test]

@@ -74,6 +74,20 @@ fn ports(ip: &[u8], l4: usize, ip_len: usize, proto: u8) -> Option<(u16, u16, u8
     if ip_len < l4 + need {
         return None;
     }
+    // Lengths inside the transport header must fit the datagram: a TCP
+    // data offset below 5 words or past the end, a UDP length below its
+    // header or past the end (shorter is allowed: trailing bytes).
+    if proto == PROTO_TCP {
+        let doff = (ip[l4 + 12] >> 4) as usize * 4;
+        if doff < 20 || l4 + doff > ip_len {
+            return None;
+        }
+    } else {
+        let ulen = be16(ip, l4 + 4) as usize;
+        if ulen < 8 || l4 + ulen > ip_len {
+            return None;
+        }
+    }
     let flags = if proto == PROTO_TCP { ip[l4 + 13] } else { 0 };
     Some((
         u16::from_ne_bytes([ip[l4], ip[l4 + 1]]),
@@ -161,6 +175,18 @@ pub fn parse(pkt: &[u8]) -> ModelParse {
     }
 }
 
+/// An IPv4 header (options included) sums to 0xFFFF in ones' complement.
+pub fn ipv4_header_checksum_ok(header: &[u8]) -> bool {
+    let mut sum: u32 = header
+        .chunks_exact(2)
+        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+        .sum();
+    while sum > 0xFFFF {
+        sum = (sum & 0xFFFF) + (sum >> 16);
+    }
+    sum == 0xFFFF
+}
+
 fn parse_ipv4(ip: &[u8]) -> Option<ParsedIp> {
     if ip.len() < 20 {
         return None;
@@ -171,6 +197,9 @@ fn parse_ipv4(ip: &[u8]) -> Option<ParsedIp> {
     }
     let ip_len = be16(ip, 2);
     if (ip_len as usize) < ihl || ip_len as usize > ip.len() {
+        return None;
+    }
+    if !ipv4_header_checksum_ok(&ip[..ihl]) {
         return None;
     }
     let frags = be16(ip, 6);
