@@ -452,7 +452,7 @@ fn a_deleted_interface_gets_the_program_back_when_it_returns() {
     };
     // While lbd runs: it sees the link come back and attaches again.
     recreate();
-    wait_until("XDP on the new l0", 5, || xdp_shown(&b, "l0") != "");
+    wait_until("XDP on the new l0", 5, || !xdp_shown(&b, "l0").is_empty());
     assert!(lbd.running());
     let before = lbd.forwarded();
     send_udp_flows(&b, 20);
@@ -464,7 +464,7 @@ fn a_deleted_interface_gets_the_program_back_when_it_returns() {
     lbd.stop(libc::SIGTERM);
     recreate();
     lbd.restart();
-    wait_until("XDP on the newer l0", 5, || xdp_shown(&b, "l0") != "");
+    wait_until("XDP on the newer l0", 5, || !xdp_shown(&b, "l0").is_empty());
     let before = lbd.forwarded();
     send_udp_flows(&b, 20);
     wait_until("forwarding after the start", 5, || {
