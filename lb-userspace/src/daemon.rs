@@ -152,6 +152,7 @@ impl Daemon {
             maglev_slots: config.lb.maglev_slots,
             conntrack_entries: config.lb.conntrack_entries,
             pin_path,
+            object: None,
         };
         let dp = Dataplane::load(&opts)?;
         let mut rec = Reconciler::new(config.lb.hash_seed, dp.slot_capacity(), ID_QUARANTINE);

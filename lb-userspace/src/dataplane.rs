@@ -61,6 +61,22 @@ pub struct LoadOptions {
     /// bpffs directory to pin maps and links in, so the data plane outlives
     /// the daemon and a new daemon adopts it. `None`: nothing pinned.
     pub pin_path: Option<PathBuf>,
+    /// Another build's XDP object instead of the embedded one (A/B
+    /// benchmarks against an older program; see `load_object_file`).
+    pub object: Option<&'static [u8]>,
+}
+
+/// Reads an XDP object file for `LoadOptions::object`, 8-byte aligned (as
+/// the ELF parser wants) and kept for the life of the process.
+pub fn load_object_file(path: &Path) -> Result<&'static [u8]> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let words = vec![0u64; bytes.len().div_ceil(8)];
+    let aligned: &'static mut [u64] = words.leak();
+    // SAFETY: u64 storage viewed as bytes, of at least bytes.len() bytes.
+    let view =
+        unsafe { std::slice::from_raw_parts_mut(aligned.as_mut_ptr().cast::<u8>(), bytes.len()) };
+    view.copy_from_slice(&bytes);
+    Ok(view)
 }
 
 impl Default for LoadOptions {
@@ -70,6 +86,7 @@ impl Default for LoadOptions {
             maglev_slots: DEFAULT_MAGLEV_SLOTS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
             pin_path: None,
+            object: None,
         }
     }
 }
@@ -230,7 +247,10 @@ fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &st
 impl Dataplane {
     /// Loads the program (verifier included) without attaching it.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
-        let object = ebpf_object()?;
+        let object = match opts.object {
+            Some(o) => o,
+            None => ebpf_object()?,
+        };
         let mut loader = EbpfLoader::new();
         loader
             .override_global(GLOBAL_SETTINGS, &opts.settings, true)

@@ -63,12 +63,28 @@ pub struct Outcome {
 }
 
 impl Harness {
+    /// Puts the calling thread in this harness's namespace (FIB lookups of
+    /// test runs resolve there) until the guard drops.
+    pub fn enter(&self) -> NsGuard {
+        self._ns.enter()
+    }
+
     pub fn new(settings: Settings) -> Harness {
         Self::with_conntrack(settings, 1 << 16)
     }
 
     /// Like `new`, with a connection table of `conntrack_entries`.
     pub fn with_conntrack(settings: Settings, conntrack_entries: u32) -> Harness {
+        Self::with_object(settings, conntrack_entries, None)
+    }
+
+    /// Like `with_conntrack`, running `object` (another build's XDP
+    /// program, for A/B benchmarks) instead of the embedded one.
+    pub fn with_object(
+        settings: Settings,
+        conntrack_entries: u32,
+        object: Option<&'static [u8]>,
+    ) -> Harness {
         let ns = NetNs::new("lbfx");
         ns.ip(&[
             "link",
@@ -186,6 +202,7 @@ impl Harness {
             maglev_slots: 1 << 20,
             conntrack_entries,
             pin_path: None,
+            object,
         };
         let dp = Dataplane::load(&opts).expect("loading the XDP program");
         let model = ModelMaps {

@@ -100,7 +100,7 @@ fn forwards_real_packets_through_a_veth() {
         settings: Settings::DEFAULT,
         maglev_slots: 1 << 16,
         conntrack_entries: 1 << 12,
-        pin_path: None,
+        ..LoadOptions::default()
     };
     let mut dp = Dataplane::load(&opts).expect("load");
     dp.attach("l0", XdpMode::Skb).expect("attach to l0");

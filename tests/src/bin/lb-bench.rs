@@ -124,37 +124,42 @@ fn client(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(0xC633_0000u32 + (i % 60_000)) // 198.51.x.x
 }
 
-fn main() -> anyhow::Result<()> {
-    let calls: u32 = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(1_000_000);
-    let mut stats: Vec<Stat> = Vec::new();
-    if std::env::var_os("LB_BENCH_HEALTH").is_some() {
-        println!(
-            "failed backend out of the kernel table: {:?} ms",
-            health_failure_removal()?
-        );
-        return Ok(());
-    }
+/// The data-path cases, in report order.
+const CASES: [&str; 8] = [
+    "TCP SYN (inserts a flow)",
+    "TCP ACK, tracked flow",
+    "UDP, tracked flow",
+    "non-VIP packet (pass)",
+    "1400-byte TCP, tracked flow",
+    "TCP ACK, 50k tracked flows round-robin",
+    "TCP SYN, same flow (replaces its entry)",
+    "IPv6 TCP ACK, tracked flow (IP6IP6)",
+];
 
-    // Data path: 1 TCP VIP and 1 UDP VIP with 100 backends each, M = 65537.
-    let settings = if std::env::var_os("LB_BENCH_NO_FIB").is_some() {
-        Settings {
-            flags: lb_common::settings::SETTINGS_F_NO_FIB
-                | lb_common::settings::SETTINGS_F_GATEWAY_MAC,
-            gateway_mac: packets::ROUTER_MAC,
-            ..Settings::DEFAULT
-        }
-    } else {
-        Settings::DEFAULT
-    };
-    let conntrack: u32 = std::env::var("LB_BENCH_CONNTRACK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1 << 20);
-    let mut h = Harness::with_conntrack(settings, conntrack);
-    let vip = Ipv4Addr::new(10, 0, 0, 10);
+/// One program under test with the `lb-bench` setup: 1 TCP + 1 UDP VIP
+/// (IPv4) and 1 TCP VIP (IPv6), 100 backends each, M = 65537, and the
+/// packets of every case, its connection table warmed.
+struct DataPathBed {
+    h: Harness,
+    syn: Vec<Vec<u8>>,
+    ack: Vec<Vec<u8>>,
+    big: Vec<u8>,
+    udp: Vec<u8>,
+    other: Vec<u8>,
+    ack6: Vec<u8>,
+    tcp_backends: Vec<BackendSpec>,
+}
+
+const FLOWS: u32 = 50_000;
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+
+fn datapath_bed(
+    settings: Settings,
+    conntrack: u32,
+    object: Option<&'static [u8]>,
+) -> anyhow::Result<DataPathBed> {
+    let mut h = Harness::with_object(settings, conntrack, object);
+    let vip = VIP;
     let tcp_backends: Vec<BackendSpec> = (0..100)
         .map(|i| backend(100 + i, [10, 50, 0, i as u8 + 1], 1))
         .collect();
@@ -181,23 +186,15 @@ fn main() -> anyhow::Result<()> {
     h.add_vip(VipKey::new(vip6, 80, PROTO_TCP), 3, &tcp6_backends, 65_537);
     let client6: IpAddr = "2001:db8::7".parse().unwrap();
     let ack6 = packets::tcp_ip(client6, 10_000, vip6, 80, TcpKind::Ack, 0);
-    let flows = 50_000u32;
     // The same 50,000 flows, as SYNs (to create them) and as ACKs.
     let packets_of = |kind: TcpKind| -> Vec<Vec<u8>> {
-        (0..flows)
+        (0..FLOWS)
             .map(|i| packets::tcp(client(i), 10_000 + (i % 50_000) as u16, vip, 80, kind, 0))
             .collect()
     };
     let syn = packets_of(TcpKind::Syn);
     let ack = packets_of(TcpKind::Ack);
-    let big: Vec<Vec<u8>> = vec![packets::tcp(
-        client(0),
-        10_000,
-        vip,
-        80,
-        TcpKind::Ack,
-        1400 - 54,
-    )];
+    let big = packets::tcp(client(0), 10_000, vip, 80, TcpKind::Ack, 1400 - 54);
     let udp: Vec<Vec<u8>> = (0..1000)
         .map(|i| packets::udp(client(i), 20_000 + i as u16, vip, 53, 64))
         .collect();
@@ -214,73 +211,176 @@ fn main() -> anyhow::Result<()> {
     for p in syn.iter().chain(&udp).chain([&ack6]) {
         h.dp.test_run(p, lb0)?;
     }
-    let mut empty_runs = Vec::new();
-    let mut case_runs: Vec<(&str, Vec<f64>)> = [
-        "TCP SYN (inserts a flow)",
-        "TCP ACK, tracked flow",
-        "UDP, tracked flow",
-        "non-VIP packet (pass)",
-        "1400-byte TCP, tracked flow",
-        "TCP ACK, 50k tracked flows round-robin",
-        "TCP SYN, same flow (replaces its entry)",
-        "IPv6 TCP ACK, tracked flow (IP6IP6)",
-    ]
-    .iter()
-    .map(|n| (*n, Vec::new()))
-    .collect();
-    for run in 0..RUNS {
-        let empty = per_call(calls, |i| {
-            h.dp.test_run_empty(&ack[(i % flows) as usize]).unwrap()
-        });
-        empty_runs.push(empty);
-        // New flows every call: a fresh source address range per run.
-        let syn_round = run as u32 + 1;
-        // At most 200,000 new flows per run: five runs of a million would
-        // overflow the 2^20-entry table and time LRU evictions instead.
-        let fresh: Vec<Vec<u8>> = (0..calls.min(200_000))
-            .map(|i| {
-                packets::tcp(
-                    Ipv4Addr::from(0xCB00_0000u32 + syn_round * 200_000 + i),
-                    40_000,
-                    vip,
-                    80,
-                    TcpKind::Syn,
-                    0,
-                )
-            })
-            .collect();
-        let n = fresh.len() as u32;
-        case_runs[0].1.push(
-            per_call(n, |i| {
-                h.dp.test_run(&fresh[i as usize], lb0).unwrap().duration
-            }) - empty,
+    Ok(DataPathBed {
+        h,
+        syn,
+        ack,
+        big,
+        udp: udp[0].clone(),
+        other,
+        ack6,
+        tcp_backends,
+    })
+}
+
+/// One run of every case: (the empty program's ns per call, each case's
+/// ns per packet net of it). `run` picks the fresh SYNs' address range.
+fn datapath_run(bed: &mut DataPathBed, calls: u32, run: usize) -> (f64, Vec<f64>) {
+    let _ns = bed.h.enter();
+    let lb0 = bed.h.lb0;
+    let dp = &mut bed.h.dp;
+    let (syn, ack) = (&bed.syn, &bed.ack);
+    let empty = per_call(calls, |i| {
+        dp.test_run_empty(&ack[(i % FLOWS) as usize]).unwrap()
+    });
+    // New flows every call: a fresh source address range per run. At most
+    // 200,000 per run: five runs of a million would overflow the 2^20-entry
+    // table and time LRU evictions instead.
+    let syn_round = run as u32 + 1;
+    let fresh: Vec<Vec<u8>> = (0..calls.min(200_000))
+        .map(|i| {
+            packets::tcp(
+                Ipv4Addr::from(0xCB00_0000u32 + syn_round * 200_000 + i),
+                40_000,
+                VIP,
+                80,
+                TcpKind::Syn,
+                0,
+            )
+        })
+        .collect();
+    let n = fresh.len() as u32;
+    let mut one = |p: &[u8]| per_call(calls, |_| dp.test_run(p, lb0).unwrap().duration) - empty;
+    let mut cases = vec![0.0; CASES.len()];
+    cases[1] = one(&ack[0]);
+    cases[2] = one(&bed.udp);
+    cases[3] = one(&bed.other);
+    cases[4] = one(&bed.big);
+    cases[6] = one(&syn[0]);
+    cases[7] = one(&bed.ack6);
+    cases[0] = per_call(n, |i| {
+        dp.test_run(&fresh[i as usize], lb0).unwrap().duration
+    }) - empty;
+    cases[5] = per_call(calls, |i| {
+        dp.test_run(&ack[(i % FLOWS) as usize], lb0)
+            .unwrap()
+            .duration
+    }) - empty;
+    (empty, cases)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let calls: u32 = args
+        .iter()
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    // `--baseline OBJECT`: the same cases through another build's program,
+    // alternating with this one in the same process.
+    let baseline = args
+        .iter()
+        .position(|a| a == "--baseline")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from);
+    let mut stats: Vec<Stat> = Vec::new();
+    if std::env::var_os("LB_BENCH_HEALTH").is_some() {
+        println!(
+            "failed backend out of the kernel table: {:?} ms",
+            health_failure_removal()?
         );
-        case_runs[1]
-            .1
-            .push(per_call(calls, |_| h.dp.test_run(&ack[0], lb0).unwrap().duration) - empty);
-        case_runs[2]
-            .1
-            .push(per_call(calls, |_| h.dp.test_run(&udp[0], lb0).unwrap().duration) - empty);
-        case_runs[3]
-            .1
-            .push(per_call(calls, |_| h.dp.test_run(&other, lb0).unwrap().duration) - empty);
-        case_runs[4]
-            .1
-            .push(per_call(calls, |_| h.dp.test_run(&big[0], lb0).unwrap().duration) - empty);
-        case_runs[6]
-            .1
-            .push(per_call(calls, |_| h.dp.test_run(&syn[0], lb0).unwrap().duration) - empty);
-        case_runs[7]
-            .1
-            .push(per_call(calls, |_| h.dp.test_run(&ack6, lb0).unwrap().duration) - empty);
-        case_runs[5].1.push(
-            per_call(calls, |i| {
-                h.dp.test_run(&ack[(i % flows) as usize], lb0)
-                    .unwrap()
-                    .duration
-            }) - empty,
-        );
+        return Ok(());
     }
+
+    // Data path: 1 TCP VIP and 1 UDP VIP with 100 backends each, M = 65537.
+    let settings = if std::env::var_os("LB_BENCH_NO_FIB").is_some() {
+        Settings {
+            flags: lb_common::settings::SETTINGS_F_NO_FIB
+                | lb_common::settings::SETTINGS_F_GATEWAY_MAC,
+            gateway_mac: packets::ROUTER_MAC,
+            ..Settings::DEFAULT
+        }
+    } else {
+        Settings::DEFAULT
+    };
+    let conntrack: u32 = std::env::var("LB_BENCH_CONNTRACK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 20);
+    let mut beds = vec![datapath_bed(settings, conntrack, None)?];
+    if let Some(path) = &baseline {
+        let object = lb_userspace::dataplane::load_object_file(path)?;
+        beds.push(datapath_bed(settings, conntrack, Some(object))?);
+    }
+    // Per bed: the empty program's runs, and each case's runs.
+    let mut empty_runs: Vec<Vec<f64>> = vec![Vec::new(); beds.len()];
+    let mut case_runs: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CASES.len()]; beds.len()];
+    for run in 0..RUNS {
+        // Alternate which program goes first, so drift hits both alike.
+        let order: Vec<usize> = if run % 2 == 0 {
+            (0..beds.len()).collect()
+        } else {
+            (0..beds.len()).rev().collect()
+        };
+        for b in order {
+            let (empty, cases) = datapath_run(&mut beds[b], calls, run);
+            empty_runs[b].push(empty);
+            for (c, v) in cases.into_iter().enumerate() {
+                case_runs[b][c].push(v);
+            }
+        }
+    }
+    if beds.len() == 2 {
+        println!(
+            "\nA/B against {} ({RUNS} alternating runs of {calls} calls; medians, ns net of the empty program)",
+            baseline.as_ref().unwrap().display()
+        );
+        println!("{:<48} {:>9} {:>9} {:>9}", "case", "new", "old", "new/old");
+        let mut ab_json = Vec::new();
+        for (c, name) in CASES.iter().enumerate() {
+            let new = median(case_runs[0][c].clone());
+            let old = median(case_runs[1][c].clone());
+            println!("{name:<48} {new:>9.1} {old:>9.1} {:>9.2}", new / old);
+            ab_json.push(format!(
+                "  {{\"case\": {name:?}, \"new\": {new:.1}, \"old\": {old:.1}, \"ratio\": {:.3}}}",
+                new / old
+            ));
+        }
+        println!(
+            "{:<48} {:>9.1} {:>9.1}",
+            "empty program (gross, ns/call)",
+            median(empty_runs[0].clone()),
+            median(empty_runs[1].clone())
+        );
+        std::fs::create_dir_all("target/bench")?;
+        std::fs::write(
+            "target/bench/ab.json",
+            format!("[\n{}\n]\n", ab_json.join(",\n")),
+        )?;
+        println!("wrote target/bench/ab.json");
+    }
+    let old_bed = if beds.len() == 2 { beds.pop() } else { None };
+    drop(old_bed);
+    let DataPathBed {
+        mut h,
+        ack,
+        other,
+        tcp_backends,
+        ..
+    } = beds.pop().expect("the new program's bed");
+    let _ns = h.enter();
+    let lb0 = h.lb0;
+    let vip = VIP;
+    let empty_runs = empty_runs.swap_remove(0);
+    let case_runs: Vec<(&str, Vec<f64>)> = CASES
+        .iter()
+        .copied()
+        .zip(case_runs.swap_remove(0))
+        .collect();
     stats.push(summarize(
         "empty XDP program (floor, subtracted)",
         empty_runs,
