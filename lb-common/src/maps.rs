@@ -40,6 +40,25 @@ pub const MAP_ANY_PORT_VIPS: &str = "ANY_PORT_VIPS";
 pub const MAP_NEXTHOP_CACHE: &str = "NEXTHOP_CACHE";
 /// `DECAP_STATS`: per-CPU array, `DecapReason` -> `Counter` (backend side).
 pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
+/// `VIP_ADDR_FILTER`: array of `VIP_ADDR_FILTER_WORDS` u64 bit sets: bit
+/// `vip_addr_filter_bit(addr)` is set for every VIP address. A packet whose
+/// destination's bit is clear is no VIP's: passed after one array read,
+/// without a hash lookup. A set bit may be a collision: the lookups decide.
+pub const MAP_VIP_ADDR_FILTER: &str = "VIP_ADDR_FILTER";
+pub const VIP_ADDR_FILTER_WORDS: u32 = 1024;
+
+/// The filter bit of a destination address (0..65536): a multiplicative
+/// hash of the address words (network order as in the packet) and family.
+#[inline(always)]
+pub fn vip_addr_filter_bit(addr: &Addr, family: u8) -> u32 {
+    let x = addr[0]
+        ^ addr[1].rotate_left(8)
+        ^ addr[2].rotate_left(16)
+        ^ addr[3].rotate_left(24)
+        ^ family as u32;
+    x.wrapping_mul(0x9E37_79B1) >> 16
+}
+
 /// The XDP entry point of the load balancer.
 pub const PROGRAM_BALANCER: &str = "balancer";
 /// An XDP program that only passes (benchmark floor, veth peers).
@@ -331,6 +350,30 @@ impl DecapReason {
             DecapReason::PassNotEncapsulated => "pass_not_encapsulated",
             DecapReason::PassMalformed => "pass_malformed",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_bits_are_in_range_and_spread_a_subnet() {
+        let mut seen = [false; 65536];
+        for d in 0..=255u8 {
+            let a = [u32::from_ne_bytes([10, 0, 0, d]), 0, 0, 0];
+            let bit = vip_addr_filter_bit(&a, FAMILY_IPV4);
+            assert!(bit < VIP_ADDR_FILTER_WORDS * 64);
+            seen[bit as usize] = true;
+        }
+        let distinct = seen.iter().filter(|s| **s).count();
+        assert!(distinct >= 250, "a /24 shares bits: {distinct}");
+        // The family is part of it: ::a00:a is not 10.0.0.10.
+        let v4 = [u32::from_ne_bytes([10, 0, 0, 10]), 0, 0, 0];
+        assert_ne!(
+            vip_addr_filter_bit(&v4, FAMILY_IPV4),
+            vip_addr_filter_bit(&v4, FAMILY_IPV6)
+        );
     }
 }
 

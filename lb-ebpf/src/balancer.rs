@@ -11,6 +11,7 @@ use lb_common::{
     maps::{
         BACKEND_F_IPV6, BACKEND_F_VALID, Backend, ConnEntry, NEXTHOP_TTL_NS, NextHopCache, Reason,
         VIP_F_GUE, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
+        vip_addr_filter_bit,
     },
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
 };
@@ -19,8 +20,8 @@ use crate::{
     encap::{NextHop, Outer, encapsulate, lookup_next_hop},
     icmp::{echo_reply, ingress_macs, quote_len, too_big_reply},
     maps::{
-        ANY_PORT_VIPS, BACKENDS, CONNTRACK, INSERT_BUDGET, MAGLEV_SLOTS, NEXTHOP_CACHE, VIPS,
-        settings,
+        ANY_PORT_VIPS, BACKENDS, CONNTRACK, INSERT_BUDGET, MAGLEV_SLOTS, NEXTHOP_CACHE,
+        VIP_ADDR_FILTER, VIPS, settings,
     },
     parse::{ICMP_ECHO_REQUEST, ICMP_ERROR, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, parse},
     stats::{count, count_backend, count_vip},
@@ -38,6 +39,9 @@ pub fn process(ctx: &XdpContext) -> u32 {
         Parsed::Ip => {}
         Parsed::NotIp => return finish(Reason::PassNotIp, XDP_PASS, bytes),
         Parsed::Malformed => return finish(Reason::PassMalformed, XDP_PASS, bytes),
+    }
+    if !maybe_vip_address(&pkt) {
+        return finish(Reason::PassNotVip, XDP_PASS, bytes);
     }
     if pkt.icmp == ICMP_ECHO_REQUEST {
         return answer_echo(ctx, &pkt, bytes);
@@ -66,6 +70,16 @@ pub fn process(ctx: &XdpContext) -> u32 {
     forward(
         ctx, &pkt, &vip, &backend, backend_id, hash, &cfg, now, bytes,
     )
+}
+
+/// False only if the destination is certainly no VIP address (its filter
+/// bit is clear): an array read, inlined by the verifier.
+#[inline(always)]
+fn maybe_vip_address(pkt: &Packet) -> bool {
+    let bit = vip_addr_filter_bit(&pkt.flow.dst, pkt.flow.family);
+    VIP_ADDR_FILTER
+        .get(bit >> 6)
+        .is_none_or(|word| (word >> (bit & 63)) & 1 != 0)
 }
 
 /// The per-address key: is the destination some VIP's address?

@@ -8,7 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     maps::{
         Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, DecapReason,
-        FlowKey, InsertBudget, MAX_BACKENDS, MAX_VIPS, NextHopCache, Reason, VipKey, VipMeta,
+        FlowKey, InsertBudget, MAX_BACKENDS, MAX_VIPS, NextHopCache, Reason, VIP_ADDR_FILTER_WORDS,
+        VipKey, VipMeta,
     },
     settings::Settings,
 };
@@ -27,6 +28,11 @@ pub fn settings() -> Settings {
 /// VIPs, each (address, port, protocol) and each fragment key, to its meta.
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 2, 0);
+
+/// Bit sets of VIP addresses (`lb_common::maps::vip_addr_filter_bit`): most
+/// non-VIP traffic leaves after one array read instead of a hash lookup.
+#[map]
+pub static VIP_ADDR_FILTER: Array<u64> = Array::with_max_entries(VIP_ADDR_FILTER_WORDS, 0);
 
 /// Non-zero while some VIP has port 0: otherwise a packet that misses its
 /// exact (address, port, protocol) key needs no second lookup.

@@ -23,8 +23,9 @@ use lb_common::{
         BENCH_FRAME_LEN, Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES,
         DEFAULT_MAGLEV_SLOTS, FlowKey, GLOBAL_SETTINGS, MAP_ANY_PORT_VIPS, MAP_BACKEND_STATS,
         MAP_BACKENDS, MAP_BENCH_FRAME, MAP_BENCH_NEXT, MAP_CONNTRACK, MAP_MAGLEV_SLOTS,
-        MAP_NEXTHOP_CACHE, MAP_REASON_STATS, MAP_VIP_STATS, MAP_VIPS, PROGRAM_BALANCER,
-        PROGRAM_BENCH_GEN, PROGRAM_PASS, Reason, VipKey, VipMeta,
+        MAP_NEXTHOP_CACHE, MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS,
+        PROGRAM_BALANCER, PROGRAM_BENCH_GEN, PROGRAM_PASS, Reason, VIP_ADDR_FILTER_WORDS, VipKey,
+        VipMeta, vip_addr_filter_bit,
     },
     settings::Settings,
 };
@@ -92,8 +93,9 @@ impl Default for LoadOptions {
 }
 
 /// Maps that carry state across daemon restarts.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 10] = [
     MAP_VIPS,
+    MAP_VIP_ADDR_FILTER,
     MAP_ANY_PORT_VIPS,
     MAP_BACKENDS,
     MAP_MAGLEV_SLOTS,
@@ -212,6 +214,11 @@ use std::os::fd::AsFd;
 pub struct Dataplane {
     slots: SlotsMmap,
     vips: HashMap<MapData, VipKey, VipMeta>,
+    /// `VIP_ADDR_FILTER`, kept equal to the bits of `vip_keys`' addresses
+    /// (absent from an older build's object, loaded for an A/B benchmark).
+    addr_filter: Option<Array<MapData, u64>>,
+    /// Every key in `VIPS` (so the filter is maintained without reading it).
+    vip_keys: std::collections::BTreeSet<VipKey>,
     any_port_vips: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
@@ -299,9 +306,17 @@ impl Dataplane {
         };
         // The mapping keeps the map alive; the fd can go.
         drop(slots_map);
-        Ok(Dataplane {
+        let vips: HashMap<MapData, VipKey, VipMeta> = take(&mut ebpf, MAP_VIPS)?;
+        let vip_keys = vips.keys().filter_map(|k| k.ok()).collect();
+        let mut dp = Dataplane {
             slots,
-            vips: take(&mut ebpf, MAP_VIPS)?,
+            vips,
+            addr_filter: ebpf
+                .map(MAP_VIP_ADDR_FILTER)
+                .is_some()
+                .then(|| take(&mut ebpf, MAP_VIP_ADDR_FILTER))
+                .transpose()?,
+            vip_keys,
             any_port_vips: take(&mut ebpf, MAP_ANY_PORT_VIPS)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             conntrack_fd,
@@ -314,7 +329,29 @@ impl Dataplane {
             ifindexes: Default::default(),
             pin_path: opts.pin_path.clone(),
             adopted,
-        })
+        };
+        // Adopted VIPs (perhaps pinned by an lbd that had no filter yet):
+        // every word written before the program can run.
+        for word in 0..VIP_ADDR_FILTER_WORDS {
+            dp.write_filter_word(word)?;
+        }
+        Ok(dp)
+    }
+
+    /// Writes filter word `word` from the addresses of `vip_keys`.
+    fn write_filter_word(&mut self, word: u32) -> Result<()> {
+        let Some(filter) = self.addr_filter.as_mut() else {
+            return Ok(());
+        };
+        let value = self
+            .vip_keys
+            .iter()
+            .map(|k| vip_addr_filter_bit(&k.addr, k.family))
+            .filter(|bit| bit >> 6 == word)
+            .fold(0u64, |w, bit| w | 1 << (bit & 63));
+        filter
+            .set(word, value, 0)
+            .context("writing VIP_ADDR_FILTER")
     }
 
     /// Attaches to `interface` in `chosen` mode. With a pin path, the link
@@ -492,7 +529,12 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Writes a VIP entry; a new address gets its filter bit first, so the
+    /// program never skips a VIP that exists.
     pub fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<()> {
+        if self.vip_keys.insert(key) {
+            self.write_filter_word(vip_addr_filter_bit(&key.addr, key.family) >> 6)?;
+        }
         self.vips.insert(key, meta, 0).context("writing VIPS")
     }
 
@@ -508,8 +550,14 @@ impl Dataplane {
         self.any_port_vips.get(&0, 0).is_ok_and(|v| v != 0)
     }
 
+    /// Removes a VIP entry, then its address's filter bit if no other key
+    /// has that address.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
-        self.vips.remove(key).context("removing from VIPS")
+        self.vips.remove(key).context("removing from VIPS")?;
+        if self.vip_keys.remove(key) {
+            self.write_filter_word(vip_addr_filter_bit(&key.addr, key.family) >> 6)?;
+        }
+        Ok(())
     }
 
     pub fn vip(&self, key: &VipKey) -> Option<VipMeta> {

@@ -331,6 +331,32 @@ impl Harness {
         meta
     }
 
+    /// Removes a VIP's key, and the fragment and address keys that no
+    /// remaining VIP implies, as the control plane does.
+    pub fn remove_vip(&mut self, key: VipKey) {
+        self.dp.remove_vip(&key).unwrap();
+        self.model.vips.remove(&key);
+        let ports: Vec<VipKey> = self
+            .model
+            .vips
+            .keys()
+            .filter(|k| k.kind == lb_common::maps::VIP_KIND_PORT)
+            .copied()
+            .collect();
+        let wanted: std::collections::BTreeMap<VipKey, VipKey> = derived_keys(&ports);
+        let stale: Vec<VipKey> = self
+            .model
+            .vips
+            .keys()
+            .filter(|k| k.kind != lb_common::maps::VIP_KIND_PORT && !wanted.contains_key(k))
+            .copied()
+            .collect();
+        for k in stale {
+            self.dp.remove_vip(&k).unwrap();
+            self.model.vips.remove(&k);
+        }
+    }
+
     /// Fails or restores a backend (its other flags, the family, stay).
     pub fn set_backend_valid(&mut self, id: u32, valid: bool) {
         let mut b = self.dp.backend(id).unwrap();

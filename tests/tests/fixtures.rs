@@ -516,6 +516,42 @@ fn inconsistent_headers_are_malformed_never_forwarded() {
 }
 
 #[test]
+fn the_vip_address_filter_follows_vips_and_collisions_fall_through() {
+    if !have_root() {
+        return;
+    }
+    use lb_common::maps::{FAMILY_IPV4, vip_addr_filter_bit};
+    let mut h = harness(Settings::DEFAULT);
+    let vip = [10, 0, 0, 40];
+    let key40 = key(vip, 80, PROTO_TCP);
+    let b = [backend(40, [10, 50, 0, 1], 1)];
+    h.add_vip(key40, 40, &b, 251);
+    assert_eq!(
+        h.send(&tcp(vip, 80, 40_000, TcpKind::Syn)).model.action,
+        Action::Tx
+    );
+    // A non-VIP address that shares the VIP's filter bit: the lookups decide.
+    let bit = |a: [u8; 4]| vip_addr_filter_bit(&[u32::from_ne_bytes(a), 0, 0, 0], FAMILY_IPV4);
+    let twin = (0..=u16::MAX)
+        .map(|i| [10, 77, (i >> 8) as u8, i as u8])
+        .find(|a| bit(*a) == bit(vip))
+        .expect("a colliding address among 65536");
+    let o = h.send(&tcp(twin, 80, 40_000, TcpKind::Syn));
+    assert_eq!(o.model.reasons, [Reason::PassNotVip], "collision {twin:?}");
+    // Gone: its address is no VIP's any more, passed (not dropped).
+    h.remove_vip(key40);
+    let o = h.send(&tcp(vip, 80, 40_000, TcpKind::Syn));
+    assert_eq!(o.model.reasons, [Reason::PassNotVip]);
+    // And back.
+    h.add_vip(key40, 40, &b, 251);
+    assert_eq!(
+        h.send(&tcp(vip, 80, 40_001, TcpKind::Syn)).model.action,
+        Action::Tx
+    );
+    h.assert_counters();
+}
+
+#[test]
 fn tracked_flow_survives_table_change_and_syn_takes_new_answer() {
     if !have_root() {
         return;
