@@ -353,6 +353,15 @@ impl DecapReason {
     }
 }
 
+// The kernel and userspace must agree on these sizes byte for byte.
+const _: () = assert!(size_of::<VipKey>() == 24);
+const _: () = assert!(size_of::<VipMeta>() == 16);
+const _: () = assert!(size_of::<Backend>() == 24);
+const _: () = assert!(size_of::<FlowKey>() == 40);
+const _: () = assert!(size_of::<ConnEntry>() == 16);
+const _: () = assert!(size_of::<Counter>() == 16);
+const _: () = assert!(size_of::<NextHopCache>() == 32);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,12 +385,3 @@ mod tests {
         );
     }
 }
-
-// The kernel and userspace must agree on these sizes byte for byte.
-const _: () = assert!(size_of::<VipKey>() == 24);
-const _: () = assert!(size_of::<VipMeta>() == 16);
-const _: () = assert!(size_of::<Backend>() == 24);
-const _: () = assert!(size_of::<FlowKey>() == 40);
-const _: () = assert!(size_of::<ConnEntry>() == 16);
-const _: () = assert!(size_of::<Counter>() == 16);
-const _: () = assert!(size_of::<NextHopCache>() == 32);
