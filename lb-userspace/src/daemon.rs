@@ -322,7 +322,12 @@ impl Daemon {
             }
             let key = vip_key(v);
             for b in &v.backends {
-                self.health.entry((key, b.address)).or_insert(false);
+                let k = (key, b.address);
+                // New = not checked yet. A checked backend without a health
+                // entry has simply never changed state: it is up.
+                if !self.checkers.contains_key(&k) {
+                    self.health.entry(k).or_insert(false);
+                }
             }
         }
     }
