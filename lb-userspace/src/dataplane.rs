@@ -736,6 +736,17 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The balancer as the kernel holds it: (translated instructions, JIT
+    /// bytes, instructions the verifier processed).
+    pub fn program_size(&mut self) -> Result<(u32, u32, u32)> {
+        let info = self.program().info()?;
+        Ok((
+            info.size_translated().unwrap_or(0) / 8,
+            info.size_jitted(),
+            info.verified_instruction_count().unwrap_or(0),
+        ))
+    }
+
     /// Kernel memory charged to the connection table (from the map's fdinfo).
     pub fn conntrack_memlock(&self) -> Option<u64> {
         let fd = self.conntrack_fd.as_raw_fd();

@@ -269,6 +269,11 @@ fn datapath_run(bed: &mut DataPathBed, calls: u32, run: usize) -> (f64, Vec<f64>
     (empty, cases)
 }
 
+fn program_size(h: &mut Harness) -> [u32; 3] {
+    let (x, j, v) = h.dp.program_size().unwrap_or_default();
+    [x, j, v]
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -356,6 +361,15 @@ fn main() -> anyhow::Result<()> {
             median(empty_runs[0].clone()),
             median(empty_runs[1].clone())
         );
+        for (what, i) in [("xlated insns", 0), ("jited bytes", 1), ("verified insns", 2)] {
+            let new = program_size(&mut beds[0].h)[i];
+            let old = program_size(&mut beds[1].h)[i];
+            println!(
+                "{:<48} {new:>9} {old:>9} {:>9.2}",
+                format!("program: {what}"),
+                new as f64 / old as f64
+            );
+        }
         std::fs::create_dir_all("target/bench")?;
         std::fs::write(
             "target/bench/ab.json",
@@ -381,6 +395,20 @@ fn main() -> anyhow::Result<()> {
         .copied()
         .zip(case_runs.swap_remove(0))
         .collect();
+    let (xlated, jited, verified) = h.dp.program_size()?;
+    for (name, v, unit) in [
+        ("program: translated instructions", xlated, "insns"),
+        ("program: JIT-compiled size", jited, "bytes"),
+        ("program: instructions verified", verified, "insns"),
+    ] {
+        stats.push(Stat {
+            name: name.into(),
+            min: v as f64,
+            median: v as f64,
+            unit,
+            note: "balancer as loaded".into(),
+        });
+    }
     stats.push(summarize(
         "empty XDP program (floor, subtracted)",
         empty_runs,
