@@ -44,6 +44,44 @@ pub enum Attached {
     Reattached { was: String },
 }
 
+/// Detaches the bpf_link pinned at `path` from its hook at once
+/// (BPF_OBJ_GET, then BPF_LINK_DETACH, kernel 5.9+). Best effort: a
+/// severed link has nothing to detach.
+fn detach_pinned_link(path: &Path) {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    // union bpf_attr, zeroed; obj_get: pathname (u64) first.
+    let mut attr = [0u64; 16];
+    attr[0] = c_path.as_ptr() as u64;
+    // SAFETY: bpf(2) with a zeroed attr of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        return;
+    }
+    let mut attr = [0u64; 16];
+    attr[0] = fd as u64; // link_detach.link_fd (u32, little end first)
+    // SAFETY: as above; `fd` is ours and closed right after.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        );
+        libc::close(fd as i32);
+    }
+}
+
 /// The interface's index in this network namespace, if it exists.
 pub fn ifindex_of(interface: &str) -> Option<u32> {
     let c = std::ffi::CString::new(interface).ok()?;
@@ -417,16 +455,32 @@ impl Dataplane {
             } else {
                 continue;
             }
-            // Unpinning the last reference detaches that link.
+            // Detached now (the kernel frees an unpinned link only after an
+            // RCU grace period, and the new attach would find it still
+            // there), then unpinned.
+            detach_pinned_link(&path);
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }
         if matches!(outcome, Attached::Replaced) {
             return Ok(outcome);
         }
         let program = self.program();
-        let id = program
-            .attach(interface, chosen.mode)
-            .with_context(|| format!("attaching XDP to {interface} in {} mode", chosen.name))?;
+        // A link just detached may still hold the hook for a moment.
+        let mut tries = 0;
+        let id = loop {
+            match program.attach(interface, chosen.mode) {
+                Ok(id) => break id,
+                Err(e) if tries < 20 && format!("{e:?}").contains("File exists") => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("attaching XDP to {interface} in {} mode", chosen.name)
+                    });
+                }
+            }
+        };
         let link = program.take_link(id)?;
         let fd_link =
             FdLink::try_from(link).context("this kernel gave no bpf_link for XDP (needs 5.9+)")?;
