@@ -361,7 +361,11 @@ fn main() -> anyhow::Result<()> {
             median(empty_runs[0].clone()),
             median(empty_runs[1].clone())
         );
-        for (what, i) in [("xlated insns", 0), ("jited bytes", 1), ("verified insns", 2)] {
+        for (what, i) in [
+            ("xlated insns", 0),
+            ("jited bytes", 1),
+            ("verified insns", 2),
+        ] {
             let new = program_size(&mut beds[0].h)[i];
             let old = program_size(&mut beds[1].h)[i];
             println!(
