@@ -163,9 +163,14 @@ pub struct FlowKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnEntry {
     pub backend_id: u32,
-    pub _pad: u32,
-    /// Last time a UDP packet used this entry (`bpf_ktime_get_ns`), refreshed
-    /// at most once a second; TCP entries leave it at their creation time.
+    /// The flow's hash (`flow_hash` with the program's seed), so a tracked
+    /// packet's outer header needs no hashing. 0 = not recorded (an entry
+    /// written by an older program, or a hash that happens to be 0):
+    /// computed again.
+    pub hash: u32,
+    /// Last time a UDP packet used this entry (`bpf_ktime_get_coarse_ns`,
+    /// CLOCK_MONOTONIC at tick resolution), refreshed at most once a
+    /// second; TCP entries leave it at their creation time.
     pub atime_ns: u64,
 }
 

@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::{bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
@@ -58,18 +58,39 @@ pub fn process(ctx: &XdpContext) -> u32 {
         return finish(Reason::DropNoBackend, XDP_DROP, bytes);
     }
     let cfg = settings();
-    let hash = flow_hash(&pkt.flow, cfg.hash_seed);
-    // One clock read per packet serves the UDP idle check, the entry's
-    // timestamp and the next-hop cache.
-    // SAFETY: helper with no arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some((backend_id, backend)) = choose_backend(&pkt, &vip, hash, &cfg, now, bytes) else {
+    let mut clock = Clock::NOT_READ;
+    let Some(chosen) = choose_backend(&pkt, &vip, &cfg, &mut clock, bytes) else {
         return finish(Reason::DropNoBackend, XDP_DROP, bytes);
     };
-    count_backend(backend_id, bytes);
-    forward(
-        ctx, &pkt, &vip, &backend, backend_id, hash, &cfg, now, bytes,
-    )
+    count_backend(chosen.id, bytes);
+    forward(ctx, &pkt, &vip, &chosen, &cfg, &mut clock, bytes)
+}
+
+/// The clock, read once at most and only where a packet needs it (UDP idle
+/// checks, new entries, the next-hop cache's expiry): a tracked TCP packet
+/// whose next hop is cached reads it once. The coarse clock (monotonic at
+/// tick resolution) reads a variable instead of the TSC; every use here is
+/// about seconds.
+struct Clock(u64);
+
+impl Clock {
+    const NOT_READ: Clock = Clock(0);
+
+    #[inline(always)]
+    fn now(&mut self) -> u64 {
+        if self.0 == 0 {
+            // SAFETY: helper with no arguments.
+            self.0 = unsafe { bpf_ktime_get_coarse_ns() };
+        }
+        self.0
+    }
+}
+
+/// The backend a packet goes to, and the flow hash its outer header uses.
+struct Chosen {
+    id: u32,
+    backend: Backend,
+    hash: u32,
 }
 
 /// False only if the destination is certainly no VIP address (its filter
@@ -202,20 +223,22 @@ fn insert_allowed(cfg: &Settings, now: u64) -> bool {
 }
 
 /// Connection table first (unless a SYN, which always takes the table's
-/// current answer), then the Maglev table; records the choice except for RST.
+/// current answer), then the Maglev table; records the choice except for
+/// RST. The flow is hashed only when the connection table does not already
+/// hold its hash.
 #[inline(always)]
 fn choose_backend(
     pkt: &Packet,
     vip: &VipMeta,
-    hash: u32,
     cfg: &Settings,
-    now: u64,
+    clock: &mut Clock,
     bytes: u64,
-) -> Option<(u32, Backend)> {
+) -> Option<Chosen> {
     if pkt.is_fragment {
         count(Reason::Fragment, bytes);
+        let hash = flow_hash(&pkt.flow, cfg.hash_seed);
         let id = maglev_pick(vip, hash);
-        return backend_for(id, vip).map(|b| (id, b));
+        return backend_for(id, vip).map(|backend| Chosen { id, backend, hash });
     }
     let is_icmp_error = pkt.icmp == ICMP_ERROR;
     if is_icmp_error {
@@ -226,10 +249,12 @@ fn choose_backend(
     if !is_syn && let Some(entry) = CONNTRACK.get_ptr_mut(&pkt.flow) {
         // SAFETY: LRU values stay valid for this program run; a racing update
         // can at worst give another valid backend id.
-        let (id, atime) = unsafe { ((*entry).backend_id, (*entry).atime_ns) };
+        let (id, stored, atime) =
+            unsafe { ((*entry).backend_id, (*entry).hash, (*entry).atime_ns) };
         if let Some(backend) = backend_for(id, vip) {
             let mut fresh = true;
             if is_udp {
+                let now = clock.now();
                 let idle = now.wrapping_sub(atime);
                 fresh = idle <= cfg.udp_idle_timeout_ns;
                 if fresh && idle > ATIME_REFRESH_NS {
@@ -238,19 +263,26 @@ fn choose_backend(
             }
             if fresh {
                 count(Reason::ConntrackHit, bytes);
-                return Some((id, backend));
+                let hash = if stored != 0 {
+                    stored
+                } else {
+                    flow_hash(&pkt.flow, cfg.hash_seed)
+                };
+                return Some(Chosen { id, backend, hash });
             }
         }
     }
     count(Reason::ConntrackMiss, bytes);
+    let hash = flow_hash(&pkt.flow, cfg.hash_seed);
     let id = maglev_pick(vip, hash);
     let backend = backend_for(id, vip)?;
     // RSTs and ICMP errors end or report on a flow: never recorded.
     if pkt.tcp_flags & TCP_RST == 0 && !is_icmp_error {
+        let now = clock.now();
         if insert_allowed(cfg, now) {
             let entry = ConnEntry {
                 backend_id: id,
-                _pad: 0,
+                hash,
                 atime_ns: now,
             };
             // A full LRU evicts its oldest entry; failure here only costs state.
@@ -259,23 +291,21 @@ fn choose_backend(
             count(Reason::ConntrackInsertSkipped, bytes);
         }
     }
-    Some((id, backend))
+    Some(Chosen { id, backend, hash })
 }
 
 /// Encapsulates toward `backend` and sends it on its way.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn forward(
     ctx: &XdpContext,
     pkt: &Packet,
     vip: &VipMeta,
-    backend: &Backend,
-    backend_id: u32,
-    hash: u32,
+    chosen: &Chosen,
     cfg: &Settings,
-    now: u64,
+    clock: &mut Clock,
     bytes: u64,
 ) -> u32 {
+    let (backend, backend_id, hash) = (&chosen.backend, chosen.id, chosen.hash);
     let v6 = backend.flags & BACKEND_F_IPV6 != 0;
     let outer = Outer {
         v6,
@@ -299,7 +329,7 @@ fn forward(
     let hop = if cfg.flags & SETTINGS_F_NO_FIB != 0 {
         NextHop::NoRoute
     } else {
-        cached_next_hop(ctx, &outer, pkt, outer_len, backend_id, now)
+        cached_next_hop(ctx, &outer, pkt, outer_len, backend_id, clock)
     };
     match hop {
         NextHop::Resolved {
@@ -356,9 +386,10 @@ fn cached_next_hop(
     pkt: &Packet,
     outer_len: u16,
     backend_id: u32,
-    now: u64,
+    clock: &mut Clock,
 ) -> NextHop {
     let ingress = ctx.ingress_ifindex() as u32;
+    let now = clock.now();
     let slot = NEXTHOP_CACHE.get_ptr_mut(backend_id);
     if let Some(entry) = slot {
         // SAFETY: this CPU's slot of a per-CPU array.

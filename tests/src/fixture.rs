@@ -53,7 +53,9 @@ pub struct Harness {
     /// Counters the model says the kernel should have, for batched checks.
     expected: Vec<Counter>,
     _guard: NsGuard,
-    _ns: NetNs,
+    /// Shared with twins (`twin`): the namespace goes with the last one.
+    _ns: std::rc::Rc<NetNs>,
+    conntrack_entries: u32,
 }
 
 /// The kernel's and the model's view of one packet.
@@ -218,7 +220,39 @@ impl Harness {
             model,
             alloc,
             _guard: guard,
-            _ns: ns,
+            _ns: std::rc::Rc::new(ns),
+            conntrack_entries,
+        }
+    }
+
+    /// Another program (`object`, or the embedded one) with maps of its
+    /// own, in this harness's namespace and devices: for A/B benchmarks,
+    /// where two namespaces could differ in ways that are not the code's.
+    pub fn twin(&self, object: Option<&'static [u8]>) -> Harness {
+        let guard = self._ns.enter();
+        let settings = self.model.settings;
+        let opts = LoadOptions {
+            settings,
+            maglev_slots: 1 << 20,
+            conntrack_entries: self.conntrack_entries,
+            pin_path: None,
+            object,
+        };
+        let dp = Dataplane::load(&opts).expect("loading the XDP program");
+        let alloc = SlotAllocator::new(dp.slot_capacity());
+        Harness {
+            expected: vec![Counter::default(); lb_common::maps::Reason::COUNT as usize],
+            lb0: self.lb0,
+            lb1: self.lb1,
+            dp,
+            model: ModelMaps {
+                settings,
+                ..ModelMaps::default()
+            },
+            alloc,
+            _guard: guard,
+            _ns: self._ns.clone(),
+            conntrack_entries: self.conntrack_entries,
         }
     }
 

@@ -5,7 +5,13 @@ use anyhow::Result;
 
 use crate::{cargo, run, run_tests_binary};
 
-pub fn bench(calls: u32) -> Result<()> {
+pub fn bench(calls: u32, baseline: Option<&std::path::Path>) -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bins"]))?;
-    run_tests_binary("lb-bench", &[&calls.to_string()])
+    let calls = calls.to_string();
+    let mut args = vec![calls.as_str()];
+    let baseline = baseline.map(|p| p.to_string_lossy().into_owned());
+    if let Some(path) = &baseline {
+        args.extend(["--baseline", path.as_str()]);
+    }
+    run_tests_binary("lb-bench", &args)
 }

@@ -35,6 +35,12 @@ enum Cmd {
         /// Calls per case and run for the data-path figures (five runs).
         #[arg(long, default_value_t = 1_000_000)]
         calls: u32,
+        /// Another build's XDP object (e.g. saved from
+        /// `target/release/build/lb-userspace-*/out/lb-ebpf` of an older
+        /// commit): every data-path case runs through both programs,
+        /// alternating, and the report gives new/old ratios.
+        #[arg(long)]
+        baseline: Option<std::path::PathBuf>,
     },
     /// Set up, then run the demo topology with real traffic.
     Demo,
@@ -121,9 +127,9 @@ fn main() -> Result<()> {
                 "maglev",
             ]))
         }
-        Cmd::Bench { calls } => {
+        Cmd::Bench { calls, baseline } => {
             setup::setup()?;
-            bench::bench(calls)
+            bench::bench(calls, baseline.as_deref())
         }
         Cmd::Fuzz { count, seed } => {
             setup::setup()?;

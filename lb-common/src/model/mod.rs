@@ -128,7 +128,7 @@ impl ModelMaps {
                 flow,
                 ConnEntry {
                     backend_id,
-                    _pad: 0,
+                    hash: flow_hash(&flow, self.settings.hash_seed),
                     atime_ns: now_ns,
                 },
             );

@@ -153,12 +153,7 @@ struct DataPathBed {
 const FLOWS: u32 = 50_000;
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 
-fn datapath_bed(
-    settings: Settings,
-    conntrack: u32,
-    object: Option<&'static [u8]>,
-) -> anyhow::Result<DataPathBed> {
-    let mut h = Harness::with_object(settings, conntrack, object);
+fn datapath_bed(mut h: Harness) -> anyhow::Result<DataPathBed> {
     let vip = VIP;
     let tcp_backends: Vec<BackendSpec> = (0..100)
         .map(|i| backend(100 + i, [10, 50, 0, i as u8 + 1], 1))
@@ -223,9 +218,18 @@ fn datapath_bed(
     })
 }
 
-/// One run of every case: (the empty program's ns per call, each case's
-/// ns per packet net of it). `run` picks the fresh SYNs' address range.
-fn datapath_run(bed: &mut DataPathBed, calls: u32, run: usize) -> (f64, Vec<f64>) {
+/// One case, once: (the empty program's ns per call, timed just before,
+/// and the case's ns per packet net of it). `run` picks the fresh SYNs'
+/// address range; `fresh_max` caps how many new flows one run creates, so
+/// the runs together never overflow the 2^20-entry table (which would time
+/// LRU evictions instead).
+fn datapath_case(
+    bed: &mut DataPathBed,
+    case: usize,
+    calls: u32,
+    run: usize,
+    fresh_max: u32,
+) -> (f64, f64) {
     let _ns = bed.h.enter();
     let lb0 = bed.h.lb0;
     let dp = &mut bed.h.dp;
@@ -233,40 +237,31 @@ fn datapath_run(bed: &mut DataPathBed, calls: u32, run: usize) -> (f64, Vec<f64>
     let empty = per_call(calls, |i| {
         dp.test_run_empty(&ack[(i % FLOWS) as usize]).unwrap()
     });
-    // New flows every call: a fresh source address range per run. At most
-    // 200,000 per run: five runs of a million would overflow the 2^20-entry
-    // table and time LRU evictions instead.
-    let syn_round = run as u32 + 1;
-    let fresh: Vec<Vec<u8>> = (0..calls.min(200_000))
-        .map(|i| {
-            packets::tcp(
-                Ipv4Addr::from(0xCB00_0000u32 + syn_round * 200_000 + i),
-                40_000,
-                VIP,
-                80,
-                TcpKind::Syn,
-                0,
-            )
-        })
-        .collect();
-    let n = fresh.len() as u32;
-    let mut one = |p: &[u8]| per_call(calls, |_| dp.test_run(p, lb0).unwrap().duration) - empty;
-    let mut cases = vec![0.0; CASES.len()];
-    cases[1] = one(&ack[0]);
-    cases[2] = one(&bed.udp);
-    cases[3] = one(&bed.other);
-    cases[4] = one(&bed.big);
-    cases[6] = one(&syn[0]);
-    cases[7] = one(&bed.ack6);
-    cases[0] = per_call(n, |i| {
-        dp.test_run(&fresh[i as usize], lb0).unwrap().duration
-    }) - empty;
-    cases[5] = per_call(calls, |i| {
-        dp.test_run(&ack[(i % FLOWS) as usize], lb0)
-            .unwrap()
-            .duration
-    }) - empty;
-    (empty, cases)
+    let mut one = |p: &[u8]| per_call(calls, |_| dp.test_run(p, lb0).unwrap().duration);
+    let gross = match case {
+        0 => {
+            // New flows every call: a fresh source address range per run.
+            let base = 0xCB00_0000u32 + (run as u32 + 1) * fresh_max;
+            let fresh: Vec<Vec<u8>> = (0..calls.min(fresh_max))
+                .map(|i| packets::tcp(Ipv4Addr::from(base + i), 40_000, VIP, 80, TcpKind::Syn, 0))
+                .collect();
+            per_call(fresh.len() as u32, |i| {
+                dp.test_run(&fresh[i as usize], lb0).unwrap().duration
+            })
+        }
+        1 => one(&ack[0]),
+        2 => one(&bed.udp),
+        3 => one(&bed.other),
+        4 => one(&bed.big),
+        5 => per_call(calls, |i| {
+            dp.test_run(&ack[(i % FLOWS) as usize], lb0)
+                .unwrap()
+                .duration
+        }),
+        6 => one(&syn[0]),
+        _ => one(&bed.ack6),
+    };
+    (empty, gross - empty)
 }
 
 fn program_size(h: &mut Harness) -> [u32; 3] {
@@ -316,32 +311,59 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1 << 20);
-    let mut beds = vec![datapath_bed(settings, conntrack, None)?];
-    if let Some(path) = &baseline {
-        let object = lb_userspace::dataplane::load_object_file(path)?;
-        beds.push(datapath_bed(settings, conntrack, Some(object))?);
-    }
-    // Per bed: the empty program's runs, and each case's runs.
-    let mut empty_runs: Vec<Vec<f64>> = vec![Vec::new(); beds.len()];
-    let mut case_runs: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CASES.len()]; beds.len()];
-    for run in 0..RUNS {
-        // Alternate which program goes first, so drift hits both alike.
-        let order: Vec<usize> = if run % 2 == 0 {
-            (0..beds.len()).collect()
-        } else {
-            (0..beds.len()).rev().collect()
-        };
-        for b in order {
-            let (empty, cases) = datapath_run(&mut beds[b], calls, run);
-            empty_runs[b].push(empty);
-            for (c, v) in cases.into_iter().enumerate() {
-                case_runs[b][c].push(v);
+    let mut beds = vec![datapath_bed(Harness::with_conntrack(settings, conntrack))?];
+    let baseline_object = match &baseline {
+        Some(path) => Some(lb_userspace::dataplane::load_object_file(path)?),
+        None => None,
+    };
+    // Per program: the empty program's runs, and each case's runs. With a
+    // baseline, every run loads both programs afresh (an instance's place
+    // in memory alone moved A/A comparisons by up to 30%), beside the first
+    // bed's namespace, and they take turns case by case (who goes first
+    // alternates), so the VM's drift hits both alike.
+    let arms = if baseline_object.is_some() { 2 } else { 1 };
+    let runs = std::env::var("LB_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if arms == 2 { 8 } else { RUNS });
+    let fresh_max = ((1u32 << 20) / (runs as u32 + 2)).min(200_000);
+    let mut empty_runs: Vec<Vec<f64>> = vec![Vec::new(); arms];
+    let mut case_runs: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CASES.len()]; arms];
+    for run in 0..runs {
+        let mut pair: Vec<DataPathBed> = Vec::new();
+        if let Some(object) = baseline_object {
+            let objects = [None, Some(object)];
+            let first = run % 2;
+            let a = datapath_bed(beds[0].h.twin(objects[first]))?;
+            let b = datapath_bed(beds[0].h.twin(objects[1 - first]))?;
+            pair = if first == 0 { vec![a, b] } else { vec![b, a] };
+        }
+        // `case` indexes the inner vectors of per-arm tables.
+        #[allow(clippy::needless_range_loop)]
+        for case in 0..CASES.len() {
+            let order: Vec<usize> = if (run + case) % 2 == 0 {
+                (0..arms).collect()
+            } else {
+                (0..arms).rev().collect()
+            };
+            for b in order {
+                let bed = if arms == 2 {
+                    &mut pair[b]
+                } else {
+                    &mut beds[0]
+                };
+                let (empty, net) = datapath_case(bed, case, calls, run, fresh_max);
+                empty_runs[b].push(empty);
+                case_runs[b][case].push(net);
             }
         }
+        if run + 1 == runs && arms == 2 {
+            beds.extend(pair);
+        }
     }
-    if beds.len() == 2 {
+    if arms == 2 {
         println!(
-            "\nA/B against {} ({RUNS} alternating runs of {calls} calls; medians, ns net of the empty program)",
+            "\nA/B against {} ({runs} runs of {calls} calls per case, the programs alternating; medians, ns net of the empty program)",
             baseline.as_ref().unwrap().display()
         );
         println!("{:<48} {:>9} {:>9} {:>9}", "case", "new", "old", "new/old");
@@ -366,8 +388,8 @@ fn main() -> anyhow::Result<()> {
             ("jited bytes", 1),
             ("verified insns", 2),
         ] {
-            let new = program_size(&mut beds[0].h)[i];
-            let old = program_size(&mut beds[1].h)[i];
+            let new = program_size(&mut beds[1].h)[i];
+            let old = program_size(&mut beds[2].h)[i];
             println!(
                 "{:<48} {new:>9} {old:>9} {:>9.2}",
                 format!("program: {what}"),
@@ -381,8 +403,8 @@ fn main() -> anyhow::Result<()> {
         )?;
         println!("wrote target/bench/ab.json");
     }
-    let old_bed = if beds.len() == 2 { beds.pop() } else { None };
-    drop(old_bed);
+    // The A/B pair goes; the first bed serves the rest of the bench.
+    beds.truncate(1);
     let DataPathBed {
         mut h,
         ack,
@@ -417,7 +439,7 @@ fn main() -> anyhow::Result<()> {
         "empty XDP program (floor, subtracted)",
         empty_runs,
         "ns/call",
-        format!("{calls} calls x {RUNS} runs"),
+        format!("{calls} calls x {runs} runs"),
     ));
     for (name, runs) in case_runs {
         stats.push(summarize(
