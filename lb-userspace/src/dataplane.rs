@@ -44,6 +44,108 @@ pub enum Attached {
     Reattached { was: String },
 }
 
+/// Attaches `program` to `interface`, its link pinned in `dir` as
+/// `<prefix>_<interface>@<mode>`: a pinned link of the same mode (or of
+/// an unknown mode: pinned by an older lbd as `<prefix>_<interface>`) is
+/// taken over by replacing its program atomically; one of another mode,
+/// or one the kernel severed (its interface was deleted), is detached and
+/// unpinned, and the program attached anew.
+pub fn attach_pinned_program(
+    program: &mut Xdp,
+    dir: &Path,
+    prefix: &str,
+    interface: &str,
+    chosen: &Chosen,
+    attached: &mut Vec<XdpLinkId>,
+) -> Result<Attached> {
+    let wanted = dir.join(format!("{prefix}_{interface}@{}", chosen.name));
+    let legacy = format!("{prefix}_{interface}");
+    let at = format!("{prefix}_{interface}@");
+    let mut pinned: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+                .filter(|(n, _)| *n == legacy || n.starts_with(&at))
+                .collect()
+        })
+        .unwrap_or_default();
+    // The wanted name first: it is the one to take over.
+    pinned.sort_by_key(|(_, p)| *p != wanted);
+    let mut outcome = Attached::Fresh;
+    for (name, path) in pinned {
+        let same_mode = path == wanted || name == legacy;
+        if same_mode && matches!(outcome, Attached::Fresh) {
+            match replace_on_pinned(program, &path) {
+                Ok(id) => {
+                    attached.push(id);
+                    if name == legacy && chosen.name != "auto" {
+                        tracing::warn!(
+                            interface,
+                            "the pinned link's mode is unknown (pinned by an older lbd): kept as it is; `lbd teardown` and a start attach in the configured mode"
+                        );
+                    }
+                    outcome = Attached::Replaced;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        interface,
+                        "pinned link unusable, attaching anew (maps kept): {e:#}"
+                    );
+                    outcome = Attached::Reattached {
+                        was: "a severed link (interface deleted)".into(),
+                    };
+                }
+            }
+        } else if !same_mode {
+            outcome = Attached::Reattached {
+                was: name.trim_start_matches(&at).to_string(),
+            };
+        } else {
+            continue;
+        }
+        // Detached now (the kernel frees an unpinned link only after an
+        // RCU grace period, and the new attach would find it still
+        // there), then unpinned.
+        detach_pinned_link(&path);
+        std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    if matches!(outcome, Attached::Replaced) {
+        return Ok(outcome);
+    }
+    // A link just detached may still hold the hook for a moment.
+    let mut tries = 0;
+    let id = loop {
+        match program.attach(interface, chosen.mode) {
+            Ok(id) => break id,
+            Err(e) if tries < 20 && format!("{e:?}").contains("File exists") => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("attaching XDP to {interface} in {} mode", chosen.name)
+                });
+            }
+        }
+    };
+    let link = program.take_link(id)?;
+    let fd_link =
+        FdLink::try_from(link).context("this kernel gave no bpf_link for XDP (needs 5.9+)")?;
+    fd_link
+        .pin(&wanted)
+        .with_context(|| format!("pinning {}", wanted.display()))?;
+    Ok(outcome)
+}
+
+fn replace_on_pinned(program: &mut Xdp, path: &Path) -> Result<XdpLinkId> {
+    let pinned = PinnedLink::from_pin(path).context("opening the pinned link")?;
+    let link = XdpLink::try_from(FdLink::from(pinned)).context("pinned link is not an XDP link")?;
+    program
+        .attach_to_link(link)
+        .context("replacing the program on the pinned link")
+}
+
 /// Detaches the bpf_link pinned at `path` from its hook at once
 /// (BPF_OBJ_GET, then BPF_LINK_DETACH, kernel 5.9+). Best effort: a
 /// severed link has nothing to detach.
@@ -407,100 +509,16 @@ impl Dataplane {
             self.ifindexes.insert(interface.to_string(), ifindex);
             return Ok(Attached::Fresh);
         };
-        let wanted = dir.join(format!("link_{interface}@{}", chosen.name));
-        let legacy = format!("link_{interface}");
-        let prefix = format!("link_{interface}@");
-        let mut pinned: Vec<(String, PathBuf)> = std::fs::read_dir(&dir)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
-                    .filter(|(n, _)| *n == legacy || n.starts_with(&prefix))
-                    .collect()
-            })
-            .unwrap_or_default();
-        // The wanted name first: it is the one to take over.
-        pinned.sort_by_key(|(_, p)| *p != wanted);
-        let mut outcome = Attached::Fresh;
-        for (name, path) in pinned {
-            // A link pinned before modes were recorded: its mode is unknown,
-            // so it is taken over as it is.
-            let same_mode = path == wanted || name == legacy;
-            if same_mode && matches!(outcome, Attached::Fresh) {
-                match self.replace_on_pinned(&path) {
-                    Ok(()) => {
-                        self.ifindexes.insert(interface.to_string(), ifindex);
-                        if name == legacy && chosen.name != "auto" {
-                            tracing::warn!(
-                                interface,
-                                "the pinned link's mode is unknown (pinned by an older lbd): kept as it is; `lbd teardown` and a start attach in the configured mode"
-                            );
-                        }
-                        outcome = Attached::Replaced;
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            interface,
-                            "pinned link unusable, attaching anew (connection table kept): {e:#}"
-                        );
-                        outcome = Attached::Reattached {
-                            was: "a severed link (interface deleted)".into(),
-                        };
-                    }
-                }
-            } else if !same_mode {
-                outcome = Attached::Reattached {
-                    was: name.trim_start_matches(&prefix).to_string(),
-                };
-            } else {
-                continue;
-            }
-            // Detached now (the kernel frees an unpinned link only after an
-            // RCU grace period, and the new attach would find it still
-            // there), then unpinned.
-            detach_pinned_link(&path);
-            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-        }
-        if matches!(outcome, Attached::Replaced) {
-            return Ok(outcome);
-        }
-        let program = self.program();
-        // A link just detached may still hold the hook for a moment.
-        let mut tries = 0;
-        let id = loop {
-            match program.attach(interface, chosen.mode) {
-                Ok(id) => break id,
-                Err(e) if tries < 20 && format!("{e:?}").contains("File exists") => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("attaching XDP to {interface} in {} mode", chosen.name)
-                    });
-                }
-            }
-        };
-        let link = program.take_link(id)?;
-        let fd_link =
-            FdLink::try_from(link).context("this kernel gave no bpf_link for XDP (needs 5.9+)")?;
-        fd_link
-            .pin(&wanted)
-            .with_context(|| format!("pinning {}", wanted.display()))?;
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_BALANCER)
+            .expect("checked at load")
+            .try_into()
+            .expect("checked at load");
+        let how =
+            attach_pinned_program(program, &dir, "link", interface, chosen, &mut self.attached)?;
         self.ifindexes.insert(interface.to_string(), ifindex);
-        Ok(outcome)
-    }
-
-    fn replace_on_pinned(&mut self, path: &Path) -> Result<()> {
-        let pinned = PinnedLink::from_pin(path).context("opening the pinned link")?;
-        let link =
-            XdpLink::try_from(FdLink::from(pinned)).context("pinned link is not an XDP link")?;
-        let id = self
-            .program()
-            .attach_to_link(link)
-            .context("replacing the program on the pinned link")?;
-        self.attached.push(id);
-        Ok(())
+        Ok(how)
     }
 
     /// The ifindex `interface` had when the program was attached to it.

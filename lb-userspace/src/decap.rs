@@ -1,5 +1,7 @@
 //! The backend side: the `decap` XDP program on a backend's interface.
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
 use aya::{
     Ebpf, EbpfLoader,
@@ -22,9 +24,40 @@ use crate::{
 pub struct Decap {
     stats: PerCpuArray<MapData, Counter>,
     ebpf: Ebpf,
+    /// Held while this process owns the pin directory.
+    _lock: Option<std::fs::File>,
 }
 
 impl Decap {
+    /// Loads `decap` and attaches it to `interface` with its link pinned in
+    /// `pin_dir` (and its counters too), so decapsulation goes on when this
+    /// process dies: a backend whose `lbd backend` was killed keeps
+    /// receiving. A pinned link found there is taken over atomically.
+    /// Locked: one `lbd backend` per pin directory.
+    pub fn attach_pinned(
+        interface: &str,
+        chosen: &crate::xdp_mode::Chosen,
+        gue_port: u16,
+        pin_dir: &Path,
+    ) -> Result<(Decap, crate::dataplane::Attached)> {
+        crate::dataplane::ensure_bpffs(pin_dir)?;
+        std::fs::create_dir_all(pin_dir)
+            .with_context(|| format!("creating {}", pin_dir.display()))?;
+        let lock = crate::instance_lock::lock(pin_dir, "pin path")?;
+        let mut decap = Self::load_with(gue_port, Some(pin_dir))?;
+        decap._lock = Some(lock);
+        let program: &mut Xdp = decap
+            .ebpf
+            .program_mut(PROGRAM_DECAP)
+            .context("no decap program")?
+            .try_into()?;
+        let mut ids = Vec::new();
+        let how = crate::dataplane::attach_pinned_program(
+            program, pin_dir, "decap", interface, chosen, &mut ids,
+        )?;
+        Ok((decap, how))
+    }
+
     /// Loads `decap` and attaches it to `interface` (calling thread's namespace).
     pub fn attach(interface: &str, mode: XdpMode, gue_port: u16) -> Result<Decap> {
         let mut decap = Self::load(gue_port)?;
@@ -37,15 +70,25 @@ impl Decap {
 
     /// Loads `decap` without attaching it (tests run it with `test_run`).
     pub fn load(gue_port: u16) -> Result<Decap> {
+        Self::load_with(gue_port, None)
+    }
+
+    fn load_with(gue_port: u16, pin_dir: Option<&Path>) -> Result<Decap> {
         let settings = Settings {
             gue_port: gue_port.to_be(),
             ..Settings::DEFAULT
         };
         // The balancer's big maps are in the same object; keep them tiny here.
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(GLOBAL_SETTINGS, &settings, true)
             .map_max_entries(MAP_MAGLEV_SLOTS, 1)
-            .map_max_entries(MAP_CONNTRACK, 1)
+            .map_max_entries(MAP_CONNTRACK, 1);
+        let stats_pin = pin_dir.map(|d| d.join(MAP_DECAP_STATS));
+        if let Some(path) = &stats_pin {
+            loader.map_pin_path(MAP_DECAP_STATS, path.as_path());
+        }
+        let mut ebpf = loader
             .load(ebpf_object()?)
             .context("loading the XDP object")?;
         let program: &mut Xdp = ebpf
@@ -57,7 +100,11 @@ impl Decap {
             .context("the kernel verifier rejected decap")?;
         let stats =
             PerCpuArray::try_from(ebpf.take_map(MAP_DECAP_STATS).context("no DECAP_STATS")?)?;
-        Ok(Decap { stats, ebpf })
+        Ok(Decap {
+            stats,
+            ebpf,
+            _lock: None,
+        })
     }
 
     fn program(&mut self) -> Result<&mut Xdp> {

@@ -264,6 +264,8 @@ impl Testbed {
                         "--xdp-mode",
                         spec.xdp_mode,
                     ])
+                    .arg("--pin-path")
+                    .arg(format!("/sys/fs/bpf/{}", be.name))
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -528,6 +530,13 @@ impl Testbed {
             .sum()
     }
 
+    /// Kills backend `j`'s `lbd backend` (SIGKILL); its pinned decap stays.
+    pub fn kill_decap(&mut self, j: usize) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.decaps[j].0.id() as i32, libc::SIGKILL) };
+        let _ = self.decaps[j].0.wait();
+    }
+
     /// Stops backend `j`'s servers: new connections are refused, open ones reset.
     pub fn stop_backend(&self, j: usize) {
         self.servers[j].stop.store(true, Ordering::Relaxed);
@@ -549,6 +558,10 @@ impl Drop for Testbed {
         }
         self.lbds.clear();
         self.decaps.clear();
+        // The decap links are pinned (they outlive `lbd backend`).
+        for be in &self.backends {
+            let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/{}", be.name));
+        }
         self.peer_xdp = None;
         for b in &mut self.birds {
             // SIGKILL also ends a stopped (hung) BIRD.

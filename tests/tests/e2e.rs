@@ -388,3 +388,34 @@ fn packets_to_a_vip_address_on_no_service_are_dropped_not_looped() {
     let dropped = tb.reason_packets("drop_not_a_service");
     assert_eq!(dropped, ports.len() as u64, "one drop per SYN");
 }
+
+#[test]
+fn backends_keep_decapsulating_when_lbd_backend_dies() {
+    if !have_root() {
+        return;
+    }
+    let mut tb = Testbed::new("e2k", Spec::default());
+    let held = tb.hold_connections(30);
+    assert_eq!(held.alive(), 30);
+    // be1's `lbd backend` is killed: its decap link is pinned, so be1 keeps
+    // receiving what the balancer sends it.
+    tb.kill_decap(0);
+    std::thread::sleep(Duration::from_millis(300));
+    let alive = held.alive();
+    let fresh = tb.in_client(|| spread(90));
+    eprintln!("after the kill: {alive}/30 long-lived alive; new connections {fresh:?}");
+    assert_eq!(alive, 30, "every connection survives");
+    assert_eq!(
+        fresh.values().sum::<usize>(),
+        90,
+        "every new connection answered"
+    );
+    assert!(
+        fresh.get("be1").copied().unwrap_or(0) > 0,
+        "be1 still serves"
+    );
+    assert!(
+        tb.backends[0].sh("ip link show eth0").contains("xdp"),
+        "decap still attached"
+    );
+}

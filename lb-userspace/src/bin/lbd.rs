@@ -50,6 +50,14 @@ enum Cmd {
         /// UDP port of GUE packets to decapsulate (the balancer's lb.gue_port).
         #[arg(long, default_value_t = lb_common::settings::DEFAULT_GUE_PORT)]
         gue_port: u16,
+        /// bpffs directory for the decap link and counters, so
+        /// decapsulation goes on if this process dies. `lbd teardown
+        /// --pin-path DIR` removes it.
+        #[arg(long, default_value = "/sys/fs/bpf/lbd-backend")]
+        pin_path: PathBuf,
+        /// Pin nothing: decap is detached when this process exits.
+        #[arg(long)]
+        no_pin: bool,
     },
 }
 
@@ -126,9 +134,30 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
     Ok(())
 }
 
-async fn backend(interface: String, mode: String, gue_port: u16) -> Result<()> {
-    let decap = Decap::attach(&interface, lb_userspace::xdp_mode::parse(&mode)?, gue_port)?;
-    info!(interface = %interface, "decap attached");
+async fn backend(
+    interface: String,
+    mode: String,
+    gue_port: u16,
+    pin_path: Option<PathBuf>,
+) -> Result<()> {
+    let pinned = pin_path.is_some();
+    let decap = if pinned {
+        // Native mode is right for decap on a veth too: it passes packets
+        // up, no XDP_TX, and what it receives was encapsulated elsewhere.
+        let mut chosen = lb_userspace::xdp_mode::choose(&interface, &mode)?;
+        if mode == "auto" {
+            chosen.mode = aya::programs::XdpMode::Default;
+            chosen.name = "auto";
+        }
+        let dir = pin_path.expect("pinned");
+        let (decap, how) = Decap::attach_pinned(&interface, &chosen, gue_port, &dir)?;
+        info!(interface = %interface, pin_path = %dir.display(), how = ?how, "decap attached (pinned: it stays if lbd backend exits)");
+        decap
+    } else {
+        let decap = Decap::attach(&interface, lb_userspace::xdp_mode::parse(&mode)?, gue_port)?;
+        info!(interface = %interface, "decap attached (not pinned: detached when lbd backend exits)");
+        decap
+    };
     let mut term = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     loop {
@@ -186,6 +215,13 @@ fn real_main() -> Result<()> {
             interface,
             xdp_mode,
             gue_port,
-        } => rt.block_on(backend(interface, xdp_mode, gue_port)),
+            pin_path,
+            no_pin,
+        } => rt.block_on(backend(
+            interface,
+            xdp_mode,
+            gue_port,
+            (!no_pin).then_some(pin_path),
+        )),
     }
 }
