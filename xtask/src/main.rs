@@ -115,6 +115,24 @@ fn main() -> Result<()> {
                 "--",
                 "--test-threads=1",
             ]))?;
+            // The end-to-end suite once more in native XDP mode (as on a
+            // real NIC; the testbed gives the veths what native mode needs).
+            run(cargo()
+                .args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "lb-tests",
+                    "--test",
+                    "e2e",
+                    "--test",
+                    "e2e_ipv6",
+                    "--test",
+                    "bgp",
+                    "--",
+                    "--test-threads=1",
+                ])
+                .env("LB_TEST_XDP_MODE", "driver"))?;
             // The Maglev engine indexes unchecked where its invariants hold;
             // its tests once more with debug assertions on.
             run(cargo().args([
