@@ -105,10 +105,27 @@ pub async fn serve_socket(
     listener: UnixListener,
     tx: mpsc::Sender<(Request, oneshot::Sender<Response>)>,
 ) {
-    let mut gate = Gate::new("control socket", MAX_CONTROL_CONNECTIONS);
+    let gate = Gate::new("control socket", MAX_CONTROL_CONNECTIONS);
+    accept_loop(
+        gate,
+        || async { listener.accept().await.map(|(s, _)| s) },
+        move |stream| control_connection(stream, tx.clone()),
+    )
+    .await
+}
+
+/// Accepts connections for ever: each admitted one is served by `serve`
+/// on a task of its own, holding a permit of the gate until it is done.
+async fn accept_loop<S, A, AF, H, HF>(mut gate: Gate, mut accept: A, serve: H)
+where
+    A: FnMut() -> AF,
+    AF: std::future::Future<Output = std::io::Result<S>>,
+    H: Fn(S) -> HF,
+    HF: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let stream = match accept().await {
+            Ok(stream) => stream,
             Err(e) => {
                 gate.accept_failed(e).await;
                 continue;
@@ -117,9 +134,9 @@ pub async fn serve_socket(
         let Some(permit) = gate.admit() else {
             continue;
         };
-        let tx = tx.clone();
+        let served = serve(stream);
         tokio::spawn(async move {
-            control_connection(stream, tx).await;
+            served.await;
             drop(permit);
         });
     }
@@ -175,43 +192,37 @@ pub fn bind_metrics(address: &str) -> Result<TcpListener> {
 
 /// Serves `GET /metrics` (the text in `text`) from the daemon's runtime.
 pub async fn serve_metrics(listener: TcpListener, text: Arc<Mutex<String>>) {
-    let mut gate = Gate::new("metrics", MAX_METRICS_CONNECTIONS);
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                gate.accept_failed(e).await;
-                continue;
-            }
-        };
-        let Some(permit) = gate.admit() else {
-            continue;
-        };
-        let text = text.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let body = (req.uri().path() == "/metrics")
-                    .then(|| text.lock().map(|t| t.clone()).unwrap_or_default());
-                async move {
-                    let response = match body {
-                        Some(body) => hyper::Response::builder()
-                            .header("Content-Type", "text/plain; version=0.0.4")
-                            .body(Full::new(Bytes::from(body))),
-                        None => hyper::Response::builder()
-                            .status(404)
-                            .body(Full::new(Bytes::from_static(b"try /metrics\n"))),
-                    };
-                    Ok::<_, Infallible>(response.expect("static response parts"))
-                }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(METRICS_TIMEOUT)
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(stream), service);
-            // Slow readers too: the whole exchange has a deadline.
-            let _ = tokio::time::timeout(2 * METRICS_TIMEOUT, conn).await;
-            drop(permit);
-        });
-    }
+    let gate = Gate::new("metrics", MAX_METRICS_CONNECTIONS);
+    accept_loop(
+        gate,
+        || async { listener.accept().await.map(|(s, _)| s) },
+        move |stream| metrics_connection(stream, text.clone()),
+    )
+    .await
+}
+
+/// One scrape: `GET /metrics` answered from `text`, anything else 404.
+async fn metrics_connection(stream: tokio::net::TcpStream, text: Arc<Mutex<String>>) {
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let body = (req.uri().path() == "/metrics")
+            .then(|| text.lock().map(|t| t.clone()).unwrap_or_default());
+        async move {
+            let response = match body {
+                Some(body) => hyper::Response::builder()
+                    .header("Content-Type", "text/plain; version=0.0.4")
+                    .body(Full::new(Bytes::from(body))),
+                None => hyper::Response::builder()
+                    .status(404)
+                    .body(Full::new(Bytes::from_static(b"try /metrics\n"))),
+            };
+            Ok::<_, Infallible>(response.expect("static response parts"))
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(METRICS_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    // Slow readers too: the whole exchange has a deadline.
+    let _ = tokio::time::timeout(2 * METRICS_TIMEOUT, conn).await;
 }

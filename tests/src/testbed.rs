@@ -530,6 +530,36 @@ impl Testbed {
             .sum()
     }
 
+    /// Instance 0 leaves the ECMP set, rejoins, then takes all traffic:
+    /// how many of `held`'s connections answer after each step.
+    pub fn ecmp_leave_join_switch(&self, held: &LongLived) -> [usize; 3] {
+        let steps: [&[usize]; 3] = [&[1], &[0, 1], &[0]];
+        let alive = steps.map(|active| {
+            self.set_ecmp(active);
+            held.alive()
+        });
+        eprintln!(
+            "survived: leave {}, join {}, switch {}",
+            alive[0], alive[1], alive[2]
+        );
+        alive
+    }
+
+    /// Every TCP service answers `n` new connections, spread over every
+    /// backend.
+    pub fn assert_every_service_answers(&self, n: usize) {
+        for addr in services() {
+            let counts = self.in_client(move || spread_to(addr, n));
+            eprintln!("{addr}: {counts:?}");
+            assert_eq!(
+                counts.values().sum::<usize>(),
+                n,
+                "{addr}: every connection answered ({counts:?})"
+            );
+            assert_eq!(counts.len(), 3, "{addr}: every backend serves: {counts:?}");
+        }
+    }
+
     /// Kills backend `j`'s `lbd backend` (SIGKILL); its pinned decap stays.
     pub fn kill_decap(&mut self, j: usize) {
         // SAFETY: signalling our own child.

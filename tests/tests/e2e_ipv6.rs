@@ -13,7 +13,7 @@ use std::{
 
 use lb_tests::{
     have_root,
-    testbed::{Spec, Testbed, VIP, VIP6, services, spread_to},
+    testbed::{Spec, Testbed, VIP, VIP6, services},
 };
 use lb_userspace::api::Request;
 
@@ -23,32 +23,11 @@ fn every_family_combination_carries_connections_that_survive_ecmp_changes() {
         return;
     }
     let tb = Testbed::new("e6c", Spec::default());
-    for addr in services() {
-        let counts = tb.in_client(move || spread_to(addr, 60));
-        eprintln!("{addr}: {counts:?}");
-        assert_eq!(
-            counts.values().sum::<usize>(),
-            60,
-            "{addr}: every connection answered"
-        );
-        assert_eq!(counts.len(), 3, "{addr}: every backend serves: {counts:?}");
-    }
+    tb.assert_every_service_answers(60);
     let held = tb.hold_connections_to(&services(), 10);
     let total = services().len() * 10;
     assert_eq!(held.alive(), total);
-    tb.set_ecmp(&[1]);
-    let after_leave = held.alive();
-    tb.set_ecmp(&[0, 1]);
-    let after_join = held.alive();
-    tb.set_ecmp(&[0]);
-    let after_switch = held.alive();
-    eprintln!(
-        "survived: leave {after_leave}/{total}, join {after_join}/{total}, switch {after_switch}/{total}"
-    );
-    assert_eq!(
-        (after_leave, after_join, after_switch),
-        (total, total, total)
-    );
+    assert_eq!(tb.ecmp_leave_join_switch(&held), [total; 3]);
     // Both instances carried traffic of both families, and the backends
     // decapsulated every kind.
     for i in 0..2 {

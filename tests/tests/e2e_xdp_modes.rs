@@ -8,7 +8,7 @@ use std::net::UdpSocket;
 
 use lb_tests::{
     have_root,
-    testbed::{Spec, Testbed, services, spread_to, udp_ask},
+    testbed::{Spec, Testbed, services, udp_ask},
 };
 
 /// What `ip link show eth0` says of the LB's attachment.
@@ -41,19 +41,6 @@ fn backend_csum_errors(tb: &Testbed) -> u64 {
         .sum()
 }
 
-/// Every service answers `n` connections, spread over all three backends.
-fn every_service_answers(tb: &Testbed, n: usize) {
-    for addr in services() {
-        let counts = tb.in_client(move || spread_to(addr, n));
-        assert_eq!(
-            counts.values().sum::<usize>(),
-            n,
-            "{addr}: every connection answered ({counts:?})"
-        );
-        assert_eq!(counts.len(), 3, "{addr}: every backend serves: {counts:?}");
-    }
-}
-
 #[test]
 fn native_mode_on_veth_carries_every_service_and_survives_ecmp_changes() {
     if !have_root() {
@@ -67,7 +54,7 @@ fn native_mode_on_veth_carries_every_service_and_survives_ecmp_changes() {
         },
     );
     assert_eq!((lb_mode(&tb, 0), lb_mode(&tb, 1)), ("native", "native"));
-    every_service_answers(&tb, 30);
+    tb.assert_every_service_answers(30);
     let answered = tb.in_client(|| {
         (0..30)
             .filter(|_| {
@@ -82,19 +69,7 @@ fn native_mode_on_veth_carries_every_service_and_survives_ecmp_changes() {
     let held = tb.hold_connections_to(&services(), 10);
     let total = services().len() * 10;
     assert_eq!(held.alive(), total);
-    tb.set_ecmp(&[1]);
-    let after_leave = held.alive();
-    tb.set_ecmp(&[0, 1]);
-    let after_join = held.alive();
-    tb.set_ecmp(&[0]);
-    let after_switch = held.alive();
-    eprintln!(
-        "native: survived leave {after_leave}/{total}, join {after_join}/{total}, switch {after_switch}/{total}"
-    );
-    assert_eq!(
-        (after_leave, after_join, after_switch),
-        (total, total, total)
-    );
+    assert_eq!(tb.ecmp_leave_join_switch(&held), [total; 3]);
     assert_eq!(backend_csum_errors(&tb), 0, "no bad inner checksums");
 }
 
@@ -112,11 +87,9 @@ fn the_default_auto_mode_works_on_veth_as_users_run_it() {
     );
     // Native on a veth would black-hole locally sent TCP (partial checksums).
     assert_eq!((lb_mode(&tb, 0), lb_mode(&tb, 1)), ("generic", "generic"));
-    every_service_answers(&tb, 30);
+    tb.assert_every_service_answers(30);
     let held = tb.hold_connections_to(&services(), 5);
     let total = services().len() * 5;
-    tb.set_ecmp(&[1]);
-    tb.set_ecmp(&[0, 1]);
-    assert_eq!(held.alive(), total);
+    assert_eq!(tb.ecmp_leave_join_switch(&held), [total; 3]);
     assert_eq!(backend_csum_errors(&tb), 0, "no bad inner checksums");
 }
