@@ -64,10 +64,17 @@ impl fmt::Display for MaglevError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MaglevError::NotPrime { size } => {
-                write!(
-                    f,
-                    "table size {size} is not prime (try 65537, 131071, 262139 or 655373)"
-                )
+                let (below, above) = nearest_primes(*size);
+                match below {
+                    Some(b) => write!(
+                        f,
+                        "table size {size} is not prime (the nearest primes: {b} and {above})"
+                    ),
+                    None => write!(
+                        f,
+                        "table size {size} is not prime (the nearest prime: {above})"
+                    ),
+                }
             }
             MaglevError::TooSmall {
                 size,
@@ -128,6 +135,15 @@ pub fn is_prime(n: u32) -> bool {
 }
 
 /// Checks that `size` can hold a table for `backends` backends.
+/// The primes just below and just above `size` (none below 2).
+pub fn nearest_primes(size: u32) -> (Option<u32>, u32) {
+    let below = (2..size).rev().find(|&n| is_prime(n));
+    let above = (size.saturating_add(1)..)
+        .find(|&n| is_prime(n))
+        .unwrap_or(u32::MAX);
+    (below, above)
+}
+
 pub fn validate_table_size(size: u32, backends: usize) -> Result<(), MaglevError> {
     if size > MAX_TABLE_SIZE {
         return Err(MaglevError::TooLarge { size });

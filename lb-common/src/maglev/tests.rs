@@ -28,6 +28,11 @@ fn validates_table_size() {
     assert!(validate_table_size(DEFAULT_TABLE_SIZE, 100).is_ok());
     let msg = MaglevError::NotPrime { size: 10 }.to_string();
     assert!(msg.contains("not prime"), "{msg}");
+    // The suggestion is where the operator was heading, not a fixed list.
+    let msg = MaglevError::NotPrime { size: 4000 }.to_string();
+    assert!(msg.contains("3989 and 4001"), "{msg}");
+    assert_eq!(super::nearest_primes(65_536), (Some(65_521), 65_537));
+    assert_eq!(super::nearest_primes(1), (None, 2));
 }
 
 #[test]

@@ -8,7 +8,7 @@ use lb_userspace::api::{Request, call};
 use serde_json::Value;
 
 #[derive(Parser)]
-#[command(about = "Control a running lbd")]
+#[command(name = "lbctl", version, about = "Control a running lbd")]
 struct Cli {
     /// lbd's control socket.
     #[arg(long, default_value = "/run/lbd.sock", global = true)]

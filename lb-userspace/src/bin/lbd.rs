@@ -17,7 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
 #[derive(Parser)]
-#[command(about = "Maglev XDP load balancer daemon")]
+#[command(name = "lbd", version, about = "Maglev XDP load balancer daemon")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
