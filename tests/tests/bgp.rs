@@ -86,9 +86,13 @@ fn bgp_paths_follow_instances_drain_and_hard_kill() {
     let _ = std::fs::remove_dir_all(&tb.lbds[1].pin);
     let took = wait_paths(&tb, &["10.20.1.2"], Duration::from_secs(BGP_HOLD_TIME + 3));
     eprintln!("hard failure: lb2's path gone after {took:?} (hold time {BGP_HOLD_TIME} s)");
+    // The hold timer runs from the last keepalive the router received,
+    // which BIRD sends every hold/3 s with jitter: the path goes between
+    // about 1.75 and 3 s after the hang (1.95 s seen). A session closed
+    // instead would drop it within milliseconds.
     assert!(
-        took >= Duration::from_secs(BGP_HOLD_TIME - 1),
-        "dropped by the hold timer, not before"
+        took >= Duration::from_millis(BGP_HOLD_TIME * 1000 / 2),
+        "dropped by the hold timer, not before: {took:?}"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
