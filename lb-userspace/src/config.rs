@@ -280,8 +280,8 @@ pub fn check_socket_path(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Why `ip` cannot be a backend's address, if it cannot.
-fn unusable_backend(ip: IpAddr) -> Option<&'static str> {
+/// Why `ip` can be neither a backend's address nor a VIP, if it cannot.
+fn unusable_address(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(a) if a.is_unspecified() => Some("the unspecified address"),
         IpAddr::V4(a) if a.is_broadcast() => Some("the broadcast address"),
@@ -295,11 +295,6 @@ fn unusable_backend(ip: IpAddr) -> Option<&'static str> {
         }
         _ => None,
     }
-}
-
-/// Why `ip` cannot be a VIP, if it cannot: the same as for backends.
-fn unusable_vip(ip: IpAddr) -> Option<&'static str> {
-    unusable_backend(ip)
 }
 
 impl Config {
@@ -415,7 +410,7 @@ impl Config {
             if !seen.insert((vip.address, vip.port, vip.proto())) {
                 bail!("{at}: listed twice");
             }
-            if let Some(why) = unusable_vip(vip.address) {
+            if let Some(why) = unusable_address(vip.address) {
                 bail!("{at}.address: {} is {why}", vip.address);
             }
             validate_table_size(vip.table_size, vip.backends.len())
@@ -449,7 +444,7 @@ impl Config {
                 if !addrs.insert(b.address) {
                     bail!("{bat}: listed twice");
                 }
-                if let Some(why) = unusable_backend(b.address) {
+                if let Some(why) = unusable_address(b.address) {
                     bail!("{bat}.address: {} is {why}", b.address);
                 }
                 if b.weight > 65_535 {

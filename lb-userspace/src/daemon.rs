@@ -112,15 +112,15 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
 
 impl Daemon {
     /// Loads (or adopts) the data plane for `config` (read from
-    /// `config_path`), applies the VIPs and attaches. A start that fails
-    /// after creating the pinned state removes it again; adopted state (a
+    /// `config_path`), applies the VIPs and attaches. The caller has run
+    /// `preflight` and holds the instance lock. A start that fails after
+    /// creating the pinned state removes it again; adopted state (a
     /// previous daemon's tables and connections) is left as it was.
     pub fn start(
         config_path: PathBuf,
         config: Config,
         events: mpsc::UnboundedSender<HealthEvent>,
     ) -> Result<Daemon> {
-        preflight(&config)?;
         let pin_path = (!config.lb.pin_path.is_empty()).then(|| PathBuf::from(&config.lb.pin_path));
         let fresh = pin_path
             .as_ref()
@@ -784,9 +784,7 @@ pub fn preflight(config: &Config) -> Result<()> {
         );
     }
     for name in &config.lb.interfaces {
-        let c = std::ffi::CString::new(name.as_str()).context("interface name")?;
-        // SAFETY: valid C string.
-        if unsafe { libc::if_nametoindex(c.as_ptr()) } == 0 {
+        if crate::dataplane::ifindex_of(name).is_none() {
             bail!("interface {name} does not exist: fix lb.interfaces in the config");
         }
     }

@@ -184,6 +184,19 @@ fn detach_pinned_link(path: &Path) {
     }
 }
 
+/// A VIP key's bit in `VIP_ADDR_FILTER`.
+fn filter_bit(key: &VipKey) -> u32 {
+    vip_addr_filter_bit(&key.addr, key.family)
+}
+
+/// The balancer program of a loaded object (checked when it was loaded).
+fn balancer(ebpf: &mut Ebpf) -> &mut Xdp {
+    ebpf.program_mut(PROGRAM_BALANCER)
+        .expect("checked at load")
+        .try_into()
+        .expect("checked at load")
+}
+
 /// The interface's index in this network namespace, if it exists.
 pub fn ifindex_of(interface: &str) -> Option<u32> {
     let c = std::ffi::CString::new(interface).ok()?;
@@ -472,26 +485,36 @@ impl Dataplane {
         };
         // Adopted VIPs (perhaps pinned by an lbd that had no filter yet):
         // every word written before the program can run.
-        for word in 0..VIP_ADDR_FILTER_WORDS {
-            dp.write_filter_word(word)?;
+        let mut words = vec![0u64; VIP_ADDR_FILTER_WORDS as usize];
+        for bit in dp.vip_keys.iter().map(filter_bit) {
+            words[(bit >> 6) as usize] |= 1 << (bit & 63);
+        }
+        for (word, value) in words.into_iter().enumerate() {
+            dp.set_filter_word(word as u32, value)?;
         }
         Ok(dp)
     }
 
-    /// Writes filter word `word` from the addresses of `vip_keys`.
-    fn write_filter_word(&mut self, word: u32) -> Result<()> {
-        let Some(filter) = self.addr_filter.as_mut() else {
-            return Ok(());
-        };
+    /// Rewrites the filter word holding `key`'s bit from the addresses of
+    /// `vip_keys`.
+    fn update_filter_word(&mut self, key: &VipKey) -> Result<()> {
+        let word = filter_bit(key) >> 6;
         let value = self
             .vip_keys
             .iter()
-            .map(|k| vip_addr_filter_bit(&k.addr, k.family))
+            .map(filter_bit)
             .filter(|bit| bit >> 6 == word)
             .fold(0u64, |w, bit| w | 1 << (bit & 63));
-        filter
-            .set(word, value, 0)
-            .context("writing VIP_ADDR_FILTER")
+        self.set_filter_word(word, value)
+    }
+
+    fn set_filter_word(&mut self, word: u32, value: u64) -> Result<()> {
+        match self.addr_filter.as_mut() {
+            Some(filter) => filter
+                .set(word, value, 0)
+                .context("writing VIP_ADDR_FILTER"),
+            None => Ok(()),
+        }
     }
 
     /// Attaches to `interface` in `chosen` mode. With a pin path, the link
@@ -509,14 +532,14 @@ impl Dataplane {
             self.ifindexes.insert(interface.to_string(), ifindex);
             return Ok(Attached::Fresh);
         };
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(PROGRAM_BALANCER)
-            .expect("checked at load")
-            .try_into()
-            .expect("checked at load");
-        let how =
-            attach_pinned_program(program, &dir, "link", interface, chosen, &mut self.attached)?;
+        let how = attach_pinned_program(
+            balancer(&mut self.ebpf),
+            &dir,
+            "link",
+            interface,
+            chosen,
+            &mut self.attached,
+        )?;
         self.ifindexes.insert(interface.to_string(), ifindex);
         Ok(how)
     }
@@ -584,11 +607,7 @@ impl Dataplane {
     }
 
     fn program(&mut self) -> &mut Xdp {
-        self.ebpf
-            .program_mut(PROGRAM_BALANCER)
-            .expect("checked at load")
-            .try_into()
-            .expect("checked at load")
+        balancer(&mut self.ebpf)
     }
 
     /// Attaches to `interface`; detached again when `self` is dropped.
@@ -605,7 +624,7 @@ impl Dataplane {
     /// program never skips a VIP that exists.
     pub fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<()> {
         if self.vip_keys.insert(key) {
-            self.write_filter_word(vip_addr_filter_bit(&key.addr, key.family) >> 6)?;
+            self.update_filter_word(&key)?;
         }
         self.vips.insert(key, meta, 0).context("writing VIPS")
     }
@@ -627,7 +646,7 @@ impl Dataplane {
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
         self.vips.remove(key).context("removing from VIPS")?;
         if self.vip_keys.remove(key) {
-            self.write_filter_word(vip_addr_filter_bit(&key.addr, key.family) >> 6)?;
+            self.update_filter_word(key)?;
         }
         Ok(())
     }

@@ -40,10 +40,7 @@ impl Decap {
         gue_port: u16,
         pin_dir: &Path,
     ) -> Result<(Decap, crate::dataplane::Attached)> {
-        crate::dataplane::ensure_bpffs(pin_dir)?;
-        std::fs::create_dir_all(pin_dir)
-            .with_context(|| format!("creating {}", pin_dir.display()))?;
-        let lock = crate::instance_lock::lock(pin_dir, "pin path")?;
+        let lock = crate::instance_lock::lock_pin_dir(pin_dir)?;
         let mut decap = Self::load_with(gue_port, Some(pin_dir))?;
         decap._lock = Some(lock);
         let program: &mut Xdp = decap

@@ -23,9 +23,7 @@ impl InstanceLock {
     pub fn acquire(pin_dir: Option<&Path>, control_socket: &Path) -> Result<InstanceLock> {
         let mut held = Vec::new();
         if let Some(dir) = pin_dir {
-            crate::dataplane::ensure_bpffs(dir)?;
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            held.push(lock(dir, "pin path")?);
+            held.push(lock_pin_dir(dir)?);
         }
         let socket_lock = socket_lock_path(control_socket);
         let file = std::fs::OpenOptions::new()
@@ -38,6 +36,13 @@ impl InstanceLock {
         held.push(lock(&socket_lock, "control socket")?);
         Ok(InstanceLock { _held: held })
     }
+}
+
+/// Locks a bpffs pin directory, created if missing.
+pub fn lock_pin_dir(dir: &Path) -> Result<File> {
+    crate::dataplane::ensure_bpffs(dir)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    lock(dir, "pin path")
 }
 
 /// `<socket>.lock`.

@@ -30,28 +30,17 @@ pub fn parse(name: &str) -> Result<XdpMode> {
     })
 }
 
-/// The mode for `interface` under the configured `name`.
-pub fn choose(interface: &str, name: &str) -> Result<Chosen> {
+/// The configured mode as it is, whatever the interface: for programs
+/// that only pass packets up (`decap`), where native XDP on a veth is fine.
+pub fn configured(name: &str) -> Result<Chosen> {
     let mode = parse(name)?;
-    let veth = driver_of(interface).as_deref() == Some("veth");
-    Ok(match (mode, veth) {
-        (XdpMode::Default, true) => Chosen {
-            mode: XdpMode::Skb,
-            name: "skb",
-            why: "auto on a veth: native XDP would forward locally sent frames with partial checksums",
-        },
-        (XdpMode::Default, false) => Chosen {
+    Ok(match mode {
+        XdpMode::Default => Chosen {
             mode,
             name: "auto",
             why: "native if the driver supports it, else generic",
         },
-        (XdpMode::Driver, true) => Chosen {
-            mode,
-            name: "native",
-            why: "configured; on a veth, senders in this host need TX checksum offload off \
-                  (ethtool -K DEV tx off) and the peer an XDP program for XDP_TX",
-        },
-        (XdpMode::Driver, false) => Chosen {
+        XdpMode::Driver => Chosen {
             mode,
             name: "native",
             why: "configured",
@@ -61,6 +50,27 @@ pub fn choose(interface: &str, name: &str) -> Result<Chosen> {
             name: "skb",
             why: "configured",
         },
+    })
+}
+
+/// The balancer's mode for `interface` under the configured `name`.
+pub fn choose(interface: &str, name: &str) -> Result<Chosen> {
+    let chosen = configured(name)?;
+    if driver_of(interface).as_deref() != Some("veth") {
+        return Ok(chosen);
+    }
+    Ok(match chosen.mode {
+        XdpMode::Default => Chosen {
+            mode: XdpMode::Skb,
+            name: "skb",
+            why: "auto on a veth: native XDP would forward locally sent frames with partial checksums",
+        },
+        XdpMode::Driver => Chosen {
+            why: "configured; on a veth, senders in this host need TX checksum offload off \
+                  (ethtool -K DEV tx off) and the peer an XDP program for XDP_TX",
+            ..chosen
+        },
+        _ => chosen,
     })
 }
 

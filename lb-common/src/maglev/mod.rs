@@ -134,7 +134,6 @@ pub fn is_prime(n: u32) -> bool {
     true
 }
 
-/// Checks that `size` can hold a table for `backends` backends.
 /// The primes just below and just above `size` (none below 2).
 pub fn nearest_primes(size: u32) -> (Option<u32>, u32) {
     let below = (2..size).rev().find(|&n| is_prime(n));
@@ -144,6 +143,7 @@ pub fn nearest_primes(size: u32) -> (Option<u32>, u32) {
     (below, above)
 }
 
+/// Checks that `size` can hold a table for `backends` backends.
 pub fn validate_table_size(size: u32, backends: usize) -> Result<(), MaglevError> {
     if size > MAX_TABLE_SIZE {
         return Err(MaglevError::TooLarge { size });

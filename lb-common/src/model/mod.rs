@@ -85,6 +85,16 @@ pub struct Decision {
     pub conntrack_write: Option<(FlowKey, u32)>,
 }
 
+/// The per-address key of the packet's destination: is it a VIP address?
+fn address_key(p: &ParsedIp) -> VipKey {
+    VipKey {
+        addr: p.flow.dst,
+        kind: VIP_KIND_ADDRESS,
+        family: p.flow.family,
+        ..VipKey::default()
+    }
+}
+
 impl ModelMaps {
     fn lookup_vip(&self, p: &ParsedIp) -> Option<VipMeta> {
         let kind = if p.is_fragment {
@@ -159,13 +169,7 @@ impl ModelMaps {
             ModelParse::Ip(p) => p,
         };
         if p.icmp == IcmpKind::EchoRequest {
-            let key = VipKey {
-                addr: p.flow.dst,
-                kind: VIP_KIND_ADDRESS,
-                family: p.flow.family,
-                ..VipKey::default()
-            };
-            let Some(vip) = self.vips.get(&key) else {
+            let Some(vip) = self.vips.get(&address_key(&p)) else {
                 return d.finish(Reason::PassNotVip, Action::Pass);
             };
             d.vip_id = Some(vip.vip_id);
@@ -173,13 +177,7 @@ impl ModelMaps {
             return d.finish(Reason::IcmpEchoReply, Action::Tx);
         }
         let Some(vip) = self.lookup_vip(&p) else {
-            let address = VipKey {
-                addr: p.flow.dst,
-                kind: VIP_KIND_ADDRESS,
-                family: p.flow.family,
-                ..VipKey::default()
-            };
-            if self.vips.contains_key(&address) {
+            if self.vips.contains_key(&address_key(&p)) {
                 return d.finish(Reason::DropNotAService, Action::Drop);
             }
             return d.finish(Reason::PassNotVip, Action::Pass);

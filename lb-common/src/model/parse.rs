@@ -175,18 +175,6 @@ pub fn parse(pkt: &[u8]) -> ModelParse {
     }
 }
 
-/// An IPv4 header (options included) sums to 0xFFFF in ones' complement.
-pub fn ipv4_header_checksum_ok(header: &[u8]) -> bool {
-    let mut sum: u32 = header
-        .chunks_exact(2)
-        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
-        .sum();
-    while sum > 0xFFFF {
-        sum = (sum & 0xFFFF) + (sum >> 16);
-    }
-    sum == 0xFFFF
-}
-
 fn parse_ipv4(ip: &[u8]) -> Option<ParsedIp> {
     if ip.len() < 20 {
         return None;
@@ -199,7 +187,8 @@ fn parse_ipv4(ip: &[u8]) -> Option<ParsedIp> {
     if (ip_len as usize) < ihl || ip_len as usize > ip.len() {
         return None;
     }
-    if !ipv4_header_checksum_ok(&ip[..ihl]) {
+    // A header with its checksum (options included) sums to zero.
+    if super::craft::ipv4_checksum(&ip[..ihl]) != 0 {
         return None;
     }
     let frags = be16(ip, 6);

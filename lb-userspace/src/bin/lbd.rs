@@ -140,21 +140,15 @@ async fn backend(
     gue_port: u16,
     pin_path: Option<PathBuf>,
 ) -> Result<()> {
-    let pinned = pin_path.is_some();
-    let decap = if pinned {
-        // Native mode is right for decap on a veth too: it passes packets
-        // up, no XDP_TX, and what it receives was encapsulated elsewhere.
-        let mut chosen = lb_userspace::xdp_mode::choose(&interface, &mode)?;
-        if mode == "auto" {
-            chosen.mode = aya::programs::XdpMode::Default;
-            chosen.name = "auto";
-        }
-        let dir = pin_path.expect("pinned");
+    // Native mode is right for decap on a veth too: it passes packets up,
+    // no XDP_TX, and what it receives was encapsulated elsewhere.
+    let chosen = lb_userspace::xdp_mode::configured(&mode)?;
+    let decap = if let Some(dir) = pin_path {
         let (decap, how) = Decap::attach_pinned(&interface, &chosen, gue_port, &dir)?;
         info!(interface = %interface, pin_path = %dir.display(), how = ?how, "decap attached (pinned: it stays if lbd backend exits)");
         decap
     } else {
-        let decap = Decap::attach(&interface, lb_userspace::xdp_mode::parse(&mode)?, gue_port)?;
+        let decap = Decap::attach(&interface, chosen.mode, gue_port)?;
         info!(interface = %interface, "decap attached (not pinned: detached when lbd backend exits)");
         decap
     };
