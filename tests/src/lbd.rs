@@ -51,6 +51,15 @@ pub struct Lbd {
     nofile: Option<u64>,
 }
 
+/// Polls `f` every 20 ms until it holds; fails the test after 5 s.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs `lbd args...` in `ns` to completion (at most 20 s) and returns its
 /// exit status and stderr: for starts that must be refused.
 pub fn lbd_once(ns: &NetNs, args: &[&str]) -> (std::process::ExitStatus, String) {

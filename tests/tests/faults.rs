@@ -15,7 +15,7 @@ use std::{
 use lb_common::{PROTO_TCP, maps::VipKey};
 use lb_tests::{
     have_root,
-    lbd::{Bed, HealthTarget, backends_toml, lbctl_binary, lbd_once},
+    lbd::{Bed, HealthTarget, backends_toml, lbctl_binary, lbd_once, wait_for},
 };
 use lb_userspace::api::Request;
 
@@ -378,14 +378,6 @@ fn udp_vip() -> String {
     )
 }
 
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// `ip link show DEV`'s XDP attachment: "xdpgeneric", "xdp" or "".
 fn xdp_shown(b: &Bed, dev: &str) -> &'static str {
     let line = b.lb.sh(&format!("ip link show {dev}"));
@@ -408,7 +400,7 @@ fn a_changed_xdp_mode_is_applied_at_restart_and_flows_are_kept() {
     let mut lbd = b.start_lbd(&cfg);
     assert_eq!(xdp_shown(&b, "l0"), "xdpgeneric");
     send_udp_flows(&b, 40);
-    wait_until("40 tracked flows", 5, || lbd.kernel_conntrack().len() >= 40);
+    wait_for("40 tracked flows", || lbd.kernel_conntrack().len() >= 40);
     let flows = lbd.kernel_conntrack();
     lbd.stop(libc::SIGTERM);
     let text = std::fs::read_to_string(&cfg)
@@ -444,7 +436,7 @@ fn a_deleted_interface_gets_the_program_back_when_it_returns() {
     let cfg = b.config(65536, &udp_vip());
     let mut lbd = b.start_lbd(&cfg);
     send_udp_flows(&b, 20);
-    wait_until("20 tracked flows", 5, || lbd.kernel_conntrack().len() >= 20);
+    wait_for("20 tracked flows", || lbd.kernel_conntrack().len() >= 20);
     let recreate = || {
         b.lb.ip(&["link", "del", "l0"]);
         std::thread::sleep(Duration::from_millis(300));
@@ -454,11 +446,11 @@ fn a_deleted_interface_gets_the_program_back_when_it_returns() {
     };
     // While lbd runs: it sees the link come back and attaches again.
     recreate();
-    wait_until("XDP on the new l0", 5, || !xdp_shown(&b, "l0").is_empty());
+    wait_for("XDP on the new l0", || !xdp_shown(&b, "l0").is_empty());
     assert!(lbd.running());
     let before = lbd.forwarded();
     send_udp_flows(&b, 20);
-    wait_until("forwarding on the new l0", 5, || {
+    wait_for("forwarding on the new l0", || {
         lbd.forwarded() >= before + 20
     });
     assert!(lbd.kernel_conntrack().len() >= 20, "connection table kept");
@@ -466,10 +458,10 @@ fn a_deleted_interface_gets_the_program_back_when_it_returns() {
     lbd.stop(libc::SIGTERM);
     recreate();
     lbd.restart();
-    wait_until("XDP on the newer l0", 5, || !xdp_shown(&b, "l0").is_empty());
+    wait_for("XDP on the newer l0", || !xdp_shown(&b, "l0").is_empty());
     let before = lbd.forwarded();
     send_udp_flows(&b, 20);
-    wait_until("forwarding after the start", 5, || {
+    wait_for("forwarding after the start", || {
         lbd.forwarded() >= before + 20
     });
     assert!(lbd.kernel_conntrack().len() >= 20, "connection table kept");

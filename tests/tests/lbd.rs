@@ -11,7 +11,7 @@ use std::{
 use lb_common::{PROTO_TCP, PROTO_UDP, maps::VipKey};
 use lb_tests::{
     have_root,
-    lbd::{Bed, HealthTarget, backends_toml},
+    lbd::{Bed, HealthTarget, backends_toml, wait_for},
     netns::NetNs,
 };
 use lb_userspace::api::Request;
@@ -106,14 +106,6 @@ fn send_flows(client: &NetNs, n: u16) {
             UdpSocket::bind(SocketAddr::new("10.200.0.2".parse().unwrap(), 20_000 + i)).unwrap();
         s.send_to(b"ping", SocketAddr::new(IpAddr::V4(VIP), 53))
             .unwrap();
-    }
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
