@@ -40,6 +40,9 @@ pub const MAP_ANY_PORT_VIPS: &str = "ANY_PORT_VIPS";
 pub const MAP_NEXTHOP_CACHE: &str = "NEXTHOP_CACHE";
 /// `DECAP_STATS`: per-CPU array, `DecapReason` -> `Counter` (backend side).
 pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
+/// `PREV_TABLES`: array, vip id -> `PrevTable`: where the VIP's previous
+/// Maglev table lies in `MAGLEV_SLOTS` while its second-chance window lasts.
+pub const MAP_PREV_TABLES: &str = "PREV_TABLES";
 /// `VIP_ADDR_FILTER`: array of `VIP_ADDR_FILTER_WORDS` u64 bit sets: bit
 /// `vip_addr_filter_bit(addr)` is set for every VIP address. A packet whose
 /// destination's bit is clear is no VIP's: passed after one array read,
@@ -126,6 +129,20 @@ pub struct VipMeta {
     pub table_offset: u32,
     /// M, the table's prime size; 0 = the VIP has no backend (drop).
     pub table_size: u32,
+}
+
+/// A VIP's previous Maglev table (the one before its last change) while
+/// second-chance forwarding uses it; `size` 0 = none. A TCP packet that is
+/// not a SYN and misses the connection table, whose slot names another
+/// backend in this table than in the current one, is sent to the current
+/// backend with this table's backend as a second hop (nested
+/// encapsulation). Kept apart from `VipMeta` so the hot path reads nothing
+/// more and pinned `VIPS` maps keep their layout.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrevTable {
+    pub offset: u32,
+    pub size: u32,
 }
 
 /// `Backend::flags`: may receive packets (new and tracked). A removed or
@@ -264,6 +281,11 @@ pub enum Reason {
     /// Passed, it would go back to the router (the LB host does not own
     /// the address) and loop until its TTL runs out.
     DropNotAService = 18,
+    /// Sent with a second hop: a TCP packet (not a SYN) that missed the
+    /// connection table and whose slot belonged to another backend in the
+    /// VIP's previous table; that backend is the second hop (also counted
+    /// under the outcome and `ConntrackMiss`).
+    SecondChance = 19,
 }
 
 impl Reason {
@@ -279,7 +301,7 @@ impl Reason {
         Reason::DropNotAService,
     ];
 
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassNotVip,
@@ -300,6 +322,7 @@ impl Reason {
         Reason::IcmpEchoReply,
         Reason::IcmpErrorForwarded,
         Reason::DropNotAService,
+        Reason::SecondChance,
     ];
 
     /// Stable name for metrics and CLI output.
@@ -324,6 +347,7 @@ impl Reason {
             Reason::IcmpEchoReply => "icmp_echo_reply",
             Reason::IcmpErrorForwarded => "icmp_error_forwarded",
             Reason::DropNotAService => "drop_not_a_service",
+            Reason::SecondChance => "second_chance",
         }
     }
 }
@@ -339,14 +363,29 @@ pub enum DecapReason {
     PassNotEncapsulated = 1,
     /// Encapsulated, with a broken outer or inner header: passed unchanged.
     PassMalformed = 2,
+    /// Carried a second hop, and this host has the connection (a socket
+    /// for the inner 4-tuple that is not only listening, or a valid SYN
+    /// cookie), or the inner packet is no TCP segment that may be forwarded
+    /// (a SYN, UDP): both layers removed, delivered here.
+    SecondHopLocal = 3,
+    /// Carried a second hop and no local connection: the outer layer
+    /// removed and the rest (an ordinary encapsulated packet to the second
+    /// backend) sent on toward it (XDP_TX / redirect).
+    SecondHopForwarded = 4,
+    /// As `SecondHopForwarded`, but the FIB had no resolved next hop: the
+    /// packet is handed to the kernel to route (or drop).
+    SecondHopToKernel = 5,
 }
 
 impl DecapReason {
-    pub const COUNT: u32 = 3;
-    pub const ALL: [DecapReason; 3] = [
+    pub const COUNT: u32 = 6;
+    pub const ALL: [DecapReason; 6] = [
         DecapReason::Decapsulated,
         DecapReason::PassNotEncapsulated,
         DecapReason::PassMalformed,
+        DecapReason::SecondHopLocal,
+        DecapReason::SecondHopForwarded,
+        DecapReason::SecondHopToKernel,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -354,6 +393,9 @@ impl DecapReason {
             DecapReason::Decapsulated => "decapsulated",
             DecapReason::PassNotEncapsulated => "pass_not_encapsulated",
             DecapReason::PassMalformed => "pass_malformed",
+            DecapReason::SecondHopLocal => "second_hop_local",
+            DecapReason::SecondHopForwarded => "second_hop_forwarded",
+            DecapReason::SecondHopToKernel => "second_hop_to_kernel",
         }
     }
 }
@@ -366,6 +408,7 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 const _: () = assert!(size_of::<ConnEntry>() == 16);
 const _: () = assert!(size_of::<Counter>() == 16);
 const _: () = assert!(size_of::<NextHopCache>() == 32);
+const _: () = assert!(size_of::<PrevTable>() == 8);
 
 #[cfg(test)]
 mod tests {

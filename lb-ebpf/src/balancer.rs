@@ -6,7 +6,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    PROTO_UDP,
+    PROTO_TCP, PROTO_UDP,
     flow_hash::flow_hash,
     maps::{
         BACKEND_F_IPV6, BACKEND_F_VALID, Backend, ConnEntry, NEXTHOP_TTL_NS, NextHopCache, Reason,
@@ -21,7 +21,7 @@ use crate::{
     icmp::{echo_reply, ingress_macs, quote_len, too_big_reply},
     maps::{
         ANY_PORT_VIPS, BACKENDS, CONNTRACK, INSERT_BUDGET, MAGLEV_SLOTS, NEXTHOP_CACHE,
-        VIP_ADDR_FILTER, VIPS, settings,
+        PREV_TABLES, VIP_ADDR_FILTER, VIPS, settings,
     },
     parse::{ICMP_ECHO_REQUEST, ICMP_ERROR, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, parse},
     stats::{count, count_backend, count_vip},
@@ -91,6 +91,10 @@ struct Chosen {
     id: u32,
     backend: Backend,
     hash: u32,
+    /// Second-chance forwarding: the id of the backend that owned the
+    /// flow's slot in the VIP's previous table, where the first may send it
+    /// on; 0 = none. (An id, not a copy: the BPF stack is nearly full.)
+    second: u32,
 }
 
 /// False only if the destination is certainly no VIP address (its filter
@@ -238,7 +242,12 @@ fn choose_backend(
         count(Reason::Fragment, bytes);
         let hash = flow_hash(&pkt.flow, cfg.hash_seed);
         let id = maglev_pick(vip, hash);
-        return backend_for(id, vip).map(|backend| Chosen { id, backend, hash });
+        return backend_for(id, vip).map(|backend| Chosen {
+            id,
+            backend,
+            hash,
+            second: 0,
+        });
     }
     let is_icmp_error = pkt.icmp == ICMP_ERROR;
     if is_icmp_error {
@@ -268,7 +277,12 @@ fn choose_backend(
                 } else {
                     flow_hash(&pkt.flow, cfg.hash_seed)
                 };
-                return Some(Chosen { id, backend, hash });
+                return Some(Chosen {
+                    id,
+                    backend,
+                    hash,
+                    second: 0,
+                });
             }
         }
     }
@@ -276,8 +290,19 @@ fn choose_backend(
     let hash = flow_hash(&pkt.flow, cfg.hash_seed);
     let id = maglev_pick(vip, hash);
     let backend = backend_for(id, vip)?;
-    // RSTs and ICMP errors end or report on a flow: never recorded.
-    if pkt.tcp_flags & TCP_RST == 0 && !is_icmp_error {
+    // A TCP segment of a flow this instance never saw, mid-connection: its
+    // connection may live on the slot's previous owner.
+    let second = if pkt.flow.proto == PROTO_TCP && !is_syn && !is_icmp_error {
+        previous_owner(vip, hash, id)
+    } else {
+        0
+    };
+    if second != 0 {
+        // Not recorded: which of the two has the connection is known only
+        // at the backends, so every packet asks again while the window lasts.
+        count(Reason::SecondChance, bytes);
+    } else if pkt.tcp_flags & TCP_RST == 0 && !is_icmp_error {
+        // RSTs and ICMP errors end or report on a flow: never recorded.
         let now = clock.now();
         if insert_allowed(cfg, now) {
             let entry = ConnEntry {
@@ -291,7 +316,44 @@ fn choose_backend(
             count(Reason::ConntrackInsertSkipped, bytes);
         }
     }
-    Some(Chosen { id, backend, hash })
+    Some(Chosen {
+        id,
+        backend,
+        hash,
+        second,
+    })
+}
+
+/// The backend id the VIP's previous table gives the flow's slot, when
+/// there is a previous table and it names another backend of this VIP
+/// (removed or failed ones keep their address until their id is reused);
+/// else 0.
+#[inline(always)]
+fn previous_owner(vip: &VipMeta, hash: u32, current: u32) -> u32 {
+    let Some(prev) = PREV_TABLES.get(vip.vip_id) else {
+        return 0;
+    };
+    if prev.size == 0 {
+        return 0;
+    }
+    let slot = prev.offset.wrapping_add(hash % prev.size);
+    let id = MAGLEV_SLOTS.get(slot).copied().unwrap_or(0);
+    if id == current || BACKENDS.get(id).is_none_or(|b| b.vip_id != vip.vip_id) {
+        return 0;
+    }
+    id
+}
+
+/// The outer source address: the configured prefix, varied by flow so
+/// receivers spread flows over queues.
+#[inline(always)]
+fn encap_source(cfg: &Settings, v6: bool, hash: u32) -> [u32; 4] {
+    if v6 {
+        let s6 = cfg.encap_src6_prefix;
+        [s6[0], s6[1], s6[2], hash]
+    } else {
+        [cfg.encap_src_prefix | (hash & !cfg.encap_src_mask), 0, 0, 0]
+    }
 }
 
 /// Encapsulates toward `backend` and sends it on its way.
@@ -310,18 +372,26 @@ fn forward(
     let outer = Outer {
         v6,
         gue: vip.flags & VIP_F_GUE != 0,
-        src: if v6 {
-            let s6 = cfg.encap_src6_prefix;
-            [s6[0], s6[1], s6[2], hash]
-        } else {
-            [cfg.encap_src_prefix | (hash & !cfg.encap_src_mask), 0, 0, 0]
-        },
+        src: encap_source(cfg, v6, hash),
         dst: backend.addr,
         ttl: cfg.outer_ttl,
         hash,
         gue_port: cfg.gue_port,
     };
-    let overhead = outer.overhead();
+    let second = if chosen.second == 0 {
+        None
+    } else {
+        BACKENDS.get(chosen.second).map(|b| {
+            let v6 = b.flags & BACKEND_F_IPV6 != 0;
+            Outer {
+                v6,
+                src: encap_source(cfg, v6, hash),
+                dst: b.addr,
+                ..outer
+            }
+        })
+    };
+    let overhead = outer.overhead() + second.as_ref().map_or(0, |s| s.overhead());
     let outer_len = pkt.ip_len.wrapping_add(overhead);
     if cfg.mtu != 0 && outer_len > cfg.mtu {
         return too_big(ctx, pkt, cfg.mtu.wrapping_sub(overhead), bytes);
@@ -338,7 +408,7 @@ fn forward(
             ifindex,
             ..
         } => {
-            if encapsulate(ctx, pkt, &outer, &dmac, &smac).is_err() {
+            if encapsulate(ctx, pkt, &outer, second.as_ref(), &dmac, &smac).is_err() {
                 return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
             }
             if ifindex as usize == ctx.ingress_ifindex() {
@@ -355,7 +425,7 @@ fn forward(
             let Some((our_mac, peer_mac)) = ingress_macs(ctx) else {
                 return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
             };
-            if encapsulate(ctx, pkt, &outer, &our_mac, &peer_mac).is_err() {
+            if encapsulate(ctx, pkt, &outer, second.as_ref(), &our_mac, &peer_mac).is_err() {
                 return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
             }
             finish(Reason::PassNoNeighbour, XDP_PASS, bytes)
@@ -368,7 +438,16 @@ fn forward(
             let Some((our_mac, _)) = ingress_macs(ctx) else {
                 return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
             };
-            if encapsulate(ctx, pkt, &outer, &cfg.gateway_mac, &our_mac).is_err() {
+            if encapsulate(
+                ctx,
+                pkt,
+                &outer,
+                second.as_ref(),
+                &cfg.gateway_mac,
+                &our_mac,
+            )
+            .is_err()
+            {
                 return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
             }
             count(Reason::FibFallbackGateway, bytes);

@@ -179,28 +179,61 @@ pub fn write_ethernet(
     Ok(())
 }
 
-/// Grows the packet by the outer headers and writes them and the Ethernet
-/// header. The inner packet is left byte for byte as it arrived.
+/// Grows the packet by the outer headers (and, with a second hop, a
+/// second layer inside them toward the second backend) and writes them and
+/// the Ethernet header. The inner packet is left byte for byte as it arrived.
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,
     pkt: &Packet,
     outer: &Outer,
+    second: Option<&Outer>,
     dmac: &[u8; 6],
     smac: &[u8; 6],
 ) -> Result<(), ()> {
-    let overhead = outer.overhead();
+    let second_overhead = second.map_or(0, |s| s.overhead());
+    let overhead = outer.overhead() + second_overhead;
     // SAFETY: the helper only moves ctx->data; pointers are re-derived below.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
         return Err(());
     }
-    let outer_len = pkt.ip_len.wrapping_add(overhead);
-    let proto = outer.proto(pkt);
+    let ether_type = if outer.v6 { ETH_P_IPV6_BE } else { ETH_P_IP_BE };
+    write_ethernet(ctx, pkt, dmac, smac, ether_type)?;
+    match second {
+        None => write_outer(ctx, pkt, outer, pkt.l2_len, pkt.ip_len, outer.proto(pkt)),
+        Some(second) => {
+            // The outer layer carries an IP packet of the second's family.
+            let proto = if outer.gue {
+                PROTO_UDP
+            } else if second.v6 {
+                PROTO_IPV6
+            } else {
+                PROTO_IPIP
+            };
+            let inner_len = pkt.ip_len.wrapping_add(second_overhead);
+            write_outer(ctx, pkt, outer, pkt.l2_len, inner_len, proto)?;
+            let at = pkt.l2_len + outer.overhead() as usize;
+            write_outer(ctx, pkt, second, at, pkt.ip_len, second.proto(pkt))
+        }
+    }
+}
+
+/// Writes one layer of outer headers (IP, and UDP for GUE) at `at`, in
+/// front of `inner_len` bytes of carried IP packet.
+#[inline(always)]
+fn write_outer(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    outer: &Outer,
+    at: usize,
+    inner_len: u16,
+    proto: u8,
+) -> Result<(), ()> {
+    let outer_len = inner_len.wrapping_add(outer.overhead());
     let ip_hdr_len;
     if outer.v6 {
-        write_ethernet(ctx, pkt, dmac, smac, ETH_P_IPV6_BE)?;
         ip_hdr_len = Ipv6Hdr::LEN;
-        let ip = ptr_at::<Ipv6Hdr>(ctx, pkt.l2_len).ok_or(())?;
+        let ip = ptr_at::<Ipv6Hdr>(ctx, at).ok_or(())?;
         let vcf: u32 = 6 << 28 | (pkt.tos as u32) << 20 | (outer.hash & 0xFFFFF);
         // SAFETY: bounds checked by ptr_at; the addresses are byte arrays.
         unsafe {
@@ -214,12 +247,11 @@ pub fn encapsulate(
             };
         }
     } else {
-        write_ethernet(ctx, pkt, dmac, smac, ETH_P_IP_BE)?;
         ip_hdr_len = Ipv4Hdr::LEN;
         // RFC 2003: DF copied from an inner IPv4 header; IPv6 inside is
         // never fragmented on the way (RFC 4213).
         let frags = if pkt.dont_fragment { IP_DF } else { 0 };
-        let ip = ptr_at::<Ipv4Hdr>(ctx, pkt.l2_len).ok_or(())?;
+        let ip = ptr_at::<Ipv4Hdr>(ctx, at).ok_or(())?;
         let check = ipv4_header_checksum(
             pkt.tos,
             outer_len,
@@ -247,14 +279,14 @@ pub fn encapsulate(
         }
     }
     if outer.gue {
-        let udp = ptr_at::<UdpHdr>(ctx, pkt.l2_len + ip_hdr_len).ok_or(())?;
+        let udp = ptr_at::<UdpHdr>(ctx, at + ip_hdr_len).ok_or(())?;
         let sport = 0xC000 | (outer.hash & 0x3FFF) as u16;
         // SAFETY: bounds checked by ptr_at.
         unsafe {
             *udp = UdpHdr {
                 src: sport.to_be_bytes(),
                 dst: outer.gue_port.to_ne_bytes(),
-                len: pkt.ip_len.wrapping_add(8).to_be_bytes(),
+                len: inner_len.wrapping_add(8).to_be_bytes(),
                 // Zero: allowed for tunnels over IPv6 too (RFC 6935/6936).
                 check: [0, 0],
             };

@@ -8,8 +8,8 @@ use aya_ebpf::{
 use lb_common::{
     maps::{
         Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, DecapReason,
-        FlowKey, InsertBudget, MAX_BACKENDS, MAX_VIPS, NextHopCache, Reason, VIP_ADDR_FILTER_WORDS,
-        VipKey, VipMeta,
+        FlowKey, InsertBudget, MAX_BACKENDS, MAX_VIPS, NextHopCache, PrevTable, Reason,
+        VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
     },
     settings::Settings,
 };
@@ -48,6 +48,11 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// there so a whole table is written with memory stores, not a syscall a slot.
 #[map]
 pub static MAGLEV_SLOTS: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_SLOTS, BPF_F_MMAPABLE);
+
+/// Each VIP's previous Maglev table (by vip id) while its second-chance
+/// window lasts; read only on a connection-table miss.
+#[map]
+pub static PREV_TABLES: Array<PrevTable> = Array::with_max_entries(MAX_VIPS, 0);
 
 /// Connection table: flow -> backend it was sent to. One hash shared by all
 /// CPUs, so a flow stays put even when RSS moves it to another CPU; each CPU
