@@ -150,6 +150,9 @@ pub struct PrevTable {
 pub const BACKEND_F_VALID: u32 = 1;
 /// `Backend::flags`: `addr` is IPv6 (the outer header is IPv6).
 pub const BACKEND_F_IPV6: u32 = 2;
+/// `Backend::flags`: removed from its VIP, never valid again; the entry
+/// keeps its address only as a second hop named by a previous table.
+pub const BACKEND_F_RETIRED: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

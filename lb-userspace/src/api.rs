@@ -25,6 +25,16 @@ pub enum Request {
         vip: String,
         address: String,
         weight: u32,
+        /// "active" (default), "adding" or "removing".
+        #[serde(default)]
+        state: Option<String>,
+    },
+    /// A backend's part in a change: "active", "adding" or "removing"
+    /// (second-chance forwarding derives the previous table from them).
+    SetState {
+        vip: String,
+        address: String,
+        state: String,
     },
     RemoveBackend {
         vip: String,

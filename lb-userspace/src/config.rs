@@ -65,6 +65,12 @@ pub struct LbConfig {
     pub gateway_mac: Option<String>,
     #[serde(default = "default_udp_timeout")]
     pub udp_idle_timeout_secs: u64,
+    /// Second-chance forwarding: how long a VIP keeps its previous table
+    /// after a change (0 = off). Within it, a mid-connection TCP packet
+    /// this instance has no entry for, whose slot changed owner, goes to
+    /// the new owner with the old one as a second hop.
+    #[serde(default = "default_second_chance")]
+    pub second_chance_window_secs: u64,
     /// New flows each CPU records per second (SYN flood guard); 0 = no limit.
     #[serde(default = "default_new_flows")]
     pub max_new_flows_per_sec: u32,
@@ -130,6 +136,20 @@ pub struct BackendConfig {
     pub address: IpAddr,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// "active" (default), "adding" or "removing": during a change, every
+    /// instance (one started after it too) derives the VIP's previous table
+    /// from these states (active + removing) beside the current one (active
+    /// + adding), for second-chance forwarding. "removing" takes no new
+    /// flows; its tracked ones continue, as with weight 0.
+    #[serde(default = "default_state")]
+    pub state: String,
+}
+
+/// `BackendConfig::state` values.
+pub const BACKEND_STATES: [&str; 3] = ["active", "adding", "removing"];
+
+fn default_state() -> String {
+    "active".into()
 }
 
 fn default_mode() -> String {
@@ -152,6 +172,9 @@ fn default_table_size() -> u32 {
 }
 fn default_weight() -> u32 {
     1
+}
+fn default_second_chance() -> u64 {
+    600
 }
 
 impl VipConfig {
@@ -449,6 +472,12 @@ impl Config {
                 }
                 if b.weight > 65_535 {
                     bail!("{bat}.weight: {} is above 65535", b.weight);
+                }
+                if !BACKEND_STATES.contains(&b.state.as_str()) {
+                    bail!(
+                        "{bat}.state: {:?} is not one of active, adding, removing",
+                        b.state
+                    );
                 }
             }
         }

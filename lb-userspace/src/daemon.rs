@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail};
 use lb_common::{
     flow_hash::flow_hash,
-    maps::{BACKEND_F_VALID, FlowKey, Reason, VIP_KIND_PORT, VipKey},
+    maps::{BACKEND_F_RETIRED, BACKEND_F_VALID, FlowKey, Reason, VIP_KIND_PORT, VipKey},
     user::ip_from_addr,
 };
 use serde_json::json;
@@ -28,7 +28,9 @@ use crate::{
     dataplane::{Dataplane, LoadOptions, remove_pinned},
     flow_count::FlowCounter,
     health::{HealthCheck, HealthEvent, spawn_checker},
-    reconcile::{AppliedBackend, AppliedVip, DesiredBackend, DesiredVip, Reconciler},
+    reconcile::{
+        AppliedBackend, AppliedVip, BackendState, DesiredBackend, DesiredVip, PrevState, Reconciler,
+    },
 };
 
 /// Freed backend ids wait this long before reuse (tracked flows naming them
@@ -74,9 +76,15 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
             rec.adopt_fragment_key(key, meta);
             continue;
         }
+        for (id, _) in backends
+            .iter()
+            .filter(|(_, b)| b.flags & BACKEND_F_RETIRED != 0)
+        {
+            rec.reserve_backend_id(*id);
+        }
         let owned: BTreeMap<IpAddr, AppliedBackend> = backends
             .iter()
-            .filter(|(_, b)| b.vip_id == meta.vip_id)
+            .filter(|(_, b)| b.vip_id == meta.vip_id && b.flags & BACKEND_F_RETIRED == 0)
             .map(|(id, b)| {
                 (
                     b.ip(),
@@ -89,6 +97,15 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
             })
             .collect();
         let table = dp.read_slots(meta.table_offset, meta.table_size);
+        // Its window restarts now: how old it is was not recorded.
+        let prev = Some(dp.prev_table(meta.vip_id))
+            .filter(|p| p.size > 0)
+            .map(|region| PrevState {
+                table: dp.read_slots(region.offset, region.size),
+                region: Some(region),
+                since: std::time::Instant::now(),
+                explicit: false,
+            });
         let name = format!(
             "{}:{}/{}",
             ip_from_addr(&key.addr, key.family),
@@ -103,6 +120,7 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
                 table_size: meta.table_size,
                 backends: owned,
                 table,
+                prev,
             },
         )?;
         adopted += 1;
@@ -155,7 +173,11 @@ impl Daemon {
             object: None,
         };
         let dp = Dataplane::load(&opts)?;
-        let mut rec = Reconciler::new(config.lb.hash_seed, dp.slot_capacity(), ID_QUARANTINE);
+        let window = Duration::from_secs(config.lb.second_chance_window_secs);
+        // A freed id is not reused while a previous table may still name it.
+        let quarantine = ID_QUARANTINE.max(window + Duration::from_secs(60));
+        let mut rec = Reconciler::new(config.lb.hash_seed, dp.slot_capacity(), quarantine);
+        rec.second_chance_window = window;
         if dp.adopted {
             let n = adopt(&dp, &mut rec)?;
             info!(vips = n, pin_path = %config.lb.pin_path, "adopted pinned data plane state (connection table kept)");
@@ -208,11 +230,27 @@ impl Daemon {
                             addr: b.address,
                             weight: b.weight,
                             healthy: *self.health.get(&(key, b.address)).unwrap_or(&true),
+                            state: BackendState::parse(&b.state).expect("validated"),
                         })
                         .collect(),
                 }
             })
             .collect()
+    }
+
+    /// Ends second-chance windows that have passed (called every second).
+    pub fn expire_second_chance(&mut self) {
+        match self
+            .rec
+            .expire_prev(&mut self.dp, std::time::Instant::now())
+        {
+            Ok(ended) => {
+                for name in ended {
+                    info!(vip = %name, "second-chance window over: previous table dropped");
+                }
+            }
+            Err(e) => error!("ending a second-chance window: {e:#}"),
+        }
     }
 
     /// Brings maps and health checkers in line with the working config.
@@ -499,11 +537,16 @@ impl Daemon {
                 vip,
                 address,
                 weight,
+                state,
             } => {
                 let i = self.vip_index(&vip)?;
                 let address: IpAddr = address.parse().context("backend address")?;
                 self.edit(|c| {
-                    c.vips[i].backends.push(BackendConfig { address, weight });
+                    c.vips[i].backends.push(BackendConfig {
+                        address,
+                        weight,
+                        state: state.unwrap_or_else(|| "active".into()),
+                    });
                     Ok(())
                 })?;
                 Ok(json!("added"))
@@ -547,6 +590,18 @@ impl Daemon {
                     Ok(())
                 })?;
                 Ok(json!("weight set"))
+            }
+            Request::SetState {
+                vip,
+                address,
+                state,
+            } => {
+                let i = self.vip_index(&vip)?;
+                self.edit(|c| {
+                    Self::backend_mut(c, i, &address)?.state = state.clone();
+                    Ok(())
+                })?;
+                Ok(json!(format!("state {state}")))
             }
             Request::Trace { src, dst, protocol } => self.trace(&src, &dst, &protocol),
             Request::DrainInstance => {

@@ -23,9 +23,9 @@ use lb_common::{
         BENCH_FRAME_LEN, Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES,
         DEFAULT_MAGLEV_SLOTS, FlowKey, GLOBAL_SETTINGS, MAP_ANY_PORT_VIPS, MAP_BACKEND_STATS,
         MAP_BACKENDS, MAP_BENCH_FRAME, MAP_BENCH_NEXT, MAP_CONNTRACK, MAP_MAGLEV_SLOTS,
-        MAP_NEXTHOP_CACHE, MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS,
-        PROGRAM_BALANCER, PROGRAM_BENCH_GEN, PROGRAM_PASS, Reason, VIP_ADDR_FILTER_WORDS, VipKey,
-        VipMeta, vip_addr_filter_bit,
+        MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS,
+        MAP_VIPS, PROGRAM_BALANCER, PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable, Reason,
+        VIP_ADDR_FILTER_WORDS, VipKey, VipMeta, vip_addr_filter_bit,
     },
     settings::Settings,
 };
@@ -246,8 +246,9 @@ impl Default for LoadOptions {
 }
 
 /// Maps that carry state across daemon restarts.
-pub const PINNED_MAPS: [&str; 10] = [
+pub const PINNED_MAPS: [&str; 11] = [
     MAP_VIPS,
+    MAP_PREV_TABLES,
     MAP_VIP_ADDR_FILTER,
     MAP_ANY_PORT_VIPS,
     MAP_BACKENDS,
@@ -373,6 +374,7 @@ pub struct Dataplane {
     /// Every key in `VIPS` (so the filter is maintained without reading it).
     vip_keys: std::collections::BTreeSet<VipKey>,
     any_port_vips: Array<MapData, u32>,
+    prev_tables: Array<MapData, PrevTable>,
     backends: Array<MapData, Backend>,
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
     /// A duplicate of the connection table's fd, to read its fdinfo.
@@ -471,6 +473,7 @@ impl Dataplane {
                 .transpose()?,
             vip_keys,
             any_port_vips: take(&mut ebpf, MAP_ANY_PORT_VIPS)?,
+            prev_tables: take(&mut ebpf, MAP_PREV_TABLES)?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             conntrack_fd,
             conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
@@ -631,6 +634,18 @@ impl Dataplane {
 
     /// Whether some VIP has port 0 (set before adding one, cleared after the
     /// last one is gone).
+    /// VIP `vip_id`'s previous table for second-chance forwarding.
+    pub fn set_prev_table(&mut self, vip_id: u32, table: PrevTable) -> Result<()> {
+        self.prev_tables
+            .set(vip_id, table, 0)
+            .context("writing PREV_TABLES")
+    }
+
+    /// VIP `vip_id`'s previous table as the kernel has it (size 0: none).
+    pub fn prev_table(&self, vip_id: u32) -> PrevTable {
+        self.prev_tables.get(&vip_id, 0).unwrap_or_default()
+    }
+
     pub fn set_any_port_vips(&mut self, on: bool) -> Result<()> {
         self.any_port_vips
             .set(0, on as u32, 0)

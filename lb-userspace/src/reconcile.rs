@@ -7,7 +7,11 @@
 //!    one `VIPS` update (atomic per VIP); the old region is freed after;
 //! 3. removed backends are invalidated only after no table points at them,
 //!    and their ids are quarantined, not reused while tracked flows may
-//!    still name them.
+//!    still name them;
+//! 4. second chance: a VIP's previous table (the states' one, else the
+//!    table before its last switch) is written to `PREV_TABLES` before the
+//!    switch and kept for the window; removed backends keep their address
+//!    (flagged retired, never valid) for second hops.
 //!
 //! Writes go through `MapWriter`, so the ordering is tested against a fake.
 
@@ -18,7 +22,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use lb_common::maps::{BACKEND_F_VALID, Backend, MAX_BACKENDS, MAX_VIPS, VipKey, VipMeta};
+use lb_common::maps::{
+    BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, MAX_BACKENDS, MAX_VIPS, PrevTable, VipKey, VipMeta,
+};
+use tracing::warn;
 
 use crate::{
     slots::SlotAllocator,
@@ -36,6 +43,9 @@ pub trait MapWriter {
     fn forget_flows_of(&mut self, id: u32) -> Result<u64>;
     /// Tells the data path whether any VIP has port 0.
     fn set_any_port_vips(&mut self, on: bool) -> Result<()>;
+    /// Points VIP `vip_id`'s second-chance lookups at a previous table
+    /// (size 0: none).
+    fn set_prev_table(&mut self, vip_id: u32, table: PrevTable) -> Result<()>;
 }
 
 impl MapWriter for crate::dataplane::Dataplane {
@@ -57,6 +67,30 @@ impl MapWriter for crate::dataplane::Dataplane {
     fn set_any_port_vips(&mut self, on: bool) -> Result<()> {
         crate::dataplane::Dataplane::set_any_port_vips(self, on)
     }
+    fn set_prev_table(&mut self, vip_id: u32, table: PrevTable) -> Result<()> {
+        crate::dataplane::Dataplane::set_prev_table(self, vip_id, table)
+    }
+}
+
+/// A backend's part in a change (`BackendConfig::state`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendState {
+    Active,
+    /// In the current table, not in the previous one.
+    Adding,
+    /// In the previous table, not in the current one (tracked flows go on).
+    Removing,
+}
+
+impl BackendState {
+    pub fn parse(name: &str) -> Option<BackendState> {
+        match name {
+            "active" => Some(BackendState::Active),
+            "adding" => Some(BackendState::Adding),
+            "removing" => Some(BackendState::Removing),
+            _ => None,
+        }
+    }
 }
 
 /// One backend as wanted: configured weight, health and drain applied.
@@ -67,6 +101,7 @@ pub struct DesiredBackend {
     pub weight: u32,
     /// False = failed: out of the table and invalid, tracked flows re-hash.
     pub healthy: bool,
+    pub state: BackendState,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +129,22 @@ pub struct AppliedVip {
     pub backends: BTreeMap<IpAddr, AppliedBackend>,
     /// Slot contents (backend ids) as written.
     pub table: Vec<u32>,
+    /// The previous table second-chance forwarding uses.
+    pub prev: Option<PrevState>,
+}
+
+/// A VIP's previous table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrevState {
+    pub table: Vec<u32>,
+    /// Where it is in `MAGLEV_SLOTS`; `None` once its window has passed
+    /// (or when there was no room): the contents are kept so that the same
+    /// previous table is not taken up again.
+    pub region: Option<PrevTable>,
+    pub since: Instant,
+    /// Derived from the backends' states (the same on every instance),
+    /// not from this instance's history.
+    pub explicit: bool,
 }
 
 /// Ids handed out fresh first; freed ids wait `quarantine` before reuse.
@@ -163,6 +214,8 @@ pub struct Reconciler {
     frag_keys: BTreeMap<VipKey, VipMeta>,
     /// What `ANY_PORT_VIPS` says (None: not known yet).
     any_port: Option<bool>,
+    /// How long previous tables are kept (zero: second chance off).
+    pub second_chance_window: Duration,
 }
 
 impl Reconciler {
@@ -176,6 +229,7 @@ impl Reconciler {
             generation: 0,
             frag_keys: BTreeMap::new(),
             any_port: None,
+            second_chance_window: Duration::ZERO,
         }
     }
 
@@ -189,12 +243,22 @@ impl Reconciler {
         {
             bail!("pinned table of {} overlaps another", vip.name);
         }
+        if let Some(region) = vip.prev.as_ref().and_then(|p| p.region)
+            && !self.alloc.reserve(region.offset, region.size)
+        {
+            bail!("pinned previous table of {} overlaps another", vip.name);
+        }
         self.vip_ids.reserve(vip.meta.vip_id);
         for b in vip.backends.values() {
             self.backend_ids.reserve(b.id);
         }
         self.vips.insert(key, vip);
         Ok(())
+    }
+
+    /// Marks ids of retired backends (pinned, kept for second hops) taken.
+    pub fn reserve_backend_id(&mut self, id: u32) {
+        self.backend_ids.reserve(id);
     }
 
     pub fn adopt_fragment_key(&mut self, key: VipKey, meta: VipMeta) {
@@ -271,6 +335,10 @@ impl Reconciler {
             maps.set_backend(id, Backend::default())?;
             self.backend_ids.release(id, now);
         }
+        if let Some(region) = vip.prev.as_ref().and_then(|p| p.region) {
+            maps.set_prev_table(vip.meta.vip_id, PrevTable::default())?;
+            self.alloc.release(region.offset, region.size);
+        }
         self.alloc
             .release(vip.meta.table_offset, vip.meta.table_size);
         Ok(())
@@ -334,15 +402,17 @@ impl Reconciler {
             );
         }
         // 2. The table, switched atomically when it changed.
-        let specs: Vec<BackendSpec> = d
-            .backends
-            .iter()
-            .map(|b| BackendSpec {
-                id: backends[&b.addr].id,
-                addr: b.addr,
-                weight: b.weight,
-            })
-            .collect();
+        let specs_without = |left_out: BackendState| -> Vec<BackendSpec> {
+            d.backends
+                .iter()
+                .map(|b| BackendSpec {
+                    id: backends[&b.addr].id,
+                    addr: b.addr,
+                    weight: if b.state == left_out { 0 } else { b.weight },
+                })
+                .collect()
+        };
+        let specs = specs_without(BackendState::Removing);
         let failed: Vec<u32> = d
             .backends
             .iter()
@@ -353,13 +423,27 @@ impl Reconciler {
         let unchanged = existing.as_ref().is_some_and(|v| {
             v.table == table && v.table_size == d.table_size && v.meta.flags == d.flags
         });
+        let switched = !unchanged || existing.is_none();
+        let transitional = d.backends.iter().any(|b| b.state != BackendState::Active);
+        let explicit_prev = if transitional && !self.second_chance_window.is_zero() {
+            let prev_specs = specs_without(BackendState::Adding);
+            Some(table_with_failures(
+                &prev_specs,
+                &failed,
+                d.table_size,
+                self.seed,
+            )?)
+        } else {
+            None
+        };
         let mut meta = existing.as_ref().map(|v| v.meta).unwrap_or(VipMeta {
             vip_id,
             flags: d.flags,
             table_offset: 0,
             table_size: 0,
         });
-        if !unchanged || existing.is_none() {
+        let prev;
+        if switched {
             let len = table.len() as u32;
             let offset = if len == 0 {
                 0
@@ -371,6 +455,17 @@ impl Reconciler {
             if len > 0 {
                 maps.write_slots(offset, &table)?;
             }
+            // The previous table is in place before packets see the new one.
+            let (p, reused_old_region) = self.settle_prev(
+                vip_id,
+                explicit_prev,
+                existing.as_ref(),
+                &table,
+                true,
+                maps,
+                now,
+            )?;
+            prev = p;
             meta = VipMeta {
                 vip_id,
                 flags: d.flags,
@@ -386,24 +481,44 @@ impl Reconciler {
                     *fmeta = meta;
                 }
             }
-            if let Some(old) = &existing {
+            if let Some(old) = &existing
+                && !reused_old_region
+            {
                 self.alloc
                     .release(old.meta.table_offset, old.meta.table_size);
             }
             self.generation += 1;
+        } else {
+            prev = self
+                .settle_prev(
+                    vip_id,
+                    explicit_prev,
+                    existing.as_ref(),
+                    &table,
+                    false,
+                    maps,
+                    now,
+                )?
+                .0;
         }
         // 3. Failed backends and backends that left this VIP: no slot points
         //    at them any more; invalid now, so their tracked flows re-hash.
         for (id, entry) in failing {
             maps.set_backend(id, entry)?;
         }
-        let removed: Vec<u32> = old_backends
+        let removed: Vec<(u32, IpAddr)> = old_backends
             .iter()
             .filter(|(a, _)| !backends.contains_key(*a))
-            .map(|(_, b)| b.id)
+            .map(|(a, b)| (b.id, *a))
             .collect();
-        for id in removed {
-            maps.set_backend(id, Backend::default())?;
+        for (id, addr) in removed {
+            // Kept as an address only while a previous table may name it.
+            let entry = if self.second_chance_window.is_zero() {
+                Backend::default()
+            } else {
+                Backend::new(addr, BACKEND_F_RETIRED, vip_id)
+            };
+            maps.set_backend(id, entry)?;
             self.backend_ids.release(id, now);
         }
         self.vips.insert(
@@ -414,9 +529,119 @@ impl Reconciler {
                 table_size: d.table_size,
                 backends,
                 table,
+                prev,
             },
         );
-        Ok(!unchanged || existing.is_none())
+        Ok(switched)
+    }
+
+    /// Decides and writes VIP `vip_id`'s previous table: the one its
+    /// backends' states give (`explicit`), else, when the table is being
+    /// switched, the table it had until now, else the one it already has
+    /// unless that one came from states that are gone. Returns it, and
+    /// whether it took over the old current table's region (which the
+    /// caller then must not free).
+    #[allow(clippy::too_many_arguments)]
+    fn settle_prev(
+        &mut self,
+        vip_id: u32,
+        explicit: Option<Vec<u32>>,
+        existing: Option<&AppliedVip>,
+        current: &[u32],
+        switching: bool,
+        maps: &mut impl MapWriter,
+        now: Instant,
+    ) -> Result<(Option<PrevState>, bool)> {
+        let old_prev = existing.and_then(|v| v.prev.clone());
+        let wanted: Option<(Vec<u32>, bool)> = if self.second_chance_window.is_zero() {
+            None
+        } else if let Some(t) = explicit {
+            Some((t, true))
+        } else if switching {
+            existing
+                .filter(|v| !v.table.is_empty())
+                .map(|v| (v.table.clone(), false))
+        } else {
+            old_prev
+                .as_ref()
+                .filter(|p| !p.explicit)
+                .map(|p| (p.table.clone(), false))
+        };
+        // A previous table equal to the current one sends nothing anywhere.
+        let wanted = wanted.filter(|(t, _)| !t.is_empty() && t.as_slice() != current);
+        let old_region = old_prev.as_ref().and_then(|p| p.region);
+        let Some((table, explicit)) = wanted else {
+            if let Some(region) = old_region {
+                maps.set_prev_table(vip_id, PrevTable::default())?;
+                self.alloc.release(region.offset, region.size);
+            }
+            return Ok((None, false));
+        };
+        if let Some(p) = old_prev.as_ref().filter(|p| p.table == table) {
+            return Ok((
+                Some(PrevState {
+                    explicit,
+                    ..p.clone()
+                }),
+                false,
+            ));
+        }
+        let len = table.len() as u32;
+        let mut reused = false;
+        let region = match existing {
+            Some(v) if switching && v.table == table && v.meta.table_size == len => {
+                reused = true;
+                Some(PrevTable {
+                    offset: v.meta.table_offset,
+                    size: len,
+                })
+            }
+            _ => match self.alloc.allocate(len) {
+                Some(offset) => {
+                    maps.write_slots(offset, &table)?;
+                    Some(PrevTable { offset, size: len })
+                }
+                None => {
+                    warn!(
+                        vip_id,
+                        "no room in MAGLEV_SLOTS for a previous table: no second chance for this change (raise lb.maglev_slots)"
+                    );
+                    None
+                }
+            },
+        };
+        maps.set_prev_table(vip_id, region.unwrap_or_default())?;
+        if let Some(old) = old_region {
+            self.alloc.release(old.offset, old.size);
+        }
+        Ok((
+            Some(PrevState {
+                table,
+                region,
+                since: now,
+                explicit,
+            }),
+            reused,
+        ))
+    }
+
+    /// Ends the second-chance window of every previous table older than
+    /// it; the names of the VIPs concerned.
+    pub fn expire_prev(&mut self, maps: &mut impl MapWriter, now: Instant) -> Result<Vec<String>> {
+        let window = self.second_chance_window;
+        let mut ended = Vec::new();
+        for vip in self.vips.values_mut() {
+            let Some(p) = vip.prev.as_mut() else { continue };
+            let Some(region) = p.region else { continue };
+            if now.duration_since(p.since) < window {
+                continue;
+            }
+            maps.set_prev_table(vip.meta.vip_id, PrevTable::default())?;
+            self.alloc.release(region.offset, region.size);
+            p.region = None;
+            ended.push(vip.name.clone());
+        }
+        Ok(ended)
     }
 
     /// Points each (address, protocol)'s fragment key and each address's

@@ -278,7 +278,8 @@ fn adding_a_backend_moves_about_one_in_n_of_new_flows() {
                 Request::AddBackend {
                     vip: TCP_VIP.into(),
                     address: "10.30.4.2".into(),
-                    weight: 1
+                    weight: 1,
+                    state: None,
                 }
             )
             .ok

@@ -250,7 +250,8 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
         lbd.call(Request::AddBackend {
             vip: vip.clone(),
             address: "10.50.0.4".into(),
-            weight: 1
+            weight: 1,
+            state: None,
         })
         .ok
     );
@@ -295,7 +296,8 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
         lbd.call(Request::AddBackend {
             vip: "10.0.0.11:0/tcp".into(),
             address: "10.50.0.1".into(),
-            weight: 1
+            weight: 1,
+            state: None,
         })
         .ok
     );

@@ -81,7 +81,21 @@ fn ethernet(out: &mut Vec<u8>, pkt: &[u8], p: &ParsedIp, dmac: [u8; 6], smac: [u
 /// The encapsulated packet: Ethernet (VLAN tag kept) + outer IP (+ UDP for
 /// GUE) + the original IP datagram and anything after it, unchanged.
 pub fn encapsulate(pkt: &[u8], p: &ParsedIp, o: &Outer, dmac: [u8; 6], smac: [u8; 6]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(pkt.len() + 48);
+    encapsulate_nested(pkt, p, o, None, dmac, smac)
+}
+
+/// As `encapsulate`, with a second hop: inside the outer layer (to the
+/// current backend) a complete encapsulated packet to the second backend,
+/// exactly as the balancer would have sent it there.
+pub fn encapsulate_nested(
+    pkt: &[u8],
+    p: &ParsedIp,
+    o: &Outer,
+    second: Option<&Outer>,
+    dmac: [u8; 6],
+    smac: [u8; 6],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(pkt.len() + 96);
     ethernet(
         &mut out,
         pkt,
@@ -90,9 +104,24 @@ pub fn encapsulate(pkt: &[u8], p: &ParsedIp, o: &Outer, dmac: [u8; 6], smac: [u8
         smac,
         if o.v6 { 0x86DD } else { 0x0800 },
     );
-    let inner_proto = if p.v6 { PROTO_IPV6 } else { PROTO_IPIP };
+    let family_proto = |v6: bool| if v6 { PROTO_IPV6 } else { PROTO_IPIP };
+    match second {
+        None => outer_layer(&mut out, p, o, p.ip_len, family_proto(p.v6)),
+        Some(s) => {
+            let middle_len = p.ip_len.wrapping_add(s.overhead());
+            outer_layer(&mut out, p, o, middle_len, family_proto(s.v6));
+            outer_layer(&mut out, p, s, p.ip_len, family_proto(p.v6));
+        }
+    }
+    out.extend_from_slice(&pkt[p.l2_len..]);
+    out
+}
+
+/// One layer of outer headers in front of `inner_len` bytes of an IP
+/// packet whose protocol (without GUE) is `inner_proto`.
+fn outer_layer(out: &mut Vec<u8>, p: &ParsedIp, o: &Outer, inner_len: u16, inner_proto: u8) {
     let proto = if o.gue { PROTO_UDP } else { inner_proto };
-    let outer_len = p.ip_len.wrapping_add(o.overhead());
+    let outer_len = inner_len.wrapping_add(o.overhead());
     if o.v6 {
         let vcf: u32 = 6 << 28 | (p.tos as u32) << 20 | (o.hash & 0xFFFFF);
         out.extend_from_slice(&vcf.to_be_bytes());
@@ -122,13 +151,11 @@ pub fn encapsulate(pkt: &[u8], p: &ParsedIp, o: &Outer, dmac: [u8; 6], smac: [u8
     if o.gue {
         out.extend_from_slice(&gue_source_port(o.hash).to_be_bytes());
         out.extend_from_slice(&o.gue_port.to_ne_bytes());
-        out.extend_from_slice(&(p.ip_len.wrapping_add(8)).to_be_bytes());
+        out.extend_from_slice(&(inner_len.wrapping_add(8)).to_be_bytes());
         // Zero checksum: allowed for tunnels over IPv6 too (RFC 6935/6936);
         // the inner packet carries its own.
         out.extend_from_slice(&[0, 0]);
     }
-    out.extend_from_slice(&pkt[p.l2_len..]);
-    out
 }
 
 /// The answer to a packet that is too big once encapsulated: ICMPv4

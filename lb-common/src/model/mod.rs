@@ -5,22 +5,24 @@
 //! differential fuzzer compare them packet by packet.
 
 mod craft;
+mod decap;
 mod parse;
 
 use std::{collections::BTreeMap, collections::HashMap, vec::Vec};
 
 pub use craft::{
-    Outer, checksum_update, checksum_with, encapsulate, gue_source_port, ipv4_checksum,
-    ipv6_pseudo_sum,
+    Outer, checksum_update, checksum_with, encapsulate, encapsulate_nested, gue_source_port,
+    ipv4_checksum, ipv6_pseudo_sum,
 };
+pub use decap::{DecapDecision, DecapNextHop, LocalSocket, decap_decide};
 pub use parse::{IcmpKind, MAX_EXTENSION_HEADERS, ModelParse, ParsedIp, ip_bytes, parse};
 
 use crate::{
-    PROTO_UDP, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6,
+    PROTO_TCP, PROTO_UDP, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6,
     flow_hash::flow_hash,
     maps::{
-        Addr, BACKEND_F_IPV6, BACKEND_F_VALID, Backend, ConnEntry, FlowKey, Reason, VIP_F_GUE,
-        VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
+        Addr, BACKEND_F_IPV6, BACKEND_F_VALID, Backend, ConnEntry, FlowKey, PrevTable, Reason,
+        VIP_F_GUE, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
     },
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
 };
@@ -34,6 +36,8 @@ pub struct ModelMaps {
     /// `MAGLEV_SLOTS` contents; absent slots read as 0.
     pub slots: BTreeMap<u32, u32>,
     pub conntrack: HashMap<FlowKey, ConnEntry>,
+    /// `PREV_TABLES` by vip id; absent = none.
+    pub prev_tables: BTreeMap<u32, PrevTable>,
 }
 
 /// What the kernel's FIB would answer for the way to a backend.
@@ -79,6 +83,8 @@ pub struct Decision {
     pub reasons: Vec<Reason>,
     pub vip_id: Option<u32>,
     pub backend_id: Option<u32>,
+    /// The second hop's backend id (second-chance forwarding).
+    pub second_hop: Option<u32>,
     /// The packet as the program leaves it.
     pub output: Vec<u8>,
     /// A connection table entry the program writes (flow, backend id).
@@ -131,6 +137,19 @@ impl ModelMaps {
         self.slots.get(&slot).copied().unwrap_or(0)
     }
 
+    /// The backend the flow's slot had in the VIP's previous table, if
+    /// that is another backend of this VIP (valid or not).
+    fn previous_owner(&self, vip: &VipMeta, hash: u32, current: u32) -> Option<(u32, Backend)> {
+        let prev = self.prev_tables.get(&vip.vip_id).filter(|t| t.size != 0)?;
+        let slot = prev.offset.wrapping_add(hash % prev.size);
+        let id = self.slots.get(&slot).copied().unwrap_or(0);
+        if id == current {
+            return None;
+        }
+        let b = self.backends.get(&id).filter(|b| b.vip_id == vip.vip_id)?;
+        Some((id, *b))
+    }
+
     /// Records what the program wrote to the connection table.
     pub fn apply(&mut self, d: &Decision, now_ns: u64) {
         if let Some((flow, backend_id)) = d.conntrack_write {
@@ -160,6 +179,7 @@ impl ModelMaps {
             reasons: Vec::new(),
             vip_id: None,
             backend_id: None,
+            second_hop: None,
             output: pkt.to_vec(),
             conntrack_write: None,
         };
@@ -189,6 +209,7 @@ impl ModelMaps {
         let cfg = self.settings;
         let hash = flow_hash(&p.flow, cfg.hash_seed);
         let is_icmp_error = p.icmp == IcmpKind::Error;
+        let mut second = None;
         let chosen = if p.is_fragment {
             d.reasons.push(Reason::Fragment);
             let id = self.maglev_pick(&vip, hash);
@@ -216,8 +237,15 @@ impl ModelMaps {
                 d.reasons.push(Reason::ConntrackMiss);
                 let id = self.maglev_pick(&vip, hash);
                 let b = self.valid_backend(id, &vip);
-                // RSTs and ICMP errors end or report on a flow: never recorded.
-                if b.is_some() && p.tcp_flags & 0x04 == 0 && !is_icmp_error {
+                // Mid-connection TCP this instance never saw: the previous
+                // owner of the slot may have it (second chance).
+                if b.is_some() && p.flow.proto == PROTO_TCP && !is_syn && !is_icmp_error {
+                    second = self.previous_owner(&vip, hash, id);
+                }
+                if second.is_some() {
+                    d.reasons.push(Reason::SecondChance);
+                } else if b.is_some() && p.tcp_flags & 0x04 == 0 && !is_icmp_error {
+                    // RSTs and ICMP errors end or report on a flow: never recorded.
                     d.conntrack_write = Some((p.flow, id));
                 }
                 b.map(|b| (id, b))
@@ -231,20 +259,26 @@ impl ModelMaps {
         let outer = Outer {
             v6,
             gue: vip.flags & VIP_F_GUE != 0,
-            src: if v6 {
-                let s6 = cfg.encap_src6_prefix;
-                [s6[0], s6[1], s6[2], hash]
-            } else {
-                [cfg.encap_src_prefix | (hash & !cfg.encap_src_mask), 0, 0, 0]
-            },
+            src: encap_source(&cfg, v6, hash),
             dst: backend.addr,
             ttl: cfg.outer_ttl,
             hash,
             gue_port: cfg.gue_port,
         };
-        let outer_len = p.ip_len.wrapping_add(outer.overhead());
+        let second = second.map(|(id, b): (u32, Backend)| {
+            d.second_hop = Some(id);
+            let v6 = b.flags & BACKEND_F_IPV6 != 0;
+            Outer {
+                v6,
+                src: encap_source(&cfg, v6, hash),
+                dst: b.addr,
+                ..outer
+            }
+        });
+        let overhead = outer.overhead() + second.map_or(0, |s| s.overhead());
+        let outer_len = p.ip_len.wrapping_add(overhead);
         if cfg.mtu != 0 && outer_len > cfg.mtu {
-            return d.too_big(pkt, &p, cfg.mtu.wrapping_sub(outer.overhead()));
+            return d.too_big(pkt, &p, cfg.mtu.wrapping_sub(overhead));
         }
         let hop = if cfg.flags & SETTINGS_F_NO_FIB != 0 {
             ModelNextHop::NoRoute
@@ -253,7 +287,9 @@ impl ModelMaps {
         };
         let our_mac: [u8; 6] = pkt[0..6].try_into().unwrap();
         let peer_mac: [u8; 6] = pkt[6..12].try_into().unwrap();
-        let encap = |dmac: [u8; 6], smac: [u8; 6]| encapsulate(pkt, &p, &outer, dmac, smac);
+        let encap = |dmac: [u8; 6], smac: [u8; 6]| {
+            encapsulate_nested(pkt, &p, &outer, second.as_ref(), dmac, smac)
+        };
         match hop {
             ModelNextHop::Resolved {
                 smac,
@@ -271,7 +307,7 @@ impl ModelMaps {
                 d.output = encap(our_mac, peer_mac);
                 d.finish(Reason::PassNoNeighbour, Action::Pass)
             }
-            ModelNextHop::TooBig { mtu } => d.too_big(pkt, &p, mtu.wrapping_sub(outer.overhead())),
+            ModelNextHop::TooBig { mtu } => d.too_big(pkt, &p, mtu.wrapping_sub(overhead)),
             ModelNextHop::NoRoute => {
                 if cfg.flags & SETTINGS_F_GATEWAY_MAC == 0 {
                     return d.finish(Reason::DropNoRoute, Action::Drop);
@@ -281,6 +317,16 @@ impl ModelMaps {
                 d.finish(Reason::Tx, Action::Tx)
             }
         }
+    }
+}
+
+/// The outer source address: the configured prefix, varied by flow.
+fn encap_source(cfg: &Settings, v6: bool, hash: u32) -> Addr {
+    if v6 {
+        let s6 = cfg.encap_src6_prefix;
+        [s6[0], s6[1], s6[2], hash]
+    } else {
+        [cfg.encap_src_prefix | (hash & !cfg.encap_src_mask), 0, 0, 0]
     }
 }
 

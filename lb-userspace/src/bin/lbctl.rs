@@ -78,11 +78,28 @@ enum VipCmd {
 
 #[derive(Subcommand)]
 enum BackendCmd {
+    /// Adds a backend to a VIP (use --state adding on every instance for
+    /// second-chance forwarding of the flows it takes over).
     Add {
+        /// The VIP, as in `lbctl status` (10.0.0.10:80/tcp, [fd00::10]:80/tcp).
         vip: String,
+        /// The backend's address.
         address: String,
         #[arg(long, default_value_t = 1)]
         weight: u32,
+        /// active, adding or removing (see `backend state`).
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// A backend's part in a change: `adding` (in the current table only)
+    /// or `removing` (in the previous table only, no new flows); `active`
+    /// when the change is done. Instances derive the previous table from
+    /// these, for second-chance forwarding.
+    State {
+        vip: String,
+        address: String,
+        /// active, adding or removing.
+        state: String,
     },
     Remove {
         vip: String,
@@ -228,10 +245,21 @@ fn real_main() -> Result<()> {
             vip,
             address,
             weight,
+            state,
         }) => Request::AddBackend {
             vip,
             address,
             weight,
+            state,
+        },
+        Cmd::Backend(BackendCmd::State {
+            vip,
+            address,
+            state,
+        }) => Request::SetState {
+            vip,
+            address,
+            state,
         },
         Cmd::Backend(BackendCmd::Remove { vip, address }) => {
             Request::RemoveBackend { vip, address }

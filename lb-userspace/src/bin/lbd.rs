@@ -114,6 +114,7 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
             _ = tick.tick() => {
                 // Also without a notification (one lost to ENOBUFS, say).
                 daemon.check_links();
+                daemon.expire_second_chance();
                 if metrics_on {
                     daemon.refresh_metrics();
                 }

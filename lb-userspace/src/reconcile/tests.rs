@@ -12,6 +12,7 @@ struct FakeMaps {
     slots: BTreeMap<u32, u32>,
     vips: BTreeMap<VipKey, VipMeta>,
     any_port: bool,
+    prev: BTreeMap<u32, PrevTable>,
 }
 
 impl MapWriter for FakeMaps {
@@ -34,6 +35,13 @@ impl MapWriter for FakeMaps {
         Ok(())
     }
     fn write_slots(&mut self, offset: u32, table: &[u32]) -> Result<()> {
+        // Never overwrite a region a live previous table uses.
+        for p in self.prev.values() {
+            assert!(
+                offset + table.len() as u32 <= p.offset || offset >= p.offset + p.size,
+                "table written over a live previous table"
+            );
+        }
         // Never overwrite a region a live VIP uses.
         for meta in self.vips.values() {
             let live = meta.table_offset..meta.table_offset + meta.table_size;
@@ -90,6 +98,15 @@ impl MapWriter for FakeMaps {
         self.any_port = on;
         Ok(())
     }
+    fn set_prev_table(&mut self, vip_id: u32, table: PrevTable) -> Result<()> {
+        self.ops.push(format!("prev {vip_id} size={}", table.size));
+        if table.size == 0 {
+            self.prev.remove(&vip_id);
+        } else {
+            self.prev.insert(vip_id, table);
+        }
+        Ok(())
+    }
 }
 
 fn key(port: u16) -> VipKey {
@@ -108,6 +125,7 @@ fn vip(port: u16, backends: &[(&str, u32, bool)]) -> DesiredVip {
                 addr: a.parse().unwrap(),
                 weight: w,
                 healthy: h,
+                state: BackendState::Active,
             })
             .collect(),
     }
@@ -389,4 +407,146 @@ fn any_port_flag_is_set_before_a_port_zero_vip_and_cleared_after() {
     r.apply(&[vip(80, &[("10.1.0.1", 1, true)])], &mut maps)
         .unwrap();
     assert!(!maps.any_port);
+}
+
+fn with_states(mut v: DesiredVip, states: &[BackendState]) -> DesiredVip {
+    for (b, s) in v.backends.iter_mut().zip(states) {
+        b.state = *s;
+    }
+    v
+}
+
+fn prev_ids(maps: &FakeMaps, vip_id: u32) -> Vec<u32> {
+    let p = maps.prev[&vip_id];
+    (p.offset..p.offset + p.size)
+        .map(|s| maps.slots[&s])
+        .collect()
+}
+
+fn second_chance(window_secs: u64) -> Reconciler {
+    let mut r = Reconciler::new(0, 10_000, Duration::from_secs(60));
+    r.second_chance_window = Duration::from_secs(window_secs);
+    r
+}
+
+const FOUR: [(&str, u32, bool); 4] = [
+    ("10.1.0.1", 1, true),
+    ("10.1.0.2", 1, true),
+    ("10.1.0.3", 1, true),
+    ("10.1.0.4", 1, true),
+];
+
+#[test]
+fn states_give_every_instance_the_same_pair_of_tables() {
+    use BackendState::{Active, Adding, Removing};
+    // A fresh instance starting in the middle of an addition...
+    let mut fresh = second_chance(600);
+    let mut maps = FakeMaps::default();
+    let adding = with_states(vip(80, &FOUR), &[Active, Active, Active, Adding]);
+    fresh
+        .apply(std::slice::from_ref(&adding), &mut maps)
+        .unwrap();
+    let vip_id = maps.vips[&key(80)].vip_id;
+    // ...has the three-backend table as its previous one, written before
+    // the VIP was switched on.
+    let three = vip(80, &FOUR[..3]);
+    let mut plain = Reconciler::new(0, 10_000, Duration::from_secs(60));
+    let mut plain_maps = FakeMaps::default();
+    plain.apply(&[three], &mut plain_maps).unwrap();
+    let ids = |m: &FakeMaps, t: Vec<u32>| -> Vec<String> {
+        t.iter().map(|id| m.backends[id].ip().to_string()).collect()
+    };
+    let three_table = plain.vips[&key(80)].table.clone();
+    assert_eq!(
+        ids(&maps, prev_ids(&maps, vip_id)),
+        ids(&plain_maps, three_table)
+    );
+    let prev_at = maps
+        .ops
+        .iter()
+        .position(|o| o.starts_with("prev "))
+        .unwrap();
+    let vip_at = maps
+        .ops
+        .iter()
+        .position(|o| o.starts_with("vip kind=0"))
+        .unwrap();
+    assert!(
+        prev_at < vip_at,
+        "previous table before the switch: {:?}",
+        maps.ops
+    );
+    // The current table has the fourth backend.
+    assert!(table_ids(&maps, &key(80)).len() == 4);
+    // The addition is over: every state active, the same current table,
+    // no previous table.
+    fresh.apply(&[vip(80, &FOUR)], &mut maps).unwrap();
+    assert!(!maps.prev.contains_key(&vip_id), "{:?}", maps.ops);
+    // Removing: the backend leaves the current table, stays in the previous
+    // one and stays valid for its tracked flows.
+    let removing = with_states(vip(80, &FOUR), &[Active, Active, Active, Removing]);
+    fresh.apply(&[removing], &mut maps).unwrap();
+    let removed_id = fresh
+        .backend_id(&key(80), &"10.1.0.4".parse().unwrap())
+        .unwrap();
+    assert!(!table_ids(&maps, &key(80)).contains(&removed_id));
+    assert!(prev_ids(&maps, vip_id).contains(&removed_id));
+    assert_eq!(
+        maps.backends[&removed_id].flags & BACKEND_F_VALID,
+        BACKEND_F_VALID
+    );
+}
+
+#[test]
+fn a_switch_keeps_the_old_table_as_previous_and_a_removed_backend_as_an_address() {
+    let mut r = second_chance(600);
+    let mut maps = FakeMaps::default();
+    r.apply(&[vip(80, &FOUR)], &mut maps).unwrap();
+    let vip_id = maps.vips[&key(80)].vip_id;
+    let before = r.vips[&key(80)].clone();
+    let gone = r
+        .backend_id(&key(80), &"10.1.0.4".parse().unwrap())
+        .unwrap();
+    let writes = maps.ops.iter().filter(|o| o.starts_with("slots")).count();
+    r.apply(&[vip(80, &FOUR[..3])], &mut maps).unwrap();
+    // The old region became the previous table: one table written, not two.
+    assert_eq!(
+        maps.ops.iter().filter(|o| o.starts_with("slots")).count(),
+        writes + 1
+    );
+    assert_eq!(maps.prev[&vip_id].offset, before.meta.table_offset);
+    assert_eq!(prev_ids(&maps, vip_id), before.table);
+    let b = maps.backends[&gone];
+    assert_eq!(
+        b.flags & (BACKEND_F_VALID | BACKEND_F_RETIRED),
+        BACKEND_F_RETIRED
+    );
+    assert_eq!(b.vip_id, vip_id);
+    assert_eq!(b.ip().to_string(), "10.1.0.4");
+    // Nothing changes: the previous table stays; the window ends it.
+    r.apply(&[vip(80, &FOUR[..3])], &mut maps).unwrap();
+    assert!(maps.prev.contains_key(&vip_id));
+    let early = r.expire_prev(&mut maps, Instant::now()).unwrap();
+    assert!(early.is_empty());
+    let ended = r
+        .expire_prev(&mut maps, Instant::now() + Duration::from_secs(601))
+        .unwrap();
+    assert_eq!(ended, ["vip:80"]);
+    assert!(!maps.prev.contains_key(&vip_id));
+    // Its region is free again, and a later apply does not take it up again.
+    r.apply(&[vip(80, &FOUR[..3])], &mut maps).unwrap();
+    assert!(!maps.prev.contains_key(&vip_id));
+}
+
+#[test]
+fn no_window_no_previous_table() {
+    use BackendState::{Active, Adding};
+    let mut r = second_chance(0);
+    let mut maps = FakeMaps::default();
+    r.apply(&[vip(80, &FOUR)], &mut maps).unwrap();
+    r.apply(&[vip(80, &FOUR[..3])], &mut maps).unwrap();
+    let adding = with_states(vip(80, &FOUR), &[Active, Active, Active, Adding]);
+    r.apply(&[adding], &mut maps).unwrap();
+    assert!(maps.prev.is_empty());
+    assert!(!maps.ops.iter().any(|o| o.starts_with("prev ")));
 }
