@@ -138,9 +138,9 @@ pub struct BackendConfig {
     pub weight: u32,
     /// "active" (default), "adding" or "removing": during a change, every
     /// instance (one started after it too) derives the VIP's previous table
-    /// from these states (active + removing) beside the current one (active
-    /// + adding), for second-chance forwarding. "removing" takes no new
-    /// flows; its tracked ones continue, as with weight 0.
+    /// from these states (active and removing backends) beside the current
+    /// one (active and adding), for second-chance forwarding. "removing"
+    /// takes no new flows; its tracked ones continue, as with weight 0.
     #[serde(default = "default_state")]
     pub state: String,
 }
