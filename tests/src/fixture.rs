@@ -18,7 +18,10 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::{
-    maps::{Addr, BACKEND_F_VALID, Backend, Counter, FlowKey, VipKey, VipMeta},
+    maps::{
+        Addr, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, Counter, FlowKey, PrevTable, VipKey,
+        VipMeta,
+    },
     model::{Decision, ModelMaps, ModelNextHop, ModelParse, parse},
     settings::Settings,
 };
@@ -389,6 +392,31 @@ impl Harness {
             self.dp.remove_vip(&k).unwrap();
             self.model.vips.remove(&k);
         }
+    }
+
+    /// Gives VIP `vip_id` a previous table (second chance) built from
+    /// `backends`, in the kernel and the model alike; backends not known
+    /// yet are written as retired (removed from the VIP, address kept).
+    pub fn set_prev_table(&mut self, vip_id: u32, backends: &[BackendSpec], size: u32) {
+        let table = maglev_ids(backends, size, self.model.settings.hash_seed).unwrap();
+        let offset = self
+            .alloc
+            .allocate(size)
+            .expect("room for a previous table");
+        self.dp.write_slots(offset, &table).unwrap();
+        for (i, id) in table.iter().enumerate() {
+            self.model.slots.insert(offset + i as u32, *id);
+        }
+        for b in backends {
+            if !self.model.backends.contains_key(&b.id) {
+                let retired = Backend::new(b.addr, BACKEND_F_RETIRED, vip_id);
+                self.dp.set_backend(b.id, retired).unwrap();
+                self.model.backends.insert(b.id, retired);
+            }
+        }
+        let t = PrevTable { offset, size };
+        self.dp.set_prev_table(vip_id, t).unwrap();
+        self.model.prev_tables.insert(vip_id, t);
     }
 
     /// Fails or restores a backend (its other flags, the family, stay).

@@ -92,6 +92,28 @@ fn setup(h: &mut Harness) {
         &[backend6(81, 0x60, 0x81, 1), backend(82, [10, 50, 0, 82], 1)],
         251,
     );
+    // Second chance: previous tables with a backend fewer (one being
+    // added), one more (a removed one, retired), across families, on GUE,
+    // and on a UDP VIP (where it must never apply).
+    let mut prev80 = tcp_backends[..6].to_vec();
+    prev80.push(backend(9, [10, 50, 0, 9], 1));
+    h.set_prev_table(1, &prev80, 1009);
+    h.set_prev_table(4, &[backend(31, [10, 50, 0, 31], 1)], 251);
+    h.set_prev_table(
+        7,
+        &[backend6(51, 0x50, 1, 1), backend(53, [10, 60, 0, 53], 1)],
+        251,
+    );
+    h.set_prev_table(
+        9,
+        &[backend6(61, 0x50, 0x61, 1), backend6(62, 0x50, 0x62, 2)],
+        251,
+    );
+    h.set_prev_table(
+        11,
+        &[backend6(81, 0x60, 0x81, 1), backend(83, [10, 50, 0, 83], 1)],
+        251,
+    );
 }
 
 const VIPS6: [Ipv6Addr; 2] = [

@@ -783,3 +783,86 @@ fn syn_flood_does_not_evict_established_flows() {
     eprintln!("unguarded: {kept}/1000 established flows kept");
     assert!(kept < 1000);
 }
+
+/// Second chance: the VIP had a fourth backend (10.50.0.4) before its last
+/// change. A mid-connection TCP packet this instance has no entry for,
+/// whose slot belonged to it, goes to the slot's current owner with the old
+/// owner as a second hop: an IPIP packet inside the IPIP packet. SYNs, UDP
+/// and tracked flows never get one; such packets are not recorded.
+#[test]
+fn second_chance_nests_mid_connection_misses_only() {
+    if !have_root() {
+        return;
+    }
+    let mut h = harness(Settings::DEFAULT);
+    let mut before = vec![
+        backend(1, [10, 50, 0, 1], 1),
+        backend(2, [10, 50, 0, 2], 1),
+        backend(3, [10, 50, 0, 3], 1),
+    ];
+    before.push(backend(4, [10, 50, 0, 4], 1));
+    h.set_prev_table(1, &before, 4099);
+    let mut nested = 0;
+    let mut plain = 0;
+    for port in 30_000..30_400u16 {
+        let ack = tcp(VIP_TCP, 80, port, TcpKind::Ack);
+        let o = h.send(&ack);
+        let out = &o.kernel.packet;
+        match o.model.second_hop {
+            Some(second) => {
+                nested += 1;
+                assert_eq!(second, 4, "only the removed backend's slots moved");
+                assert!(o.model.reasons.contains(&Reason::SecondChance));
+                assert!(o.model.conntrack_write.is_none(), "not recorded");
+                assert_eq!(out.len(), ack.len() + 40, "two IPv4 headers");
+                let (outer, middle) = (&out[14..34], &out[34..54]);
+                assert_eq!(outer[9], 4, "outer carries IPv4");
+                assert_eq!(
+                    u16::from_be_bytes([outer[2], outer[3]]) as usize,
+                    ack.len() - 14 + 40
+                );
+                let first: [u8; 4] = outer[16..20].try_into().unwrap();
+                assert!([[10, 50, 0, 1], [10, 50, 0, 2], [10, 50, 0, 3]].contains(&first));
+                assert_eq!(ipv4_checksum(middle), 0, "middle header checksum valid");
+                assert_eq!(middle[9], 4, "middle carries the client's IPv4 packet");
+                assert_eq!(
+                    &middle[16..20],
+                    &[10, 50, 0, 4],
+                    "second hop: the old owner"
+                );
+                assert_eq!(&middle[12..14], &[172, 16], "middle source as any outer's");
+                assert_eq!(&out[54..], &ack[14..], "client packet unchanged");
+                // The flow's own SYN (a new connection) takes the current
+                // table alone, and is recorded; its ACKs then hit.
+                let syn = h.send(&tcp(VIP_TCP, 80, port, TcpKind::Syn));
+                assert_eq!(syn.model.second_hop, None);
+                assert!(syn.model.conntrack_write.is_some());
+                let again = h.send(&ack);
+                assert_eq!(again.model.second_hop, None);
+                assert_eq!(again.model.reasons[0], Reason::ConntrackHit);
+            }
+            None => {
+                plain += 1;
+                assert_eq!(out.len(), ack.len() + 20);
+                assert!(o.model.conntrack_write.is_some());
+            }
+        }
+    }
+    eprintln!("{nested} of 400 unknown mid-connection flows nested, {plain} plain");
+    // About the quarter of the slots the fourth backend had.
+    assert!((60..=140).contains(&nested), "{nested}");
+    // A RST of an unknown flow is nested too (it ends the connection where it is).
+    let rst = (31_000..31_400u16)
+        .map(|p| h.send(&tcp(VIP_TCP, 80, p, TcpKind::Rst)))
+        .filter(|o| o.model.second_hop.is_some())
+        .count();
+    assert!(rst > 0);
+    // UDP never: its VIP has a previous table too, and no packet nests.
+    h.set_prev_table(3, &[backend(21, [10, 50, 0, 21], 1)], 1009);
+    for p in 32_000..32_100u16 {
+        let (src, sport) = client(p);
+        let o = h.send(&packets::udp(src, sport, v4(VIP_UDP), 53, 8));
+        assert_eq!(o.model.second_hop, None);
+        assert!(!o.model.reasons.contains(&Reason::SecondChance));
+    }
+}
