@@ -15,8 +15,9 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup as FibParams, bpf_sock_tuple,
+        BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, bpf_fib_lookup as FibParams,
+        bpf_sock_tuple,
         xdp_action::{XDP_PASS, XDP_TX},
     },
     helpers::{
@@ -237,6 +238,14 @@ fn second_hop(
             }
             pass(DecapReason::SecondHopLocal, bytes)
         }
+        Hop::Back => {
+            // To the hop that delivered it (the router), which routes it on.
+            if strip_to(ctx, strip, (macs.1, macs.0), middle_version).is_err() {
+                return pass(DecapReason::PassMalformed, bytes);
+            }
+            count(DecapReason::SecondHopForwarded, bytes);
+            XDP_TX
+        }
         Hop::Kernel => {
             if strip_to(ctx, strip, macs, middle_version).is_err() {
                 return pass(DecapReason::PassMalformed, bytes);
@@ -350,7 +359,9 @@ fn connection_here(ctx: &XdpContext, at: usize, ip_len: usize, version: u8) -> O
 
 /// Where the middle packet goes.
 enum Hop {
-    /// Nowhere else: the second backend is this host.
+    /// Nowhere else: the second backend is this host (or the FIB has no
+    /// route to it at all, which it reports the same way: delivered here,
+    /// where the client gets a reset rather than silence).
     Local,
     /// Out of `ifindex` with these MACs.
     Out {
@@ -358,12 +369,16 @@ enum Hop {
         dmac: [u8; 6],
         ifindex: u32,
     },
+    /// Back out to the MAC it came from: this host does not forward on
+    /// that interface, so its FIB gives no next hop, and the hop that
+    /// delivered the packet (the router) can route it on.
+    Back,
     /// The FIB has no resolved next hop: the kernel routes it (or not).
     Kernel,
 }
 
 /// The way to the second backend: a FIB lookup for the middle packet at
-/// `at` as if this host sent it (backends need not forward).
+/// `at` as if this host sent it.
 #[inline(always)]
 fn forward_hop(ctx: &XdpContext, at: usize, version: u8) -> Hop {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid start.
@@ -414,6 +429,7 @@ fn forward_hop(ctx: &XdpContext, at: usize, version: u8) -> Hop {
             ifindex: params.ifindex,
         },
         BPF_FIB_LKUP_RET_NOT_FWDED => Hop::Local,
+        BPF_FIB_LKUP_RET_FWD_DISABLED => Hop::Back,
         _ => Hop::Kernel,
     }
 }

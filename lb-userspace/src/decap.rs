@@ -117,6 +117,12 @@ impl Decap {
         test_run_once(self.program()?, packet, 0)
     }
 
+    /// Runs `decap` once on `packet` as if it arrived on interface
+    /// `ifindex` of the calling thread's namespace (its sockets and FIB).
+    pub fn test_run_on(&mut self, packet: &[u8], ifindex: u32) -> Result<TestRunOutput> {
+        test_run_once(self.program()?, packet, ifindex)
+    }
+
     pub fn counter(&self, reason: DecapReason) -> Counter {
         crate::dataplane::sum_cpus(&self.stats, reason as u32)
     }

@@ -6,12 +6,16 @@
 use std::net::IpAddr;
 
 use lb_common::{
-    maps::DecapReason,
-    model::{ModelParse, Outer, encapsulate, parse},
+    maps::{DecapReason, FlowKey},
+    model::{
+        Action, DecapNextHop, LocalSocket, ModelParse, Outer, decap_decide, encapsulate,
+        encapsulate_nested, parse,
+    },
     user::addr_from_ip,
 };
 use lb_tests::{
     have_root,
+    netns::{NetNs, ifindex},
     packets::{self, LB_MAC, ROUTER_MAC, TcpKind},
 };
 use lb_userspace::decap::Decap;
@@ -23,14 +27,10 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-/// `inner` (an Ethernet frame) encapsulated toward `backend` as the balancer would.
-fn wrap(inner: &[u8], backend: &str, gue: bool) -> Vec<u8> {
-    let ModelParse::Ip(p) = parse(inner) else {
-        panic!("not an IP frame")
-    };
+fn outer_to(backend: &str, gue: bool) -> Outer {
     let backend = ip(backend);
     let v6 = backend.is_ipv6();
-    let outer = Outer {
+    Outer {
         v6,
         gue,
         src: addr_from_ip(if v6 {
@@ -42,8 +42,37 @@ fn wrap(inner: &[u8], backend: &str, gue: bool) -> Vec<u8> {
         ttl: 64,
         hash: 0x1234_5678,
         gue_port: GUE_PORT.to_be(),
+    }
+}
+
+fn parsed(inner: &[u8]) -> lb_common::model::ParsedIp {
+    let ModelParse::Ip(p) = parse(inner) else {
+        panic!("not an IP frame")
     };
-    encapsulate(inner, &p, &outer, ROUTER_MAC, LB_MAC)
+    p
+}
+
+/// `inner` (an Ethernet frame) encapsulated toward `backend` as the balancer would.
+fn wrap(inner: &[u8], backend: &str, gue: bool) -> Vec<u8> {
+    encapsulate(
+        inner,
+        &parsed(inner),
+        &outer_to(backend, gue),
+        ROUTER_MAC,
+        LB_MAC,
+    )
+}
+
+/// `inner` sent to `first` with `second` as the second hop.
+fn wrap2(inner: &[u8], first: &str, second: &str, gue: bool) -> Vec<u8> {
+    encapsulate_nested(
+        inner,
+        &parsed(inner),
+        &outer_to(first, gue),
+        Some(&outer_to(second, gue)),
+        ROUTER_MAC,
+        LB_MAC,
+    )
 }
 
 #[test]
@@ -129,4 +158,261 @@ fn every_encapsulation_comes_out_as_the_inner_frame() {
         assert_eq!(run.packet, frame, "{name}: unchanged");
         assert_eq!(decap.counter(reason).packets, before + 1, "{name}: counted");
     }
+}
+
+const BE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x30];
+
+/// A backend in a namespace of its own: `be0` is 10.30.1.2/24 and
+/// fd00:30:1::2/64 (the router, ROUTER_MAC, is .1 / ::1, and routes to the
+/// other backends, 10.30.2.0/24 and fd00:30:2::/64); the VIPs are on `lo`.
+fn backend_host() -> NetNs {
+    let ns = NetNs::new("dc2");
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    ns.ip(&[
+        "link",
+        "add",
+        "be0",
+        "address",
+        &mac(BE_MAC),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "rt0",
+    ]);
+    for cmd in [
+        "link set lo up",
+        "link set be0 up",
+        "link set rt0 up",
+        "addr add 10.30.1.2/24 dev be0",
+        "addr add 10.0.0.10/32 dev lo",
+        "route add 10.30.2.0/24 via 10.30.1.1 dev be0",
+        "route add 10.30.3.0/24 via 10.30.1.9 dev be0",
+        "-6 addr add fd00:30:1::2/64 dev be0 nodad",
+        "-6 addr add fd00::10/128 dev lo nodad",
+        "-6 route add fd00:30:2::/64 via fd00:30:1::1 dev be0",
+    ] {
+        ns.ip(&cmd.split_whitespace().collect::<Vec<_>>());
+    }
+    for (peer, fam) in [("10.30.1.1", "-4"), ("fd00:30:1::1", "-6")] {
+        ns.ip(&[
+            fam,
+            "neigh",
+            "replace",
+            peer,
+            "lladdr",
+            &mac(ROUTER_MAC),
+            "dev",
+            "be0",
+            "nud",
+            "permanent",
+        ]);
+    }
+    ns
+}
+
+/// Second-chance packets at a backend: delivered when this host has the
+/// connection, sent on to the second backend when not (out of the interface
+/// they came in on, to the router), never for SYNs or UDP; exactly as the
+/// reference model says, byte for byte.
+#[test]
+fn a_second_hop_is_delivered_where_the_connection_is_and_forwarded_elsewhere() {
+    if !have_root() {
+        return;
+    }
+    let ns = backend_host();
+    let _in = ns.enter();
+    let mut decap = Decap::load(GUE_PORT).expect("load decap");
+    let be0 = ifindex("be0");
+    // Real connections: 192.0.2.7 -> 10.0.0.10:80 and 2001:db8::7 -> [fd00::10]:80.
+    let listener = std::net::TcpListener::bind("[::]:80").unwrap();
+    // From the VIP itself: the kernel picks it as the source of a local
+    // connection, so the client side is (VIP, port) too.
+    let connect = |to: &str| {
+        let c = std::net::TcpStream::connect(to).unwrap();
+        let port = c.local_addr().unwrap().port();
+        (c, listener.accept().unwrap().0, port)
+    };
+    let (_c4, _s4, port4) = connect("10.0.0.10:80");
+    let (_c6, _s6, port6) = connect("[fd00::10]:80");
+    let connected = [(ip("10.0.0.10"), port4), (ip("fd00::10"), port6)];
+    let socket = |f: &FlowKey| {
+        let src = lb_common::user::ip_from_addr(&f.src, f.family);
+        let sport = u16::from_be(f.sport);
+        if connected.contains(&(src, sport)) && u16::from_be(f.dport) == 80 {
+            LocalSocket::Connected
+        } else if u16::from_be(f.dport) == 80 {
+            LocalSocket::Listening {
+                cookie_valid: false,
+            }
+        } else {
+            LocalSocket::None
+        }
+    };
+    let forwarding = std::cell::Cell::new(false);
+    let next_hop = |_v: u8, dst: &lb_common::maps::Addr| -> DecapNextHop {
+        if !forwarding.get() {
+            return DecapNextHop::ForwardingDisabled;
+        }
+        let d = lb_common::user::ip_from_addr(dst, if dst[1..] == [0, 0, 0] { 4 } else { 6 });
+        match d.to_string().as_str() {
+            "10.30.1.2" | "fd00:30:1::2" => DecapNextHop::Local,
+            a if a.starts_with("10.30.2.") || a.starts_with("fd00:30:2:") => {
+                DecapNextHop::Resolved {
+                    smac: BE_MAC,
+                    dmac: ROUTER_MAC,
+                    ifindex: be0,
+                }
+            }
+            a if a.starts_with("10.30.3.") => DecapNextHop::Unresolved,
+            // No route: the FIB says "not forwarded", as for a local address.
+            _ => DecapNextHop::Local,
+        }
+    };
+    let tcp =
+        |src: &str, sport, dst: &str, kind| packets::tcp_ip(ip(src), sport, ip(dst), 80, kind, 10);
+    let ack4 = tcp("10.0.0.10", port4, "10.0.0.10", TcpKind::Ack);
+    let ack6 = tcp("fd00::10", port6, "fd00::10", TcpKind::Ack);
+    let stranger4 = tcp("192.0.2.7", 1, "10.0.0.10", TcpKind::Ack);
+    let stranger6 = tcp("2001:db8::7", 1, "fd00::10", TcpKind::Ack);
+    let syn4 = tcp("192.0.2.7", 2, "10.0.0.10", TcpKind::Syn);
+    let udp4 = packets::udp_ip(ip("192.0.2.7"), 3, ip("10.0.0.10"), 53, 8);
+    let to_port_81 = packets::tcp_ip(ip("192.0.2.7"), 4, ip("10.0.0.10"), 81, TcpKind::Ack, 0);
+    use DecapReason::{
+        SecondHopForwarded as Forwarded, SecondHopLocal as Local, SecondHopToKernel as Kernel,
+    };
+    let cases: Vec<(&str, Vec<u8>, DecapReason)> = vec![
+        (
+            "IPIP, connection here",
+            wrap2(&ack4, "10.30.1.2", "10.30.2.2", false),
+            Local,
+        ),
+        (
+            "IP6IP6, connection here",
+            wrap2(&ack6, "fd00:30:1::2", "fd00:30:2::2", false),
+            Local,
+        ),
+        (
+            "GUE 4in4, connection here",
+            wrap2(&ack4, "10.30.1.2", "10.30.2.2", true),
+            Local,
+        ),
+        (
+            "GUE 6in6, connection here",
+            wrap2(&ack6, "fd00:30:1::2", "fd00:30:2::2", true),
+            Local,
+        ),
+        (
+            "IPIP, only a listener",
+            wrap2(&stranger4, "10.30.1.2", "10.30.2.2", false),
+            Forwarded,
+        ),
+        (
+            "IP6IP6, only a listener",
+            wrap2(&stranger6, "fd00:30:1::2", "fd00:30:2::2", false),
+            Forwarded,
+        ),
+        (
+            "GUE, only a listener",
+            wrap2(&stranger4, "10.30.1.2", "10.30.2.2", true),
+            Forwarded,
+        ),
+        (
+            "4in6 then 4in4: families mixed",
+            wrap2(&stranger4, "fd00:30:1::2", "10.30.2.2", false),
+            Forwarded,
+        ),
+        (
+            "no socket at all",
+            wrap2(&to_port_81, "10.30.1.2", "10.30.2.2", false),
+            Forwarded,
+        ),
+        (
+            "a SYN is never sent on",
+            wrap2(&syn4, "10.30.1.2", "10.30.2.2", false),
+            Local,
+        ),
+        (
+            "UDP is never sent on",
+            wrap2(&udp4, "10.30.1.2", "10.30.2.2", false),
+            Local,
+        ),
+        (
+            "second hop is this host",
+            wrap2(&stranger4, "10.30.1.2", "10.30.1.2", false),
+            Local,
+        ),
+        (
+            "no route to the second hop",
+            wrap2(&stranger4, "10.30.1.2", "10.99.0.1", false),
+            Local,
+        ),
+        (
+            "second hop without a neighbour entry",
+            wrap2(&stranger4, "10.30.1.2", "10.30.3.2", false),
+            Kernel,
+        ),
+    ];
+    // A backend that does not forward (the default) sends second hops back
+    // to the router; one that does, where its FIB says.
+    for on in [false, true] {
+        forwarding.set(on);
+        ns.sh(&format!(
+            "sysctl -qw net.ipv4.conf.all.forwarding={0} net.ipv6.conf.all.forwarding={0}",
+            on as u8
+        ));
+        for (name, frame, reason) in cases.clone() {
+            let reason = match reason {
+                Local if !on && (name.contains("second hop") || name.contains("no route")) => {
+                    Forwarded
+                }
+                Kernel if !on => Forwarded,
+                r => r,
+            };
+            let name = format!("{name} (forwarding {on})");
+            let before = decap.counter(reason).packets;
+            let run = decap.test_run_on(&frame, be0).unwrap();
+            let model = decap_decide(&frame, GUE_PORT, be0, socket, next_hop);
+
+            assert_eq!(model.reason, reason, "{name}: the model's reason");
+            assert_eq!(run.action, model.action.xdp_code(), "{name}: action");
+            assert_eq!(run.packet, model.output, "{name}: output bytes");
+            assert_eq!(decap.counter(reason).packets, before + 1, "{name}: counted");
+            match reason {
+                Local => {
+                    // Exactly the client's packet, the frame's MACs kept.
+                    assert!(
+                        frame.ends_with(&run.packet[14..]),
+                        "{name}: innermost packet"
+                    );
+                    let ModelParse::Ip(p) = parse(&run.packet) else {
+                        panic!("{name}: not IP")
+                    };
+                    let vip = lb_common::user::ip_from_addr(&p.flow.dst, p.flow.family);
+                    assert!(["10.0.0.10", "fd00::10"].contains(&vip.to_string().as_str()));
+                }
+                Forwarded => {
+                    assert_eq!(model.action, Action::Tx, "{name}: back out of be0");
+                    if on {
+                        assert_eq!(&run.packet[0..6], &ROUTER_MAC, "{name}: to the router");
+                        assert_eq!(&run.packet[6..12], &BE_MAC, "{name}: from be0");
+                    } else {
+                        assert_eq!(
+                            &run.packet[0..6],
+                            &frame[6..12],
+                            "{name}: back where it came from"
+                        );
+                        assert_eq!(&run.packet[6..12], &frame[0..6], "{name}: from be0");
+                    }
+                }
+                _ => assert_eq!(model.action, Action::Pass),
+            }
+        }
+    }
+    drop(listener);
 }

@@ -36,6 +36,9 @@ pub enum DecapNextHop {
     },
     /// The destination is this host.
     Local,
+    /// The interface does not forward: the FIB answers nothing else; the
+    /// packet goes back to the MAC that delivered it.
+    ForwardingDisabled,
     /// No resolved next hop (no route, neighbour unknown, ...).
     Unresolved,
 }
@@ -170,6 +173,11 @@ pub fn decap_decide(
             action: Action::Pass,
             reason: DecapReason::SecondHopLocal,
             output: stripped(frame, strip + middle_strip, dmac, smac, in_version),
+        },
+        DecapNextHop::ForwardingDisabled => DecapDecision {
+            action: Action::Tx,
+            reason: DecapReason::SecondHopForwarded,
+            output: stripped(frame, strip, smac, dmac, version),
         },
         DecapNextHop::Unresolved => DecapDecision {
             action: Action::Pass,
