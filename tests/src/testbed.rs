@@ -168,7 +168,12 @@ fn nexthops(active: &[usize]) -> String {
 /// Serves TCP (answers each line with "<name> <line>") on ports 80, 8080
 /// and 8443 of both families and UDP (answers each datagram with "<name>")
 /// on the VIP inside the current namespace.
-fn serve(name: String, stop: Arc<AtomicBool>, conns: Arc<Mutex<Vec<TcpStream>>>) {
+/// Open connections by number, so that `stop` can reset them; each one
+/// leaves when it closes (health checks open several a second).
+type OpenConns = Arc<Mutex<BTreeMap<u64, TcpStream>>>;
+
+fn serve(name: String, stop: Arc<AtomicBool>, conns: OpenConns) {
+    let mut next_id = 0u64;
     // [::] also accepts IPv4 (bindv6only is 0).
     let listeners: Vec<TcpListener> = [80, PORT_CROSS_FAMILY, PORT_GUE]
         .iter()
@@ -186,21 +191,29 @@ fn serve(name: String, stop: Arc<AtomicBool>, conns: Arc<Mutex<Vec<TcpStream>>>)
             Ok((stream, _)) => {
                 stream.set_nonblocking(false).unwrap();
                 let _ = stream.set_nodelay(true);
-                conns.lock().unwrap().push(stream.try_clone().unwrap());
+                let Ok(clone) = stream.try_clone() else {
+                    continue;
+                };
+                next_id += 1;
+                let id = next_id;
+                conns.lock().unwrap().insert(id, clone);
                 let name = name.clone();
+                let conns = conns.clone();
                 thread::spawn(move || {
-                    let mut writer = stream.try_clone().unwrap();
-                    for line in BufReader::new(stream).lines() {
-                        let Ok(line) = line else { break };
-                        // One write per answer (several small ones meet Nagle
-                        // and delayed ACKs: 40 ms each).
-                        if writer
-                            .write_all(format!("{name} {line}\n").as_bytes())
-                            .is_err()
-                        {
-                            break;
+                    if let Ok(mut writer) = stream.try_clone() {
+                        for line in BufReader::new(stream).lines() {
+                            let Ok(line) = line else { break };
+                            // One write per answer (several small ones meet
+                            // Nagle and delayed ACKs: 40 ms each).
+                            if writer
+                                .write_all(format!("{name} {line}\n").as_bytes())
+                                .is_err()
+                            {
+                                break;
+                            }
                         }
                     }
+                    conns.lock().unwrap().remove(&id);
                 });
             }
             Err(_) => {
@@ -211,7 +224,7 @@ fn serve(name: String, stop: Arc<AtomicBool>, conns: Arc<Mutex<Vec<TcpStream>>>)
             }
         }
     }
-    for c in conns.lock().unwrap().drain(..) {
+    for (_, c) in std::mem::take(&mut *conns.lock().unwrap()) {
         let _ = c.shutdown(Shutdown::Both);
     }
 }
@@ -273,7 +286,7 @@ impl Testbed {
                     .expect("lbd backend"),
             ));
             let stop = Arc::new(AtomicBool::new(false));
-            let conns = Arc::new(Mutex::new(Vec::new()));
+            let conns: OpenConns = Arc::default();
             let (s, c, name) = (stop.clone(), conns, format!("be{n}"));
             let guard = be.enter();
             thread::spawn(move || serve(name, s, c));
@@ -405,6 +418,11 @@ impl Testbed {
                 dp.attach_pass(&format!("rl{i}"), aya::programs::XdpMode::Driver)
                     .expect("XDP pass on the router's LB links");
             }
+            // Backends send second hops back out with XDP_TX too.
+            for j in 1..=spec.weights.len() {
+                dp.attach_pass(&format!("rb{j}"), aya::programs::XdpMode::Driver)
+                    .expect("XDP pass on the router's backend links");
+            }
             dp
         });
         let tb = Testbed {
@@ -498,6 +516,29 @@ impl Testbed {
         unsafe { libc::kill(self.birds[i + 1].0.id() as i32, libc::SIGSTOP) };
     }
 
+    /// LB `i`'s config file.
+    pub fn config_path(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("lb{}.toml", i + 1))
+    }
+
+    /// Rewrites LB `i`'s config file with `f` (a reload or restart applies it).
+    pub fn edit_config(&self, i: usize, f: impl Fn(&str) -> String) {
+        let path = self.config_path(i);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, f(&text)).unwrap();
+    }
+
+    /// Stops LB `i`'s lbd, removes everything it pinned (tables, connection
+    /// table, links) and starts it again: an instance that never saw a
+    /// packet, knowing only its config file.
+    pub fn restart_fresh(&mut self, i: usize) {
+        self.lbds[i].stop(libc::SIGTERM);
+        let pin = PathBuf::from(format!("/sys/fs/bpf/{}", self.lbs[i].name));
+        std::fs::remove_dir_all(&pin).unwrap();
+        self.lbds[i].restart();
+        self.wait_attached();
+    }
+
     /// Routes the VIP over the LB instances `active` (indexes) only.
     pub fn set_ecmp(&self, active: &[usize]) {
         self.route("replace", active);
@@ -558,6 +599,23 @@ impl Testbed {
             );
             assert_eq!(counts.len(), 3, "{addr}: every backend serves: {counts:?}");
         }
+    }
+
+    /// Backend `j`'s decap counters (packets per reason), read from its
+    /// pinned `DECAP_STATS`.
+    pub fn decap_counters(&self, j: usize) -> BTreeMap<&'static str, u64> {
+        use lb_common::maps::{Counter, DecapReason};
+        let path = format!("/sys/fs/bpf/{}/DECAP_STATS", self.backends[j].name);
+        let map = aya::maps::MapData::from_pin(&path).expect("pinned DECAP_STATS");
+        let stats: aya::maps::PerCpuArray<_, Counter> =
+            aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map)).unwrap();
+        DecapReason::ALL
+            .iter()
+            .map(|r| {
+                let n = lb_userspace::dataplane::sum_cpus(&stats, *r as u32).packets;
+                (r.name(), n)
+            })
+            .collect()
     }
 
     /// Kills backend `j`'s `lbd backend` (SIGKILL); its pinned decap stays.
@@ -704,6 +762,9 @@ impl Testbed {
 
     /// Opens `n` connections to each of `services` and keeps them open.
     pub fn hold_connections_to(&self, services: &[SocketAddr], n: usize) -> LongLived {
+        // Clients and servers both live in this process: about five
+        // descriptors per connection.
+        raise_fd_limit(16 * 1024);
         let (tx, rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<Liveness>>();
         let guard = self.client.enter();
         let services = services.to_vec();
@@ -731,6 +792,21 @@ impl Testbed {
         };
         held.check(); // every connection is open from here on
         held
+    }
+}
+
+/// Raises this process's descriptor limit to `n` (at most the hard limit).
+fn raise_fd_limit(n: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < n {
+            lim.rlim_cur = n.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 
