@@ -30,8 +30,7 @@ pub fn parse(name: &str) -> Result<XdpMode> {
     })
 }
 
-/// The configured mode as it is, whatever the interface: for programs
-/// that only pass packets up (`decap`), where native XDP on a veth is fine.
+/// The configured mode as it is, whatever the interface.
 pub fn configured(name: &str) -> Result<Chosen> {
     let mode = parse(name)?;
     Ok(match mode {
@@ -53,7 +52,8 @@ pub fn configured(name: &str) -> Result<Chosen> {
     })
 }
 
-/// The balancer's mode for `interface` under the configured `name`.
+/// The mode for `interface` under the configured `name` (the balancer's,
+/// and the backends' decap, which sends second hops back out with XDP_TX).
 pub fn choose(interface: &str, name: &str) -> Result<Chosen> {
     let chosen = configured(name)?;
     if driver_of(interface).as_deref() != Some("veth") {
@@ -63,7 +63,8 @@ pub fn choose(interface: &str, name: &str) -> Result<Chosen> {
         XdpMode::Default => Chosen {
             mode: XdpMode::Skb,
             name: "skb",
-            why: "auto on a veth: native XDP would forward locally sent frames with partial checksums",
+            why: "auto on a veth: native XDP would forward locally sent frames with partial \
+                  checksums, and drops XDP_TX frames unless the peer runs XDP too",
         },
         XdpMode::Driver => Chosen {
             why: "configured; on a veth, senders in this host need TX checksum offload off \

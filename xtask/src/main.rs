@@ -129,6 +129,8 @@ fn main() -> Result<()> {
                     "e2e_ipv6",
                     "--test",
                     "bgp",
+                    "--test",
+                    "second_chance",
                     "--",
                     "--test-threads=1",
                 ])

@@ -141,12 +141,11 @@ async fn backend(
     gue_port: u16,
     pin_path: Option<PathBuf>,
 ) -> Result<()> {
-    // Native mode is right for decap on a veth too: it passes packets up,
-    // no XDP_TX, and what it receives was encapsulated elsewhere.
-    let chosen = lb_userspace::xdp_mode::configured(&mode)?;
+    // As the balancer's: second hops leave again with XDP_TX.
+    let chosen = lb_userspace::xdp_mode::choose(&interface, &mode)?;
     let decap = if let Some(dir) = pin_path {
         let (decap, how) = Decap::attach_pinned(&interface, &chosen, gue_port, &dir)?;
-        info!(interface = %interface, pin_path = %dir.display(), how = ?how, "decap attached (pinned: it stays if lbd backend exits)");
+        info!(interface = %interface, mode = chosen.name, why = chosen.why, pin_path = %dir.display(), how = ?how, "decap attached (pinned: it stays if lbd backend exits)");
         decap
     } else {
         let decap = Decap::attach(&interface, chosen.mode, gue_port)?;
@@ -160,8 +159,14 @@ async fn backend(
             _ = term.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {
-                let c = decap.counter(DecapReason::Decapsulated);
-                info!(decapsulated = c.packets, "decap stats");
+                let n = |r| decap.counter(r).packets;
+                info!(
+                    decapsulated = n(DecapReason::Decapsulated),
+                    second_hop_local = n(DecapReason::SecondHopLocal),
+                    second_hop_forwarded = n(DecapReason::SecondHopForwarded),
+                    second_hop_to_kernel = n(DecapReason::SecondHopToKernel),
+                    "decap stats"
+                );
             }
         }
     }
