@@ -9,9 +9,9 @@ use lb_common::{
     PROTO_TCP, PROTO_UDP,
     flow_hash::flow_hash,
     maps::{
-        BACKEND_F_IPV6, BACKEND_F_VALID, Backend, ConnEntry, NEXTHOP_TTL_NS, NextHopCache, Reason,
-        VIP_F_GUE, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
-        vip_addr_filter_bit,
+        BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, ConnEntry, NEXTHOP_TTL_NS,
+        NextHopCache, Reason, VIP_F_GUE, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT,
+        VipKey, VipMeta, vip_addr_filter_bit,
     },
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
 };
@@ -325,9 +325,10 @@ fn choose_backend(
 }
 
 /// The backend id the VIP's previous table gives the flow's slot, when
-/// there is a previous table and it names another backend of this VIP
-/// (removed or failed ones keep their address until their id is reused);
-/// else 0.
+/// there is a previous table and it names another backend of this VIP that
+/// may have the connection: a valid one, or one removed from the VIP (its
+/// address kept, retired). A failed one may not: its connections are lost
+/// anyway, and a reset from the new owner beats silence.
 #[inline(always)]
 fn previous_owner(vip: &VipMeta, hash: u32, current: u32) -> u32 {
     let Some(prev) = PREV_TABLES.get(vip.vip_id) else {
@@ -338,7 +339,10 @@ fn previous_owner(vip: &VipMeta, hash: u32, current: u32) -> u32 {
     }
     let slot = prev.offset.wrapping_add(hash % prev.size);
     let id = MAGLEV_SLOTS.get(slot).copied().unwrap_or(0);
-    if id == current || BACKENDS.get(id).is_none_or(|b| b.vip_id != vip.vip_id) {
+    let usable = |b: &Backend| {
+        b.vip_id == vip.vip_id && b.flags & (BACKEND_F_VALID | BACKEND_F_RETIRED) != 0
+    };
+    if id == current || !BACKENDS.get(id).is_some_and(usable) {
         return 0;
     }
     id

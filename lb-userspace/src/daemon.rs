@@ -31,6 +31,7 @@ use crate::{
     reconcile::{
         AppliedBackend, AppliedVip, BackendState, DesiredBackend, DesiredVip, PrevState, Reconciler,
     },
+    tunnel_probe::TunnelSpec,
 };
 
 /// Freed backend ids wait this long before reuse (tracked flows naming them
@@ -61,6 +62,24 @@ pub struct Daemon {
     local_probe_errors: u64,
     /// The last attach error per interface (logged once, not every retry).
     link_errors: BTreeMap<String, String>,
+}
+
+/// How the tunnel probe reaches `backend` of `v`: as the data path does.
+fn tunnel_spec(config: &Config, v: &VipConfig, backend: IpAddr) -> TunnelSpec {
+    let s = config.settings();
+    let mut v4 = s.encap_src_prefix.to_ne_bytes();
+    v4[3] |= 1;
+    let mut v6 = s.encap_src6_prefix;
+    v6[3] = 1u32.to_be();
+    TunnelSpec {
+        vip: v.address,
+        port: v.health.port.unwrap_or(v.port),
+        backend,
+        gue: v.flags(&config.lb) & lb_common::maps::VIP_F_GUE != 0,
+        gue_port: config.lb.gue_port,
+        outer_src4: IpAddr::from(v4),
+        outer_src6: ip_from_addr(&v6, lb_common::maps::FAMILY_IPV6),
+    }
 }
 
 pub fn vip_key(v: &VipConfig) -> VipKey {
@@ -386,11 +405,16 @@ impl Daemon {
                         if let Some((_, h)) = other {
                             h.abort();
                         }
+                        let tunnel = v
+                            .health
+                            .tunnel
+                            .then(|| tunnel_spec(&self.config, v, b.address));
                         let handle = spawn_checker(
                             k.0,
                             v.port,
                             b.address,
                             v.health.clone(),
+                            tunnel,
                             *self.health.get(&k).unwrap_or(&true),
                             self.events.clone(),
                         );

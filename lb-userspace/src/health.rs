@@ -2,9 +2,10 @@
 //! timeout, rise and fall. Checkers only send events; the daemon's
 //! reconciler decides and writes maps.
 //!
-//! Probes go straight to the backend's address (not through the
-//! encapsulation): it works on every setup, but does not catch a broken
-//! decapsulation on the backend; `lbctl check-backend` is planned for that.
+//! The service probe goes straight to the backend's address; with `tunnel`
+//! (the default) a second probe takes the way client packets take
+//! (`tunnel_probe`): encapsulated to the backend, answered from the VIP.
+//! A backend is up only while both succeed.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -42,6 +43,16 @@ pub struct HealthCheck {
     /// Consecutive failures that take a backend out.
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// Also probe through the tunnel: a TCP SYN to the VIP encapsulated as
+    /// client traffic is, which only a working decap, the VIP on `lo` and
+    /// the way back can answer. Needs CAP_NET_RAW; off for backends that
+    /// are not reached through the balancer's encapsulation.
+    #[serde(default = "default_tunnel")]
+    pub tunnel: bool,
+}
+
+fn default_tunnel() -> bool {
+    true
 }
 
 fn default_kind() -> String {
@@ -74,6 +85,7 @@ impl Default for HealthCheck {
             timeout_ms: default_timeout(),
             rise: default_rise(),
             fall: default_fall(),
+            tunnel: default_tunnel(),
         }
     }
 }
@@ -235,12 +247,14 @@ pub async fn probe_http(
     }
 }
 
-/// Starts probing `backend` for `vip`; events go to `events`.
+/// Starts probing `backend` for `vip`; events go to `events`. With
+/// `tunnel`, each round also probes through the tunnel.
 pub fn spawn_checker(
     vip: VipKey,
     vip_port: u16,
     backend: IpAddr,
     check: HealthCheck,
+    tunnel: Option<crate::tunnel_probe::TunnelSpec>,
     initially_healthy: bool,
     events: mpsc::UnboundedSender<HealthEvent>,
 ) -> JoinHandle<()> {
@@ -258,6 +272,10 @@ pub fn spawn_checker(
                     probe_http(backend, port, &check.path, check.expect_status, timeout).await
                 }
                 _ => probe_tcp(backend, port, timeout).await,
+            };
+            let probe = match (&tunnel, probe) {
+                (Some(spec), Probe::Up) => crate::tunnel_probe::probe_tunnel(spec, timeout).await,
+                (_, p) => p,
             };
             let ok = match probe {
                 Probe::Up => true,

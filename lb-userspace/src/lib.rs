@@ -16,5 +16,6 @@ pub mod object;
 pub mod reconcile;
 pub mod serve;
 pub mod slots;
+pub mod tunnel_probe;
 pub mod vip_table;
 pub mod xdp_mode;

@@ -625,6 +625,24 @@ impl Testbed {
         let _ = self.decaps[j].0.wait();
     }
 
+    /// Takes backend `j`'s decap away as an operator would: stops its
+    /// `lbd backend`, then `lbd teardown --pin-path` removes the pinned
+    /// program; the backend's servers keep running.
+    pub fn teardown_decap(&mut self, j: usize) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.decaps[j].0.id() as i32, libc::SIGTERM) };
+        let _ = self.decaps[j].0.wait();
+        let pin = format!("/sys/fs/bpf/{}", self.backends[j].name);
+        let (status, err) =
+            crate::lbd::lbd_once(&self.backends[j], &["teardown", "--pin-path", &pin]);
+        assert!(status.success(), "lbd teardown: {err}");
+        assert!(
+            !self.backends[j].sh("ip link show eth0").contains("xdp"),
+            "decap detached from be{}",
+            j + 1
+        );
+    }
+
     /// Stops backend `j`'s servers: new connections are refused, open ones reset.
     pub fn stop_backend(&self, j: usize) {
         self.servers[j].stop.store(true, Ordering::Relaxed);

@@ -413,3 +413,66 @@ fn backends_keep_decapsulating_when_lbd_backend_dies() {
         "decap still attached"
     );
 }
+
+/// The tunnel-path health check: be1's decap is removed while its server
+/// keeps answering on its own address (the service probe alone sees
+/// nothing wrong). Only the probe that travels encapsulated, as client
+/// packets do, fails: be1 goes out of every instance's table within
+/// interval x fall, and every connection of the other backends survives.
+#[test]
+fn a_backend_without_decap_is_taken_out_by_the_tunnel_probe() {
+    if !have_root() {
+        return;
+    }
+    let mut tb = Testbed::new("e2t", Spec::default());
+    let held = tb.hold_connections(90);
+    let before = held.check();
+    let others: usize = before
+        .iter()
+        .filter(|(b, _)| b.as_str() != "be1")
+        .map(|(_, v)| v.1)
+        .sum();
+    assert!(before.get("be1").is_some_and(|v| v.1 > 0), "{before:?}");
+    tb.teardown_decap(0);
+    let removed = Instant::now();
+    let down_everywhere = |tb: &Testbed| {
+        (0..tb.lbds.len()).all(|i| {
+            tb.lbctl(i, Request::Status).data["vips"][0]["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|b| b["address"] == "10.30.1.2" && b["healthy"] == false)
+        })
+    };
+    while !down_everywhere(&tb) {
+        assert!(
+            removed.elapsed() < Duration::from_secs(5),
+            "be1 never taken out"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = removed.elapsed();
+    let bound = Duration::from_millis(tb.spec.health_interval_ms * tb.spec.health_fall as u64);
+    eprintln!(
+        "be1 out of every table {} ms after its decap went (interval x fall = {} ms)",
+        took.as_millis(),
+        bound.as_millis()
+    );
+    // Probes run every interval: the fall-th failure comes at most one
+    // interval plus a timeout after the removal; a little more for the
+    // status poll and a loaded machine.
+    assert!(took < bound * 2 + Duration::from_millis(500), "{took:?}");
+    let after = held.check();
+    let alive_others: usize = after
+        .iter()
+        .filter(|(b, _)| b.as_str() != "be1")
+        .map(|(_, v)| v.0)
+        .sum();
+    assert_eq!(
+        alive_others, others,
+        "every other backend's connection: {after:?}"
+    );
+    let fresh = tb.in_client(|| spread(90));
+    assert_eq!(fresh.values().sum::<usize>(), 90, "{fresh:?}");
+    assert!(!fresh.contains_key("be1"), "{fresh:?}");
+}

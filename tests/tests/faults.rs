@@ -30,7 +30,7 @@ fn key() -> VipKey {
 fn checked_vip(interval_ms: u64) -> String {
     format!(
         "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
-         [vip.health]\nkind = \"tcp\"\nport = 8080\ninterval_ms = {interval_ms}\ntimeout_ms = {}\nrise = 2\nfall = 2\n{}",
+         [vip.health]\nkind = \"tcp\"\ntunnel = false\nport = 8080\ninterval_ms = {interval_ms}\ntimeout_ms = {}\nrise = 2\nfall = 2\n{}",
         interval_ms / 2,
         backends_toml()
     )

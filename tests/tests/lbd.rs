@@ -26,7 +26,7 @@ fn health_failure_removes_exactly_that_backend_from_the_kernel_table() {
     let b = Bed::new("h");
     let vips = format!(
         "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
-         [vip.health]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 100\ntimeout_ms = 50\nrise = 2\nfall = 2\n{}",
+         [vip.health]\nkind = \"tcp\"\ntunnel = false\nport = 8080\ninterval_ms = 100\ntimeout_ms = 50\nrise = 2\nfall = 2\n{}",
         backends_toml()
     );
     let cfg = b.config(65536, &vips);
@@ -393,7 +393,7 @@ fn a_flapping_backend_does_not_churn_the_table() {
     let b = Bed::new("f");
     let vips = format!(
         "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
-         [vip.health]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 50\ntimeout_ms = 25\nrise = 2\nfall = 6\n{}",
+         [vip.health]\nkind = \"tcp\"\ntunnel = false\nport = 8080\ninterval_ms = 50\ntimeout_ms = 25\nrise = 2\nfall = 6\n{}",
         backends_toml()
     );
     let cfg = b.config(65536, &vips);

@@ -21,8 +21,9 @@ use crate::{
     PROTO_TCP, PROTO_UDP, TOO_BIG_QUOTE_V4, TOO_BIG_QUOTE_V6,
     flow_hash::flow_hash,
     maps::{
-        Addr, BACKEND_F_IPV6, BACKEND_F_VALID, Backend, ConnEntry, FlowKey, PrevTable, Reason,
-        VIP_F_GUE, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
+        Addr, BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, ConnEntry, FlowKey,
+        PrevTable, Reason, VIP_F_GUE, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey,
+        VipMeta,
     },
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
 };
@@ -138,7 +139,7 @@ impl ModelMaps {
     }
 
     /// The backend the flow's slot had in the VIP's previous table, if
-    /// that is another backend of this VIP (valid or not).
+    /// that is another backend of this VIP that may have the connection.
     fn previous_owner(&self, vip: &VipMeta, hash: u32, current: u32) -> Option<(u32, Backend)> {
         let prev = self.prev_tables.get(&vip.vip_id).filter(|t| t.size != 0)?;
         let slot = prev.offset.wrapping_add(hash % prev.size);
@@ -146,7 +147,10 @@ impl ModelMaps {
         if id == current {
             return None;
         }
-        let b = self.backends.get(&id).filter(|b| b.vip_id == vip.vip_id)?;
+        // Valid, or retired (removed, address kept); a failed one is not.
+        let b = self.backends.get(&id).filter(|b| {
+            b.vip_id == vip.vip_id && b.flags & (BACKEND_F_VALID | BACKEND_F_RETIRED) != 0
+        })?;
         Some((id, *b))
     }
 

@@ -73,7 +73,7 @@ fn health_failure_removal() -> anyhow::Result<Vec<f64>> {
         262_144,
         &format!(
             "[[vip]]\naddress = \"10.0.0.10\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n\
-             [vip.health]\nkind = \"tcp\"\nport = 8080\ninterval_ms = 100\ntimeout_ms = 50\nrise = 2\nfall = 2\n{}",
+             [vip.health]\nkind = \"tcp\"\ntunnel = false\nport = 8080\ninterval_ms = 100\ntimeout_ms = 50\nrise = 2\nfall = 2\n{}",
             backends_toml()
         ),
     );
