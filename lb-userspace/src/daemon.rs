@@ -667,6 +667,7 @@ impl Daemon {
                             "address": b.address.to_string(),
                             "id": id,
                             "weight": b.weight,
+                            "state": b.state,
                             "healthy": self.health.get(&(key, b.address)).copied().unwrap_or(true),
                             "slots": slots,
                             "tracked_flows": id.and_then(|i| tracked.get(&i)).copied().unwrap_or(0),
@@ -679,6 +680,15 @@ impl Daemon {
                     "table_size": applied.map(|a| a.meta.table_size).unwrap_or(0),
                     "packets": applied.map(|a| self.dp.vip_counter(a.meta.vip_id).packets).unwrap_or(0),
                     "health_check": v.health.kind,
+                    "tunnel_check": v.health.kind != "none" && v.health.tunnel,
+                    // The previous table second-chance forwarding uses, while its window lasts.
+                    "second_chance": applied.and_then(|a| a.prev.as_ref()).filter(|p| p.region.is_some()).map(|p| {
+                        let window = self.rec.second_chance_window;
+                        json!({
+                            "from_states": p.explicit,
+                            "ends_in_secs": window.saturating_sub(p.since.elapsed()).as_secs(),
+                        })
+                    }),
                     "backends": backends,
                 })
             })

@@ -118,18 +118,40 @@ enum BackendCmd {
 }
 
 fn print_status(v: &Value) {
-    println!("table generation {}", v["generation"]);
+    // serde_json values ignore format widths: print them as strings.
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    println!("table generation {}", text(&v["generation"]));
     for vip in v["vips"].as_array().into_iter().flatten() {
+        let tunnel = if vip["tunnel_check"].as_bool().unwrap_or(false) {
+            " + tunnel"
+        } else {
+            ""
+        };
         println!(
-            "\n{}  table {}  packets {}  health check {}",
-            vip["vip"].as_str().unwrap_or(""),
-            vip["table_size"],
-            vip["packets"],
-            vip["health_check"].as_str().unwrap_or("")
+            "\n{}  table {}  packets {}  health check {}{tunnel}",
+            text(&vip["vip"]),
+            text(&vip["table_size"]),
+            text(&vip["packets"]),
+            text(&vip["health_check"]),
         );
+        if let Some(sc) = vip["second_chance"].as_object() {
+            let from = if sc["from_states"].as_bool().unwrap_or(false) {
+                "the backends' states"
+            } else {
+                "the last table change"
+            };
+            println!(
+                "  second chance: previous table from {from}, window ends in {} s",
+                text(&sc["ends_in_secs"])
+            );
+        }
         println!(
-            "  {:<18} {:>6} {:>7} {:>8} {:>8} {:>12}",
-            "backend", "weight", "health", "slots", "tracked", "packets"
+            "  {:<24} {:>6} {:>9} {:>7} {:>8} {:>8} {:>12}",
+            "backend", "weight", "state", "health", "slots", "tracked", "packets"
         );
         for b in vip["backends"].as_array().into_iter().flatten() {
             let health = if b["healthy"].as_bool().unwrap_or(false) {
@@ -138,13 +160,14 @@ fn print_status(v: &Value) {
                 "DOWN"
             };
             println!(
-                "  {:<18} {:>6} {:>7} {:>8} {:>8} {:>12}",
-                b["address"].as_str().unwrap_or(""),
-                b["weight"],
+                "  {:<24} {:>6} {:>9} {:>7} {:>8} {:>8} {:>12}",
+                text(&b["address"]),
+                text(&b["weight"]),
+                text(&b["state"]),
                 health,
-                b["slots"],
-                b["tracked_flows"],
-                b["packets"]
+                text(&b["slots"]),
+                text(&b["tracked_flows"]),
+                text(&b["packets"])
             );
         }
     }
