@@ -17,7 +17,7 @@ use lb_common::{
 };
 
 use crate::{
-    encap::{NextHop, Outer, encapsulate, lookup_next_hop},
+    encap::{NextHop, Outer, encapsulate, encapsulate_nested, lookup_next_hop},
     icmp::{echo_reply, ingress_macs, quote_len, too_big_reply},
     maps::{
         ANY_PORT_VIPS, BACKENDS, CONNTRACK, INSERT_BUDGET, MAGLEV_SLOTS, NEXTHOP_CACHE,
@@ -405,23 +405,21 @@ fn forward(
     } else {
         cached_next_hop(ctx, &outer, pkt, outer_len, backend_id, clock)
     };
-    match hop {
+    // The MACs and the way out first, so that the encapsulation is written
+    // in one place (the program carries its code once).
+    let (dmac, smac, exit) = match hop {
         NextHop::Resolved {
             smac,
             dmac,
             ifindex,
             ..
         } => {
-            if encapsulate(ctx, pkt, &outer, second.as_ref(), &dmac, &smac).is_err() {
-                return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
-            }
-            if ifindex as usize == ctx.ingress_ifindex() {
-                finish(Reason::Tx, XDP_TX, bytes)
+            let exit = if ifindex as usize == ctx.ingress_ifindex() {
+                Exit::Tx
             } else {
-                count(Reason::Redirect, bytes);
-                // SAFETY: helper takes plain integers.
-                unsafe { bpf_redirect(ifindex, 0) as u32 }
-            }
+                Exit::Redirect(ifindex)
+            };
+            (dmac, smac, exit)
         }
         NextHop::NoNeighbour => {
             // Keep our own MAC as destination so the kernel accepts the
@@ -429,12 +427,9 @@ fn forward(
             let Some((our_mac, peer_mac)) = ingress_macs(ctx) else {
                 return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
             };
-            if encapsulate(ctx, pkt, &outer, second.as_ref(), &our_mac, &peer_mac).is_err() {
-                return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
-            }
-            finish(Reason::PassNoNeighbour, XDP_PASS, bytes)
+            (our_mac, peer_mac, Exit::Kernel)
         }
-        NextHop::TooBig { mtu } => too_big(ctx, pkt, mtu.wrapping_sub(overhead), bytes),
+        NextHop::TooBig { mtu } => return too_big(ctx, pkt, mtu.wrapping_sub(overhead), bytes),
         NextHop::NoRoute => {
             if cfg.flags & SETTINGS_F_GATEWAY_MAC == 0 {
                 return finish(Reason::DropNoRoute, XDP_DROP, bytes);
@@ -442,22 +437,39 @@ fn forward(
             let Some((our_mac, _)) = ingress_macs(ctx) else {
                 return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
             };
-            if encapsulate(
-                ctx,
-                pkt,
-                &outer,
-                second.as_ref(),
-                &cfg.gateway_mac,
-                &our_mac,
-            )
-            .is_err()
-            {
-                return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
-            }
+            (cfg.gateway_mac, our_mac, Exit::Gateway)
+        }
+    };
+    let written = match &second {
+        None => encapsulate(ctx, pkt, &outer, &dmac, &smac),
+        Some(s) => encapsulate_nested(ctx, pkt, &outer, s, &dmac, &smac),
+    };
+    if written.is_err() {
+        return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
+    }
+    match exit {
+        Exit::Tx => finish(Reason::Tx, XDP_TX, bytes),
+        Exit::Redirect(ifindex) => {
+            count(Reason::Redirect, bytes);
+            // SAFETY: helper takes plain integers.
+            unsafe { bpf_redirect(ifindex, 0) as u32 }
+        }
+        Exit::Kernel => finish(Reason::PassNoNeighbour, XDP_PASS, bytes),
+        Exit::Gateway => {
             count(Reason::FibFallbackGateway, bytes);
             finish(Reason::Tx, XDP_TX, bytes)
         }
     }
+}
+
+/// How an encapsulated packet leaves.
+enum Exit {
+    Tx,
+    Redirect(u32),
+    /// To the kernel, which resolves the neighbour and forwards it.
+    Kernel,
+    /// XDP_TX to the configured gateway MAC (no route in the FIB).
+    Gateway,
 }
 
 /// The next hop toward a backend: this CPU's cached FIB answer while fresh

@@ -179,19 +179,39 @@ pub fn write_ethernet(
     Ok(())
 }
 
-/// Grows the packet by the outer headers (and, with a second hop, a
-/// second layer inside them toward the second backend) and writes them and
-/// the Ethernet header. The inner packet is left byte for byte as it arrived.
+/// Grows the packet by the outer headers and writes them and the Ethernet
+/// header. The inner packet is left byte for byte as it arrived.
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,
     pkt: &Packet,
     outer: &Outer,
-    second: Option<&Outer>,
     dmac: &[u8; 6],
     smac: &[u8; 6],
 ) -> Result<(), ()> {
-    let second_overhead = second.map_or(0, |s| s.overhead());
+    // SAFETY: the helper only moves ctx->data; pointers are re-derived below.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer.overhead() as i32)) } != 0 {
+        return Err(());
+    }
+    let ether_type = if outer.v6 { ETH_P_IPV6_BE } else { ETH_P_IP_BE };
+    write_ethernet(ctx, pkt, dmac, smac, ether_type)?;
+    write_outer(ctx, pkt, outer, pkt.l2_len, pkt.ip_len, outer.proto(pkt))
+}
+
+/// As `encapsulate`, with a second hop: inside the outer layer (to the
+/// current backend) a second layer to the `second` backend, so that what
+/// the first backend may send on is an ordinary encapsulated packet. Kept
+/// apart from `encapsulate` so that the common path stays as it was.
+#[inline(always)]
+pub fn encapsulate_nested(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    outer: &Outer,
+    second: &Outer,
+    dmac: &[u8; 6],
+    smac: &[u8; 6],
+) -> Result<(), ()> {
+    let second_overhead = second.overhead();
     let overhead = outer.overhead() + second_overhead;
     // SAFETY: the helper only moves ctx->data; pointers are re-derived below.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
@@ -199,23 +219,18 @@ pub fn encapsulate(
     }
     let ether_type = if outer.v6 { ETH_P_IPV6_BE } else { ETH_P_IP_BE };
     write_ethernet(ctx, pkt, dmac, smac, ether_type)?;
-    match second {
-        None => write_outer(ctx, pkt, outer, pkt.l2_len, pkt.ip_len, outer.proto(pkt)),
-        Some(second) => {
-            // The outer layer carries an IP packet of the second's family.
-            let proto = if outer.gue {
-                PROTO_UDP
-            } else if second.v6 {
-                PROTO_IPV6
-            } else {
-                PROTO_IPIP
-            };
-            let inner_len = pkt.ip_len.wrapping_add(second_overhead);
-            write_outer(ctx, pkt, outer, pkt.l2_len, inner_len, proto)?;
-            let at = pkt.l2_len + outer.overhead() as usize;
-            write_outer(ctx, pkt, second, at, pkt.ip_len, second.proto(pkt))
-        }
-    }
+    // The outer layer carries an IP packet of the second's family.
+    let proto = if outer.gue {
+        PROTO_UDP
+    } else if second.v6 {
+        PROTO_IPV6
+    } else {
+        PROTO_IPIP
+    };
+    let inner_len = pkt.ip_len.wrapping_add(second_overhead);
+    write_outer(ctx, pkt, outer, pkt.l2_len, inner_len, proto)?;
+    let at = pkt.l2_len + outer.overhead() as usize;
+    write_outer(ctx, pkt, second, at, pkt.ip_len, second.proto(pkt))
 }
 
 /// Writes one layer of outer headers (IP, and UDP for GUE) at `at`, in

@@ -374,7 +374,9 @@ pub struct Dataplane {
     /// Every key in `VIPS` (so the filter is maintained without reading it).
     vip_keys: std::collections::BTreeSet<VipKey>,
     any_port_vips: Array<MapData, u32>,
-    prev_tables: Array<MapData, PrevTable>,
+    /// `PREV_TABLES` (absent from programs older than second chance, which
+    /// benchmarks load as baselines).
+    prev_tables: Option<Array<MapData, PrevTable>>,
     backends: Array<MapData, Backend>,
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
     /// A duplicate of the connection table's fd, to read its fdinfo.
@@ -473,7 +475,11 @@ impl Dataplane {
                 .transpose()?,
             vip_keys,
             any_port_vips: take(&mut ebpf, MAP_ANY_PORT_VIPS)?,
-            prev_tables: take(&mut ebpf, MAP_PREV_TABLES)?,
+            prev_tables: ebpf
+                .map(MAP_PREV_TABLES)
+                .is_some()
+                .then(|| take(&mut ebpf, MAP_PREV_TABLES))
+                .transpose()?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             conntrack_fd,
             conntrack: take(&mut ebpf, MAP_CONNTRACK)?,
@@ -637,13 +643,23 @@ impl Dataplane {
     /// VIP `vip_id`'s previous table for second-chance forwarding.
     pub fn set_prev_table(&mut self, vip_id: u32, table: PrevTable) -> Result<()> {
         self.prev_tables
+            .as_mut()
+            .context("this XDP program has no PREV_TABLES (built before second chance)")?
             .set(vip_id, table, 0)
             .context("writing PREV_TABLES")
     }
 
     /// VIP `vip_id`'s previous table as the kernel has it (size 0: none).
     pub fn prev_table(&self, vip_id: u32) -> PrevTable {
-        self.prev_tables.get(&vip_id, 0).unwrap_or_default()
+        self.prev_tables
+            .as_ref()
+            .and_then(|m| m.get(&vip_id, 0).ok())
+            .unwrap_or_default()
+    }
+
+    /// Whether the program does second-chance forwarding.
+    pub fn has_second_chance(&self) -> bool {
+        self.prev_tables.is_some()
     }
 
     pub fn set_any_port_vips(&mut self, on: bool) -> Result<()> {

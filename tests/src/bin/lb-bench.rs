@@ -125,7 +125,7 @@ fn client(i: u32) -> Ipv4Addr {
 }
 
 /// The data-path cases, in report order.
-const CASES: [&str; 8] = [
+const CASES: [&str; 9] = [
     "TCP SYN (inserts a flow)",
     "TCP ACK, tracked flow",
     "UDP, tracked flow",
@@ -134,6 +134,7 @@ const CASES: [&str; 8] = [
     "TCP ACK, 50k tracked flows round-robin",
     "TCP SYN, same flow (replaces its entry)",
     "IPv6 TCP ACK, tracked flow (IP6IP6)",
+    "TCP ACK, untracked, second hop (previous table)",
 ];
 
 /// One program under test with the `lb-bench` setup: 1 TCP + 1 UDP VIP
@@ -147,6 +148,11 @@ struct DataPathBed {
     udp: Vec<u8>,
     other: Vec<u8>,
     ack6: Vec<u8>,
+    /// An ACK of a flow no instance recorded whose slot had another owner
+    /// in the VIP's previous table: the miss path with a second hop, every
+    /// time (such packets are not recorded). Programs without second chance
+    /// record it on the first call and take the tracked path after.
+    second_hop: Vec<u8>,
     tcp_backends: Vec<BackendSpec>,
 }
 
@@ -201,6 +207,23 @@ fn datapath_bed(mut h: Harness) -> anyhow::Result<DataPathBed> {
         TcpKind::Ack,
         0,
     );
+    // The TCP VIP had one more backend before its last change (the second
+    // chance window is open): a previous table beside the current one.
+    let mut second_hop = ack[0].clone();
+    if h.dp.has_second_chance() {
+        let mut before = tcp_backends.clone();
+        before.push(backend(99, [10, 50, 1, 1], 1));
+        h.set_prev_table(1, &before, 65_537);
+        second_hop = (0..100_000u32)
+            .map(|i| packets::tcp(client(i), 30_000, vip, 80, TcpKind::Ack, 0))
+            .find(|p| {
+                h.model
+                    .decide(p, h.lb0, h.next_hop(), None)
+                    .second_hop
+                    .is_some()
+            })
+            .expect("some flow's slot changed owner");
+    }
     let lb0 = h.lb0;
     // Warm the connection table for the tracked cases.
     for p in syn.iter().chain(&udp).chain([&ack6]) {
@@ -214,6 +237,7 @@ fn datapath_bed(mut h: Harness) -> anyhow::Result<DataPathBed> {
         udp: udp[0].clone(),
         other,
         ack6,
+        second_hop,
         tcp_backends,
     })
 }
@@ -259,7 +283,8 @@ fn datapath_case(
                 .duration
         }),
         6 => one(&syn[0]),
-        _ => one(&bed.ack6),
+        7 => one(&bed.ack6),
+        _ => one(&bed.second_hop),
     };
     (empty, gross - empty)
 }
