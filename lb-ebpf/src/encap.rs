@@ -189,12 +189,7 @@ pub fn encapsulate(
     dmac: &[u8; 6],
     smac: &[u8; 6],
 ) -> Result<(), ()> {
-    // SAFETY: the helper only moves ctx->data; pointers are re-derived below.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer.overhead() as i32)) } != 0 {
-        return Err(());
-    }
-    let ether_type = if outer.v6 { ETH_P_IPV6_BE } else { ETH_P_IP_BE };
-    write_ethernet(ctx, pkt, dmac, smac, ether_type)?;
+    grow(ctx, pkt, outer, outer.overhead(), dmac, smac)?;
     write_outer(ctx, pkt, outer, pkt.l2_len, pkt.ip_len, outer.proto(pkt))
 }
 
@@ -212,13 +207,14 @@ pub fn encapsulate_nested(
     smac: &[u8; 6],
 ) -> Result<(), ()> {
     let second_overhead = second.overhead();
-    let overhead = outer.overhead() + second_overhead;
-    // SAFETY: the helper only moves ctx->data; pointers are re-derived below.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
-        return Err(());
-    }
-    let ether_type = if outer.v6 { ETH_P_IPV6_BE } else { ETH_P_IP_BE };
-    write_ethernet(ctx, pkt, dmac, smac, ether_type)?;
+    grow(
+        ctx,
+        pkt,
+        outer,
+        outer.overhead() + second_overhead,
+        dmac,
+        smac,
+    )?;
     // The outer layer carries an IP packet of the second's family.
     let proto = if outer.gue {
         PROTO_UDP
@@ -231,6 +227,25 @@ pub fn encapsulate_nested(
     write_outer(ctx, pkt, outer, pkt.l2_len, inner_len, proto)?;
     let at = pkt.l2_len + outer.overhead() as usize;
     write_outer(ctx, pkt, second, at, pkt.ip_len, second.proto(pkt))
+}
+
+/// Makes room for `overhead` bytes of outer headers and writes the
+/// Ethernet header for `outer`'s family.
+#[inline(always)]
+fn grow(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    outer: &Outer,
+    overhead: u16,
+    dmac: &[u8; 6],
+    smac: &[u8; 6],
+) -> Result<(), ()> {
+    // SAFETY: the helper only moves ctx->data; pointers are re-derived after.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
+        return Err(());
+    }
+    let ether_type = if outer.v6 { ETH_P_IPV6_BE } else { ETH_P_IP_BE };
+    write_ethernet(ctx, pkt, dmac, smac, ether_type)
 }
 
 /// Writes one layer of outer headers (IP, and UDP for GUE) at `at`, in

@@ -503,6 +503,20 @@ impl Daemon {
         self.replace_config(candidate)
     }
 
+    /// Changes one backend of the working config with `f` and applies it.
+    fn edit_backend(
+        &mut self,
+        vip: &str,
+        address: &str,
+        f: impl FnOnce(&mut BackendConfig),
+    ) -> Result<()> {
+        let i = self.vip_index(vip)?;
+        self.edit(|c| {
+            f(Self::backend_mut(c, i, address)?);
+            Ok(())
+        })
+    }
+
     fn backend_mut<'a>(
         c: &'a mut Config,
         vip: usize,
@@ -594,11 +608,7 @@ impl Daemon {
                 address,
                 weight: 0,
             } => {
-                let i = self.vip_index(&vip)?;
-                self.edit(|c| {
-                    Self::backend_mut(c, i, &address)?.weight = 0;
-                    Ok(())
-                })?;
+                self.edit_backend(&vip, &address, |b| b.weight = 0)?;
                 Ok(json!(
                     "draining: no new flows; `lbctl status` shows the tracked flows left"
                 ))
@@ -608,11 +618,7 @@ impl Daemon {
                 address,
                 weight,
             } => {
-                let i = self.vip_index(&vip)?;
-                self.edit(|c| {
-                    Self::backend_mut(c, i, &address)?.weight = weight;
-                    Ok(())
-                })?;
+                self.edit_backend(&vip, &address, |b| b.weight = weight)?;
                 Ok(json!("weight set"))
             }
             Request::SetState {
@@ -620,11 +626,7 @@ impl Daemon {
                 address,
                 state,
             } => {
-                let i = self.vip_index(&vip)?;
-                self.edit(|c| {
-                    Self::backend_mut(c, i, &address)?.state = state.clone();
-                    Ok(())
-                })?;
+                self.edit_backend(&vip, &address, |b| b.state = state.clone())?;
                 Ok(json!(format!("state {state}")))
             }
             Request::Trace { src, dst, protocol } => self.trace(&src, &dst, &protocol),

@@ -1,6 +1,7 @@
 //! Helpers for the root tests: network namespaces that clean up after
 //! themselves, and packet builders.
 
+pub mod decap_fuzz;
 pub mod fixture;
 pub mod fuzz;
 pub mod lbd;

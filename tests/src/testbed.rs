@@ -406,6 +406,11 @@ impl Testbed {
             // (veth would pass the client's partial ones), and a receiver
             // with NAPI for the frames the LB sends back with XDP_TX.
             client.sh("ethtool -K c0 tx off >/dev/null");
+            // The LB hosts send TCP too (their kernels reset the SYN-ACKs
+            // of tunnel-path probes, toward the VIP, through the LBs).
+            for lb in &lbs {
+                lb.sh("ethtool -K eth0 tx off >/dev/null");
+            }
             let mut dp =
                 lb_userspace::dataplane::Dataplane::load(&lb_userspace::dataplane::LoadOptions {
                     maglev_slots: 1024,

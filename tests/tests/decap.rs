@@ -14,8 +14,9 @@ use lb_common::{
     user::addr_from_ip,
 };
 use lb_tests::{
+    decap_fuzz::{BE_MAC, backend_host},
     have_root,
-    netns::{NetNs, ifindex},
+    netns::ifindex,
     packets::{self, LB_MAC, ROUTER_MAC, TcpKind},
 };
 use lb_userspace::decap::Decap;
@@ -160,62 +161,6 @@ fn every_encapsulation_comes_out_as_the_inner_frame() {
     }
 }
 
-const BE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x30];
-
-/// A backend in a namespace of its own: `be0` is 10.30.1.2/24 and
-/// fd00:30:1::2/64 (the router, ROUTER_MAC, is .1 / ::1, and routes to the
-/// other backends, 10.30.2.0/24 and fd00:30:2::/64); the VIPs are on `lo`.
-fn backend_host() -> NetNs {
-    let ns = NetNs::new("dc2");
-    let mac = |m: [u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    ns.ip(&[
-        "link",
-        "add",
-        "be0",
-        "address",
-        &mac(BE_MAC),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "rt0",
-    ]);
-    for cmd in [
-        "link set lo up",
-        "link set be0 up",
-        "link set rt0 up",
-        "addr add 10.30.1.2/24 dev be0",
-        "addr add 10.0.0.10/32 dev lo",
-        "route add 10.30.2.0/24 via 10.30.1.1 dev be0",
-        "route add 10.30.3.0/24 via 10.30.1.9 dev be0",
-        "-6 addr add fd00:30:1::2/64 dev be0 nodad",
-        "-6 addr add fd00::10/128 dev lo nodad",
-        "-6 route add fd00:30:2::/64 via fd00:30:1::1 dev be0",
-    ] {
-        ns.ip(&cmd.split_whitespace().collect::<Vec<_>>());
-    }
-    for (peer, fam) in [("10.30.1.1", "-4"), ("fd00:30:1::1", "-6")] {
-        ns.ip(&[
-            fam,
-            "neigh",
-            "replace",
-            peer,
-            "lladdr",
-            &mac(ROUTER_MAC),
-            "dev",
-            "be0",
-            "nud",
-            "permanent",
-        ]);
-    }
-    ns
-}
-
 /// Second-chance packets at a backend: delivered when this host has the
 /// connection, sent on to the second backend when not (out of the interface
 /// they came in on, to the router), never for SYNs or UDP; exactly as the
@@ -225,7 +170,7 @@ fn a_second_hop_is_delivered_where_the_connection_is_and_forwarded_elsewhere() {
     if !have_root() {
         return;
     }
-    let ns = backend_host();
+    let ns = backend_host("dc2");
     let _in = ns.enter();
     let mut decap = Decap::load(GUE_PORT).expect("load decap");
     let be0 = ifindex("be0");
@@ -255,7 +200,7 @@ fn a_second_hop_is_delivered_where_the_connection_is_and_forwarded_elsewhere() {
         }
     };
     let forwarding = std::cell::Cell::new(false);
-    let next_hop = |_v: u8, dst: &lb_common::maps::Addr| -> DecapNextHop {
+    let next_hop = |_v: u8, dst: &lb_common::maps::Addr, _len: u16| -> DecapNextHop {
         if !forwarding.get() {
             return DecapNextHop::ForwardingDisabled;
         }

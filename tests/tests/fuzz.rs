@@ -1,7 +1,7 @@
 //! A short differential fuzzing run in the test suite (the long one is
 //! `cargo xtask fuzz --count N`). Needs root.
 
-use lb_tests::{fuzz, have_root};
+use lb_tests::{decap_fuzz, fuzz, have_root};
 
 #[test]
 fn kernel_matches_reference_model_on_fuzzed_frames() {
@@ -22,6 +22,24 @@ fn kernel_matches_reference_model_on_fuzzed_frames() {
             };
             assert!(
                 rare || c.packets > 0,
+                "seed {seed}: no frame took the {} path",
+                reason.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn decap_matches_its_model_on_fuzzed_frames() {
+    if !have_root() {
+        return;
+    }
+    for seed in [1, 2] {
+        let counts = decap_fuzz::run(seed, 20_000);
+        eprintln!("seed {seed}: {counts:?}");
+        for reason in lb_common::maps::DecapReason::ALL {
+            assert!(
+                counts.get(reason.name()).copied().unwrap_or(0) > 0,
                 "seed {seed}: no frame took the {} path",
                 reason.name()
             );

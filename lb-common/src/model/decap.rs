@@ -101,13 +101,13 @@ fn stripped(pkt: &[u8], strip: usize, dmac: &[u8], smac: &[u8], version: u8) -> 
 
 /// `decap`'s decision for `frame`. `gue_port` in host order;
 /// `socket(flow)` stands for `bpf_skc_lookup_tcp` (+ the SYN cookie check),
-/// `next_hop(version, destination)` for `bpf_fib_lookup`.
+/// `next_hop(version, destination, total length)` for `bpf_fib_lookup`.
 pub fn decap_decide(
     frame: &[u8],
     gue_port: u16,
     ingress_ifindex: u32,
     socket: impl Fn(&FlowKey) -> LocalSocket,
-    next_hop: impl Fn(u8, &Addr) -> DecapNextHop,
+    next_hop: impl Fn(u8, &Addr, u16) -> DecapNextHop,
 ) -> DecapDecision {
     let unchanged = |reason| DecapDecision {
         action: Action::Pass,
@@ -166,7 +166,12 @@ pub fn decap_decide(
         } else {
             core::array::from_fn(|i| word(frame, inner_at + 24 + 4 * i))
         };
-        next_hop(version, &dst)
+        let tot_len = if version == 4 {
+            be16(frame, inner_at + 2)
+        } else {
+            be16(frame, inner_at + 4).wrapping_add(40)
+        };
+        next_hop(version, &dst, tot_len)
     };
     match hop {
         DecapNextHop::Local => DecapDecision {

@@ -1,5 +1,6 @@
 //! `cargo xtask fuzz --count N [--seed S]`: differential fuzzing of the XDP
-//! program against the reference model. Needs root.
+//! programs against the reference model: the balancer, then the backend's
+//! decap, N frames each. Needs root.
 
 fn main() {
     let mut count = 1_000_000u64;
@@ -18,7 +19,15 @@ fn main() {
         println!("  {:<22} {:>10}", reason.name(), c.packets);
     }
     println!(
-        "{count} frames, seed {seed}: 0 mismatches between the kernel and the model ({:.1} s)",
+        "balancer: {count} frames, seed {seed}: 0 mismatches between the kernel and the model ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    let started = std::time::Instant::now();
+    for (reason, n) in lb_tests::decap_fuzz::run(seed, count) {
+        println!("  {reason:<22} {n:>10}");
+    }
+    println!(
+        "decap: {count} frames, seed {seed}: 0 mismatches between the kernel and the model ({:.1} s)",
         started.elapsed().as_secs_f64()
     );
 }
