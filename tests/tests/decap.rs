@@ -361,3 +361,105 @@ fn a_second_hop_is_delivered_where_the_connection_is_and_forwarded_elsewhere() {
     }
     drop(listener);
 }
+
+/// A raw socket on `ifindex` of the calling thread's namespace.
+fn packet_socket(ifindex: u32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2)/bind(2)/setsockopt(2) on a fresh descriptor.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32);
+        assert!(fd >= 0, "AF_PACKET socket");
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = ifindex as i32;
+        let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+        assert_eq!(
+            libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), len),
+            0
+        );
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 100_000,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    }
+}
+
+/// A handshake this backend answered with a SYN cookie (it kept no state):
+/// its completing ACK, arriving with a second hop, is delivered here, not
+/// sent on (`bpf_tcp_check_syncookie`); an ACK with a wrong cookie is.
+#[test]
+fn a_syn_cookie_ack_with_a_second_hop_is_delivered_here() {
+    use std::os::fd::AsRawFd;
+    if !have_root() {
+        return;
+    }
+    let ns = backend_host("dck");
+    // Cookies for every SYN; replies go back to the router.
+    ns.sh("sysctl -qw net.ipv4.tcp_syncookies=2");
+    ns.ip(&["route", "add", "default", "via", "10.30.1.1"]);
+    let _in = ns.enter();
+    let _listener = std::net::TcpListener::bind("10.0.0.10:80").unwrap();
+    let mut decap = Decap::load(GUE_PORT).expect("load decap");
+    let (be0, rt0) = (ifindex("be0"), ifindex("rt0"));
+    let wire = packet_socket(rt0);
+    let client = [192, 0, 2, 9];
+    let segment = |flags: u8, seq: u32, ack: u32| -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, BE_MAC)
+            .ipv4(client, [10, 0, 0, 10], 64)
+            .tcp(5555, 80, seq, 64_000);
+        let b = if flags == 0x02 { b.syn() } else { b.ack(ack) };
+        let mut out = Vec::new();
+        b.write(&mut out, &[]).unwrap();
+        out
+    };
+    // The client's SYN reaches the backend's kernel through the wire.
+    let syn = segment(0x02, 1000, 0);
+    // SAFETY: sending a buffer on our own socket.
+    let sent = unsafe { libc::send(wire.as_raw_fd(), syn.as_ptr().cast(), syn.len(), 0) };
+    assert_eq!(sent, syn.len() as isize);
+    // Its SYN-ACK (a cookie) comes back out of be0.
+    let mut cookie = None;
+    for _ in 0..20 {
+        let mut buf = [0u8; 256];
+        // SAFETY: receiving into a local buffer.
+        let n = unsafe { libc::recv(wire.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 54 {
+            continue;
+        }
+        let f = &buf[..n as usize];
+        let tcp = 14 + (f[14] & 0x0F) as usize * 4;
+        let from_vip = f[12..14] == [8, 0] && f[26..30] == [10, 0, 0, 10] && f[30..34] == client;
+        if from_vip && f[tcp + 13] & 0x12 == 0x12 {
+            cookie = Some(u32::from_be_bytes(f[tcp + 4..tcp + 8].try_into().unwrap()));
+            break;
+        }
+    }
+    let cookie = cookie.expect("a SYN-ACK from the VIP");
+    for (name, ack, reason) in [
+        (
+            "the cookie's ACK",
+            cookie.wrapping_add(1),
+            DecapReason::SecondHopLocal,
+        ),
+        (
+            "an ACK with a wrong cookie",
+            cookie.wrapping_add(7777),
+            DecapReason::SecondHopForwarded,
+        ),
+    ] {
+        let frame = wrap2(&segment(0x10, 1001, ack), "10.30.1.2", "10.30.2.2", false);
+        let before = decap.counter(reason).packets;
+        decap.test_run_on(&frame, be0).unwrap();
+        assert_eq!(decap.counter(reason).packets, before + 1, "{name}");
+    }
+}
