@@ -94,6 +94,38 @@ fn main() {
     println!("   after the restart: {n}/{LONG_LIVED} answer");
     ok &= n == LONG_LIVED;
 
+    println!(
+        "== be3 is being removed (state = \"removing\" on both instances), then lb1 restarts \
+         from nothing (its pinned tables and connections deleted) and takes all traffic"
+    );
+    const BE3: &str = "[[vip.backend]]\naddress = \"10.30.3.2\"\nweight = 1\n";
+    let set_be3 = |tb: &Testbed, extra: &str| {
+        for i in 0..tb.lbds.len() {
+            tb.edit_config(i, |c| {
+                c.replace(&format!("{BE3}state = \"removing\"\n"), BE3)
+                    .replace(BE3, &format!("{BE3}{extra}"))
+            });
+            tb.lbctl(i, Request::Reload);
+        }
+    };
+    set_be3(&tb, "state = \"removing\"\n");
+    tb.restart_fresh(0);
+    tb.set_ecmp(&[0]);
+    let n = alive(&check());
+    let nested = tb.lbctl(0, Request::Stats).data["reasons"]["second_chance"]["packets"]
+        .as_u64()
+        .unwrap_or(0);
+    println!(
+        "   {n}/{LONG_LIVED} long-lived connections still answer; the fresh lb1 sent {nested} \
+         packets with a second hop, which the backends passed on to where the connection is"
+    );
+    ok &= n == LONG_LIVED;
+    set_be3(&tb, "");
+    tb.set_ecmp(&[0, 1]);
+    let n = alive(&check());
+    println!("   be3 active again, both instances: {n}/{LONG_LIVED} answer");
+    ok &= n == LONG_LIVED;
+
     println!("== backend be3 fails (its server stops); health checks: TCP every 200 ms, fall 2");
     let on_be3 = steady.get("be3").map(|v| v.1).unwrap_or(0);
     let failed_at = Instant::now();
@@ -133,7 +165,8 @@ fn main() {
     );
     if ok {
         println!(
-            "demo passed: every connection survived the ECMP changes, the lbd restart and the backend failure"
+            "demo passed: every connection survived the ECMP changes, the lbd restart, a backend removal \
+             seen by a fresh instance, and the backend failure"
         );
     } else {
         println!("demo FAILED: see above");
