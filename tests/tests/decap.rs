@@ -362,38 +362,6 @@ fn a_second_hop_is_delivered_where_the_connection_is_and_forwarded_elsewhere() {
     drop(listener);
 }
 
-/// A raw socket on `ifindex` of the calling thread's namespace.
-fn packet_socket(ifindex: u32) -> std::os::fd::OwnedFd {
-    use std::os::fd::FromRawFd;
-    let proto = (libc::ETH_P_ALL as u16).to_be();
-    // SAFETY: plain socket(2)/bind(2)/setsockopt(2) on a fresh descriptor.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32);
-        assert!(fd >= 0, "AF_PACKET socket");
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = proto;
-        sll.sll_ifindex = ifindex as i32;
-        let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-        assert_eq!(
-            libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), len),
-            0
-        );
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-        std::os::fd::OwnedFd::from_raw_fd(fd)
-    }
-}
-
 /// A handshake this backend answered with a SYN cookie (it kept no state):
 /// its completing ACK, arriving with a second hop, is delivered here, not
 /// sent on (`bpf_tcp_check_syncookie`); an ACK with a wrong cookie is.
@@ -410,8 +378,8 @@ fn a_syn_cookie_ack_with_a_second_hop_is_delivered_here() {
     let _in = ns.enter();
     let _listener = std::net::TcpListener::bind("10.0.0.10:80").unwrap();
     let mut decap = Decap::load(GUE_PORT).expect("load decap");
-    let (be0, rt0) = (ifindex("be0"), ifindex("rt0"));
-    let wire = packet_socket(rt0);
+    let be0 = ifindex("be0");
+    let wire = lb_tests::netns::capture("rt0");
     let client = [192, 0, 2, 9];
     let segment = |flags: u8, seq: u32, ack: u32| -> Vec<u8> {
         let b = etherparse::PacketBuilder::ethernet2(ROUTER_MAC, BE_MAC)

@@ -6,7 +6,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -19,7 +19,7 @@ use lb_common::{
 use lb_tests::{
     fixture::vip_meta,
     have_root,
-    netns::{NetNs, ifindex},
+    netns::{NetNs, capture},
 };
 use lb_userspace::{
     dataplane::{Dataplane, LoadOptions},
@@ -30,46 +30,6 @@ use lb_userspace::{
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 50, 0, 1);
 const DATAGRAMS: u16 = 20;
-
-/// A raw socket that sees every frame arriving on `dev` (calling thread's namespace).
-fn capture(dev: &str) -> OwnedFd {
-    // SAFETY: plain socket calls; the fd is owned immediately.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            (libc::ETH_P_ALL as u16).to_be() as i32,
-        );
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        let owned = OwnedFd::from_raw_fd(fd);
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        sll.sll_ifindex = ifindex(dev) as i32;
-        let rc = libc::bind(
-            fd,
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        );
-        assert_eq!(rc, 0, "bind AF_PACKET");
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
-        owned
-    }
-}
 
 fn receive(fd: &OwnedFd) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; 2048];
