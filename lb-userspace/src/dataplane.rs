@@ -951,10 +951,33 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         kind == "bpf" && dir.starts_with(at)
     });
     if !on_bpffs {
+        if let Some(netns) = under_ip_netns_exec() {
+            bail!(
+                "{} is not on a mounted bpffs here: `ip netns exec` gives its command a /sys of \
+                 its own, without the host's bpffs. Run `nsenter --net=/var/run/netns/{netns} lbd ...` \
+                 instead (network namespace only, the host's mounts kept), so pinned state outlives \
+                 the command",
+                dir.display()
+            );
+        }
         bail!(
             "{} is not on a mounted bpffs: run `mount -t bpf bpf /sys/fs/bpf` (or `cargo xtask setup`)",
             dir.display()
         );
     }
     Ok(())
+}
+
+/// The named network namespace (one under /var/run/netns) this process
+/// runs in, if any: without bpffs there, it was most likely started by
+/// `ip netns exec`, which mounts a /sys of its own.
+fn under_ip_netns_exec() -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let inode = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let net = inode("/proc/self/ns/net")?;
+    std::fs::read_dir("/var/run/netns")
+        .ok()?
+        .flatten()
+        .find(|e| inode(&e.path().to_string_lossy()) == Some(net))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
 }

@@ -79,9 +79,10 @@ fn a_second_daemon_and_a_teardown_under_a_running_one_are_refused() {
     assert_eq!(lbd.kernel_table(&key()), table);
     assert!(lbd.running());
 
-    // Once the daemon is gone, teardown works.
+    // Once the daemon is gone, teardown works; naming the instance by its
+    // config file removes exactly its pin path.
     lbd.stop(libc::SIGTERM);
-    let (status, err) = lbd_once(&b.lb, &["teardown", "--pin-path", b.pin.to_str().unwrap()]);
+    let (status, err) = lbd_once(&b.lb, &["teardown", "--config", cfg.to_str().unwrap()]);
     assert!(status.success(), "{err}");
     assert!(!b.pin.exists());
 }
@@ -466,4 +467,28 @@ fn a_deleted_interface_gets_the_program_back_when_it_returns() {
         lbd.forwarded() >= before + 20
     });
     assert!(lbd.kernel_conntrack().len() >= 20, "connection table kept");
+}
+
+/// `ip netns exec` gives its command a /sys without the host's bpffs: lbd
+/// says so and names what works, instead of suggesting a mount.
+#[test]
+fn lbd_under_ip_netns_exec_names_the_cause() {
+    if !have_root() {
+        return;
+    }
+    let b = Bed::new("nsx");
+    let cfg = b.config(65536, &checked_vip(100));
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &b.lb.name])
+        .arg(lb_tests::lbd::lbd_binary())
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("ip netns exec")
+            && err.contains(&format!("nsenter --net=/var/run/netns/{}", b.lb.name)),
+        "{err}"
+    );
 }

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use lb_common::maps::DecapReason;
 use lb_userspace::{
@@ -27,6 +27,7 @@ struct Cli {
 enum Cmd {
     /// Load (or adopt) the XDP program, attach it and serve the configured VIPs.
     Run {
+        /// The configuration file (commented example: examples/lbd.toml).
         #[arg(long, short)]
         config: PathBuf,
         /// Seconds between statistics log lines (0: none).
@@ -36,15 +37,24 @@ enum Cmd {
     /// Validate a configuration file and exit.
     CheckConfig { file: PathBuf },
     /// Remove the pinned data plane: detaches the program, frees the maps.
+    /// Refused while an lbd runs on it.
     Teardown {
+        /// The instance's configuration file: its lb.pin_path is removed
+        /// (safer than naming the directory when several instances run).
+        #[arg(long, short, conflicts_with = "pin_path")]
+        config: Option<PathBuf>,
+        /// The bpffs directory to remove (an lbd's lb.pin_path, or an `lbd
+        /// backend --pin-path`).
         #[arg(long, default_value = "/sys/fs/bpf/lbd")]
         pin_path: PathBuf,
     },
     /// Backend side: attach the decapsulation program (IP-in-IP in any
     /// IPv4/IPv6 mix, and GUE) to an interface.
     Backend {
+        /// The interface the balancers' encapsulated packets arrive on.
         #[arg(long)]
         interface: String,
+        /// auto (native, but generic on a veth), driver (native) or skb (generic).
         #[arg(long, default_value = "auto")]
         xdp_mode: String,
         /// UDP port of GUE packets to decapsulate (the balancer's lb.gue_port).
@@ -202,7 +212,20 @@ fn real_main() -> Result<()> {
             println!("{}: ok", file.display());
             Ok(())
         }
-        Cmd::Teardown { pin_path } => {
+        Cmd::Teardown { config, pin_path } => {
+            let pin_path = match config {
+                Some(file) => {
+                    let c = Config::load(&file)?;
+                    if c.lb.pin_path.is_empty() {
+                        bail!(
+                            "{}: lb.pin_path is empty: nothing is pinned",
+                            file.display()
+                        );
+                    }
+                    PathBuf::from(c.lb.pin_path)
+                }
+                None => pin_path,
+            };
             let removed = teardown(&pin_path)?;
             println!(
                 "removed {} pinned objects from {}",
