@@ -87,6 +87,23 @@ impl Response {
     }
 }
 
+/// A VIP as `lbctl status` names it: `10.0.0.10:80/tcp`,
+/// `[fd00::10]:80/udp`. Returns (address, port, protocol).
+pub fn parse_vip_name(name: &str) -> Result<(std::net::IpAddr, u16, String)> {
+    let (addr, proto) = name.rsplit_once('/').with_context(|| {
+        format!(
+            "{name:?}: expected ADDRESS:PORT/PROTOCOL, e.g. 10.0.0.10:80/tcp or [fd00::10]:80/tcp"
+        )
+    })?;
+    if proto != "tcp" && proto != "udp" {
+        anyhow::bail!("{name:?}: protocol {proto:?} is not tcp or udp");
+    }
+    let sa: std::net::SocketAddr = addr.parse().with_context(|| {
+        format!("{name:?}: {addr:?} is not ADDRESS:PORT (IPv6 in brackets: [fd00::10]:80)")
+    })?;
+    Ok((sa.ip(), sa.port(), proto.to_string()))
+}
+
 /// Sends one request to the daemon (blocking; used by `lbctl`).
 pub fn call(socket: &Path, request: &Request) -> Result<Response> {
     use std::io::{BufRead, BufReader, Write};
@@ -107,6 +124,23 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vip_names_parse_as_status_prints_them() {
+        let (a, p, proto) = parse_vip_name("10.0.0.10:80/tcp").unwrap();
+        assert_eq!(
+            (a.to_string(), p, proto.as_str()),
+            ("10.0.0.10".into(), 80, "tcp")
+        );
+        let (a, p, proto) = parse_vip_name("[fd00::10]:53/udp").unwrap();
+        assert_eq!(
+            (a.to_string(), p, proto.as_str()),
+            ("fd00::10".into(), 53, "udp")
+        );
+        assert!(parse_vip_name("10.0.0.10:80").is_err());
+        assert!(parse_vip_name("10.0.0.10:80/sctp").is_err());
+        assert!(parse_vip_name("fd00::10:80/tcp").is_err());
+    }
 
     #[test]
     fn requests_round_trip_as_json_lines() {

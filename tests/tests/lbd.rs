@@ -282,15 +282,17 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
         t[slot as usize]
     );
 
-    // VIPs come and go.
+    // VIPs come and go (added with lbctl, named as everywhere else).
+    let out = std::process::Command::new(lb_tests::lbd::lbctl_binary())
+        .arg("--socket")
+        .arg(&lbd.socket)
+        .args(["vip", "add", "10.0.0.11:0/tcp", "--table-size", "1009"])
+        .output()
+        .unwrap();
     assert!(
-        lbd.call(Request::AddVip {
-            address: "10.0.0.11".into(),
-            port: 0,
-            protocol: "tcp".into(),
-            table_size: Some(1009)
-        })
-        .ok
+        out.status.success(),
+        "lbctl vip add: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
     assert!(
         lbd.call(Request::AddBackend {

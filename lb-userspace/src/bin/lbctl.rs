@@ -63,13 +63,20 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum VipCmd {
+    /// Adds a VIP (runtime change: a reload of the file drops it).
     Add {
-        address: String,
-        port: u16,
-        protocol: String,
+        /// The VIP as `lbctl status` names it: 10.0.0.11:443/tcp,
+        /// [fd00::11]:443/tcp (the older `ADDRESS PORT PROTOCOL` form works too).
+        vip: String,
+        #[arg(hide = true)]
+        port: Option<u16>,
+        #[arg(hide = true)]
+        protocol: Option<String>,
+        /// Maglev table size (a prime); default 65537.
         #[arg(long)]
         table_size: Option<u32>,
     },
+    /// Removes a VIP.
     Remove {
         /// e.g. 10.0.0.10:80/tcp
         vip: String,
@@ -253,16 +260,26 @@ fn real_main() -> Result<()> {
             protocol: proto,
         },
         Cmd::Vip(VipCmd::Add {
-            address,
+            vip,
             port,
             protocol,
             table_size,
-        }) => Request::AddVip {
-            address,
-            port,
-            protocol,
-            table_size,
-        },
+        }) => {
+            let (address, port, protocol) = match (port, protocol) {
+                (Some(port), Some(protocol)) => (vip, port, protocol),
+                (None, None) => {
+                    let (a, p, proto) = lb_userspace::api::parse_vip_name(&vip)?;
+                    (a.to_string(), p, proto)
+                }
+                _ => bail!("give the VIP as ADDRESS:PORT/PROTOCOL, e.g. 10.0.0.11:443/tcp"),
+            };
+            Request::AddVip {
+                address,
+                port,
+                protocol,
+                table_size,
+            }
+        }
         Cmd::Vip(VipCmd::Remove { vip }) => Request::RemoveVip { vip },
         Cmd::Backend(BackendCmd::Add {
             vip,
