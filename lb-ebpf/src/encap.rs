@@ -45,11 +45,12 @@ impl Outer {
         (if self.v6 { 40 } else { 20 }) + if self.gue { 8 } else { 0 }
     }
 
+    /// The outer protocol in front of an IP packet of that family.
     #[inline(always)]
-    fn proto(&self, pkt: &Packet) -> u8 {
+    fn proto(&self, inner_v6: bool) -> u8 {
         if self.gue {
             PROTO_UDP
-        } else if pkt.v6 {
+        } else if inner_v6 {
             PROTO_IPV6
         } else {
             PROTO_IPIP
@@ -78,7 +79,7 @@ pub enum NextHop {
 pub fn lookup_next_hop(ctx: &XdpContext, outer: &Outer, pkt: &Packet, outer_len: u16) -> NextHop {
     // SAFETY: bpf_fib_lookup is plain data; all-zero is a valid start.
     let mut params: FibParams = unsafe { core::mem::zeroed() };
-    params.l4_protocol = outer.proto(pkt);
+    params.l4_protocol = outer.proto(pkt.v6);
     params.__bindgen_anon_1.tot_len = outer_len;
     params.ifindex = ctx.ingress_ifindex() as u32;
     if outer.v6 {
@@ -190,7 +191,7 @@ pub fn encapsulate(
     smac: &[u8; 6],
 ) -> Result<(), ()> {
     grow(ctx, pkt, outer, outer.overhead(), dmac, smac)?;
-    write_outer(ctx, pkt, outer, pkt.l2_len, pkt.ip_len, outer.proto(pkt))
+    write_outer(ctx, pkt, outer, pkt.l2_len, pkt.ip_len, outer.proto(pkt.v6))
 }
 
 /// As `encapsulate`, with a second hop: inside the outer layer (to the
@@ -216,17 +217,17 @@ pub fn encapsulate_nested(
         smac,
     )?;
     // The outer layer carries an IP packet of the second's family.
-    let proto = if outer.gue {
-        PROTO_UDP
-    } else if second.v6 {
-        PROTO_IPV6
-    } else {
-        PROTO_IPIP
-    };
     let inner_len = pkt.ip_len.wrapping_add(second_overhead);
-    write_outer(ctx, pkt, outer, pkt.l2_len, inner_len, proto)?;
+    write_outer(
+        ctx,
+        pkt,
+        outer,
+        pkt.l2_len,
+        inner_len,
+        outer.proto(second.v6),
+    )?;
     let at = pkt.l2_len + outer.overhead() as usize;
-    write_outer(ctx, pkt, second, at, pkt.ip_len, second.proto(pkt))
+    write_outer(ctx, pkt, second, at, pkt.ip_len, second.proto(pkt.v6))
 }
 
 /// Makes room for `overhead` bytes of outer headers and writes the

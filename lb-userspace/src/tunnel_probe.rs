@@ -163,17 +163,19 @@ pub fn encapsulated(spec: &TunnelSpec, inner: &[u8], hash: u32) -> Vec<u8> {
     encapsulate(inner, &p, &outer, [0; 6], [0; 6])[14..].to_vec()
 }
 
-fn send_raw(spec: &TunnelSpec, packet: &[u8]) -> io::Result<()> {
-    let (family, addr): (libc::c_int, SocketAddr) = (
-        if spec.backend.is_ipv6() {
-            libc::AF_INET6
-        } else {
-            libc::AF_INET
-        },
-        SocketAddr::new(spec.backend, 0),
-    );
-    // IPPROTO_RAW: the packet carries its own IP header (both families).
-    let fd = raw_socket(family, libc::IPPROTO_RAW)?;
+/// A raw socket that sends whole IP packets (IPPROTO_RAW: the packet
+/// carries its own header, both families) toward `spec.backend`.
+fn sender(spec: &TunnelSpec) -> io::Result<OwnedFd> {
+    let family = if spec.backend.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
+    raw_socket(family, libc::IPPROTO_RAW)
+}
+
+fn send_raw(fd: &OwnedFd, spec: &TunnelSpec, packet: &[u8]) -> io::Result<()> {
+    let addr = SocketAddr::new(spec.backend, 0);
     let (storage, len) = sockaddr(&addr);
     // SAFETY: buffer and address are valid for the lengths given.
     let n = unsafe {
@@ -341,13 +343,17 @@ pub async fn probe_tunnel(spec: &TunnelSpec, timeout: Duration) -> Probe {
         },
         Err(e) => return local(e),
     };
+    let tx = match sender(spec) {
+        Ok(fd) => fd,
+        Err(e) => return probe_error(&e),
+    };
     let seq: u32 = rand_u32();
     let syn = frame(
         ours,
         spec.vip,
         &tcp_segment(ours, spec.vip, our_port, spec.port, seq, SYN),
     );
-    if let Err(e) = send_raw(spec, &encapsulated(spec, &syn, seq)) {
+    if let Err(e) = send_raw(&tx, spec, &encapsulated(spec, &syn, seq)) {
         return probe_error(&e);
     }
     let verdict = match await_answer(&rx, spec, our_port, deadline).await {
@@ -358,7 +364,7 @@ pub async fn probe_tunnel(spec: &TunnelSpec, timeout: Duration) -> Probe {
                 spec.vip,
                 &tcp_segment(ours, spec.vip, our_port, spec.port, ack, RST),
             );
-            let _ = send_raw(spec, &encapsulated(spec, &rst, seq));
+            let _ = send_raw(&tx, spec, &encapsulated(spec, &rst, seq));
             Probe::Up
         }
         _ => Probe::Down,

@@ -565,6 +565,16 @@ impl Testbed {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The health LB `lb` reports for backend `addr` of `VIP:80/tcp`
+    /// (`None`: not one of its backends).
+    pub fn backend_healthy(&self, lb: usize, addr: &str) -> Option<bool> {
+        self.lbctl(lb, Request::Status).data["vips"][0]["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["address"] == addr)
+            .and_then(|b| b["healthy"].as_bool())
+    }
+
     /// Packets counted under reason `name` (`lbctl stats`), all instances.
     pub fn reason_packets(&self, name: &str) -> u64 {
         (0..self.lbds.len())

@@ -288,12 +288,7 @@ fn adding_a_backend_moves_about_one_in_n_of_new_flows() {
     // A backend added at runtime gets slots once its checks pass (rise 2).
     let deadline = Instant::now() + Duration::from_secs(10);
     for i in 0..tb.lbds.len() {
-        while !tb.lbctl(i, Request::Status).data["vips"][0]["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|b| b["address"] == "10.30.4.2" && b["healthy"] == true)
-        {
+        while tb.backend_healthy(i, "10.30.4.2") != Some(true) {
             assert!(Instant::now() < deadline, "lb{i}: new backend never up");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -436,13 +431,7 @@ fn a_backend_without_decap_is_taken_out_by_the_tunnel_probe() {
     tb.teardown_decap(0);
     let removed = Instant::now();
     let down_everywhere = |tb: &Testbed| {
-        (0..tb.lbds.len()).all(|i| {
-            tb.lbctl(i, Request::Status).data["vips"][0]["backends"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|b| b["address"] == "10.30.1.2" && b["healthy"] == false)
-        })
+        (0..tb.lbds.len()).all(|i| tb.backend_healthy(i, "10.30.1.2") == Some(false))
     };
     while !down_everywhere(&tb) {
         assert!(

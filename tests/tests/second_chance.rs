@@ -45,21 +45,12 @@ fn change_everywhere(tb: &Testbed, f: impl Fn(&str) -> String) {
     }
 }
 
-/// The backend `addr` of VIP:80 is up on instance `i`.
-fn up_on(tb: &Testbed, i: usize, addr: &str) -> bool {
-    tb.lbctl(i, Request::Status).data["vips"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|b| b["address"] == addr && b["healthy"] == true)
-}
-
 /// The fresh instance joins, then takes all traffic: every connection
 /// must answer after each step; returns what the fresh instance counted.
 fn fresh_instance_joins_then_takes_all(tb: &mut Testbed, held: &lb_tests::testbed::LongLived) {
     tb.restart_fresh(3);
     wait_for("the fresh instance sees every backend up", || {
-        up_on(tb, 3, "10.30.1.2")
+        tb.backend_healthy(3, "10.30.1.2") == Some(true)
     });
     let before = tb.lbctl(3, Request::Stats).data["reasons"]["second_chance"]["packets"]
         .as_u64()
@@ -116,7 +107,7 @@ fn connections_survive_a_backend_addition_then_a_fresh_instance() {
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     for i in 0..3 {
-        while !up_on(&tb, i, "10.30.4.2") {
+        while tb.backend_healthy(i, "10.30.4.2") != Some(true) {
             assert!(Instant::now() < deadline, "lb{i}: be4 never up");
             std::thread::sleep(Duration::from_millis(50));
         }
