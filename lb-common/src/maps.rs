@@ -43,6 +43,12 @@ pub const MAP_DECAP_STATS: &str = "DECAP_STATS";
 /// `PREV_TABLES`: array, vip id -> `PrevTable`: where the VIP's previous
 /// Maglev table lies in `MAGLEV_SLOTS` while its second-chance window lasts.
 pub const MAP_PREV_TABLES: &str = "PREV_TABLES";
+/// `CONTROL_STATE`: array of u64 the control plane keeps across restarts
+/// (the data path never reads it); indices `CONTROL_*`.
+pub const MAP_CONTROL_STATE: &str = "CONTROL_STATE";
+pub const CONTROL_STATE_ENTRIES: u32 = 8;
+/// `CONTROL_STATE[CONTROL_TABLE_GENERATION]`: the reconciler's table generation.
+pub const CONTROL_TABLE_GENERATION: u32 = 0;
 /// `VIP_ADDR_FILTER`: array of `VIP_ADDR_FILTER_WORDS` u64 bit sets: bit
 /// `vip_addr_filter_bit(addr)` is set for every VIP address. A packet whose
 /// destination's bit is clear is no VIP's: passed after one array read,

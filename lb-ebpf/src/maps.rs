@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use lb_common::{
     maps::{
-        Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, DecapReason,
-        FlowKey, InsertBudget, MAX_BACKENDS, MAX_VIPS, NextHopCache, PrevTable, Reason,
-        VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
+        Backend, CONTROL_STATE_ENTRIES, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES,
+        DEFAULT_MAGLEV_SLOTS, DecapReason, FlowKey, InsertBudget, MAX_BACKENDS, MAX_VIPS,
+        NextHopCache, PrevTable, Reason, VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
     },
     settings::Settings,
 };
@@ -48,6 +48,11 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// there so a whole table is written with memory stores, not a syscall a slot.
 #[map]
 pub static MAGLEV_SLOTS: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_SLOTS, BPF_F_MMAPABLE);
+
+/// The control plane's own state, kept with the pinned maps so that it
+/// survives a daemon restart; the data path never reads it.
+#[map]
+pub static CONTROL_STATE: Array<u64> = Array::with_max_entries(CONTROL_STATE_ENTRIES, 0);
 
 /// Each VIP's previous Maglev table (by vip id) while its second-chance
 /// window lasts; read only on a connection-table miss.

@@ -4,10 +4,8 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fmt::Write as _,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -27,7 +25,7 @@ use crate::{
     config::{BackendConfig, Config, VipConfig},
     dataplane::{Dataplane, LoadOptions, remove_pinned},
     flow_count::FlowCounter,
-    health::{HealthCheck, HealthEvent, spawn_checker},
+    health::{HealthCheck, HealthEvent, ProbeTally, spawn_checker},
     reconcile::{
         AppliedBackend, AppliedVip, BackendState, DesiredBackend, DesiredVip, PrevState, Reconciler,
     },
@@ -37,6 +35,8 @@ use crate::{
 /// Freed backend ids wait this long before reuse (tracked flows naming them
 /// have re-hashed or expired by then).
 const ID_QUARANTINE: Duration = Duration::from_secs(600);
+
+mod metrics;
 
 type Checkers = BTreeMap<(VipKey, IpAddr), (HealthCheck, JoinHandle<()>)>;
 
@@ -49,7 +49,10 @@ pub struct Daemon {
     health: BTreeMap<(VipKey, IpAddr), bool>,
     checkers: Checkers,
     events: mpsc::UnboundedSender<HealthEvent>,
-    metrics: Arc<Mutex<String>>,
+    /// Health probe outcomes, for the metrics.
+    probes: ProbeTally,
+    /// Reloads of the file that were applied / rejected.
+    reloads: [u64; 2],
     announcer: Option<Announcer>,
     /// Instance drained: nothing announced whatever the backends' state.
     draining: bool,
@@ -198,6 +201,7 @@ impl Daemon {
         let mut rec = Reconciler::new(config.lb.hash_seed, dp.slot_capacity(), quarantine);
         rec.second_chance_window = window;
         if dp.adopted {
+            rec.generation = dp.saved_generation();
             let n = adopt(&dp, &mut rec)?;
             info!(vips = n, pin_path = %config.lb.pin_path, "adopted pinned data plane state (connection table kept)");
         }
@@ -211,7 +215,8 @@ impl Daemon {
             health: BTreeMap::new(),
             checkers: BTreeMap::new(),
             events,
-            metrics: Arc::new(Mutex::new(String::new())),
+            probes: ProbeTally::default(),
+            reloads: [0; 2],
             announcer: None,
             draining: false,
             attached: false,
@@ -277,6 +282,12 @@ impl Daemon {
         self.new_backends_start_down();
         let desired = self.desired();
         let report = self.rec.apply(&desired, &mut self.dp)?;
+        if !report.tables_switched.is_empty() {
+            // Kept with the pinned maps: the next daemon counts on from it.
+            if let Err(e) = self.dp.save_generation(self.rec.generation) {
+                warn!("saving the table generation: {e:#}");
+            }
+        }
         for name in &report.vips_added {
             info!(vip = %name, "VIP added");
         }
@@ -416,7 +427,7 @@ impl Daemon {
                             v.health.clone(),
                             tunnel,
                             *self.health.get(&k).unwrap_or(&true),
-                            self.events.clone(),
+                            (self.events.clone(), self.probes.clone()),
                         );
                         wanted.insert(k, (v.health.clone(), handle));
                     }
@@ -428,6 +439,7 @@ impl Daemon {
             self.health.remove(&k);
         }
         self.health.retain(|k, _| wanted.contains_key(k));
+        self.probes.retain(|k| wanted.contains_key(k));
         self.checkers = wanted;
     }
 
@@ -471,6 +483,12 @@ impl Daemon {
     /// only at a restart: the running ones are kept, and the answer names
     /// every such change so nobody believes it took effect.
     pub fn reload(&mut self) -> Result<String> {
+        let result = self.try_reload();
+        self.reloads[result.is_err() as usize] += 1;
+        result
+    }
+
+    fn try_reload(&mut self) -> Result<String> {
         let mut candidate = Config::load(&self.config_path)?;
         let pending = self.config.restart_only_changes(&candidate);
         candidate.lb = self.config.lb.clone();
@@ -765,84 +783,6 @@ impl Daemon {
         }))
     }
 
-    /// Prometheus text exposition of the counters and states.
-    pub fn render_metrics(&self) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP lb_packets_total Packets by outcome reason.\n# TYPE lb_packets_total counter"
-        );
-        let counters = self.dp.reason_counters();
-        for (r, c) in &counters {
-            let _ = writeln!(
-                out,
-                "lb_packets_total{{reason=\"{}\"}} {}",
-                r.name(),
-                c.packets
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP lb_bytes_total Bytes by outcome reason.\n# TYPE lb_bytes_total counter"
-        );
-        for (r, c) in &counters {
-            let _ = writeln!(out, "lb_bytes_total{{reason=\"{}\"}} {}", r.name(), c.bytes);
-        }
-        let _ = writeln!(
-            out,
-            "# TYPE lb_vip_packets_total counter\n# TYPE lb_vip_bytes_total counter"
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE lb_backend_packets_total counter\n# TYPE lb_backend_bytes_total counter"
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE lb_backend_healthy gauge\n# TYPE lb_backend_weight gauge"
-        );
-        for (key, vip) in &self.rec.vips {
-            let c = self.dp.vip_counter(vip.meta.vip_id);
-            let _ = writeln!(
-                out,
-                "lb_vip_packets_total{{vip=\"{}\"}} {}",
-                vip.name, c.packets
-            );
-            let _ = writeln!(
-                out,
-                "lb_vip_bytes_total{{vip=\"{}\"}} {}",
-                vip.name, c.bytes
-            );
-            for (addr, b) in &vip.backends {
-                let c = self.dp.backend_counter(b.id);
-                let labels = format!("vip=\"{}\",backend=\"{addr}\"", vip.name);
-                let healthy = self.health.get(&(*key, *addr)).copied().unwrap_or(true) as u8;
-                let _ = writeln!(out, "lb_backend_packets_total{{{labels}}} {}", c.packets);
-                let _ = writeln!(out, "lb_backend_bytes_total{{{labels}}} {}", c.bytes);
-                let _ = writeln!(out, "lb_backend_healthy{{{labels}}} {healthy}");
-                let _ = writeln!(out, "lb_backend_weight{{{labels}}} {}", b.weight);
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# TYPE lb_table_generation gauge\nlb_table_generation {}",
-            self.rec.generation
-        );
-        let _ = writeln!(
-            out,
-            "# HELP lb_health_probe_local_errors_total Health probes that failed on this host (not counted against backends).\n\
-             # TYPE lb_health_probe_local_errors_total counter\nlb_health_probe_local_errors_total {}",
-            self.local_probe_errors
-        );
-        out
-    }
-
-    pub fn refresh_metrics(&self) {
-        let text = self.render_metrics();
-        if let Ok(mut m) = self.metrics.lock() {
-            *m = text;
-        }
-    }
-
     pub fn log_stats(&self) {
         let tx = self.dp.packets_of(&Reason::FORWARDED);
         let dropped = self.dp.packets_of(&Reason::DROPPED);
@@ -852,10 +792,6 @@ impl Daemon {
             generation = self.rec.generation,
             "stats"
         );
-    }
-
-    pub fn metrics_handle(&self) -> Arc<Mutex<String>> {
-        self.metrics.clone()
     }
 
     pub fn config(&self) -> &Config {

@@ -20,12 +20,13 @@ use aya::{
 };
 use lb_common::{
     maps::{
-        BENCH_FRAME_LEN, Backend, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_MAGLEV_SLOTS, FlowKey, GLOBAL_SETTINGS, MAP_ANY_PORT_VIPS, MAP_BACKEND_STATS,
-        MAP_BACKENDS, MAP_BENCH_FRAME, MAP_BENCH_NEXT, MAP_CONNTRACK, MAP_MAGLEV_SLOTS,
-        MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS,
-        MAP_VIPS, PROGRAM_BALANCER, PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable, Reason,
-        VIP_ADDR_FILTER_WORDS, VipKey, VipMeta, vip_addr_filter_bit,
+        BENCH_FRAME_LEN, Backend, CONTROL_TABLE_GENERATION, ConnEntry, Counter,
+        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, FlowKey, GLOBAL_SETTINGS,
+        MAP_ANY_PORT_VIPS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BENCH_FRAME, MAP_BENCH_NEXT,
+        MAP_CONNTRACK, MAP_CONTROL_STATE, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES,
+        MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, PROGRAM_BALANCER,
+        PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable, Reason, VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
+        vip_addr_filter_bit,
     },
     settings::Settings,
 };
@@ -246,8 +247,9 @@ impl Default for LoadOptions {
 }
 
 /// Maps that carry state across daemon restarts.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 12] = [
     MAP_VIPS,
+    MAP_CONTROL_STATE,
     MAP_PREV_TABLES,
     MAP_VIP_ADDR_FILTER,
     MAP_ANY_PORT_VIPS,
@@ -377,6 +379,8 @@ pub struct Dataplane {
     /// `PREV_TABLES` (absent from programs older than second chance, which
     /// benchmarks load as baselines).
     prev_tables: Option<Array<MapData, PrevTable>>,
+    /// `CONTROL_STATE` (absent from older builds' objects).
+    control_state: Option<Array<MapData, u64>>,
     backends: Array<MapData, Backend>,
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
     /// A duplicate of the connection table's fd, to read its fdinfo.
@@ -479,6 +483,11 @@ impl Dataplane {
                 .map(MAP_PREV_TABLES)
                 .is_some()
                 .then(|| take(&mut ebpf, MAP_PREV_TABLES))
+                .transpose()?,
+            control_state: ebpf
+                .map(MAP_CONTROL_STATE)
+                .is_some()
+                .then(|| take(&mut ebpf, MAP_CONTROL_STATE))
                 .transpose()?,
             backends: take(&mut ebpf, MAP_BACKENDS)?,
             conntrack_fd,
@@ -655,6 +664,24 @@ impl Dataplane {
             .as_ref()
             .and_then(|m| m.get(&vip_id, 0).ok())
             .unwrap_or_default()
+    }
+
+    /// The table generation a previous daemon recorded (0: none).
+    pub fn saved_generation(&self) -> u64 {
+        self.control_state
+            .as_ref()
+            .and_then(|m| m.get(&CONTROL_TABLE_GENERATION, 0).ok())
+            .unwrap_or(0)
+    }
+
+    /// Records the table generation for the next daemon.
+    pub fn save_generation(&mut self, generation: u64) -> Result<()> {
+        match self.control_state.as_mut() {
+            Some(m) => m
+                .set(CONTROL_TABLE_GENERATION, generation, 0)
+                .context("writing CONTROL_STATE"),
+            None => Ok(()),
+        }
     }
 
     /// Whether the program does second-chance forwarding.

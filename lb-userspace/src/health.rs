@@ -7,7 +7,12 @@
 //! (`tunnel_probe`): encapsulated to the backend, answered from the VIP.
 //! A backend is up only while both succeed.
 
-use std::{net::IpAddr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use lb_common::maps::VipKey;
 use serde::{Deserialize, Serialize};
@@ -152,13 +157,77 @@ const LOCAL_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Probe {
     Up,
-    Down,
+    Down(Failure),
     Local(i32),
+}
+
+/// Probe outcomes per (VIP, backend, result), for the metrics; shared by
+/// every checker task.
+#[derive(Clone, Debug, Default)]
+pub struct ProbeTally(Arc<Mutex<TallyMap>>);
+
+type TallyMap = BTreeMap<(VipKey, IpAddr, &'static str), u64>;
+
+impl ProbeTally {
+    pub fn record(&self, vip: VipKey, backend: IpAddr, probe: Probe) {
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry((vip, backend, probe.result_name())).or_default() += 1;
+        }
+    }
+
+    /// Counts by result for one backend of one VIP.
+    pub fn of(&self, vip: VipKey, backend: IpAddr) -> Vec<(&'static str, u64)> {
+        let Ok(m) = self.0.lock() else {
+            return Vec::new();
+        };
+        m.range((vip, backend, "")..)
+            .take_while(|((v, b, _), _)| *v == vip && *b == backend)
+            .map(|((_, _, r), n)| (*r, *n))
+            .collect()
+    }
+
+    /// Drops the counts of checkers that no longer exist.
+    pub fn retain(&self, keep: impl Fn(&(VipKey, IpAddr)) -> bool) {
+        if let Ok(mut m) = self.0.lock() {
+            m.retain(|(v, b, _), _| keep(&(*v, *b)));
+        }
+    }
+}
+
+/// Why a probe counted against the backend (the metrics' `result` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Failure {
+    /// Refused, reset or unreachable at the backend.
+    Connect,
+    /// No answer within the probe's timeout.
+    Timeout,
+    /// An HTTP answer that was not the expected status (or not HTTP).
+    BadResponse,
+    /// Direct probe fine, but no SYN-ACK through the tunnel path.
+    Tunnel,
+}
+
+impl Probe {
+    /// The label of this outcome in `lb_health_probes_total`.
+    pub fn result_name(&self) -> &'static str {
+        match self {
+            Probe::Up => "up",
+            Probe::Down(Failure::Connect) => "connect_failed",
+            Probe::Down(Failure::Timeout) => "timeout",
+            Probe::Down(Failure::BadResponse) => "bad_response",
+            Probe::Down(Failure::Tunnel) => "tunnel_failed",
+            Probe::Local(_) => "local_error",
+        }
+    }
 }
 
 impl Probe {
     fn from_bool(ok: bool) -> Probe {
-        if ok { Probe::Up } else { Probe::Down }
+        if ok {
+            Probe::Up
+        } else {
+            Probe::Down(Failure::BadResponse)
+        }
     }
 }
 
@@ -185,7 +254,7 @@ async fn connect(addr: IpAddr, port: u16) -> Result<TcpStream, Probe> {
         if is_local_error(&e) {
             Probe::Local(e.raw_os_error().unwrap_or(0))
         } else {
-            Probe::Down
+            Probe::Down(Failure::Connect)
         }
     };
     let socket = match addr {
@@ -200,7 +269,7 @@ pub async fn probe_tcp(addr: IpAddr, port: u16, timeout: Duration) -> Probe {
     match tokio::time::timeout(timeout, connect(addr, port)).await {
         Ok(Ok(_)) => Probe::Up,
         Ok(Err(p)) => p,
-        Err(_) => Probe::Down,
+        Err(_) => Probe::Down(Failure::Timeout),
     }
 }
 
@@ -218,11 +287,16 @@ pub async fn probe_http(
         let req = format!(
             "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: lbd-health\r\nConnection: close\r\n\r\n"
         );
-        s.write_all(req.as_bytes()).await.map_err(|_| Probe::Down)?;
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|_| Probe::Down(Failure::Connect))?;
         let mut buf = [0u8; 64];
         let mut n = 0;
         while n < 12 {
-            let r = s.read(&mut buf[n..]).await.map_err(|_| Probe::Down)?;
+            let r = s
+                .read(&mut buf[n..])
+                .await
+                .map_err(|_| Probe::Down(Failure::Connect))?;
             if r == 0 {
                 break;
             }
@@ -233,7 +307,7 @@ pub async fn probe_http(
             .split_whitespace()
             .nth(1)
             .and_then(|s| s.parse().ok())
-            .ok_or(Probe::Down)?;
+            .ok_or(Probe::Down(Failure::BadResponse))?;
         Ok::<u16, Probe>(status)
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -243,7 +317,7 @@ pub async fn probe_http(
             status == expect
         }),
         Ok(Err(p)) => p,
-        Err(_) => Probe::Down,
+        Err(_) => Probe::Down(Failure::Timeout),
     }
 }
 
@@ -256,7 +330,7 @@ pub fn spawn_checker(
     check: HealthCheck,
     tunnel: Option<crate::tunnel_probe::TunnelSpec>,
     initially_healthy: bool,
-    events: mpsc::UnboundedSender<HealthEvent>,
+    (events, tally): (mpsc::UnboundedSender<HealthEvent>, ProbeTally),
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let port = check.port.unwrap_or(vip_port);
@@ -277,9 +351,10 @@ pub fn spawn_checker(
                 (Some(spec), Probe::Up) => crate::tunnel_probe::probe_tunnel(spec, timeout).await,
                 (_, p) => p,
             };
+            tally.record(vip, backend, probe);
             let ok = match probe {
                 Probe::Up => true,
-                Probe::Down => false,
+                Probe::Down(_) => false,
                 Probe::Local(errno) => {
                     // Not the backend's fault: no verdict, the state stands.
                     if last_local_log.is_none_or(|t| t.elapsed() > LOCAL_ERROR_LOG_EVERY) {
@@ -360,7 +435,7 @@ mod tests {
         );
         assert_eq!(
             probe_http(lo, port, "/", 0, t).await,
-            Probe::Down,
+            Probe::Down(Failure::BadResponse),
             "503 is not"
         );
         assert_eq!(probe_http(lo, port, "/", 200, t).await, Probe::Up);
@@ -369,7 +444,10 @@ mod tests {
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let dead = closed.local_addr().unwrap().port();
         drop(closed);
-        assert_eq!(probe_tcp(lo, dead, t).await, Probe::Down);
-        assert_eq!(probe_http(lo, dead, "/", 0, t).await, Probe::Down);
+        assert_eq!(probe_tcp(lo, dead, t).await, Probe::Down(Failure::Connect));
+        assert_eq!(
+            probe_http(lo, dead, "/", 0, t).await,
+            Probe::Down(Failure::Connect)
+        );
     }
 }

@@ -12,6 +12,7 @@ pub mod flow_count;
 pub mod health;
 pub mod instance_lock;
 pub mod link_watch;
+pub mod metrics;
 pub mod object;
 pub mod reconcile;
 pub mod serve;

@@ -7,7 +7,7 @@
 use std::{
     convert::Infallible,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -190,28 +190,44 @@ pub fn bind_metrics(address: &str) -> Result<TcpListener> {
     Ok(TcpListener::from_std(listener)?)
 }
 
-/// Serves `GET /metrics` (the text in `text`) from the daemon's runtime.
-pub async fn serve_metrics(listener: TcpListener, text: Arc<Mutex<String>>) {
+/// A scrape's request to the daemon loop, which reads the maps and answers
+/// with the text exposition.
+pub type Scrape = oneshot::Sender<String>;
+
+/// Serves `GET /metrics`: each scrape asks the daemon loop through `scrapes`.
+pub async fn serve_metrics(listener: TcpListener, scrapes: mpsc::Sender<Scrape>) {
     let gate = Gate::new("metrics", MAX_METRICS_CONNECTIONS);
     accept_loop(
         gate,
         || async { listener.accept().await.map(|(s, _)| s) },
-        move |stream| metrics_connection(stream, text.clone()),
+        move |stream| metrics_connection(stream, scrapes.clone()),
     )
     .await
 }
 
-/// One scrape: `GET /metrics` answered from `text`, anything else 404.
-async fn metrics_connection(stream: tokio::net::TcpStream, text: Arc<Mutex<String>>) {
+/// One scrape: `GET /metrics` answered by the daemon loop, anything else 404.
+async fn metrics_connection(stream: tokio::net::TcpStream, scrapes: mpsc::Sender<Scrape>) {
     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let body = (req.uri().path() == "/metrics")
-            .then(|| text.lock().map(|t| t.clone()).unwrap_or_default());
+        let wanted = req.uri().path() == "/metrics";
+        let scrapes = scrapes.clone();
         async move {
-            let response = match body {
-                Some(body) => hyper::Response::builder()
-                    .header("Content-Type", "text/plain; version=0.0.4")
+            let body = if wanted {
+                let (tx, rx) = oneshot::channel();
+                match scrapes.send(tx).await {
+                    Ok(()) => rx.await.ok(),
+                    Err(_) => None,
+                }
+            } else {
+                None
+            };
+            let response = match (wanted, body) {
+                (true, Some(body)) => hyper::Response::builder()
+                    .header("Content-Type", crate::metrics::CONTENT_TYPE)
                     .body(Full::new(Bytes::from(body))),
-                None => hyper::Response::builder()
+                (true, None) => hyper::Response::builder()
+                    .status(503)
+                    .body(Full::new(Bytes::from_static(b"lbd is shutting down\n"))),
+                (false, _) => hyper::Response::builder()
                     .status(404)
                     .body(Full::new(Bytes::from_static(b"try /metrics\n"))),
             };

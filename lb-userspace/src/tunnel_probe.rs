@@ -23,7 +23,7 @@ use lb_common::{
 };
 use tokio::io::unix::AsyncFd;
 
-use crate::health::{Probe, is_local_error};
+use crate::health::{Failure, Probe, is_local_error};
 
 /// How a VIP's packets reach one backend (from the config).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,7 +48,7 @@ fn probe_error(e: &io::Error) -> Probe {
     if is_local_error(e) {
         Probe::Local(e.raw_os_error().unwrap_or(0))
     } else {
-        Probe::Down
+        Probe::Down(Failure::Tunnel)
     }
 }
 
@@ -367,7 +367,7 @@ pub async fn probe_tunnel(spec: &TunnelSpec, timeout: Duration) -> Probe {
             let _ = send_raw(&tx, spec, &encapsulated(spec, &rst, seq));
             Probe::Up
         }
-        _ => Probe::Down,
+        _ => Probe::Down(Failure::Tunnel),
     };
     drop(reservation);
     verdict

@@ -30,3 +30,42 @@ pub fn have_root() -> bool {
     }
     root
 }
+
+/// `promtool`: on PATH, or where `cargo xtask setup` unpacks it.
+pub fn promtool() -> std::path::PathBuf {
+    let unpacked = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/tools/prometheus/usr/bin/promtool");
+    if unpacked.exists() {
+        unpacked
+    } else {
+        "promtool".into()
+    }
+}
+
+/// Runs `promtool check metrics` on an exposition; its complaints, if any.
+pub fn promtool_check(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("promtool: {e} (cargo xtask setup unpacks it)"))?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(text.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}

@@ -169,8 +169,8 @@ fn restart_and_sigkill_keep_forwarding_and_the_connection_table() {
             .as_u64()
             .unwrap();
         assert_eq!(
-            g, 0,
-            "{name}: the new daemon switched no table (it adopted the pinned one)"
+            g, 1,
+            "{name}: the new daemon switched no table (it adopted the pinned one) and counts on from the saved generation"
         );
     }
     // `lbd teardown` removes everything.
@@ -385,6 +385,35 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
     );
     assert!(body.contains("lb_table_generation"));
     assert!(body.contains("lb_packets_total{reason=\"pass_not_vip\"}"));
+    // Read at scrape time: the rejected and the good reload are both there.
+    assert!(
+        body.contains("lb_config_reloads_total{result=\"rejected\"} 1"),
+        "{body}"
+    );
+    let (head, text) = body.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    lb_tests::promtool_check(text).unwrap_or_else(|e| panic!("promtool: {e}\n{text}"));
+    // Every family has its HELP and all its samples together.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            current = rest.split(' ').next().unwrap().to_string();
+            assert!(seen.insert(current.clone()), "{current} twice");
+        } else if !line.starts_with('#') {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert_eq!(name, current, "sample outside its family: {line}");
+        }
+    }
+    for family in [
+        "lb_build_info",
+        "lb_backend_tracked_flows",
+        "lb_conntrack_capacity",
+        "lb_instance_draining",
+        "lb_vip_second_chance_seconds",
+    ] {
+        assert!(seen.contains(family), "{family} missing: {text}");
+    }
 }
 
 #[test]

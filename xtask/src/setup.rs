@@ -24,7 +24,13 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
     // BIRD 2: the BGP daemon lbd drives (end-to-end BGP tests).
     "bird2",
+    // Reads back what `lbctl capture` writes (tests).
+    "tcpdump",
 ];
+
+/// Where `promtool` is unpacked (from Debian's prometheus package, without
+/// installing it: that would enable a Prometheus server on the host).
+pub const PROMTOOL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/tools/prometheus");
 
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
@@ -96,6 +102,7 @@ pub fn setup() -> Result<()> {
             .env("PATH", path)
             .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;
     }
+    unpack_promtool()?;
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if !mounts
         .lines()
@@ -105,6 +112,28 @@ pub fn setup() -> Result<()> {
         std::fs::create_dir_all("/sys/fs/bpf")?;
         run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
+    Ok(())
+}
+
+/// `promtool`, which the metrics test runs on a live scrape: unpacked from
+/// the package into `PROMTOOL_DIR` unless one is on PATH.
+fn unpack_promtool() -> Result<()> {
+    let dir = Path::new(PROMTOOL_DIR);
+    if have("promtool") || dir.join("usr/bin/promtool").exists() {
+        return Ok(());
+    }
+    eprintln!("setup: unpacking promtool into {PROMTOOL_DIR}");
+    std::fs::create_dir_all(dir)?;
+    run(Command::new("apt-get")
+        .args(["download", "-q", "prometheus"])
+        .current_dir(dir))?;
+    let deb = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| anyhow::anyhow!("apt-get download prometheus left no .deb"))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir))?;
+    std::fs::remove_file(deb)?;
     Ok(())
 }
 

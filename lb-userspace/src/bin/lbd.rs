@@ -11,7 +11,7 @@ use lb_userspace::{
     dataplane::teardown,
     decap::Decap,
     instance_lock::InstanceLock,
-    serve::{bind_control_socket, bind_metrics, serve_metrics, serve_socket},
+    serve::{Scrape, bind_control_socket, bind_metrics, serve_metrics, serve_socket},
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
@@ -80,20 +80,18 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
     // Before anything is touched: one daemon per pin path and socket.
     let _lock = InstanceLock::acquire(pin_dir.as_deref(), &socket)?;
     let control = bind_control_socket(&socket)?;
-    // Without an endpoint nobody reads the text: do not render it each second.
     let metrics_listener = if config.lb.metrics_address.is_empty() {
         None
     } else {
         Some(bind_metrics(&config.lb.metrics_address)?)
     };
-    let metrics_on = metrics_listener.is_some();
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let mut daemon = Daemon::start(config_path, config, events_tx)?;
     let (api_tx, mut api) = tokio::sync::mpsc::channel(64);
     tokio::spawn(serve_socket(control, api_tx));
+    let (scrape_tx, mut scrapes) = tokio::sync::mpsc::channel::<Scrape>(16);
     if let Some(listener) = metrics_listener {
-        daemon.refresh_metrics();
-        tokio::spawn(serve_metrics(listener, daemon.metrics_handle()));
+        tokio::spawn(serve_metrics(listener, scrape_tx));
     }
     let links = lb_userspace::link_watch::LinkWatch::new()?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -104,6 +102,9 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
     loop {
         tokio::select! {
             Some(ev) = events.recv() => daemon.on_health(ev),
+            Some(reply) = scrapes.recv() => {
+                let _ = reply.send(daemon.metrics_text());
+            }
             Some((req, reply)) = api.recv() => {
                 let response = daemon.handle(req);
                 let _ = reply.send(response);
@@ -125,9 +126,6 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
                 // Also without a notification (one lost to ENOBUFS, say).
                 daemon.check_links();
                 daemon.expire_second_chance();
-                if metrics_on {
-                    daemon.refresh_metrics();
-                }
                 seconds += 1;
                 if stats_interval > 0 && seconds.is_multiple_of(stats_interval) {
                     daemon.log_stats();
