@@ -36,7 +36,7 @@ use crate::{
 /// have re-hashed or expired by then).
 const ID_QUARANTINE: Duration = Duration::from_secs(600);
 
-mod metrics;
+pub mod metrics;
 
 type Checkers = BTreeMap<(VipKey, IpAddr), (HealthCheck, JoinHandle<()>)>;
 

@@ -297,6 +297,9 @@ impl Drop for HealthTarget {
 }
 
 /// A small bed for daemon tests and benchmarks: client (10.200.0.2) -- l0
+/// Where a `Bed`'s lbd serves metrics (in the LB namespace).
+pub const METRICS: &str = "127.0.0.1:9641";
+
 /// [lb, lbd's XDP] l1 -- backend (10.50.0.1-3, one namespace).
 pub struct Bed {
     pub client: NetNs,
@@ -330,11 +333,12 @@ impl Bed {
         }
     }
 
-    /// Writes lbd's config (XDP on `l0`) with `vips` and returns its path.
+    /// Writes lbd's config (XDP on `l0`, metrics on the LB namespace's
+    /// loopback, `METRICS`) with `vips` and returns its path.
     pub fn config(&self, maglev_slots: u32, vips: &str) -> PathBuf {
         let text = format!(
             "[lb]\ninterfaces = [\"l0\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\nmaglev_slots = {maglev_slots}\n\
-             pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n{vips}",
+             pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"{METRICS}\"\n\n{vips}",
             self.pin.display(),
             self.socket().display()
         );
@@ -345,6 +349,17 @@ impl Bed {
 
     pub fn socket(&self) -> PathBuf {
         self.dir.join("lbd.sock")
+    }
+
+    /// One scrape of lbd's metrics: the whole HTTP answer.
+    pub fn scrape(&self) -> String {
+        let _g = self.lb.enter();
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(METRICS).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
     }
 
     /// Starts lbd in the LB namespace with `config`.

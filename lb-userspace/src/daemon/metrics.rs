@@ -4,6 +4,34 @@
 use super::{Daemon, vip_key};
 use crate::metrics::Exposition;
 
+/// Every family `metrics_text` can write (the dashboard and the tests check
+/// against it). `lb_bgp_announced` only with `[bgp]`;
+/// `lb_conntrack_count_age_seconds` once the table was counted.
+pub const FAMILIES: &[&str] = &[
+    "lb_build_info",
+    "lb_packets_total",
+    "lb_bytes_total",
+    "lb_vip_packets_total",
+    "lb_vip_bytes_total",
+    "lb_vip_table_size",
+    "lb_vip_second_chance_seconds",
+    "lb_backend_packets_total",
+    "lb_backend_bytes_total",
+    "lb_backend_healthy",
+    "lb_backend_weight",
+    "lb_backend_slots",
+    "lb_backend_tracked_flows",
+    "lb_health_probes_total",
+    "lb_conntrack_entries",
+    "lb_conntrack_capacity",
+    "lb_conntrack_count_age_seconds",
+    "lb_table_generation",
+    "lb_health_probe_local_errors_total",
+    "lb_config_reloads_total",
+    "lb_instance_draining",
+    "lb_bgp_announced",
+];
+
 fn labels<'a>(vip: &'a str, backend: &'a str) -> [(&'static str, &'a str); 2] {
     [("vip", vip), ("backend", backend)]
 }
