@@ -61,6 +61,16 @@ pub enum Request {
     ResumeInstance,
 }
 
+impl Request {
+    /// Whether the request changes anything (and so goes to the audit log).
+    pub fn is_change(&self) -> bool {
+        !matches!(
+            self,
+            Request::Status | Request::Stats | Request::Trace { .. }
+        )
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Response {
     pub ok: bool,

@@ -29,6 +29,7 @@ use crate::{
     reconcile::{
         AppliedBackend, AppliedVip, BackendState, DesiredBackend, DesiredVip, PrevState, Reconciler,
     },
+    serve::Caller,
     tunnel_probe::TunnelSpec,
 };
 
@@ -459,7 +460,12 @@ impl Daemon {
             .find(|v| vip_key(v) == ev.vip)
             .map(|v| v.name())
             .unwrap_or_default();
-        warn!(backend = %ev.backend, vip = %vip, state, "backend health changed");
+        // Down is worth a look; back up is good news.
+        if ev.healthy {
+            info!(backend = %ev.backend, vip = %vip, state, "backend health changed");
+        } else {
+            warn!(backend = %ev.backend, vip = %vip, state, "backend health changed");
+        }
         self.health.insert((ev.vip, ev.backend), ev.healthy);
         if let Err(e) = self.apply() {
             error!("applying a health change: {e:#}");
@@ -548,8 +554,23 @@ impl Daemon {
             .ok_or_else(|| anyhow!("no backend {address} in that VIP"))
     }
 
-    pub fn handle(&mut self, req: Request) -> Response {
-        match self.try_handle(req) {
+    /// Answers one control request. Every change is logged with the
+    /// caller's uid and pid: the audit trail of who changed what.
+    pub fn handle(&mut self, req: Request, caller: Caller) -> Response {
+        let change = req
+            .is_change()
+            .then(|| serde_json::to_string(&req).unwrap_or_default());
+        let result = self.try_handle(req);
+        if let Some(change) = change {
+            let pid = caller.pid.unwrap_or(0);
+            match &result {
+                Ok(_) => info!(uid = caller.uid, pid, request = %change, "control: change applied"),
+                Err(e) => {
+                    warn!(uid = caller.uid, pid, request = %change, "control: change refused: {e:#}")
+                }
+            }
+        }
+        match result {
             Ok(data) => Response::ok(data),
             Err(e) => Response::err(format!("{e:#}")),
         }

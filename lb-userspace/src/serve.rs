@@ -100,11 +100,18 @@ pub fn bind_control_socket(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// Who sent a control request (SO_PEERCRED), for the audit log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub pid: Option<i32>,
+}
+
+/// A control request on its way to the daemon loop, and where the answer goes.
+pub type ControlRequest = (Request, Caller, oneshot::Sender<Response>);
+
 /// Serves the control socket: requests go to the daemon loop through `tx`.
-pub async fn serve_socket(
-    listener: UnixListener,
-    tx: mpsc::Sender<(Request, oneshot::Sender<Response>)>,
-) {
+pub async fn serve_socket(listener: UnixListener, tx: mpsc::Sender<ControlRequest>) {
     let gate = Gate::new("control socket", MAX_CONTROL_CONNECTIONS);
     accept_loop(
         gate,
@@ -144,10 +151,14 @@ where
 
 /// One control connection: JSON request lines, each answered by one line,
 /// until the client closes, idles or sends a line over the size cap.
-async fn control_connection(
-    stream: tokio::net::UnixStream,
-    tx: mpsc::Sender<(Request, oneshot::Sender<Response>)>,
-) {
+async fn control_connection(stream: tokio::net::UnixStream, tx: mpsc::Sender<ControlRequest>) {
+    let Ok(cred) = stream.peer_cred() else {
+        return;
+    };
+    let caller = Caller {
+        uid: cred.uid(),
+        pid: cred.pid(),
+    };
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
@@ -165,7 +176,7 @@ async fn control_connection(
             Ok(Ok(_)) => match serde_json::from_slice::<Request>(&line) {
                 Ok(req) => {
                     let (rtx, rrx) = oneshot::channel();
-                    if tx.send((req, rtx)).await.is_err() {
+                    if tx.send((req, caller, rtx)).await.is_err() {
                         return;
                     }
                     rrx.await

@@ -147,10 +147,11 @@ impl Lbd {
             .arg(&self.config)
             .env(
                 "RUST_LOG",
-                std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("LB_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(self.log_file())
             .spawn()
             .expect("starting lbd");
         self.child = Some(child);
@@ -173,6 +174,24 @@ impl Lbd {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// lbd's log (stderr, every start appended), beside its config.
+    pub fn log_path(&self) -> PathBuf {
+        self.config.with_extension("log")
+    }
+
+    fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("opening lbd's log")
+    }
+
+    /// Everything lbd has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     pub fn call(&self, request: Request) -> Response {
@@ -253,6 +272,17 @@ impl Lbd {
 impl Drop for Lbd {
     fn drop(&mut self) {
         self.stop(libc::SIGTERM);
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- last lines of lbd's log ({}):",
+                self.log_path().display()
+            );
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.pin);
         let _ = std::fs::remove_file(&self.socket);
     }

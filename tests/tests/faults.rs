@@ -191,18 +191,14 @@ fn the_metrics_endpoint_survives_a_slowloris() {
         return;
     }
     let b = Bed::new("slow");
+    // Bed configs serve metrics on the LB namespace's loopback.
     let cfg = b.config(65536, &checked_vip(100));
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "metrics_address = \"\"",
-        "metrics_address = \"127.0.0.1:9641\"",
-    );
-    std::fs::write(&cfg, text).unwrap();
     let _targets = health_targets(&b);
     let lbd = b.start_lbd_limited(&cfg, 128);
     let table = lbd.kernel_table(&key());
     let scrape = || -> Option<String> {
         let _g = b.lb.enter();
-        let mut s = std::net::TcpStream::connect("127.0.0.1:9641").ok()?;
+        let mut s = std::net::TcpStream::connect(lb_tests::lbd::METRICS).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
         let mut body = String::new();
@@ -214,7 +210,7 @@ fn the_metrics_endpoint_survives_a_slowloris() {
         let _g = b.lb.enter();
         (0..400)
             .filter_map(|_| {
-                let mut s = std::net::TcpStream::connect("127.0.0.1:9641").ok()?;
+                let mut s = std::net::TcpStream::connect(lb_tests::lbd::METRICS).ok()?;
                 let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
                 Some(s)
             })

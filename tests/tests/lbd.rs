@@ -376,6 +376,28 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
         );
     }
 
+    // The audit trail: each change, its caller's uid and pid, no colour
+    // codes in a file; reads (status, stats) are not logged.
+    let log = lbd.log();
+    let applied: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("control: change applied"))
+        .collect();
+    assert!(
+        applied.iter().any(|l| l.contains("uid=0")
+            && l.contains(r#""cmd":"drain""#)
+            && l.contains("10.50.0.3")),
+        "{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("control: change refused")
+            && l.contains(r#""cmd":"add_vip""#)
+            && l.contains("table_size")),
+        "{log}"
+    );
+    assert!(!log.contains('\x1b'), "ANSI colour in a log file");
+    assert!(!log.contains(r#""cmd":"status""#));
+
     // Metrics on loopback inside the LB namespace.
     let body = b.scrape();
     assert!(

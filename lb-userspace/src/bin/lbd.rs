@@ -105,8 +105,8 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
             Some(reply) = scrapes.recv() => {
                 let _ = reply.send(daemon.metrics_text());
             }
-            Some((req, reply)) = api.recv() => {
-                let response = daemon.handle(req);
+            Some((req, caller, reply)) = api.recv() => {
+                let response = daemon.handle(req, caller);
                 let _ = reply.send(response);
             }
             _ = hup.recv() => {
@@ -190,7 +190,10 @@ fn main() {
 }
 
 fn real_main() -> Result<()> {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
+        // Colour only for a person at a terminal, not for files or journald.
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
