@@ -73,6 +73,10 @@ impl Announcer {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, routes_file_text(&vips))
             .with_context(|| format!("writing {}", tmp.display()))?;
+        // BIRD (user bird) reads it, whatever lbd's umask (0077 in the unit).
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .with_context(|| format!("setting the mode of {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
         let out = Command::new(&self.config.birdc)
             .args(["-s", &self.config.bird_socket, "configure"])

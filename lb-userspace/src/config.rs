@@ -104,8 +104,13 @@ fn default_new_flows() -> u32 {
 fn default_pin_path() -> String {
     "/sys/fs/bpf/lbd".into()
 }
+/// The control socket's default directory: systemd's RuntimeDirectory=lbd,
+/// created by lbd itself when it runs outside the unit.
+pub const DEFAULT_SOCKET_DIR: &str = "/run/lbd";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lbd/lbd.sock";
+
 fn default_socket() -> String {
-    "/run/lbd.sock".into()
+    DEFAULT_CONTROL_SOCKET.into()
 }
 fn default_metrics() -> String {
     "127.0.0.1:9641".into()
@@ -295,7 +300,7 @@ pub fn check_socket_path(path: &Path) -> Result<()> {
                 .parent()
                 .filter(|d| !d.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
-            if !dir.is_dir() {
+            if !dir.is_dir() && dir != Path::new(DEFAULT_SOCKET_DIR) {
                 bail!("directory {} does not exist", dir.display());
             }
         }

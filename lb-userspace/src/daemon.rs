@@ -489,8 +489,14 @@ impl Daemon {
     /// only at a restart: the running ones are kept, and the answer names
     /// every such change so nobody believes it took effect.
     pub fn reload(&mut self) -> Result<String> {
+        // systemd shows "reloading" and waits for READY (ExecReload=lbctl
+        // reload also fails when the file is rejected).
+        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+            notify(&[sd_notify::NotifyState::Reloading, now]);
+        }
         let result = self.try_reload();
         self.reloads[result.is_err() as usize] += 1;
+        notify(&[sd_notify::NotifyState::Ready]);
         result
     }
 
@@ -821,6 +827,14 @@ impl Daemon {
 
     pub fn pinned(&self) -> bool {
         !self.config.lb.pin_path.is_empty()
+    }
+}
+
+/// Tells systemd (Type=notify) about a state change; nothing without
+/// NOTIFY_SOCKET, and a failure is only logged.
+pub fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!("notifying systemd: {e}");
     }
 }
 

@@ -24,7 +24,7 @@ use tracing::warn;
 
 use crate::{
     api::{Request, Response},
-    config::check_socket_path,
+    config::{DEFAULT_SOCKET_DIR, check_socket_path},
 };
 
 /// Control connections open at once; more are closed on accept.
@@ -91,6 +91,10 @@ impl Gate {
 /// replaced; any other file there, or a missing directory, is an error.
 pub fn bind_control_socket(path: &Path) -> Result<UnixListener> {
     check_socket_path(path).context("lb.control_socket")?;
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if dir == Path::new(DEFAULT_SOCKET_DIR) && !dir.exists() {
+        std::fs::create_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     // A socket left by a previous lbd (the pin-path lock says none runs).
     let _ = std::fs::remove_file(path);
     let listener =

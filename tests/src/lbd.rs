@@ -49,6 +49,8 @@ pub struct Lbd {
     netns: String,
     /// RLIMIT_NOFILE for the daemon (None: inherited).
     nofile: Option<u64>,
+    /// Extra environment for the daemon (e.g. NOTIFY_SOCKET).
+    pub env: Vec<(String, String)>,
 }
 
 /// Polls `f` every 20 ms until it holds; fails the test after 5 s.
@@ -108,16 +110,24 @@ impl Lbd {
         pin: &Path,
         nofile: Option<u64>,
     ) -> Lbd {
-        let mut lbd = Lbd {
+        let mut lbd = Self::unstarted(ns, config, socket, pin);
+        lbd.nofile = nofile;
+        lbd.spawn();
+        lbd
+    }
+
+    /// A daemon set up but not started (`restart` starts it), to adjust
+    /// `env` first.
+    pub fn unstarted(ns: &NetNs, config: &Path, socket: &Path, pin: &Path) -> Lbd {
+        Lbd {
             child: None,
             socket: socket.to_path_buf(),
             pin: pin.to_path_buf(),
             config: config.to_path_buf(),
             netns: ns.name.clone(),
-            nofile,
-        };
-        lbd.spawn();
-        lbd
+            nofile: None,
+            env: Vec::new(),
+        }
     }
 
     fn spawn(&mut self) {
@@ -152,6 +162,7 @@ impl Lbd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(self.log_file())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .expect("starting lbd");
         self.child = Some(child);

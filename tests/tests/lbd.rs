@@ -492,3 +492,68 @@ fn a_flapping_backend_does_not_churn_the_table() {
         "only the initial table was written"
     );
 }
+
+/// Type=notify: lbd says READY=1 once it serves, RELOADING=1 (with the
+/// monotonic time systemd wants) then READY=1 around a reload, good or
+/// rejected, and STOPPING=1 on the way out; read from a socket standing in
+/// for systemd's.
+#[test]
+fn lbd_notifies_systemd_of_ready_reloading_and_stopping() {
+    if !have_root() {
+        return;
+    }
+    let b = Bed::new("n");
+    let vips = format!(
+        "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n{}",
+        backends_toml()
+    );
+    let cfg = b.config(65536, &vips);
+    let path = b.dir.join("notify.sock");
+    let _ = std::fs::remove_file(&path);
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notification within 10 s");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let mut lbd = lb_tests::lbd::Lbd::unstarted(&b.lb, &cfg, &b.socket(), &b.pin);
+    lbd.env
+        .push(("NOTIFY_SOCKET".into(), path.display().to_string()));
+    lbd.restart();
+    let ready = next();
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=serving 1 VIPs"),
+        "{ready:?}"
+    );
+    // Attached before READY.
+    assert!(b.lb.sh("ip link show l0").contains("xdp"));
+    let reload = std::process::Command::new(lb_tests::lbd::lbd_binary().with_file_name("lbctl"))
+        .arg("--socket")
+        .arg(b.socket())
+        .arg("reload")
+        .output()
+        .unwrap();
+    assert!(reload.status.success());
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading:?}"
+    );
+    assert_eq!(next(), "READY=1\n");
+    // A rejected file: lbctl reload fails (so does ExecReload), still READY.
+    std::fs::write(&cfg, "[lb]\nbogus = 1\n").unwrap();
+    let reload = std::process::Command::new(lb_tests::lbd::lbd_binary().with_file_name("lbctl"))
+        .arg("--socket")
+        .arg(b.socket())
+        .arg("reload")
+        .output()
+        .unwrap();
+    assert!(!reload.status.success());
+    assert!(String::from_utf8_lossy(&reload.stderr).contains("bogus"));
+    assert!(next().starts_with("RELOADING=1"));
+    assert_eq!(next(), "READY=1\n");
+    lbd.stop(libc::SIGTERM);
+    assert_eq!(next(), "STOPPING=1\n");
+}

@@ -11,7 +11,7 @@ use serde_json::Value;
 #[command(name = "lbctl", version, about = "Control a running lbd")]
 struct Cli {
     /// lbd's control socket.
-    #[arg(long, default_value = "/run/lbd.sock", global = true)]
+    #[arg(long, default_value = lb_userspace::config::DEFAULT_CONTROL_SOCKET, global = true)]
     socket: PathBuf,
     /// Print the daemon's JSON answer instead of text.
     #[arg(long, global = true)]

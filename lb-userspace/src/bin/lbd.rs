@@ -5,6 +5,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use lb_common::maps::DecapReason;
+use lb_userspace::daemon::notify;
 use lb_userspace::{
     config::Config,
     daemon::{Daemon, preflight},
@@ -13,6 +14,7 @@ use lb_userspace::{
     instance_lock::InstanceLock,
     serve::{Scrape, bind_control_socket, bind_metrics, serve_metrics, serve_socket},
 };
+use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
@@ -99,6 +101,12 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut seconds = 0u64;
     info!("lbd ready");
+    // Type=notify: systemd counts the start done only now, with the
+    // program attached and the tables written.
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!("serving {} VIPs", daemon.config().vips.len())),
+    ]);
     loop {
         tokio::select! {
             Some(ev) = events.recv() => daemon.on_health(ev),
@@ -133,6 +141,7 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
             }
         }
     }
+    notify(&[NotifyState::Stopping]);
     // Stop attracting traffic before going away (no-op without [bgp]).
     daemon.withdraw_all();
     if daemon.pinned() {
