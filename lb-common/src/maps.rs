@@ -31,6 +31,9 @@ pub const MAP_REASON_STATS: &str = "REASON_STATS";
 pub const MAP_VIP_STATS: &str = "VIP_STATS";
 /// `BACKEND_STATS`: per-CPU array, backend id -> `Counter`.
 pub const MAP_BACKEND_STATS: &str = "BACKEND_STATS";
+/// `BACKEND_NEW_FLOWS`: per-CPU array, backend id -> `Counter` of new flows
+/// (first packets balanced by the table) and their bytes.
+pub const MAP_BACKEND_NEW_FLOWS: &str = "BACKEND_NEW_FLOWS";
 /// The load-time settings global (see `settings::Settings`).
 pub const GLOBAL_SETTINGS: &str = "SETTINGS";
 /// `ANY_PORT_VIPS`: array of one u32, non-zero while some VIP has port 0

@@ -24,7 +24,7 @@ use crate::{
         PREV_TABLES, VIP_ADDR_FILTER, VIPS, settings,
     },
     parse::{ICMP_ECHO_REQUEST, ICMP_ERROR, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, parse},
-    stats::{count, count_backend, count_vip},
+    stats::{count, count_backend, count_new_flow, count_vip},
 };
 
 /// UDP entries refresh their access time at most this often (saves a write
@@ -303,6 +303,7 @@ fn choose_backend(
         count(Reason::SecondChance, bytes);
     } else if pkt.tcp_flags & TCP_RST == 0 && !is_icmp_error {
         // RSTs and ICMP errors end or report on a flow: never recorded.
+        count_new_flow(id, bytes);
         let now = clock.now();
         if insert_allowed(cfg, now) {
             let entry = ConnEntry {

@@ -83,6 +83,11 @@ pub static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_V
 #[map]
 pub static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 
+/// New flows (first packets) per backend id: balanced by the Maglev table,
+/// recorded or not. Touched only on a connection-table miss.
+#[map]
+pub static BACKEND_NEW_FLOWS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
 /// Backend side: packets and bytes per `DecapReason`.
 #[map]
 pub static DECAP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(DecapReason::COUNT, 0);

@@ -3,7 +3,7 @@
 use aya_ebpf::maps::PerCpuArray;
 use lb_common::maps::{Counter, Reason};
 
-use crate::maps::{BACKEND_STATS, REASON_STATS, VIP_STATS};
+use crate::maps::{BACKEND_NEW_FLOWS, BACKEND_STATS, REASON_STATS, VIP_STATS};
 
 #[inline(always)]
 fn bump(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
@@ -29,4 +29,10 @@ pub fn count_vip(vip_id: u32, bytes: u64) {
 #[inline(always)]
 pub fn count_backend(backend_id: u32, bytes: u64) {
     bump(&BACKEND_STATS, backend_id, bytes);
+}
+
+/// A new flow balanced to `backend_id` (miss path only).
+#[inline(always)]
+pub fn count_new_flow(backend_id: u32, bytes: u64) {
+    bump(&BACKEND_NEW_FLOWS, backend_id, bytes);
 }

@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, process::Command};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BgpConfig {
     /// BIRD's control socket.

@@ -17,6 +17,10 @@ pub enum Request {
         port: u16,
         protocol: String,
         table_size: Option<u32>,
+        /// Its backends' health check (default: a TCP connect to the VIP's
+        /// port, as `[vip.health] kind = "tcp"`; `kind = "none"`: none).
+        #[serde(default)]
+        health: Option<crate::health::HealthCheck>,
     },
     RemoveVip {
         vip: String,
@@ -55,6 +59,17 @@ pub enum Request {
         dst: String,
         protocol: String,
     },
+    /// Tracked connections (bounded: `limit`, default 100).
+    Flows {
+        #[serde(default)]
+        vip: Option<String>,
+        #[serde(default)]
+        backend: Option<String>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// The running configuration (file plus runtime changes) as TOML.
+    ConfigDump,
     /// Withdraw every VIP from the routers (BGP) and stop announcing.
     DrainInstance,
     /// Announce again what this instance can serve.

@@ -8,14 +8,15 @@ use std::{net::IpAddr, process::Command};
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Level {
     Ok,
     Warn,
     Fail,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Finding {
     pub level: Level,
     pub message: String,
@@ -131,11 +132,14 @@ fn ip_json(args: &[&str]) -> Result<Value> {
     serde_json::from_slice(&out.stdout).context("parsing ip -j output")
 }
 
-fn sysctl(path: &str) -> u32 {
-    std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{path}"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+/// An IPv4 conf sysctl; an error names the file (a missing one means the
+/// interface does not exist, not 0).
+fn sysctl(path: &str) -> Result<u32> {
+    let file = format!("/proc/sys/net/ipv4/conf/{path}");
+    let text = std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
+    text.trim()
+        .parse()
+        .with_context(|| format!("{file}: {:?} is not a number", text.trim()))
 }
 
 /// Runs every check for `vips` arriving on `interface`.
@@ -144,20 +148,32 @@ pub fn check(vips: &[IpAddr], interface: &str) -> Result<Vec<Finding>> {
     let mut findings: Vec<Finding> = vips.iter().map(|v| vip_on_lo(&lo, *v)).collect();
     match ip_json(&["link", "show", "dev", interface]) {
         Ok(link) => findings.push(decap_attached(&link, interface)),
-        Err(e) => findings.push(finding(
-            Level::Fail,
-            format!("interface {interface}: {e:#}"),
-        )),
+        Err(e) => {
+            // Nothing else about it can be judged.
+            findings.push(finding(
+                Level::Fail,
+                format!("interface {interface}: {e:#}"),
+            ));
+            return Ok(findings);
+        }
     }
-    findings.push(rp_filter(
-        sysctl("all/rp_filter"),
-        sysctl(&format!("{interface}/rp_filter")),
-        interface,
-    ));
-    findings.push(arp_settings(
-        sysctl("all/arp_ignore"),
-        sysctl("all/arp_announce"),
-    ));
+    let read = |findings: &mut Vec<Finding>, path: &str| match sysctl(path) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            findings.push(finding(Level::Fail, format!("{e:#}")));
+            None
+        }
+    };
+    let all = read(&mut findings, "all/rp_filter");
+    let own = read(&mut findings, &format!("{interface}/rp_filter"));
+    if let (Some(all), Some(own)) = (all, own) {
+        findings.push(rp_filter(all, own, interface));
+    }
+    let ignore = read(&mut findings, "all/arp_ignore");
+    let announce = read(&mut findings, "all/arp_announce");
+    if let (Some(ignore), Some(announce)) = (ignore, announce) {
+        findings.push(arp_settings(ignore, announce));
+    }
     Ok(findings)
 }
 

@@ -16,11 +16,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::health::HealthCheck;
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub lb: LbConfig,
     /// Announce VIPs over BGP through BIRD (optional).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bgp: Option<crate::announce::BgpConfig>,
     #[serde(default, rename = "vip")]
     pub vips: Vec<VipConfig>,
@@ -116,7 +117,7 @@ fn default_metrics() -> String {
     "127.0.0.1:9641".into()
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VipConfig {
     pub address: IpAddr,
@@ -132,10 +133,11 @@ pub struct VipConfig {
     #[serde(default)]
     pub health: HealthCheck,
     /// "ipip" or "gue"; default: `lb.encap`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub encap: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub address: IpAddr,
@@ -517,6 +519,70 @@ impl Config {
     }
 }
 
+/// What differs between two VIP lists, one line per change, for people:
+/// the runtime changes a reload drops, the changes it applies.
+pub fn describe_changes(from: &[VipConfig], to: &[VipConfig]) -> Vec<String> {
+    let mut out = Vec::new();
+    let find = |list: &'_ [VipConfig], name: &str| list.iter().position(|v| v.name() == name);
+    for v in from {
+        if find(to, &v.name()).is_none() {
+            out.push(format!("VIP {} removed", v.name()));
+        }
+    }
+    for v in to {
+        let name = v.name();
+        let Some(i) = find(from, &name) else {
+            out.push(format!("VIP {name} added ({} backends)", v.backends.len()));
+            continue;
+        };
+        let old = &from[i];
+        if old.health != v.health {
+            out.push(format!(
+                "VIP {name}: health check {} -> {}",
+                old.health.kind, v.health.kind
+            ));
+        }
+        if old.table_size != v.table_size || old.encap != v.encap {
+            out.push(format!("VIP {name}: table size or encapsulation changed"));
+        }
+        for b in &old.backends {
+            if !v.backends.iter().any(|n| n.address == b.address) {
+                out.push(format!("VIP {name}: backend {} removed", b.address));
+            }
+        }
+        for b in &v.backends {
+            match old.backends.iter().find(|o| o.address == b.address) {
+                None => out.push(format!(
+                    "VIP {name}: backend {} added (weight {}, {})",
+                    b.address, b.weight, b.state
+                )),
+                Some(o) => {
+                    if o.weight != b.weight {
+                        out.push(format!(
+                            "VIP {name}: backend {} weight {} -> {}",
+                            b.address, o.weight, b.weight
+                        ));
+                    }
+                    if o.state != b.state {
+                        out.push(format!(
+                            "VIP {name}: backend {} state {} -> {}",
+                            b.address, o.state, b.state
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Config {
+    /// The configuration as a TOML file (`lbctl config dump`).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).context("writing the configuration as TOML")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -700,5 +766,50 @@ weight = 2
     fn example_config_is_valid() {
         let text = include_str!("../../examples/lbd.toml");
         Config::parse(text).unwrap();
+    }
+
+    #[test]
+    fn a_dumped_config_reads_back_as_the_same_config() {
+        let mut c = Config::parse(include_str!("../../examples/lbd.toml")).unwrap();
+        c.vips[0].backends[0].weight = 7;
+        c.vips[0].backends[1].state = "removing".into();
+        let text = c.to_toml().unwrap();
+        assert_eq!(Config::parse(&text).unwrap(), c, "{text}");
+        assert!(text.contains("[[vip.backend]]"), "{text}");
+    }
+
+    #[test]
+    fn changes_are_described_one_per_line() {
+        let a = Config::parse(include_str!("../../examples/lbd.toml")).unwrap();
+        let mut b = a.clone();
+        assert!(describe_changes(&a.vips, &b.vips).is_empty());
+        let first = a.vips[0].name();
+        let addr = a.vips[0].backends[0].address;
+        b.vips[0].backends[0].weight = 5;
+        b.vips[0].backends.remove(1);
+        let mut extra = a.vips[0].clone();
+        extra.port = 8443;
+        b.vips.push(extra);
+        let lines = describe_changes(&a.vips, &b.vips);
+        let removed = a.vips[0].backends[1].address;
+        assert_eq!(
+            lines,
+            [
+                format!("VIP {first}: backend {removed} removed"),
+                format!(
+                    "VIP {first}: backend {addr} weight {} -> 5",
+                    a.vips[0].backends[0].weight
+                ),
+                format!(
+                    "VIP {}:8443/tcp added ({} backends)",
+                    a.vips[0].address,
+                    a.vips[0].backends.len()
+                ),
+            ]
+        );
+        assert_eq!(
+            describe_changes(&b.vips[b.vips.len() - 1..], &[]),
+            [format!("VIP {}:8443/tcp removed", a.vips[0].address)]
+        );
     }
 }

@@ -22,7 +22,7 @@ use tracing::{error, info, warn};
 use crate::{
     announce::Announcer,
     api::{Request, Response},
-    config::{BackendConfig, Config, VipConfig},
+    config::{BackendConfig, Config, VipConfig, describe_changes},
     dataplane::{Dataplane, LoadOptions, remove_pinned},
     flow_count::FlowCounter,
     health::{HealthCheck, HealthEvent, ProbeTally, spawn_checker},
@@ -39,12 +39,20 @@ const ID_QUARANTINE: Duration = Duration::from_secs(600);
 
 pub mod metrics;
 
+/// The answer to a change: `{"message": ...}`.
+fn message(text: &str) -> serde_json::Value {
+    json!({ "message": text })
+}
+
 type Checkers = BTreeMap<(VipKey, IpAddr), (HealthCheck, JoinHandle<()>)>;
 
 pub struct Daemon {
     config_path: PathBuf,
     /// The file's config plus runtime changes made through the API.
     config: Config,
+    /// The VIPs as the file had them at the last (re)load: what differs in
+    /// `config` are runtime changes, which a reload drops.
+    file_vips: Vec<VipConfig>,
     dp: Dataplane,
     rec: Reconciler,
     health: BTreeMap<(VipKey, IpAddr), bool>,
@@ -210,6 +218,7 @@ impl Daemon {
         let mut d = Daemon {
             flows,
             config_path,
+            file_vips: config.vips.clone(),
             config,
             dp,
             rec,
@@ -488,7 +497,7 @@ impl Daemon {
     /// Re-reads the file and applies its VIPs. `[lb]` and `[bgp]` apply
     /// only at a restart: the running ones are kept, and the answer names
     /// every such change so nobody believes it took effect.
-    pub fn reload(&mut self) -> Result<String> {
+    pub fn reload(&mut self) -> Result<serde_json::Value> {
         // systemd shows "reloading" and waits for READY (ExecReload=lbctl
         // reload also fails when the file is rejected).
         if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
@@ -500,23 +509,44 @@ impl Daemon {
         result
     }
 
-    fn try_reload(&mut self) -> Result<String> {
+    fn try_reload(&mut self) -> Result<serde_json::Value> {
         let mut candidate = Config::load(&self.config_path)?;
         let pending = self.config.restart_only_changes(&candidate);
         candidate.lb = self.config.lb.clone();
         candidate.bgp = self.config.bgp.clone();
+        // The file is the source of truth: changes made through the control
+        // socket since the last load are replaced by what the file says.
+        let dropped = describe_changes(&self.file_vips, &self.config.vips);
+        let applied = describe_changes(&self.config.vips, &candidate.vips);
+        let file_vips = candidate.vips.clone();
         self.replace_config(candidate)?;
-        if pending.is_empty() {
-            info!(file = %self.config_path.display(), "configuration reloaded");
-            Ok("reloaded".into())
-        } else {
-            let list = pending.join(", ");
-            warn!(file = %self.config_path.display(), needs_restart = %list,
-                "configuration reloaded; these changes need a restart of lbd and are not applied");
-            Ok(format!(
-                "reloaded VIPs and backends; not applied until lbd restarts: {list}"
-            ))
+        self.file_vips = file_vips;
+        let file = self.config_path.display().to_string();
+        info!(file = %file, changes = %applied.join("; "), "configuration reloaded");
+        if !dropped.is_empty() {
+            warn!(file = %file, dropped = %dropped.join("; "),
+                "reload replaced runtime changes that were not in the file");
         }
+        if !pending.is_empty() {
+            warn!(file = %file, needs_restart = %pending.join(", "),
+                "these changes need a restart of lbd and are not applied");
+        }
+        let mut message = format!("reloaded {file}: {} changes applied", applied.len());
+        if !dropped.is_empty() {
+            message += &format!(
+                "; runtime changes not in the file were dropped: {}",
+                dropped.join("; ")
+            );
+        }
+        if !pending.is_empty() {
+            message += &format!("; not applied until lbd restarts: {}", pending.join(", "));
+        }
+        Ok(json!({
+            "message": message,
+            "applied": applied,
+            "dropped_runtime_changes": dropped,
+            "needs_restart": pending,
+        }))
     }
 
     fn vip_index(&self, name: &str) -> Result<usize> {
@@ -586,14 +616,25 @@ impl Daemon {
         match req {
             Request::Status => Ok(self.status()),
             Request::Stats => Ok(self.stats()),
-            Request::Reload => self.reload().map(|text| json!(text)),
+            Request::Reload => self.reload(),
+            Request::ConfigDump => Ok(json!({
+                "toml": self.config.to_toml()?,
+                "runtime_changes": describe_changes(&self.file_vips, &self.config.vips),
+            })),
+            Request::Flows { .. } => bail!("flows are answered off the daemon loop"),
             Request::AddVip {
                 address,
                 port,
                 protocol,
                 table_size,
+                health,
             } => {
                 let address: IpAddr = address.parse().context("VIP address")?;
+                // Checked like a file VIP with [vip.health] kind = "tcp".
+                let health = health.unwrap_or_else(|| HealthCheck {
+                    kind: "tcp".into(),
+                    ..HealthCheck::default()
+                });
                 self.edit(|c| {
                     c.vips.push(VipConfig {
                         address,
@@ -601,12 +642,12 @@ impl Daemon {
                         protocol,
                         table_size: table_size.unwrap_or(lb_common::maglev::DEFAULT_TABLE_SIZE),
                         backends: Vec::new(),
-                        health: HealthCheck::default(),
+                        health,
                         encap: None,
                     });
                     Ok(())
                 })?;
-                Ok(json!("added"))
+                Ok(message("added"))
             }
             Request::RemoveVip { vip } => {
                 let i = self.vip_index(&vip)?;
@@ -614,7 +655,7 @@ impl Daemon {
                     c.vips.remove(i);
                     Ok(())
                 })?;
-                Ok(json!("removed"))
+                Ok(message("removed"))
             }
             Request::AddBackend {
                 vip,
@@ -632,7 +673,7 @@ impl Daemon {
                     });
                     Ok(())
                 })?;
-                Ok(json!("added"))
+                Ok(message("added"))
             }
             Request::RemoveBackend { vip, address } => {
                 let i = self.vip_index(&vip)?;
@@ -645,7 +686,7 @@ impl Daemon {
                     }
                     Ok(())
                 })?;
-                Ok(json!("removed"))
+                Ok(message("removed"))
             }
             Request::Drain { vip, address }
             | Request::SetWeight {
@@ -654,8 +695,8 @@ impl Daemon {
                 weight: 0,
             } => {
                 self.edit_backend(&vip, &address, |b| b.weight = 0)?;
-                Ok(json!(
-                    "draining: no new flows; `lbctl status` shows the tracked flows left"
+                Ok(message(
+                    "draining: no new flows; `lbctl status` shows the tracked flows left",
                 ))
             }
             Request::SetWeight {
@@ -664,7 +705,7 @@ impl Daemon {
                 weight,
             } => {
                 self.edit_backend(&vip, &address, |b| b.weight = weight)?;
-                Ok(json!("weight set"))
+                Ok(message("weight set"))
             }
             Request::SetState {
                 vip,
@@ -672,7 +713,7 @@ impl Daemon {
                 state,
             } => {
                 self.edit_backend(&vip, &address, |b| b.state = state.clone())?;
-                Ok(json!(format!("state {state}")))
+                Ok(message(&format!("state {state}")))
             }
             Request::Trace { src, dst, protocol } => self.trace(&src, &dst, &protocol),
             Request::DrainInstance => {
@@ -680,16 +721,22 @@ impl Daemon {
                     bail!("no [bgp] section: this instance announces nothing to withdraw");
                 }
                 self.withdraw_all();
-                Ok(json!(
-                    "withdrawn from the routers; traffic moves to the other instances"
+                Ok(message(
+                    "withdrawn from the routers; traffic moves to the other instances",
                 ))
             }
             Request::ResumeInstance => {
                 self.draining = false;
                 self.announce();
-                Ok(
-                    json!({"announced": self.announcer.as_ref().map(|a| a.announced()).unwrap_or_default()}),
-                )
+                let announced = self
+                    .announcer
+                    .as_ref()
+                    .map(|a| a.announced())
+                    .unwrap_or_default();
+                Ok(json!({
+                    "message": format!("announcing {} VIP addresses", announced.len()),
+                    "announced": announced,
+                }))
             }
         }
     }
@@ -704,12 +751,16 @@ impl Daemon {
             .map(|v| {
                 let key = vip_key(v);
                 let applied = self.rec.vips.get(&key);
+                let mut vip_new_flows = 0;
                 let backends: Vec<serde_json::Value> = v
                     .backends
                     .iter()
                     .map(|b| {
                         let id = applied.and_then(|a| a.backends.get(&b.address)).map(|a| a.id);
                         let slots = applied.map(|a| a.table.iter().filter(|&&s| Some(s) == id).count()).unwrap_or(0);
+                        let counter = id.map(|i| self.dp.backend_counter(i)).unwrap_or_default();
+                        let new_flows = id.map(|i| self.dp.backend_new_flows(i).packets).unwrap_or(0);
+                        vip_new_flows += new_flows;
                         json!({
                             "address": b.address.to_string(),
                             "id": id,
@@ -718,14 +769,19 @@ impl Daemon {
                             "healthy": self.health.get(&(key, b.address)).copied().unwrap_or(true),
                             "slots": slots,
                             "tracked_flows": id.and_then(|i| tracked.get(&i)).copied().unwrap_or(0),
-                            "packets": id.map(|i| self.dp.backend_counter(i).packets).unwrap_or(0),
+                            "packets": counter.packets,
+                            "bytes": counter.bytes,
+                            "new_flows": new_flows,
                         })
                     })
                     .collect();
+                let vip_counter = applied.map(|a| self.dp.vip_counter(a.meta.vip_id)).unwrap_or_default();
                 json!({
                     "vip": v.name(),
                     "table_size": applied.map(|a| a.meta.table_size).unwrap_or(0),
-                    "packets": applied.map(|a| self.dp.vip_counter(a.meta.vip_id).packets).unwrap_or(0),
+                    "packets": vip_counter.packets,
+                    "bytes": vip_counter.bytes,
+                    "new_flows": vip_new_flows,
                     "health_check": v.health.kind,
                     "tunnel_check": v.health.kind != "none" && v.health.tunnel,
                     // The previous table second-chance forwarding uses, while its window lasts.
@@ -748,7 +804,68 @@ impl Daemon {
             "announced": self.announcer.as_ref().map(|a| a.announced()),
             // Probes that failed on this host, not counted against backends.
             "health_probe_local_errors": self.local_probe_errors,
+            // What the control socket changed since the file was last read
+            // (a reload replaces it with the file).
+            "runtime_changes": describe_changes(&self.file_vips, &self.config.vips),
             "vips": vips,
+        })
+    }
+
+    /// A walk of the connection table for `lbctl flows`, to run off the
+    /// loop (`FlowQuery::run`).
+    pub fn flow_query(
+        &self,
+        vip: Option<&str>,
+        backend: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<crate::flow_query::FlowQuery> {
+        use crate::flow_query::{DEFAULT_LIMIT, FlowQuery, MAX_LIMIT};
+        let limit = limit.map_or(DEFAULT_LIMIT, |l| l as usize);
+        if limit > MAX_LIMIT {
+            bail!("limit {limit} is over {MAX_LIMIT}");
+        }
+        let vips = vip
+            .map(|name| {
+                self.vip_index(name)
+                    .map(|i| vec![vip_key(&self.config.vips[i])])
+            })
+            .transpose()?;
+        let backend_ids = backend
+            .map(|b| -> Result<Vec<u32>> {
+                let addr: IpAddr = b.parse().context("backend address")?;
+                Ok(self
+                    .rec
+                    .vips
+                    .iter()
+                    .filter(|(k, _)| vips.as_ref().is_none_or(|v| v.contains(k)))
+                    .filter_map(|(_, a)| a.backends.get(&addr).map(|b| b.id))
+                    .collect())
+            })
+            .transpose()?;
+        if backend_ids.as_ref().is_some_and(|ids| ids.is_empty()) {
+            bail!(
+                "no backend {} in {}",
+                backend.unwrap_or_default(),
+                vip.unwrap_or("any VIP")
+            );
+        }
+        Ok(FlowQuery {
+            table: self.dp.conntrack_handle()?,
+            vips,
+            backend_ids,
+            addresses: self
+                .rec
+                .vips
+                .values()
+                .flat_map(|a| a.backends.iter().map(|(addr, b)| (b.id, *addr)))
+                .collect(),
+            vip_names: self
+                .rec
+                .vips
+                .iter()
+                .map(|(k, a)| (*k, a.name.clone()))
+                .collect(),
+            limit,
         })
     }
 

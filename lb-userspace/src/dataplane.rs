@@ -22,11 +22,11 @@ use lb_common::{
     maps::{
         BENCH_FRAME_LEN, Backend, CONTROL_TABLE_GENERATION, ConnEntry, Counter,
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, FlowKey, GLOBAL_SETTINGS,
-        MAP_ANY_PORT_VIPS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BENCH_FRAME, MAP_BENCH_NEXT,
-        MAP_CONNTRACK, MAP_CONTROL_STATE, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES,
-        MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, PROGRAM_BALANCER,
-        PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable, Reason, VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
-        vip_addr_filter_bit,
+        MAP_ANY_PORT_VIPS, MAP_BACKEND_NEW_FLOWS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BENCH_FRAME,
+        MAP_BENCH_NEXT, MAP_CONNTRACK, MAP_CONTROL_STATE, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE,
+        MAP_PREV_TABLES, MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS,
+        PROGRAM_BALANCER, PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable, Reason,
+        VIP_ADDR_FILTER_WORDS, VipKey, VipMeta, vip_addr_filter_bit,
     },
     settings::Settings,
 };
@@ -247,7 +247,7 @@ impl Default for LoadOptions {
 }
 
 /// Maps that carry state across daemon restarts.
-pub const PINNED_MAPS: [&str; 12] = [
+pub const PINNED_MAPS: [&str; 13] = [
     MAP_VIPS,
     MAP_CONTROL_STATE,
     MAP_PREV_TABLES,
@@ -259,6 +259,7 @@ pub const PINNED_MAPS: [&str; 12] = [
     MAP_REASON_STATS,
     MAP_VIP_STATS,
     MAP_BACKEND_STATS,
+    MAP_BACKEND_NEW_FLOWS,
     MAP_NEXTHOP_CACHE,
 ];
 
@@ -388,6 +389,8 @@ pub struct Dataplane {
     reason_stats: PerCpuArray<MapData, Counter>,
     vip_stats: PerCpuArray<MapData, Counter>,
     backend_stats: PerCpuArray<MapData, Counter>,
+    /// `BACKEND_NEW_FLOWS` (absent from older builds' objects).
+    backend_new_flows: Option<PerCpuArray<MapData, Counter>>,
     ebpf: Ebpf,
     attached: Vec<XdpLinkId>,
     /// Interface -> its ifindex when attached (a new index: recreated).
@@ -495,6 +498,11 @@ impl Dataplane {
             reason_stats: take(&mut ebpf, MAP_REASON_STATS)?,
             vip_stats: take(&mut ebpf, MAP_VIP_STATS)?,
             backend_stats: take(&mut ebpf, MAP_BACKEND_STATS)?,
+            backend_new_flows: ebpf
+                .map(MAP_BACKEND_NEW_FLOWS)
+                .is_some()
+                .then(|| take(&mut ebpf, MAP_BACKEND_NEW_FLOWS))
+                .transpose()?,
             ebpf,
             attached: Vec::new(),
             ifindexes: Default::default(),
@@ -787,6 +795,14 @@ impl Dataplane {
 
     pub fn backend_counter(&self, backend_id: u32) -> Counter {
         Self::sum(&self.backend_stats, backend_id)
+    }
+
+    /// New flows balanced to the backend (packets = flows).
+    pub fn backend_new_flows(&self, backend_id: u32) -> Counter {
+        self.backend_new_flows
+            .as_ref()
+            .map(|m| Self::sum(m, backend_id))
+            .unwrap_or_default()
     }
 
     /// Runs the program once on `packet` (`BPF_PROG_TEST_RUN`, repeat 1) as

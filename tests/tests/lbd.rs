@@ -336,6 +336,7 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
         port: 1,
         protocol: "tcp".into(),
         table_size: Some(4098),
+        health: None,
     });
     assert!(
         !r.ok && r.error.as_deref().unwrap().contains("table_size"),

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
-use lb_userspace::api::{Request, call};
+use lb_userspace::{
+    api::{Request, call},
+    render,
+};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -22,12 +25,33 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// VIPs, backends, health, weights, slots, tracked flows.
+    /// VIPs, backends, health, weights, slots, tracked flows, runtime changes.
     Status,
-    /// Packet counters by reason.
+    /// Packet counters by reason (what the data path did).
     Stats,
-    /// Re-read the configuration file (also: SIGHUP to lbd).
+    /// Packets/s, bits/s and new flows/s per VIP and backend, over an interval.
+    Rates {
+        /// Seconds between the two samples.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
+    /// Tracked connections (the connection table), like ipvsadm -Lnc.
+    Flows {
+        /// Only this VIP's (10.0.0.10:80/tcp).
+        #[arg(long)]
+        vip: Option<String>,
+        /// Only those sent to this backend address.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Rows to list at most (the counts cover all of them).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Re-read the configuration file (also: SIGHUP to lbd). Runtime
+    /// changes not in the file are dropped; the answer lists them.
     Reload,
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Which backend a flow maps to, by the kernel's hash.
     Trace {
         /// Client ADDRESS:PORT.
@@ -62,6 +86,13 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print the running configuration (the file plus runtime changes) as
+    /// a config file: `lbctl config dump > /etc/lbd/lbd.toml` keeps them.
+    Dump,
+}
+
+#[derive(Subcommand)]
 enum VipCmd {
     /// Adds a VIP (runtime change: a reload of the file drops it).
     Add {
@@ -75,6 +106,15 @@ enum VipCmd {
         /// Maglev table size (a prime); default 65537.
         #[arg(long)]
         table_size: Option<u32>,
+        /// Health check of its backends: tcp (default), http or none.
+        #[arg(long, default_value = "tcp")]
+        health: String,
+        /// Port probed (default: the VIP's).
+        #[arg(long)]
+        health_port: Option<u16>,
+        /// HTTP path probed (with --health http).
+        #[arg(long, default_value = "/")]
+        health_path: String,
     },
     /// Removes a VIP.
     Remove {
@@ -124,78 +164,23 @@ enum BackendCmd {
     },
 }
 
-fn print_status(v: &Value) {
-    // serde_json values ignore format widths: print them as strings.
-    let text = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    };
-    println!("table generation {}", text(&v["generation"]));
-    for vip in v["vips"].as_array().into_iter().flatten() {
-        let tunnel = if vip["tunnel_check"].as_bool().unwrap_or(false) {
-            " + tunnel"
-        } else {
-            ""
-        };
-        println!(
-            "\n{}  table {}  packets {}  health check {}{tunnel}",
-            text(&vip["vip"]),
-            text(&vip["table_size"]),
-            text(&vip["packets"]),
-            text(&vip["health_check"]),
-        );
-        if let Some(sc) = vip["second_chance"].as_object() {
-            let from = if sc["from_states"].as_bool().unwrap_or(false) {
-                "the backends' states"
-            } else {
-                "the last table change"
-            };
-            println!(
-                "  second chance: previous table from {from}, window ends in {} s",
-                text(&sc["ends_in_secs"])
-            );
-        }
-        println!(
-            "  {:<24} {:>6} {:>9} {:>7} {:>8} {:>8} {:>12}",
-            "backend", "weight", "state", "health", "slots", "tracked", "packets"
-        );
-        for b in vip["backends"].as_array().into_iter().flatten() {
-            let health = if b["healthy"].as_bool().unwrap_or(false) {
-                "up"
-            } else {
-                "DOWN"
-            };
-            println!(
-                "  {:<24} {:>6} {:>9} {:>7} {:>8} {:>8} {:>12}",
-                text(&b["address"]),
-                text(&b["weight"]),
-                text(&b["state"]),
-                health,
-                text(&b["slots"]),
-                text(&b["tracked_flows"]),
-                text(&b["packets"])
-            );
-        }
-    }
-}
-
 /// Polls the forwarded-packet counter until a second passes with none
-/// (or 60 s): traffic has moved to the other instances.
-fn wait_for_quiet(socket: &std::path::Path) -> Result<()> {
+/// (or 60 s): traffic has moved to the other instances. Returns the seconds
+/// it took.
+fn wait_for_quiet(socket: &std::path::Path) -> Result<u64> {
     let forwarded = || -> Result<u64> {
-        Ok(call(socket, &Request::Stats)?.data["forwarded"]
+        Ok(ask(socket, &Request::Stats)?["forwarded"]
             .as_u64()
             .unwrap_or(0))
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let start = std::time::Instant::now();
+    let deadline = start + std::time::Duration::from_secs(60);
     let mut last = forwarded()?;
     loop {
         std::thread::sleep(std::time::Duration::from_secs(1));
         let now = forwarded()?;
         if now == last {
-            println!("no traffic for 1 s: safe to stop");
-            return Ok(());
+            return Ok(start.elapsed().as_secs());
         }
         if std::time::Instant::now() > deadline {
             bail!(
@@ -219,51 +204,146 @@ fn main() {
     }
 }
 
+/// What a subcommand prints: the daemon's `data` as JSON with `--json`,
+/// else text made from it.
+enum Output {
+    Json(Value),
+    Text(String),
+}
+
+fn ask(socket: &std::path::Path, request: &Request) -> Result<Value> {
+    let response = call(socket, request)?;
+    if !response.ok {
+        bail!("{}", response.error.unwrap_or_default());
+    }
+    Ok(response.data)
+}
+
+/// The `message` of a change's answer.
+fn message(v: &Value) -> String {
+    v["message"].as_str().unwrap_or_default().to_string()
+}
+
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
-    if let Cmd::CheckBackend { vips, interface } = &cli.command {
-        use lb_userspace::backend_check::{Level, check};
-        let findings = check(vips, interface)?;
-        for f in &findings {
-            let tag = match f.level {
-                Level::Ok => "ok  ",
-                Level::Warn => "warn",
-                Level::Fail => "FAIL",
-            };
-            println!("{tag}  {}", f.message);
-        }
-        if findings.iter().any(|f| f.level == Level::Fail) {
+    let json = cli.json;
+    match run(cli) {
+        Ok(Output::Json(v)) => println!("{}", serde_json::to_string_pretty(&v)?),
+        Ok(Output::Text(t)) => print!("{}{}", t, if t.ends_with('\n') { "" } else { "\n" }),
+        Err(e) if json => {
+            // Scripts read one JSON document on stdout, error or not.
+            println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
             std::process::exit(1);
         }
-        return Ok(());
+        Err(e) => return Err(e),
     }
-    let request = match cli.command {
-        Cmd::CheckBackend { .. } => unreachable!("handled above"),
-        Cmd::Drain { wait } => {
-            let r = call(&cli.socket, &Request::DrainInstance)?;
-            if !r.ok {
-                bail!("{}", r.error.unwrap_or_default());
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<Output> {
+    let socket = cli.socket.as_path();
+    let json = cli.json;
+    // Every subcommand: the data, and how to show it as text.
+    let (data, text): (Value, fn(&Value) -> String) = match cli.command {
+        Cmd::CheckBackend { vips, interface } => {
+            use lb_userspace::backend_check::{Level, check};
+            let findings = check(&vips, &interface)?;
+            let failed = findings.iter().any(|f| f.level == Level::Fail);
+            let data = serde_json::json!({ "ok": !failed, "findings": findings });
+            let out = if json {
+                Output::Json(data)
+            } else {
+                Output::Text(
+                    findings
+                        .iter()
+                        .map(|f| {
+                            let tag = match f.level {
+                                Level::Ok => "ok  ",
+                                Level::Warn => "warn",
+                                Level::Fail => "FAIL",
+                            };
+                            format!("{tag}  {}\n", f.message)
+                        })
+                        .collect(),
+                )
+            };
+            if failed {
+                print_output(out)?;
+                std::process::exit(1);
             }
-            println!("{}", r.data.as_str().unwrap_or(""));
-            if wait {
-                wait_for_quiet(&cli.socket)?;
-            }
-            return Ok(());
+            return Ok(out);
         }
-        Cmd::Resume => Request::ResumeInstance,
-        Cmd::Status => Request::Status,
-        Cmd::Stats => Request::Stats,
-        Cmd::Reload => Request::Reload,
-        Cmd::Trace { src, dst, proto } => Request::Trace {
-            src,
-            dst,
-            protocol: proto,
-        },
+        Cmd::Drain { wait } => {
+            let mut data = ask(socket, &Request::DrainInstance)?;
+            if wait {
+                if !json {
+                    println!("{}", message(&data));
+                }
+                let secs = wait_for_quiet(socket)?;
+                data["quiet_after_secs"] = secs.into();
+                if !json {
+                    return Ok(Output::Text("no traffic for 1 s: safe to stop".into()));
+                }
+            }
+            (data, message)
+        }
+        Cmd::Rates { interval } => {
+            if !(0.1..=3600.0).contains(&interval) {
+                bail!("--interval must be between 0.1 and 3600 seconds");
+            }
+            let before = ask(socket, &Request::Status)?;
+            let t0 = std::time::Instant::now();
+            std::thread::sleep(std::time::Duration::from_secs_f64(interval));
+            let after = ask(socket, &Request::Status)?;
+            let secs = t0.elapsed().as_secs_f64();
+            (render::rates(&before, &after, secs), render::rates_text)
+        }
+        Cmd::Flows {
+            vip,
+            backend,
+            limit,
+        } => (
+            ask(
+                socket,
+                &Request::Flows {
+                    vip,
+                    backend,
+                    limit: Some(limit),
+                },
+            )?,
+            render::flows,
+        ),
+        Cmd::Config(ConfigCmd::Dump) => (ask(socket, &Request::ConfigDump)?, |v| {
+            let mut out =
+                String::from("# Running configuration of lbd (file plus runtime changes).\n");
+            for c in v["runtime_changes"].as_array().into_iter().flatten() {
+                out += &format!("# runtime change: {}\n", c.as_str().unwrap_or_default());
+            }
+            out + v["toml"].as_str().unwrap_or_default()
+        }),
+        Cmd::Resume => (ask(socket, &Request::ResumeInstance)?, message),
+        Cmd::Status => (ask(socket, &Request::Status)?, render::status),
+        Cmd::Stats => (ask(socket, &Request::Stats)?, render::stats),
+        Cmd::Reload => (ask(socket, &Request::Reload)?, message),
+        Cmd::Trace { src, dst, proto } => (
+            ask(
+                socket,
+                &Request::Trace {
+                    src,
+                    dst,
+                    protocol: proto,
+                },
+            )?,
+            render::trace,
+        ),
         Cmd::Vip(VipCmd::Add {
             vip,
             port,
             protocol,
             table_size,
+            health,
+            health_port,
+            health_path,
         }) => {
             let (address, port, protocol) = match (port, protocol) {
                 (Some(port), Some(protocol)) => (vip, port, protocol),
@@ -273,63 +353,70 @@ fn real_main() -> Result<()> {
                 }
                 _ => bail!("give the VIP as ADDRESS:PORT/PROTOCOL, e.g. 10.0.0.11:443/tcp"),
             };
-            Request::AddVip {
+            let health = lb_userspace::health::HealthCheck {
+                kind: health,
+                port: health_port,
+                path: health_path,
+                ..Default::default()
+            };
+            let request = Request::AddVip {
                 address,
                 port,
                 protocol,
                 table_size,
-            }
+                health: Some(health),
+            };
+            (ask(socket, &request)?, message)
         }
-        Cmd::Vip(VipCmd::Remove { vip }) => Request::RemoveVip { vip },
-        Cmd::Backend(BackendCmd::Add {
-            vip,
-            address,
-            weight,
-            state,
-        }) => Request::AddBackend {
-            vip,
-            address,
-            weight,
-            state,
-        },
-        Cmd::Backend(BackendCmd::State {
-            vip,
-            address,
-            state,
-        }) => Request::SetState {
-            vip,
-            address,
-            state,
-        },
-        Cmd::Backend(BackendCmd::Remove { vip, address }) => {
-            Request::RemoveBackend { vip, address }
+        Cmd::Vip(VipCmd::Remove { vip }) => (ask(socket, &Request::RemoveVip { vip })?, message),
+        Cmd::Backend(cmd) => {
+            let request = match cmd {
+                BackendCmd::Add {
+                    vip,
+                    address,
+                    weight,
+                    state,
+                } => Request::AddBackend {
+                    vip,
+                    address,
+                    weight,
+                    state,
+                },
+                BackendCmd::State {
+                    vip,
+                    address,
+                    state,
+                } => Request::SetState {
+                    vip,
+                    address,
+                    state,
+                },
+                BackendCmd::Remove { vip, address } => Request::RemoveBackend { vip, address },
+                BackendCmd::Drain { vip, address } => Request::Drain { vip, address },
+                BackendCmd::Weight {
+                    vip,
+                    address,
+                    weight,
+                } => Request::SetWeight {
+                    vip,
+                    address,
+                    weight,
+                },
+            };
+            (ask(socket, &request)?, message)
         }
-        Cmd::Backend(BackendCmd::Drain { vip, address }) => Request::Drain { vip, address },
-        Cmd::Backend(BackendCmd::Weight {
-            vip,
-            address,
-            weight,
-        }) => Request::SetWeight {
-            vip,
-            address,
-            weight,
-        },
     };
-    let is_status = matches!(request, Request::Status);
-    let response = call(&cli.socket, &request)?;
-    if cli.json {
-        println!("{}", serde_json::to_string_pretty(&response)?);
-    } else if !response.ok {
-        bail!("{}", response.error.unwrap_or_default());
-    } else if is_status {
-        print_status(&response.data);
-    } else if let Some(text) = response.data.as_str() {
-        println!("{text}");
+    Ok(if json {
+        Output::Json(data)
     } else {
-        println!("{}", serde_json::to_string_pretty(&response.data)?);
-    }
-    if !response.ok {
-        std::process::exit(1);
+        Output::Text(text(&data))
+    })
+}
+
+fn print_output(out: Output) -> Result<()> {
+    match out {
+        Output::Json(v) => println!("{}", serde_json::to_string_pretty(&v)?),
+        Output::Text(t) => print!("{t}"),
     }
     Ok(())
 }

@@ -5,7 +5,10 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use lb_common::maps::DecapReason;
-use lb_userspace::daemon::notify;
+use lb_userspace::{
+    api::{Request, Response},
+    daemon::notify,
+};
 use lb_userspace::{
     config::Config,
     daemon::{Daemon, preflight},
@@ -114,6 +117,23 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
                 let _ = reply.send(daemon.metrics_text());
             }
             Some((req, caller, reply)) = api.recv() => {
+                if let Request::Flows { vip, backend, limit } = &req {
+                    // A walk of up to the whole table: off the loop.
+                    match daemon.flow_query(vip.as_deref(), backend.as_deref(), *limit) {
+                        Ok(query) => {
+                            tokio::task::spawn_blocking(move || {
+                                let list = query.run();
+                                let _ = reply.send(Response::ok(
+                                    serde_json::to_value(list).unwrap_or_default(),
+                                ));
+                            });
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Response::err(format!("{e:#}")));
+                        }
+                    }
+                    continue;
+                }
                 let response = daemon.handle(req, caller);
                 let _ = reply.send(response);
             }
