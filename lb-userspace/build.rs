@@ -56,19 +56,63 @@ fn main() -> anyhow::Result<()> {
         fs::write(&object, [])?;
         return Ok(());
     }
-    // Unstable features only for aya_ebpf; this also keeps aya-build from
-    // asking for -Z build-std (the debian toolchain ships a bpf `core`).
-    // SAFETY: build scripts are single-threaded at this point.
-    unsafe { env::set_var("RUSTC_BOOTSTRAP", "aya_ebpf") };
     let root = env::var("CARGO_MANIFEST_DIR")?;
     let ebpf_dir = format!("{root}/../lb-ebpf");
     println!("cargo:rerun-if-changed={root}/../lb-common/src");
-    aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "lb-ebpf",
-            root_dir: &ebpf_dir,
-            ..Default::default()
-        }],
-        aya_build::Toolchain::Custom(TOOLCHAIN),
-    )
+    println!("cargo:rerun-if-changed={ebpf_dir}");
+    build_ebpf(&ebpf_dir, &out_dir, &object)
+}
+
+/// Builds lb-ebpf with the `debian` toolchain, as aya-build does, but
+/// quietly: cargo's output is shown only when the build fails (aya-build
+/// relays every line as a `warning:`).
+fn build_ebpf(
+    ebpf_dir: &str,
+    out_dir: &std::path::Path,
+    object: &std::path::Path,
+) -> anyhow::Result<()> {
+    let arch = match env::var("CARGO_CFG_TARGET_ARCH")?.as_str() {
+        "riscv64" => "riscv64".to_string(),
+        "powerpc64" => "powerpc".to_string(),
+        other => other.to_string(),
+    };
+    let target_dir = out_dir.join("ebpf-target");
+    let mut cmd = Command::new("rustup");
+    cmd.args([
+        "run",
+        TOOLCHAIN,
+        "cargo",
+        "build",
+        "--package",
+        "lb-ebpf",
+        "--bins",
+        "--release",
+    ])
+    .args(["--target", "bpfel-unknown-none", "--target-dir"])
+    .arg(&target_dir)
+    .current_dir(ebpf_dir)
+    // Unstable features only for aya_ebpf (the debian toolchain ships a
+    // precompiled bpf `core`: no -Z build-std).
+    .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+    .env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        format!("--cfg=bpf_target_arch=\"{arch}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf"),
+    );
+    for key in ["RUSTC", "RUSTC_WORKSPACE_WRAPPER", "CARGO_TARGET_DIR"] {
+        cmd.env_remove(key);
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| anyhow::anyhow!("running rustup: {e}"))?;
+    if !out.status.success() {
+        for line in String::from_utf8_lossy(&out.stderr).lines() {
+            println!("cargo:warning={line}");
+        }
+        anyhow::bail!("building lb-ebpf failed (its output is above)");
+    }
+    fs::copy(
+        target_dir.join("bpfel-unknown-none/release/lb-ebpf"),
+        object,
+    )?;
+    Ok(())
 }

@@ -285,7 +285,8 @@ pub async fn probe_http(
     let attempt = async {
         let mut s = connect(addr, port).await?;
         let req = format!(
-            "GET {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: lbd-health\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.0\r\nHost: {}\r\nUser-Agent: lbd-health\r\nConnection: close\r\n\r\n",
+            host_header(addr)
         );
         s.write_all(req.as_bytes())
             .await
@@ -318,6 +319,14 @@ pub async fn probe_http(
         }),
         Ok(Err(p)) => p,
         Err(_) => Probe::Down(Failure::Timeout),
+    }
+}
+
+/// The Host header's value for an address: IPv6 in brackets (RFC 7230).
+pub fn host_header(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("[{a}]"),
     }
 }
 
@@ -390,6 +399,12 @@ pub fn spawn_checker(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_headers_bracket_ipv6() {
+        assert_eq!(host_header("10.1.0.2".parse().unwrap()), "10.1.0.2");
+        assert_eq!(host_header("fd99:3::2".parse().unwrap()), "[fd99:3::2]");
+    }
 
     #[test]
     fn one_lost_probe_does_not_flap() {

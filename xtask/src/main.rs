@@ -85,7 +85,9 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::setup(),
         Cmd::Build => {
             setup::setup()?;
-            run(cargo().args(["build", "--release", "--workspace"]))
+            // The default members: lb-ebpf builds for BPF only, through
+            // lb-userspace's build script.
+            run(cargo().args(["build", "--release"]))
         }
         Cmd::Test { no_lint } => {
             setup::setup()?;
