@@ -230,6 +230,53 @@ pub struct InsertBudget {
 /// `INSERT_BUDGET`: per-CPU array of one `InsertBudget`.
 pub const MAP_INSERT_BUDGET: &str = "INSERT_BUDGET";
 
+/// `CAPTURE`: array of one `CaptureFilter`: which forwarded packets the
+/// data path copies into `CAPTURE_RING` (`lbctl capture`).
+pub const MAP_CAPTURE: &str = "CAPTURE";
+/// `CAPTURE_LOST`: per-CPU array of one u64: records a full ring refused.
+pub const MAP_CAPTURE_LOST: &str = "CAPTURE_LOST";
+/// `CAPTURE_RING`: BPF ring buffer of `CaptureRecord`s.
+pub const MAP_CAPTURE_RING: &str = "CAPTURE_RING";
+/// Size of `CAPTURE_RING` (a power of two pages): 4096 records.
+pub const CAPTURE_RING_BYTES: u32 = 8 << 20;
+/// Bytes of a packet kept (the rest is counted in `len` only): a full
+/// 1500-byte frame with two layers of encapsulation fits.
+pub const CAPTURE_SNAPLEN: usize = 2024;
+/// `CaptureFilter::vip_id` that matches every VIP.
+pub const CAPTURE_ANY_VIP: u32 = u32::MAX;
+/// `CaptureRecord::direction`: the packet as it arrived.
+pub const CAPTURE_IN: u32 = 0;
+/// `CaptureRecord::direction`: the packet as it left (encapsulated).
+pub const CAPTURE_OUT: u32 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureFilter {
+    /// 0: off (the data path's only cost: reading this word).
+    pub enabled: u32,
+    /// The VIP whose packets are captured, or `CAPTURE_ANY_VIP`.
+    pub vip_id: u32,
+    /// The backend whose packets are captured, or 0 for any.
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// One captured packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CaptureRecord {
+    /// CLOCK_MONOTONIC (`bpf_ktime_get_ns`).
+    pub ts_ns: u64,
+    /// The packet's length; `data` holds `caplen` bytes of it.
+    pub len: u32,
+    pub caplen: u32,
+    /// `CAPTURE_IN` or `CAPTURE_OUT`.
+    pub direction: u32,
+    /// The interface it arrived on.
+    pub ifindex: u32,
+    pub data: [u8; CAPTURE_SNAPLEN],
+}
+
 /// How long a cached next hop is used.
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 

@@ -9,14 +9,15 @@ use lb_common::{
     PROTO_TCP, PROTO_UDP,
     flow_hash::flow_hash,
     maps::{
-        BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, ConnEntry, NEXTHOP_TTL_NS,
-        NextHopCache, Reason, VIP_F_GUE, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT,
-        VipKey, VipMeta, vip_addr_filter_bit,
+        BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, CAPTURE_IN, CAPTURE_OUT,
+        ConnEntry, NEXTHOP_TTL_NS, NextHopCache, Reason, VIP_F_GUE, VIP_KIND_ADDRESS,
+        VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta, vip_addr_filter_bit,
     },
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
 };
 
 use crate::{
+    capture,
     encap::{NextHop, Outer, encapsulate, encapsulate_nested, lookup_next_hop},
     icmp::{echo_reply, ingress_macs, quote_len, too_big_reply},
     maps::{
@@ -441,12 +442,19 @@ fn forward(
             (cfg.gateway_mac, our_mac, Exit::Gateway)
         }
     };
+    let capture = capture::wanted(vip.vip_id, backend_id);
+    if capture {
+        capture::record(ctx, CAPTURE_IN);
+    }
     let written = match &second {
         None => encapsulate(ctx, pkt, &outer, &dmac, &smac),
         Some(s) => encapsulate_nested(ctx, pkt, &outer, s, &dmac, &smac),
     };
     if written.is_err() {
         return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
+    }
+    if capture {
+        capture::record(ctx, CAPTURE_OUT);
     }
     match exit {
         Exit::Tx => finish(Reason::Tx, XDP_TX, bytes),

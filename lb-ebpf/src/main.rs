@@ -6,6 +6,7 @@
 
 mod balancer;
 mod bench;
+mod capture;
 mod decap;
 mod encap;
 mod icmp;

@@ -3,13 +3,14 @@
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     maps::{
-        Backend, CONTROL_STATE_ENTRIES, ConnEntry, Counter, DEFAULT_CONNTRACK_ENTRIES,
-        DEFAULT_MAGLEV_SLOTS, DecapReason, FlowKey, InsertBudget, MAX_BACKENDS, MAX_VIPS,
-        NextHopCache, PrevTable, Reason, VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
+        Backend, CAPTURE_RING_BYTES, CONTROL_STATE_ENTRIES, CaptureFilter, ConnEntry, Counter,
+        DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, DecapReason, FlowKey, InsertBudget,
+        MAX_BACKENDS, MAX_VIPS, NextHopCache, PrevTable, Reason, VIP_ADDR_FILTER_WORDS, VipKey,
+        VipMeta,
     },
     settings::Settings,
 };
@@ -53,6 +54,18 @@ pub static MAGLEV_SLOTS: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_SLO
 /// survives a daemon restart; the data path never reads it.
 #[map]
 pub static CONTROL_STATE: Array<u64> = Array::with_max_entries(CONTROL_STATE_ENTRIES, 0);
+
+/// `lbctl capture`'s filter (entry 0; `enabled` 0 = off).
+#[map]
+pub static CAPTURE: Array<CaptureFilter> = Array::with_max_entries(1, 0);
+
+/// Capture records a full ring refused.
+#[map]
+pub static CAPTURE_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Captured packets, read by `lbctl capture`.
+#[map]
+pub static CAPTURE_RING: RingBuf = RingBuf::with_byte_size(CAPTURE_RING_BYTES, 0);
 
 /// Each VIP's previous Maglev table (by vip id) while its second-chance
 /// window lasts; read only on a connection-table miss.

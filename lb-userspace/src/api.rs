@@ -70,6 +70,17 @@ pub enum Request {
     },
     /// The running configuration (file plus runtime changes) as TOML.
     ConfigDump,
+    /// Start capturing forwarded packets (of one VIP / backend, or all)
+    /// for at most `seconds`; the answer names the ring to read.
+    CaptureStart {
+        #[serde(default)]
+        vip: Option<String>,
+        #[serde(default)]
+        backend: Option<String>,
+        seconds: u32,
+    },
+    /// Stop capturing.
+    CaptureStop,
     /// Withdraw every VIP from the routers (BGP) and stop announcing.
     DrainInstance,
     /// Announce again what this instance can serve.

@@ -33,6 +33,11 @@ use crate::{
     tunnel_probe::TunnelSpec,
 };
 
+/// The longest capture, and how long past its end lbd waits for the
+/// reader to stop it before stopping it itself.
+const MAX_CAPTURE_SECS: u32 = 3600;
+const CAPTURE_GRACE: Duration = Duration::from_secs(5);
+
 /// Freed backend ids wait this long before reuse (tracked flows naming them
 /// have re-hashed or expired by then).
 const ID_QUARANTINE: Duration = Duration::from_secs(600);
@@ -72,6 +77,10 @@ pub struct Daemon {
     /// Health probes that failed on this host (EMFILE, no route, ...):
     /// never counted against a backend.
     local_probe_errors: u64,
+    /// A running capture ends by then at the latest.
+    capture_until: Option<std::time::Instant>,
+    /// `capture_lost` when the running capture started.
+    capture_lost_before: u64,
     /// The last attach error per interface (logged once, not every retry).
     link_errors: BTreeMap<String, String>,
 }
@@ -232,6 +241,8 @@ impl Daemon {
             attached: false,
             local_probe_errors: 0,
             link_errors: BTreeMap::new(),
+            capture_until: None,
+            capture_lost_before: 0,
         };
         d.announcer = d.config.bgp.clone().map(Announcer::new);
         d.apply()?;
@@ -622,6 +633,19 @@ impl Daemon {
                 "runtime_changes": describe_changes(&self.file_vips, &self.config.vips),
             })),
             Request::Flows { .. } => bail!("flows are answered off the daemon loop"),
+            Request::CaptureStart {
+                vip,
+                backend,
+                seconds,
+            } => self.start_capture(vip.as_deref(), backend.as_deref(), seconds),
+            Request::CaptureStop => {
+                self.stop_capture()?;
+                let lost = self
+                    .dp
+                    .capture_lost()
+                    .saturating_sub(self.capture_lost_before);
+                Ok(json!({"message": "capture stopped", "lost": lost}))
+            }
             Request::AddVip {
                 address,
                 port,
@@ -807,8 +831,97 @@ impl Daemon {
             // What the control socket changed since the file was last read
             // (a reload replaces it with the file).
             "runtime_changes": describe_changes(&self.file_vips, &self.config.vips),
+            // `lbctl capture` running (the data path copies packets).
+            "capturing": self.dp.capture().enabled != 0,
             "vips": vips,
         })
+    }
+
+    /// Turns capture on for `seconds` (plus a grace period for the reader);
+    /// one capture at a time.
+    fn start_capture(
+        &mut self,
+        vip: Option<&str>,
+        backend: Option<&str>,
+        seconds: u32,
+    ) -> Result<serde_json::Value> {
+        if !(1..=MAX_CAPTURE_SECS).contains(&seconds) {
+            bail!("a capture lasts 1 to {MAX_CAPTURE_SECS} seconds");
+        }
+        let ring = self
+            .dp
+            .capture_ring_path()
+            .context("capture reads the pinned ring: set lb.pin_path")?;
+        if self
+            .capture_until
+            .is_some_and(|t| t > std::time::Instant::now())
+        {
+            bail!("a capture is running (one at a time); `lbctl capture` stops when done");
+        }
+        let vip_id = match vip {
+            None => lb_common::maps::CAPTURE_ANY_VIP,
+            Some(name) => {
+                let key = vip_key(&self.config.vips[self.vip_index(name)?]);
+                self.rec
+                    .vips
+                    .get(&key)
+                    .context("that VIP is not applied")?
+                    .meta
+                    .vip_id
+            }
+        };
+        let backend_id = match backend {
+            None => 0,
+            Some(b) => {
+                let addr: IpAddr = b.parse().context("backend address")?;
+                let ids: Vec<u32> = self
+                    .rec
+                    .vips
+                    .values()
+                    .filter(|a| {
+                        vip_id == lb_common::maps::CAPTURE_ANY_VIP || a.meta.vip_id == vip_id
+                    })
+                    .filter_map(|a| a.backends.get(&addr).map(|b| b.id))
+                    .collect();
+                match ids[..] {
+                    [id] => id,
+                    [] => bail!("no backend {b} in {}", vip.unwrap_or("any VIP")),
+                    _ => bail!("{b} serves several VIPs: name one with --vip"),
+                }
+            }
+        };
+        self.dp.set_capture(lb_common::maps::CaptureFilter {
+            enabled: 1,
+            vip_id,
+            backend_id,
+            ..Default::default()
+        })?;
+        self.capture_until =
+            Some(std::time::Instant::now() + Duration::from_secs(seconds as u64) + CAPTURE_GRACE);
+        Ok(json!({
+            "message": "capturing",
+            "ring": ring.display().to_string(),
+            "snaplen": lb_common::maps::CAPTURE_SNAPLEN,
+        }))
+    }
+
+    fn stop_capture(&mut self) -> Result<()> {
+        self.capture_until = None;
+        self.dp
+            .set_capture(lb_common::maps::CaptureFilter::default())
+    }
+
+    /// Ends a capture whose reader went away (called every second).
+    pub fn expire_capture(&mut self) {
+        if self
+            .capture_until
+            .is_some_and(|t| t <= std::time::Instant::now())
+        {
+            warn!("capture ended by its time limit (its reader did not stop it)");
+            if let Err(e) = self.stop_capture() {
+                error!("stopping a capture: {e:#}");
+            }
+        }
     }
 
     /// A walk of the connection table for `lbctl flows`, to run off the

@@ -20,13 +20,14 @@ use aya::{
 };
 use lb_common::{
     maps::{
-        BENCH_FRAME_LEN, Backend, CONTROL_TABLE_GENERATION, ConnEntry, Counter,
+        BENCH_FRAME_LEN, Backend, CONTROL_TABLE_GENERATION, CaptureFilter, ConnEntry, Counter,
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, FlowKey, GLOBAL_SETTINGS,
         MAP_ANY_PORT_VIPS, MAP_BACKEND_NEW_FLOWS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BENCH_FRAME,
-        MAP_BENCH_NEXT, MAP_CONNTRACK, MAP_CONTROL_STATE, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE,
-        MAP_PREV_TABLES, MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS,
-        PROGRAM_BALANCER, PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable, Reason,
-        VIP_ADDR_FILTER_WORDS, VipKey, VipMeta, vip_addr_filter_bit,
+        MAP_BENCH_NEXT, MAP_CAPTURE, MAP_CAPTURE_LOST, MAP_CAPTURE_RING, MAP_CONNTRACK,
+        MAP_CONTROL_STATE, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_REASON_STATS,
+        MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, PROGRAM_BALANCER, PROGRAM_BENCH_GEN,
+        PROGRAM_PASS, PrevTable, Reason, VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
+        vip_addr_filter_bit,
     },
     settings::Settings,
 };
@@ -247,7 +248,7 @@ impl Default for LoadOptions {
 }
 
 /// Maps that carry state across daemon restarts.
-pub const PINNED_MAPS: [&str; 13] = [
+pub const PINNED_MAPS: [&str; 16] = [
     MAP_VIPS,
     MAP_CONTROL_STATE,
     MAP_PREV_TABLES,
@@ -260,6 +261,9 @@ pub const PINNED_MAPS: [&str; 13] = [
     MAP_VIP_STATS,
     MAP_BACKEND_STATS,
     MAP_BACKEND_NEW_FLOWS,
+    MAP_CAPTURE,
+    MAP_CAPTURE_LOST,
+    MAP_CAPTURE_RING,
     MAP_NEXTHOP_CACHE,
 ];
 
@@ -382,6 +386,9 @@ pub struct Dataplane {
     prev_tables: Option<Array<MapData, PrevTable>>,
     /// `CONTROL_STATE` (absent from older builds' objects).
     control_state: Option<Array<MapData, u64>>,
+    /// `CAPTURE`'s filter and `CAPTURE_LOST` (absent from older builds' objects).
+    capture: Option<Array<MapData, CaptureFilter>>,
+    capture_lost: Option<PerCpuArray<MapData, u64>>,
     backends: Array<MapData, Backend>,
     conntrack: HashMap<MapData, FlowKey, ConnEntry>,
     /// A duplicate of the connection table's fd, to read its fdinfo.
@@ -486,6 +493,16 @@ impl Dataplane {
                 .map(MAP_PREV_TABLES)
                 .is_some()
                 .then(|| take(&mut ebpf, MAP_PREV_TABLES))
+                .transpose()?,
+            capture: ebpf
+                .map(MAP_CAPTURE)
+                .is_some()
+                .then(|| take(&mut ebpf, MAP_CAPTURE))
+                .transpose()?,
+            capture_lost: ebpf
+                .map(MAP_CAPTURE_LOST)
+                .is_some()
+                .then(|| take(&mut ebpf, MAP_CAPTURE_LOST))
                 .transpose()?,
             control_state: ebpf
                 .map(MAP_CONTROL_STATE)
@@ -690,6 +707,37 @@ impl Dataplane {
                 .context("writing CONTROL_STATE"),
             None => Ok(()),
         }
+    }
+
+    /// Sets the capture filter (`enabled` 0: off).
+    pub fn set_capture(&mut self, filter: CaptureFilter) -> Result<()> {
+        self.capture
+            .as_mut()
+            .context("this XDP program cannot capture (built before capture)")?
+            .set(0, filter, 0)
+            .context("writing CAPTURE")
+    }
+
+    /// The capture filter as the kernel has it.
+    pub fn capture(&self) -> CaptureFilter {
+        self.capture
+            .as_ref()
+            .and_then(|m| m.get(&0, 0).ok())
+            .unwrap_or_default()
+    }
+
+    /// Capture records lost to a full ring, since the data plane was created.
+    pub fn capture_lost(&self) -> u64 {
+        self.capture_lost
+            .as_ref()
+            .and_then(|m| m.get(&0, 0).ok())
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// The bpffs path of the capture ring, when the data plane is pinned.
+    pub fn capture_ring_path(&self) -> Option<PathBuf> {
+        self.pin_path.as_ref().map(|d| d.join(MAP_CAPTURE_RING))
     }
 
     /// Whether the program does second-chance forwarding.

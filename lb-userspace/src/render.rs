@@ -57,6 +57,9 @@ pub fn status(v: &Value) -> String {
             }
         );
     }
+    if v["capturing"].as_bool() == Some(true) {
+        out += "  CAPTURING (lbctl capture)";
+    }
     if let Some(age) = v["tracked_flows_age_ms"].as_u64() {
         out += &format!("  tracked flows counted {age} ms ago");
     }

@@ -465,3 +465,121 @@ fn a_backend_without_decap_is_taken_out_by_the_tunnel_probe() {
     assert_eq!(fresh.values().sum::<usize>(), 90, "{fresh:?}");
     assert!(!fresh.contains_key("be1"), "{fresh:?}");
 }
+
+/// `lbctl capture` writes what the data path saw and what it sent: tcpdump
+/// reads the file and shows each client packet twice, the second time
+/// inside the outer header toward the backend that answered.
+#[test]
+fn a_capture_shows_each_packet_as_it_arrived_and_as_it_left() {
+    if !have_root() {
+        return;
+    }
+    let tb = Testbed::new(
+        "e2p",
+        Spec {
+            lbs: 1,
+            ..Spec::default()
+        },
+    );
+    let file = std::env::temp_dir().join(format!("e2p-{}.pcap", std::process::id()));
+    let socket = tb.lbds[0].socket.clone();
+    let out_file = file.clone();
+    let capture = std::thread::spawn(move || {
+        std::process::Command::new(lb_tests::lbd::lbctl_binary())
+            .arg("--socket")
+            .arg(&socket)
+            .args([
+                "capture",
+                "--vip",
+                "10.0.0.10:80/tcp",
+                "-c",
+                "8",
+                "--seconds",
+                "20",
+                "-w",
+            ])
+            .arg(&out_file)
+            .output()
+            .unwrap()
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tb.lbctl(0, Request::Status).data["capturing"] != true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "capture never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let backend = tb.in_client(|| {
+        let mut c = Conn::open().expect("a connection through the LB");
+        c.ask("second");
+        c.backend.clone()
+    });
+    let out = capture.join().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("8 packets written") && said.contains("4 as they arrived, 4 as they left"),
+        "{said}"
+    );
+    assert_eq!(
+        tb.lbctl(0, Request::Status).data["capturing"],
+        false,
+        "stopped when done"
+    );
+    // The backend's address, from its name in lbctl status order.
+    let status = tb.lbctl(0, Request::Status).data;
+    let addresses: Vec<String> = status["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap().to_string())
+        .collect();
+    let read = std::process::Command::new("tcpdump")
+        .args(["-nn", "-S", "-r"])
+        .arg(&file)
+        .output()
+        .expect("tcpdump (cargo xtask setup installs it)");
+    let text = String::from_utf8_lossy(&read.stdout).to_string();
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 8, "{text}");
+    // In pairs: the client's packet, then the same inside IPIP to a backend.
+    for pair in lines.chunks(2) {
+        let inner = pair[0].split(" IP ").nth(1).expect("an IP packet");
+        assert!(
+            inner.starts_with("10.10.0.2."),
+            "from the client: {}",
+            pair[0]
+        );
+        assert!(
+            inner.contains("> 10.0.0.10.80: Flags"),
+            "to the VIP: {}",
+            pair[0]
+        );
+        let outer: Vec<&str> = pair[1].split(" IP ").collect();
+        assert_eq!(outer.len(), 3, "outer and inner header: {}", pair[1]);
+        assert!(
+            outer[1].starts_with("172.16."),
+            "outer source in encap_source_prefix: {}",
+            pair[1]
+        );
+        let to = outer[1].split(" > ").nth(1).unwrap().trim_end_matches(':');
+        assert!(
+            addresses.iter().any(|a| a == to),
+            "outer destination {to} is a backend ({addresses:?})"
+        );
+        assert_eq!(outer[2], inner, "the same packet inside");
+    }
+    assert!(lines[0].contains("Flags [S]"), "the SYN first: {text}");
+    eprintln!("captured a flow to {backend}:\n{text}");
+}

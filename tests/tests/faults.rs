@@ -280,7 +280,7 @@ fn bad_socket_paths_are_refused_and_reloads_never_block() {
     .unwrap();
     let r = lbd.call(Request::Reload);
     assert!(r.ok, "{r:?}");
-    let text = r.data.as_str().unwrap();
+    let text = r.data["message"].as_str().unwrap();
     assert!(text.contains("lb.xdp_mode"), "{text}");
     // A FIFO in place of the file: refused at once, the loop not blocked.
     std::fs::remove_file(&cfg).unwrap();

@@ -47,6 +47,26 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Write forwarded packets to a pcap file (tcpdump -r, Wireshark):
+    /// each as it arrived and as it left, encapsulated. Needs a pinned
+    /// data plane (lb.pin_path) and the bpffs this lbd uses.
+    Capture {
+        /// Only this VIP's packets (10.0.0.10:80/tcp).
+        #[arg(long)]
+        vip: Option<String>,
+        /// Only packets sent to this backend address.
+        #[arg(long)]
+        backend: Option<String>,
+        /// Stop after this many packets written (two per forwarded packet).
+        #[arg(long, short = 'c', default_value_t = 100)]
+        count: u64,
+        /// Stop after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+        /// The pcap file to write.
+        #[arg(short = 'w', long = "write")]
+        file: PathBuf,
+    },
     /// Re-read the configuration file (also: SIGHUP to lbd). Runtime
     /// changes not in the file are dropped; the answer lists them.
     Reload,
@@ -287,6 +307,16 @@ fn run(cli: Cli) -> Result<Output> {
             }
             (data, message)
         }
+        Cmd::Capture {
+            vip,
+            backend,
+            count,
+            seconds,
+            file,
+        } => (
+            capture(socket, vip, backend, count, seconds, &file)?,
+            message,
+        ),
         Cmd::Rates { interval } => {
             if !(0.1..=3600.0).contains(&interval) {
                 bail!("--interval must be between 0.1 and 3600 seconds");
@@ -411,6 +441,56 @@ fn run(cli: Cli) -> Result<Output> {
     } else {
         Output::Text(text(&data))
     })
+}
+
+/// Set by SIGINT: a capture ends cleanly (its file complete, lbd told).
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn capture(
+    socket: &std::path::Path,
+    vip: Option<String>,
+    backend: Option<String>,
+    count: u64,
+    seconds: u32,
+    file: &std::path::Path,
+) -> Result<Value> {
+    let out = std::fs::File::create(file)
+        .map_err(|e| anyhow::anyhow!("creating {}: {e}", file.display()))?;
+    let started = ask(
+        socket,
+        &Request::CaptureStart {
+            vip,
+            backend,
+            seconds,
+        },
+    )?;
+    // SAFETY: the handler only stores to an atomic.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    let ring = PathBuf::from(started["ring"].as_str().unwrap_or_default());
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(seconds as u64);
+    let result =
+        lb_userspace::capture::capture_to(&ring, std::io::BufWriter::new(out), count, until, &STOP);
+    // Stop whatever happened to the reading.
+    let stopped = ask(socket, &Request::CaptureStop);
+    let summary = result?;
+    let lost = stopped?["lost"].as_u64().unwrap_or(0);
+    Ok(serde_json::json!({
+        "message": format!(
+            "{} packets written to {} ({} as they arrived, {} as they left); {lost} lost to a full ring",
+            summary.inbound + summary.outbound,
+            file.display(),
+            summary.inbound,
+            summary.outbound
+        ),
+        "file": file.display().to_string(),
+        "inbound": summary.inbound,
+        "outbound": summary.outbound,
+        "lost": lost,
+    }))
 }
 
 fn print_output(out: Output) -> Result<()> {

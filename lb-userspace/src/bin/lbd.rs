@@ -154,6 +154,7 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
                 // Also without a notification (one lost to ENOBUFS, say).
                 daemon.check_links();
                 daemon.expire_second_chance();
+                daemon.expire_capture();
                 seconds += 1;
                 if stats_interval > 0 && seconds.is_multiple_of(stats_interval) {
                     daemon.log_stats();
