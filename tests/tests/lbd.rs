@@ -293,7 +293,15 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
     let out = std::process::Command::new(lb_tests::lbd::lbctl_binary())
         .arg("--socket")
         .arg(&lbd.socket)
-        .args(["vip", "add", "10.0.0.11:0/tcp", "--table-size", "1009"])
+        .args([
+            "vip",
+            "add",
+            "10.0.0.11:0/tcp",
+            "--table-size",
+            "1009",
+            "--health",
+            "none",
+        ])
         .output()
         .unwrap();
     assert!(

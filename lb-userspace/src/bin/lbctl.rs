@@ -70,6 +70,7 @@ enum Cmd {
     /// Re-read the configuration file (also: SIGHUP to lbd). Runtime
     /// changes not in the file are dropped; the answer lists them.
     Reload,
+    /// The running configuration (`config dump`).
     #[command(subcommand)]
     Config(ConfigCmd),
     /// Which backend a flow maps to, by the kernel's hash.
@@ -94,13 +95,16 @@ enum Cmd {
     /// Withdraw this instance's VIPs from the routers (BGP), then with
     /// --wait return once traffic has stopped arriving.
     Drain {
+        /// Return only once no packet has arrived for a second (at most 60 s).
         #[arg(long)]
         wait: bool,
     },
     /// Announce this instance's VIPs again after a drain.
     Resume,
+    /// Add or remove VIPs (runtime changes: see `lbctl reload`).
     #[command(subcommand)]
     Vip(VipCmd),
+    /// Add, remove, drain, weigh backends or set their state.
     #[command(subcommand)]
     Backend(BackendCmd),
 }
@@ -138,7 +142,7 @@ enum VipCmd {
     },
     /// Removes a VIP.
     Remove {
-        /// e.g. 10.0.0.10:80/tcp
+        /// The VIP, as in `lbctl status`: 10.0.0.10:80/tcp.
         vip: String,
     },
 }
@@ -152,6 +156,7 @@ enum BackendCmd {
         vip: String,
         /// The backend's address.
         address: String,
+        /// Its weight, relative to the VIP's other backends.
         #[arg(long, default_value_t = 1)]
         weight: u32,
         /// active, adding or removing (see `backend state`).
@@ -163,23 +168,34 @@ enum BackendCmd {
     /// when the change is done. Instances derive the previous table from
     /// these, for second-chance forwarding.
     State {
+        /// The VIP, as in `lbctl status` (10.0.0.10:80/tcp, [fd00::10]:80/tcp).
         vip: String,
+        /// The backend's address.
         address: String,
         /// active, adding or removing.
         state: String,
     },
+    /// Removes a backend from a VIP: its tracked flows re-hash to the others.
     Remove {
+        /// The VIP, as in `lbctl status` (10.0.0.10:80/tcp, [fd00::10]:80/tcp).
         vip: String,
+        /// The backend's address.
         address: String,
     },
-    /// No new flows; tracked flows continue.
+    /// Weight 0: no new flows; tracked flows continue.
     Drain {
+        /// The VIP, as in `lbctl status` (10.0.0.10:80/tcp, [fd00::10]:80/tcp).
         vip: String,
+        /// The backend's address.
         address: String,
     },
+    /// Sets a backend's weight (relative to the VIP's other backends).
     Weight {
+        /// The VIP, as in `lbctl status` (10.0.0.10:80/tcp, [fd00::10]:80/tcp).
         vip: String,
+        /// The backend's address.
         address: String,
+        /// The new weight (0 drains).
         weight: u32,
     },
 }
@@ -383,6 +399,11 @@ fn run(cli: Cli) -> Result<Output> {
                 }
                 _ => bail!("give the VIP as ADDRESS:PORT/PROTOCOL, e.g. 10.0.0.11:443/tcp"),
             };
+            if port == 0 && health != "none" && health_port.is_none() {
+                bail!(
+                    "an every-port VIP has no port of its own to probe: give --health-port PORT or --health none"
+                );
+            }
             let health = lb_userspace::health::HealthCheck {
                 kind: health,
                 port: health_port,
@@ -499,4 +520,37 @@ fn print_output(out: Output) -> Result<()> {
         Output::Text(t) => print!("{t}"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand and argument says what it is (`--help`).
+    fn all_documented(cmd: &clap::Command, path: &str) {
+        for arg in cmd.get_arguments() {
+            if arg.is_hide_set() || ["help", "version"].contains(&arg.get_id().as_str()) {
+                continue;
+            }
+            assert!(
+                arg.get_help().is_some(),
+                "{path} {}: no help text",
+                arg.get_id()
+            );
+        }
+        for sub in cmd.get_subcommands() {
+            let name = format!("{path} {}", sub.get_name());
+            if sub.get_name() != "help" {
+                assert!(sub.get_about().is_some(), "{name}: no description");
+            }
+            all_documented(sub, &name);
+        }
+    }
+
+    #[test]
+    fn every_command_and_argument_has_help() {
+        Cli::command().debug_assert();
+        all_documented(&Cli::command(), "lbctl");
+    }
 }

@@ -40,7 +40,10 @@ enum Cmd {
         stats_interval: u64,
     },
     /// Validate a configuration file and exit.
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        /// The configuration file to check.
+        file: PathBuf,
+    },
     /// Remove the pinned data plane: detaches the program, frees the maps.
     /// Refused while an lbd runs on it.
     Teardown {
@@ -277,5 +280,37 @@ fn real_main() -> Result<()> {
             gue_port,
             (!no_pin).then_some(pin_path),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn all_documented(cmd: &clap::Command, path: &str) {
+        for arg in cmd.get_arguments() {
+            if arg.is_hide_set() || ["help", "version"].contains(&arg.get_id().as_str()) {
+                continue;
+            }
+            assert!(
+                arg.get_help().is_some(),
+                "{path} {}: no help text",
+                arg.get_id()
+            );
+        }
+        for sub in cmd.get_subcommands() {
+            let name = format!("{path} {}", sub.get_name());
+            if sub.get_name() != "help" {
+                assert!(sub.get_about().is_some(), "{name}: no description");
+            }
+            all_documented(sub, &name);
+        }
+    }
+
+    #[test]
+    fn every_command_and_argument_has_help() {
+        Cli::command().debug_assert();
+        all_documented(&Cli::command(), "lbd");
     }
 }

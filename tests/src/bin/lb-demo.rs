@@ -157,6 +157,21 @@ fn main() {
     bar(&fresh, "100 new connections after the failure:");
     ok &= fresh.values().sum::<usize>() == 100 && !fresh.contains_key("be3");
 
+    println!("\n== what an operator sees: lbctl status on lb1");
+    let status = std::process::Command::new(lb_tests::lbd::lbctl_binary())
+        .arg("--socket")
+        .arg(&tb.lbds[0].socket)
+        .arg("status")
+        .output();
+    match status {
+        Ok(out) => {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                println!("   {line}");
+            }
+        }
+        Err(e) => println!("   (lbctl: {e})"),
+    }
+
     drop(held);
     drop(tb);
     println!(
@@ -167,6 +182,12 @@ fn main() {
         println!(
             "demo passed: every connection survived the ECMP changes, the lbd restart, a backend removal \
              seen by a fresh instance, and the backend failure"
+        );
+        println!(
+            "\nNext: run it on your own hosts with docs/operations.md (a commented config is\n\
+             examples/lbd.toml, a hardened systemd unit examples/lbd.service); watch it with\n\
+             `lbctl status`, `lbctl rates`, `lbctl flows`, `lbctl capture -w f.pcap` and the\n\
+             Grafana dashboard in examples/; run every test with `cargo xtask test`."
         );
     } else {
         println!("demo FAILED: see above");
