@@ -442,8 +442,9 @@ fn forward(
             (cfg.gateway_mac, our_mac, Exit::Gateway)
         }
     };
-    let capture = capture::wanted(vip.vip_id, backend_id);
-    if capture {
+    // Asked twice rather than carried across the encapsulation: a flag
+    // live through it would double what the verifier explores.
+    if capture::wanted(vip.vip_id, backend_id) {
         capture::record(ctx, CAPTURE_IN);
     }
     let written = match &second {
@@ -453,7 +454,7 @@ fn forward(
     if written.is_err() {
         return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
     }
-    if capture {
+    if capture::wanted(vip.vip_id, backend_id) {
         capture::record(ctx, CAPTURE_OUT);
     }
     match exit {
