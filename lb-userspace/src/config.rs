@@ -40,6 +40,14 @@ pub struct LbConfig {
     pub hash_seed: u32,
     #[serde(default = "default_conntrack")]
     pub conntrack_entries: u32,
+    /// VIPs this instance can hold (sizes the per-VIP maps at load time).
+    #[serde(default = "default_max_vips")]
+    pub max_vips: u32,
+    /// Backend ids: one per (VIP, backend) pair, plus those of removed
+    /// backends kept for the second-chance window (sizes the per-backend
+    /// maps at load time).
+    #[serde(default = "default_max_backends")]
+    pub max_backends: u32,
     /// Capacity for all VIPs' tables; each VIP needs twice its size during a swap.
     #[serde(default = "default_slots")]
     pub maglev_slots: u32,
@@ -86,6 +94,17 @@ pub struct LbConfig {
     #[serde(default = "default_metrics")]
     pub metrics_address: String,
 }
+
+fn default_max_vips() -> u32 {
+    lb_common::maps::MAX_VIPS
+}
+fn default_max_backends() -> u32 {
+    lb_common::maps::MAX_BACKENDS
+}
+/// Bounds of `max_vips` and `max_backends` (the per-CPU counters of a
+/// million backends already take 16 MiB per CPU).
+pub const MAX_VIPS_LIMIT: u32 = 65_536;
+pub const MAX_BACKENDS_LIMIT: u32 = 1 << 20;
 
 fn default_prefix6() -> String {
     "fd00:172:16::/96".into()
@@ -424,6 +443,34 @@ impl Config {
         }
         if self.lb.conntrack_entries == 0 {
             bail!("lb.conntrack_entries must be positive");
+        }
+        if !(1..=MAX_VIPS_LIMIT).contains(&self.lb.max_vips) {
+            bail!(
+                "lb.max_vips: {} is not in 1..={MAX_VIPS_LIMIT}",
+                self.lb.max_vips
+            );
+        }
+        if !(2..=MAX_BACKENDS_LIMIT).contains(&self.lb.max_backends) {
+            bail!(
+                "lb.max_backends: {} is not in 2..={MAX_BACKENDS_LIMIT}",
+                self.lb.max_backends
+            );
+        }
+        if self.vips.len() > self.lb.max_vips as usize {
+            bail!(
+                "lb.max_vips: {} is fewer than the {} VIPs configured",
+                self.lb.max_vips,
+                self.vips.len()
+            );
+        }
+        // Id 0 is never used; removed backends keep theirs for a while.
+        let pairs: usize = self.vips.iter().map(|v| v.backends.len()).sum();
+        if pairs >= self.lb.max_backends as usize {
+            bail!(
+                "lb.max_backends: {} is too few for the {pairs} (VIP, backend) pairs configured \
+                 (leave room for removed backends, whose ids wait out the second-chance window)",
+                self.lb.max_backends
+            );
         }
         let mut seen = BTreeSet::new();
         let mut needed_slots = 0u64;

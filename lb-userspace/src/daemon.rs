@@ -209,6 +209,8 @@ impl Daemon {
             settings: config.settings(),
             maglev_slots: config.lb.maglev_slots,
             conntrack_entries: config.lb.conntrack_entries,
+            max_vips: config.lb.max_vips,
+            max_backends: config.lb.max_backends,
             pin_path,
             object: None,
         };
@@ -216,7 +218,22 @@ impl Daemon {
         let window = Duration::from_secs(config.lb.second_chance_window_secs);
         // A freed id is not reused while a previous table may still name it.
         let quarantine = ID_QUARANTINE.max(window + Duration::from_secs(60));
-        let mut rec = Reconciler::new(config.lb.hash_seed, dp.slot_capacity(), quarantine);
+        // The maps' real sizes: pinned ones keep those they were made with.
+        let capacity = (dp.vip_capacity, dp.backend_capacity);
+        if capacity != (config.lb.max_vips, config.lb.max_backends) {
+            warn!(
+                vips = capacity.0,
+                backend_ids = capacity.1,
+                "the pinned maps keep the sizes they were created with, not lb.max_vips / \
+                 lb.max_backends (changing them needs `lbd teardown`, which drops the connection table)"
+            );
+        }
+        let mut rec = Reconciler::with_capacity(
+            config.lb.hash_seed,
+            dp.slot_capacity(),
+            capacity,
+            quarantine,
+        );
         rec.second_chance_window = window;
         if dp.adopted {
             rec.generation = dp.saved_generation();

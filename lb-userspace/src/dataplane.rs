@@ -25,8 +25,8 @@ use lb_common::{
         MAP_ANY_PORT_VIPS, MAP_BACKEND_NEW_FLOWS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BENCH_FRAME,
         MAP_BENCH_NEXT, MAP_CAPTURE, MAP_CAPTURE_LOST, MAP_CAPTURE_RING, MAP_CONNTRACK,
         MAP_CONTROL_STATE, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_REASON_STATS,
-        MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, PROGRAM_BALANCER, PROGRAM_BENCH_GEN,
-        PROGRAM_PASS, PrevTable, Reason, VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
+        MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, PROGRAM_BALANCER,
+        PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable, Reason, VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
         vip_addr_filter_bit,
     },
     settings::Settings,
@@ -214,6 +214,10 @@ pub struct LoadOptions {
     /// Capacity of `MAGLEV_SLOTS` (all VIPs' tables, twice over for swaps).
     pub maglev_slots: u32,
     pub conntrack_entries: u32,
+    /// Sizes of the per-VIP and per-backend maps (`lb.max_vips`,
+    /// `lb.max_backends`).
+    pub max_vips: u32,
+    pub max_backends: u32,
     /// bpffs directory to pin maps and links in, so the data plane outlives
     /// the daemon and a new daemon adopts it. `None`: nothing pinned.
     pub pin_path: Option<PathBuf>,
@@ -241,10 +245,27 @@ impl Default for LoadOptions {
             settings: Settings::DEFAULT,
             maglev_slots: DEFAULT_MAGLEV_SLOTS,
             conntrack_entries: DEFAULT_CONNTRACK_ENTRIES,
+            max_vips: MAX_VIPS,
+            max_backends: MAX_BACKENDS,
             pin_path: None,
             object: None,
         }
     }
+}
+
+/// The per-VIP and per-backend maps and their sizes for `max_vips` VIPs
+/// and `max_backends` backend ids. `VIPS` holds up to three keys per VIP
+/// (its own, its address's fragment key and its address key).
+pub fn map_sizes(max_vips: u32, max_backends: u32) -> [(&'static str, u32); 7] {
+    [
+        (MAP_VIPS, max_vips.saturating_mul(3)),
+        (MAP_PREV_TABLES, max_vips),
+        (MAP_VIP_STATS, max_vips),
+        (MAP_BACKENDS, max_backends),
+        (MAP_BACKEND_STATS, max_backends),
+        (MAP_BACKEND_NEW_FLOWS, max_backends),
+        (MAP_NEXTHOP_CACHE, max_backends),
+    ]
 }
 
 /// Maps that carry state across daemon restarts.
@@ -405,6 +426,19 @@ pub struct Dataplane {
     pin_path: Option<PathBuf>,
     /// True when the maps were found pinned (a previous daemon's state).
     pub adopted: bool,
+    /// VIP ids and backend ids the maps hold (as loaded: pinned maps keep
+    /// the sizes they were created with).
+    pub vip_capacity: u32,
+    pub backend_capacity: u32,
+}
+
+/// `max_entries` of a map of the loaded object.
+fn max_entries_of(ebpf: &Ebpf, name: &str) -> Option<u32> {
+    let data = match ebpf.map(name)? {
+        Map::Array(d) | Map::PerCpuArray(d) | Map::HashMap(d) | Map::LruHashMap(d) => d,
+        _ => return None,
+    };
+    data.info().ok().map(|i| i.max_entries())
 }
 
 /// One `BPF_PROG_TEST_RUN` result.
@@ -434,6 +468,9 @@ impl Dataplane {
             .override_global(GLOBAL_SETTINGS, &opts.settings, true)
             .map_max_entries(MAP_MAGLEV_SLOTS, opts.maglev_slots)
             .map_max_entries(MAP_CONNTRACK, opts.conntrack_entries);
+        for (name, entries) in map_sizes(opts.max_vips, opts.max_backends) {
+            loader.map_max_entries(name, entries);
+        }
         let mut adopted = false;
         let pins: Vec<(&str, PathBuf)> = match &opts.pin_path {
             Some(dir) => {
@@ -477,6 +514,8 @@ impl Dataplane {
         };
         // The mapping keeps the map alive; the fd can go.
         drop(slots_map);
+        let vip_capacity = max_entries_of(&ebpf, MAP_VIP_STATS).unwrap_or(opts.max_vips);
+        let backend_capacity = max_entries_of(&ebpf, MAP_BACKENDS).unwrap_or(opts.max_backends);
         let vips: HashMap<MapData, VipKey, VipMeta> = take(&mut ebpf, MAP_VIPS)?;
         let vip_keys = vips.keys().filter_map(|k| k.ok()).collect();
         let mut dp = Dataplane {
@@ -525,6 +564,8 @@ impl Dataplane {
             ifindexes: Default::default(),
             pin_path: opts.pin_path.clone(),
             adopted,
+            vip_capacity,
+            backend_capacity,
         };
         // Adopted VIPs (perhaps pinned by an lbd that had no filter yet):
         // every word written before the program can run.
@@ -604,7 +645,7 @@ impl Dataplane {
 
     /// Every written `BACKENDS` entry with its id.
     pub fn backend_entries(&self) -> Vec<(u32, Backend)> {
-        (1..lb_common::maps::MAX_BACKENDS)
+        (1..self.backend_capacity)
             .filter_map(|id| self.backends.get(&id, 0).ok().map(|b| (id, b)))
             .filter(|(_, b)| b.vip_id != 0)
             .collect()

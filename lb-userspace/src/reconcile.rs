@@ -220,12 +220,22 @@ pub struct Reconciler {
 
 impl Reconciler {
     pub fn new(seed: u32, slot_capacity: u32, id_quarantine: Duration) -> Self {
+        Self::with_capacity(seed, slot_capacity, (MAX_VIPS, MAX_BACKENDS), id_quarantine)
+    }
+
+    /// As `new`, for maps sized to `(vips, backend ids)`.
+    pub fn with_capacity(
+        seed: u32,
+        slot_capacity: u32,
+        (vips, backends): (u32, u32),
+        id_quarantine: Duration,
+    ) -> Self {
         Reconciler {
             seed,
             vips: BTreeMap::new(),
             alloc: SlotAllocator::new(slot_capacity),
-            backend_ids: IdAllocator::new(1, MAX_BACKENDS, id_quarantine),
-            vip_ids: IdAllocator::new(1, MAX_VIPS, Duration::ZERO),
+            backend_ids: IdAllocator::new(1, backends, id_quarantine),
+            vip_ids: IdAllocator::new(1, vips, Duration::ZERO),
             generation: 0,
             frag_keys: BTreeMap::new(),
             any_port: None,

@@ -208,6 +208,7 @@ impl Harness {
             conntrack_entries,
             pin_path: None,
             object,
+            ..LoadOptions::default()
         };
         let dp = Dataplane::load(&opts).expect("loading the XDP program");
         let model = ModelMaps {
@@ -240,6 +241,7 @@ impl Harness {
             conntrack_entries: self.conntrack_entries,
             pin_path: None,
             object,
+            ..LoadOptions::default()
         };
         let dp = Dataplane::load(&opts).expect("loading the XDP program");
         let alloc = SlotAllocator::new(dp.slot_capacity());

@@ -566,3 +566,77 @@ fn lbd_notifies_systemd_of_ready_reloading_and_stopping() {
     lbd.stop(libc::SIGTERM);
     assert_eq!(next(), "STOPPING=1\n");
 }
+
+/// `max_vips` / `max_backends` / `conntrack_entries` / `maglev_slots` size
+/// the maps the kernel creates, and `lbd check-config`'s memory estimate is
+/// the kernel's own account of them (`memlock`) within 10%.
+#[test]
+fn map_sizes_come_from_the_config_and_cost_what_check_config_says() {
+    if !have_root() {
+        return;
+    }
+    use std::os::fd::{AsFd, AsRawFd};
+    let b = Bed::new("z");
+    let vips = format!(
+        "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n{}",
+        backends_toml()
+    );
+    let cfg = b.config(65536, &vips);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "conntrack_entries = 65536\n",
+        "conntrack_entries = 100000\nmax_vips = 100\nmax_backends = 5000\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let _lbd = b.start_lbd(&cfg);
+    let config = lb_userspace::config::Config::load(&cfg).unwrap();
+    let cpus = lb_userspace::sizing::possible_cpus();
+    let plan = lb_userspace::sizing::plan(&config.lb, cpus);
+    let mut checked = 0;
+    for m in &plan {
+        let path = b.pin.join(m.name);
+        if !path.exists() {
+            continue; // not pinned (per-CPU scratch, the backend side's)
+        }
+        let data = aya::maps::MapData::from_pin(&path).unwrap();
+        let info = data.info().unwrap();
+        if m.kind != lb_userspace::sizing::Kind::RingBuf {
+            assert_eq!(info.max_entries(), m.entries, "{}", m.name);
+        }
+        let fd = data.fd().as_fd().as_raw_fd();
+        let fdinfo = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap();
+        let memlock: u64 = fdinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap();
+        eprintln!(
+            "{:<20} {:>8} entries  estimate {:>10}  kernel {:>10}",
+            m.name, m.entries, m.bytes, memlock
+        );
+        if m.bytes >= 64 * 1024 {
+            let ratio = m.bytes as f64 / memlock as f64;
+            assert!(
+                (0.9..=1.1).contains(&ratio),
+                "{}: estimate {} vs kernel {memlock}",
+                m.name,
+                m.bytes
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 14, "only {checked} pinned maps found");
+    assert_eq!(
+        plan.iter().find(|m| m.name == "CONNTRACK").unwrap().entries,
+        100_000
+    );
+    let out = std::process::Command::new(lb_tests::lbd::lbd_binary())
+        .arg("check-config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && said.contains("total") && said.contains("BACKEND_STATS"),
+        "{said}"
+    );
+}

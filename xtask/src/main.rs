@@ -1,4 +1,4 @@
-//! `cargo xtask <command>`: setup, build, test, bench, demo.
+//! `cargo xtask <command>`: setup, build, test, bench, simulate, demo.
 
 mod bench;
 mod demo;
@@ -44,6 +44,28 @@ enum Cmd {
     },
     /// Set up, then run the demo topology with real traffic.
     Demo,
+    /// Fleet simulator (no kernel): flows broken per event of a fleet's life
+    /// under hash mod N, Maglev, + connection tables, + second chance;
+    /// writes target/sim/report.json and report.svg.
+    Simulate {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// LB instances behind the ECMP router.
+        #[arg(long, default_value_t = 64)]
+        instances: usize,
+        /// VIPs (at least 7: the scenario changes seven of them).
+        #[arg(long, default_value_t = 8)]
+        vips: usize,
+        /// Backends per VIP.
+        #[arg(long, default_value_t = 20)]
+        backends: usize,
+        /// Flows alive at any time.
+        #[arg(long, default_value_t = 100_000)]
+        flows: usize,
+        /// Maglev table size (a prime).
+        #[arg(long, default_value_t = 65_537)]
+        table_size: u32,
+    },
     /// Differential fuzzing: N frames through the kernel and the reference model.
     Fuzz {
         #[arg(long, default_value_t = 1_000_000)]
@@ -160,6 +182,30 @@ fn main() -> Result<()> {
                 &["--count", &count.to_string(), "--seed", &seed.to_string()],
             )
         }
+        Cmd::Simulate {
+            seed,
+            instances,
+            vips,
+            backends,
+            flows,
+            table_size,
+        } => run_tests_binary(
+            "lb-sim",
+            &[
+                "--seed",
+                &seed.to_string(),
+                "--instances",
+                &instances.to_string(),
+                "--vips",
+                &vips.to_string(),
+                "--backends",
+                &backends.to_string(),
+                "--flows",
+                &flows.to_string(),
+                "--table-size",
+                &table_size.to_string(),
+            ],
+        ),
         Cmd::Demo => {
             setup::setup()?;
             demo::demo()

@@ -242,8 +242,14 @@ fn real_main() -> Result<()> {
             stats_interval,
         } => rt.block_on(run(config, stats_interval)),
         Cmd::CheckConfig { file } => {
-            Config::load(&file)?.check_host()?;
+            let config = Config::load(&file)?;
+            config.check_host()?;
             println!("{}: ok", file.display());
+            let cpus = lb_userspace::sizing::possible_cpus();
+            print!(
+                "{}",
+                lb_userspace::sizing::render(&lb_userspace::sizing::plan(&config.lb, cpus), cpus)
+            );
             Ok(())
         }
         Cmd::Teardown { config, pin_path } => {
