@@ -33,7 +33,7 @@ pub const STRATEGIES: [&str; 4] = [
     "maglev_conntrack_second_chance",
 ];
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct SimConfig {
     pub seed: u64,
     pub instances: usize,
@@ -208,12 +208,8 @@ pub struct EventReport {
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Report {
-    pub seed: u64,
-    pub instances: usize,
-    pub vips: usize,
-    pub backends_per_vip: usize,
-    pub flows: usize,
-    pub table_size: u32,
+    #[serde(flatten)]
+    pub config: SimConfig,
     pub events: Vec<EventReport>,
 }
 
@@ -427,6 +423,18 @@ impl Sim {
         }
     }
 
+    /// Removes a backend of `vip` (chosen at random) on every instance and
+    /// routes every flow; returns its id.
+    fn remove_one(&mut self, vip: usize) -> u32 {
+        let j = self.rng.random_range(0..self.fleet.vips[vip].len());
+        let id = self.fleet.vips[vip][j].spec.id;
+        self.change_backends(vip, |b, _| {
+            b.remove(j);
+        });
+        self.route_all();
+        id
+    }
+
     fn instance_added(&mut self) {
         self.active.push(self.next_instance % 128);
         self.next_instance += 1;
@@ -470,14 +478,7 @@ impl Sim {
                 });
                 self.route_all();
             }
-            Event::BackendRemoved { vip } => {
-                let j = pick(self, *vip);
-                gone.push(self.fleet.vips[*vip][j].spec.id);
-                self.change_backends(*vip, |b, _| {
-                    b.remove(j);
-                });
-                self.route_all();
-            }
+            Event::BackendRemoved { vip } => gone.push(self.remove_one(*vip)),
             Event::BackendFailed { vip } => {
                 let j = pick(self, *vip);
                 gone.push(self.fleet.vips[*vip][j].spec.id);
@@ -500,12 +501,7 @@ impl Sim {
                 self.instance_added();
             }
             Event::BackendRemovedThenRollingUpgrade { vip } => {
-                let j = pick(self, *vip);
-                gone.push(self.fleet.vips[*vip][j].spec.id);
-                self.change_backends(*vip, |b, _| {
-                    b.remove(j);
-                });
-                self.route_all();
+                gone.push(self.remove_one(*vip));
                 self.rolling_upgrade();
             }
         }
@@ -601,12 +597,7 @@ impl Sim {
             reports.push(self.run(e));
         }
         Report {
-            seed: self.cfg.seed,
-            instances: self.cfg.instances,
-            vips: self.cfg.vips,
-            backends_per_vip: self.cfg.backends_per_vip,
-            flows: self.cfg.flows,
-            table_size: self.cfg.table_size,
+            config: self.cfg,
             events: reports,
         }
     }

@@ -5,6 +5,7 @@ pub mod announce;
 pub mod api;
 pub mod backend_check;
 pub mod capture;
+pub mod cli_help;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

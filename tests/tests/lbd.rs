@@ -18,6 +18,14 @@ use lb_userspace::api::Request;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 
+/// `VIP:port/proto` (table 4099) with the bed's three backends, unchecked.
+fn vip_toml(port: u16, proto: &str) -> String {
+    format!(
+        "[[vip]]\naddress = \"{VIP}\"\nport = {port}\nprotocol = \"{proto}\"\ntable_size = 4099\n{}",
+        backends_toml()
+    )
+}
+
 #[test]
 fn health_failure_removes_exactly_that_backend_from_the_kernel_table() {
     if !have_root() {
@@ -128,10 +136,7 @@ fn restart_and_sigkill_keep_forwarding_and_the_connection_table() {
         return;
     }
     let b = Bed::new("r");
-    let vips = format!(
-        "[[vip]]\naddress = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\ntable_size = 4099\n{}",
-        backends_toml()
-    );
+    let vips = vip_toml(53, "udp");
     let cfg = b.config(65536, &vips);
     let mut lbd = b.start_lbd(&cfg);
     let key = VipKey::new(IpAddr::V4(VIP), 53, PROTO_UDP);
@@ -211,10 +216,7 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
         return;
     }
     let b = Bed::new("a");
-    let vips = format!(
-        "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n{}",
-        backends_toml()
-    );
+    let vips = vip_toml(80, "tcp");
     let cfg = b.config(65536, &vips);
     let lbd = b.start_lbd(&cfg);
     let key = VipKey::new(IpAddr::V4(VIP), 80, PROTO_TCP);
@@ -512,10 +514,7 @@ fn lbd_notifies_systemd_of_ready_reloading_and_stopping() {
         return;
     }
     let b = Bed::new("n");
-    let vips = format!(
-        "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n{}",
-        backends_toml()
-    );
+    let vips = vip_toml(80, "tcp");
     let cfg = b.config(65536, &vips);
     let path = b.dir.join("notify.sock");
     let _ = std::fs::remove_file(&path);
@@ -577,10 +576,7 @@ fn map_sizes_come_from_the_config_and_cost_what_check_config_says() {
     }
     use std::os::fd::{AsFd, AsRawFd};
     let b = Bed::new("z");
-    let vips = format!(
-        "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n{}",
-        backends_toml()
-    );
+    let vips = vip_toml(80, "tcp");
     let cfg = b.config(65536, &vips);
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "conntrack_entries = 65536\n",

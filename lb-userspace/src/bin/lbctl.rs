@@ -527,30 +527,9 @@ mod tests {
     use super::*;
     use clap::CommandFactory;
 
-    /// Every subcommand and argument says what it is (`--help`).
-    fn all_documented(cmd: &clap::Command, path: &str) {
-        for arg in cmd.get_arguments() {
-            if arg.is_hide_set() || ["help", "version"].contains(&arg.get_id().as_str()) {
-                continue;
-            }
-            assert!(
-                arg.get_help().is_some(),
-                "{path} {}: no help text",
-                arg.get_id()
-            );
-        }
-        for sub in cmd.get_subcommands() {
-            let name = format!("{path} {}", sub.get_name());
-            if sub.get_name() != "help" {
-                assert!(sub.get_about().is_some(), "{name}: no description");
-            }
-            all_documented(sub, &name);
-        }
-    }
-
     #[test]
     fn every_command_and_argument_has_help() {
         Cli::command().debug_assert();
-        all_documented(&Cli::command(), "lbctl");
+        lb_userspace::cli_help::assert_documented(&Cli::command(), "lbctl");
     }
 }

@@ -30,12 +30,12 @@ fn svg(report: &Report) -> String {
 <rect width="100%" height="100%" fill="white"/>
 <text x="{left}" y="20" font-size="15">Established flows broken per event ({} instances, {} VIPs x {} backends, {} flows, M = {}, seed {})</text>
 "#,
-        report.instances,
-        report.vips,
-        report.backends_per_vip,
-        report.flows,
-        report.table_size,
-        report.seed
+        report.config.instances,
+        report.config.vips,
+        report.config.backends_per_vip,
+        report.config.flows,
+        report.config.table_size,
+        report.config.seed
     );
     for tick in [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0] {
         let ty = y(tick);
