@@ -15,3 +15,9 @@ pub fn bench(calls: u32, baseline: Option<&std::path::Path>) -> Result<()> {
     }
     run_tests_binary("lb-bench", &args)
 }
+
+/// `cargo xtask bench --scale`: the control plane at thousands of VIPs and
+/// backends (lb-scale; about 5 GiB of kernel memory for the default sizes).
+pub fn scale(table_size: u32) -> Result<()> {
+    run_tests_binary("lb-scale", &["--table-size", &table_size.to_string()])
+}

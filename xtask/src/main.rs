@@ -41,6 +41,14 @@ enum Cmd {
         /// alternating, and the report gives new/old ratios.
         #[arg(long)]
         baseline: Option<std::path::PathBuf>,
+        /// Instead: the control plane at scale (4,096 VIPs x 100 backends,
+        /// 16 VIPs x 10,000): cold table writes, one host failing under
+        /// every VIP, RSS, kernel memory by map.
+        #[arg(long)]
+        scale: bool,
+        /// With --scale: the table size of the 4,096 VIPs (a prime).
+        #[arg(long, default_value_t = 65_537)]
+        scale_table_size: u32,
     },
     /// Set up, then run the demo topology with real traffic.
     Demo,
@@ -171,9 +179,18 @@ fn main() -> Result<()> {
                 "maglev",
             ]))
         }
-        Cmd::Bench { calls, baseline } => {
+        Cmd::Bench {
+            calls,
+            baseline,
+            scale,
+            scale_table_size,
+        } => {
             setup::setup()?;
-            bench::bench(calls, baseline.as_deref())
+            if scale {
+                bench::scale(scale_table_size)
+            } else {
+                bench::bench(calls, baseline.as_deref())
+            }
         }
         Cmd::Fuzz { count, seed } => {
             setup::setup()?;
