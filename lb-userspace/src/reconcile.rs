@@ -29,8 +29,9 @@ use tracing::warn;
 
 use crate::{
     slots::SlotAllocator,
-    vip_table::{BackendSpec, derived_keys, table_with_failures},
+    vip_table::{BackendSpec, derived_keys},
 };
+use tables::{Built, TableInputs, build_all, build_threads};
 
 /// The map operations the reconciler needs.
 pub trait MapWriter {
@@ -216,6 +217,11 @@ pub struct Reconciler {
     any_port: Option<bool>,
     /// How long previous tables are kept (zero: second chance off).
     pub second_chance_window: Duration,
+    /// The inputs each VIP's applied tables were built from: unchanged
+    /// inputs, unchanged tables (no rebuild).
+    built_from: BTreeMap<VipKey, TableInputs>,
+    /// Tables built ahead, in parallel, for this apply.
+    prebuilt: BTreeMap<VipKey, (TableInputs, Built)>,
 }
 
 impl Reconciler {
@@ -240,6 +246,8 @@ impl Reconciler {
             frag_keys: BTreeMap::new(),
             any_port: None,
             second_chance_window: Duration::ZERO,
+            built_from: BTreeMap::new(),
+            prebuilt: BTreeMap::new(),
         }
     }
 
@@ -299,6 +307,7 @@ impl Reconciler {
             .collect();
         for key in gone {
             let vip = self.vips.remove(&key).expect("listed");
+            self.built_from.remove(&key);
             maps.remove_vip(&key)
                 .with_context(|| format!("removing VIP {}", vip.name))?;
             let owned: Vec<VipKey> = self
@@ -315,10 +324,15 @@ impl Reconciler {
             self.vip_ids.release(vip.meta.vip_id, now);
             report.vips_removed.push(vip.name);
         }
+        self.prebuild(desired);
         for d in desired {
-            let switched = self
-                .apply_vip(d, maps, now, &mut report)
-                .with_context(|| format!("VIP {}", d.name))?;
+            let applied = self.apply_vip(d, maps, now, &mut report);
+            if applied.is_err() {
+                // Its tables were not written: built again next time.
+                self.built_from.remove(&d.key);
+                self.prebuilt.clear();
+            }
+            let switched = applied.with_context(|| format!("VIP {}", d.name))?;
             if switched {
                 report.tables_switched.push(d.name.clone());
             }
@@ -352,6 +366,84 @@ impl Reconciler {
         self.alloc
             .release(vip.meta.table_offset, vip.meta.table_size);
         Ok(())
+    }
+
+    /// What VIP `d`'s tables are built from, with its backends' ids.
+    fn table_inputs(&self, d: &DesiredVip, ids: &BTreeMap<IpAddr, u32>) -> TableInputs {
+        let specs_without = |left_out: BackendState| -> Vec<BackendSpec> {
+            d.backends
+                .iter()
+                .map(|b| BackendSpec {
+                    id: ids[&b.addr],
+                    addr: b.addr,
+                    weight: if b.state == left_out { 0 } else { b.weight },
+                })
+                .collect()
+        };
+        let transitional = d.backends.iter().any(|b| b.state != BackendState::Active);
+        TableInputs {
+            specs: specs_without(BackendState::Removing),
+            failed: d
+                .backends
+                .iter()
+                .filter(|b| !b.healthy)
+                .map(|b| ids[&b.addr])
+                .collect(),
+            size: d.table_size,
+            prev_specs: (transitional && !self.second_chance_window.is_zero())
+                .then(|| specs_without(BackendState::Adding)),
+        }
+    }
+
+    /// VIP `key`'s current table and the states' previous table: the
+    /// applied ones when their inputs did not change, else the ones built
+    /// ahead for this apply, else built now.
+    fn tables_for(
+        &mut self,
+        key: VipKey,
+        inputs: TableInputs,
+        existing: Option<&AppliedVip>,
+    ) -> Result<Built> {
+        if let Some(v) = existing
+            && self.built_from.get(&key) == Some(&inputs)
+        {
+            let prev = inputs
+                .prev_specs
+                .as_ref()
+                .and_then(|_| v.prev.as_ref().map(|p| p.table.clone()));
+            if inputs.prev_specs.is_none() || prev.is_some() {
+                return Ok((v.table.clone(), prev));
+            }
+        }
+        let built = match self.prebuilt.remove(&key) {
+            Some((ahead, built)) if ahead == inputs => built,
+            _ => inputs.build(self.seed)?,
+        };
+        self.built_from.insert(key, inputs);
+        Ok(built)
+    }
+
+    /// Builds, on every core, the tables of VIPs whose inputs changed and
+    /// whose backends all have ids already (the common case: health,
+    /// weight and state changes); the others build in `apply_vip`.
+    fn prebuild(&mut self, desired: &[DesiredVip]) {
+        let jobs: Vec<(VipKey, TableInputs)> = desired
+            .iter()
+            .filter_map(|d| {
+                let applied = self.vips.get(&d.key)?;
+                let ids: Option<BTreeMap<IpAddr, u32>> = d
+                    .backends
+                    .iter()
+                    .map(|b| applied.backends.get(&b.addr).map(|a| (b.addr, a.id)))
+                    .collect();
+                let inputs = self.table_inputs(d, &ids?);
+                (self.built_from.get(&d.key) != Some(&inputs)).then_some((d.key, inputs))
+            })
+            .collect();
+        // One table is not worth a thread.
+        if jobs.len() > 1 {
+            self.prebuilt = build_all(jobs, self.seed, build_threads());
+        }
     }
 
     fn apply_vip(
@@ -412,40 +504,13 @@ impl Reconciler {
             );
         }
         // 2. The table, switched atomically when it changed.
-        let specs_without = |left_out: BackendState| -> Vec<BackendSpec> {
-            d.backends
-                .iter()
-                .map(|b| BackendSpec {
-                    id: backends[&b.addr].id,
-                    addr: b.addr,
-                    weight: if b.state == left_out { 0 } else { b.weight },
-                })
-                .collect()
-        };
-        let specs = specs_without(BackendState::Removing);
-        let failed: Vec<u32> = d
-            .backends
-            .iter()
-            .filter(|b| !b.healthy)
-            .map(|b| backends[&b.addr].id)
-            .collect();
-        let table = table_with_failures(&specs, &failed, d.table_size, self.seed)?;
+        let ids: BTreeMap<IpAddr, u32> = backends.iter().map(|(a, b)| (*a, b.id)).collect();
+        let inputs = self.table_inputs(d, &ids);
+        let (table, explicit_prev) = self.tables_for(d.key, inputs, existing.as_ref())?;
         let unchanged = existing.as_ref().is_some_and(|v| {
             v.table == table && v.table_size == d.table_size && v.meta.flags == d.flags
         });
         let switched = !unchanged || existing.is_none();
-        let transitional = d.backends.iter().any(|b| b.state != BackendState::Active);
-        let explicit_prev = if transitional && !self.second_chance_window.is_zero() {
-            let prev_specs = specs_without(BackendState::Adding);
-            Some(table_with_failures(
-                &prev_specs,
-                &failed,
-                d.table_size,
-                self.seed,
-            )?)
-        } else {
-            None
-        };
         let mut meta = existing.as_ref().map(|v| v.meta).unwrap_or(VipMeta {
             vip_id,
             flags: d.flags,
@@ -679,6 +744,8 @@ impl Reconciler {
         self.vips.get(key)?.backends.get(addr).map(|b| b.id)
     }
 }
+
+mod tables;
 
 #[cfg(test)]
 mod tests;

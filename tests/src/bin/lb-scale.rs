@@ -22,12 +22,22 @@ use serde_json::json;
 
 /// Backend host `j`: the same hosts serve every VIP (172.16.0.0/12).
 fn host(j: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(172, 16 + (j >> 16) as u8, (j >> 8) as u8, j as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        172,
+        16 + (j >> 16) as u8,
+        (j >> 8) as u8,
+        j as u8,
+    ))
 }
 
 fn vip(i: u32) -> VipKey {
     VipKey::new(
-        IpAddr::V4(Ipv4Addr::new(10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8)),
+        IpAddr::V4(Ipv4Addr::new(
+            10,
+            1 + (i >> 16) as u8,
+            (i >> 8) as u8,
+            i as u8,
+        )),
         80,
         PROTO_TCP,
     )
@@ -98,10 +108,7 @@ fn ack_cost(dp: &mut Dataplane) -> f64 {
 }
 
 fn case(vips: u32, backends: u32, size: u32) -> anyhow::Result<serde_json::Value> {
-    let mut lb: LbConfig = lb_userspace::config::Config::parse(
-        "[lb]\ninterfaces = [\"lo\"]\n",
-    )?
-    .lb;
+    let mut lb: LbConfig = lb_userspace::config::Config::parse("[lb]\ninterfaces = [\"lo\"]\n")?.lb;
     lb.max_vips = vips + 16;
     lb.max_backends = vips * backends + 64;
     lb.maglev_slots = (vips as u64 * size as u64 * 2 + 4 * 65_537) as u32;
