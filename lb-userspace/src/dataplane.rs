@@ -401,6 +401,11 @@ pub struct Dataplane {
     addr_filter: Option<Array<MapData, u64>>,
     /// Every key in `VIPS` (so the filter is maintained without reading it).
     vip_keys: std::collections::BTreeSet<VipKey>,
+    /// Keys per filter bit, and the words as written: a key added or
+    /// removed touches its own bit only (recomputing the word from every
+    /// key was quadratic in the number of VIPs).
+    filter_counts: std::collections::HashMap<u32, u32>,
+    filter_words: Vec<u64>,
     any_port_vips: Array<MapData, u32>,
     /// `PREV_TABLES` (absent from programs older than second chance, which
     /// benchmarks load as baselines).
@@ -527,6 +532,8 @@ impl Dataplane {
                 .then(|| take(&mut ebpf, MAP_VIP_ADDR_FILTER))
                 .transpose()?,
             vip_keys,
+            filter_counts: Default::default(),
+            filter_words: vec![0; VIP_ADDR_FILTER_WORDS as usize],
             any_port_vips: take(&mut ebpf, MAP_ANY_PORT_VIPS)?,
             prev_tables: ebpf
                 .map(MAP_PREV_TABLES)
@@ -569,27 +576,43 @@ impl Dataplane {
         };
         // Adopted VIPs (perhaps pinned by an lbd that had no filter yet):
         // every word written before the program can run.
-        let mut words = vec![0u64; VIP_ADDR_FILTER_WORDS as usize];
-        for bit in dp.vip_keys.iter().map(filter_bit) {
-            words[(bit >> 6) as usize] |= 1 << (bit & 63);
+        let bits: Vec<u32> = dp.vip_keys.iter().map(filter_bit).collect();
+        for bit in bits {
+            *dp.filter_counts.entry(bit).or_insert(0) += 1;
+            dp.filter_words[(bit >> 6) as usize] |= 1 << (bit & 63);
         }
-        for (word, value) in words.into_iter().enumerate() {
-            dp.set_filter_word(word as u32, value)?;
+        for word in 0..VIP_ADDR_FILTER_WORDS {
+            dp.set_filter_word(word, dp.filter_words[word as usize])?;
         }
         Ok(dp)
     }
 
-    /// Rewrites the filter word holding `key`'s bit from the addresses of
-    /// `vip_keys`.
-    fn update_filter_word(&mut self, key: &VipKey) -> Result<()> {
-        let word = filter_bit(key) >> 6;
-        let value = self
-            .vip_keys
-            .iter()
-            .map(filter_bit)
-            .filter(|bit| bit >> 6 == word)
-            .fold(0u64, |w, bit| w | 1 << (bit & 63));
-        self.set_filter_word(word, value)
+    /// Counts `key` in (`added`) or out of its filter bit, and writes the
+    /// bit's word when the bit changes.
+    fn update_filter_word(&mut self, key: &VipKey, added: bool) -> Result<()> {
+        let bit = filter_bit(key);
+        let count = self.filter_counts.entry(bit).or_insert(0);
+        if added {
+            *count += 1;
+        } else {
+            *count = count.saturating_sub(1);
+        }
+        let set = *count > 0;
+        if !set {
+            self.filter_counts.remove(&bit);
+        }
+        let word = bit >> 6;
+        let old = self.filter_words[word as usize];
+        let new = if set {
+            old | 1 << (bit & 63)
+        } else {
+            old & !(1 << (bit & 63))
+        };
+        if new != old {
+            self.filter_words[word as usize] = new;
+            self.set_filter_word(word, new)?;
+        }
+        Ok(())
     }
 
     fn set_filter_word(&mut self, word: u32, value: u64) -> Result<()> {
@@ -708,7 +731,7 @@ impl Dataplane {
     /// program never skips a VIP that exists.
     pub fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<()> {
         if self.vip_keys.insert(key) {
-            self.update_filter_word(&key)?;
+            self.update_filter_word(&key, true)?;
         }
         self.vips.insert(key, meta, 0).context("writing VIPS")
     }
@@ -801,7 +824,7 @@ impl Dataplane {
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
         self.vips.remove(key).context("removing from VIPS")?;
         if self.vip_keys.remove(key) {
-            self.update_filter_word(key)?;
+            self.update_filter_word(key, false)?;
         }
         Ok(())
     }

@@ -31,7 +31,7 @@ use crate::{
     slots::SlotAllocator,
     vip_table::{BackendSpec, derived_keys},
 };
-use tables::{Built, TableInputs, build_all, build_threads};
+use tables::{Built, TableInputs, base_of, build_all, build_threads};
 
 /// The map operations the reconciler needs.
 pub trait MapWriter {
@@ -417,7 +417,11 @@ impl Reconciler {
         }
         let built = match self.prebuilt.remove(&key) {
             Some((ahead, built)) if ahead == inputs => built,
-            _ => inputs.build(self.seed)?,
+            _ => {
+                let base =
+                    existing.and_then(|v| base_of(self.built_from.get(&key), &inputs, &v.table));
+                inputs.build(self.seed, base)?
+            }
         };
         self.built_from.insert(key, inputs);
         Ok(built)
@@ -427,7 +431,7 @@ impl Reconciler {
     /// whose backends all have ids already (the common case: health,
     /// weight and state changes); the others build in `apply_vip`.
     fn prebuild(&mut self, desired: &[DesiredVip]) {
-        let jobs: Vec<(VipKey, TableInputs)> = desired
+        let jobs: Vec<(VipKey, TableInputs, Option<&[u32]>)> = desired
             .iter()
             .filter_map(|d| {
                 let applied = self.vips.get(&d.key)?;
@@ -437,13 +441,43 @@ impl Reconciler {
                     .map(|b| applied.backends.get(&b.addr).map(|a| (b.addr, a.id)))
                     .collect();
                 let inputs = self.table_inputs(d, &ids?);
-                (self.built_from.get(&d.key) != Some(&inputs)).then_some((d.key, inputs))
+                let last = self.built_from.get(&d.key);
+                (last != Some(&inputs)).then(|| {
+                    let base = base_of(last, &inputs, &applied.table);
+                    (d.key, inputs, base)
+                })
             })
             .collect();
         // One table is not worth a thread.
         if jobs.len() > 1 {
-            self.prebuilt = build_all(jobs, self.seed, build_threads());
+            let built = build_all(jobs, self.seed, build_threads());
+            self.prebuilt = built;
         }
+    }
+
+    /// Whether VIP `d` is exactly as applied (same backends, ids, weights,
+    /// states, health, size, flags): then nothing is written or rebuilt.
+    fn unchanged(&self, d: &DesiredVip) -> bool {
+        let Some(v) = self.vips.get(&d.key) else {
+            return false;
+        };
+        if v.meta.flags != d.flags
+            || v.table_size != d.table_size
+            || v.backends.len() != d.backends.len()
+        {
+            return false;
+        }
+        let ids: Option<BTreeMap<IpAddr, u32>> = d
+            .backends
+            .iter()
+            .map(|b| {
+                v.backends
+                    .get(&b.addr)
+                    .filter(|a| a.weight == b.weight && a.healthy == b.healthy)
+                    .map(|a| (b.addr, a.id))
+            })
+            .collect();
+        ids.is_some_and(|ids| self.built_from.get(&d.key) == Some(&self.table_inputs(d, &ids)))
     }
 
     fn apply_vip(
@@ -453,7 +487,29 @@ impl Reconciler {
         now: Instant,
         report: &mut ApplyReport,
     ) -> Result<bool> {
-        let existing = self.vips.get(&d.key).cloned();
+        if self.unchanged(d) {
+            return Ok(false);
+        }
+        // Taken out while it is redone (no copy of its tables), put back
+        // as it was if that fails.
+        let existing = self.vips.remove(&d.key);
+        let result = self.redo_vip(d, &existing, maps, now, report);
+        if result.is_err()
+            && let Some(v) = existing
+        {
+            self.vips.insert(d.key, v);
+        }
+        result
+    }
+
+    fn redo_vip(
+        &mut self,
+        d: &DesiredVip,
+        existing: &Option<AppliedVip>,
+        maps: &mut impl MapWriter,
+        now: Instant,
+        report: &mut ApplyReport,
+    ) -> Result<bool> {
         let vip_id = match &existing {
             Some(v) => v.meta.vip_id,
             None => {

@@ -62,9 +62,41 @@ pub fn table_with_failures(
     seed: u32,
 ) -> Result<Vec<u32>, maglev::MaglevError> {
     let base = maglev_ids(backends, size, seed)?;
+    with_failures_over(&base, backends, failed, size, seed)
+}
+
+/// `table_with_failures` given `base`, the table of `backends` with none
+/// failed (the applied table, when no backend had failed: one Maglev
+/// build saved per VIP when a backend host fails under many VIPs).
+pub fn with_failures_over(
+    base: &[u32],
+    backends: &[BackendSpec],
+    failed: &[u32],
+    size: u32,
+    seed: u32,
+) -> Result<Vec<u32>, maglev::MaglevError> {
     if failed.is_empty() {
-        return Ok(base);
+        return Ok(base.to_vec());
     }
+    // Looked up once per slot: a few failed ids are a short scan, many a
+    // hash set.
+    enum Failed<'a> {
+        Few(&'a [u32]),
+        Many(std::collections::HashSet<u32>),
+    }
+    impl Failed<'_> {
+        fn contains(&self, id: &u32) -> bool {
+            match self {
+                Failed::Few(ids) => ids.contains(id),
+                Failed::Many(set) => set.contains(id),
+            }
+        }
+    }
+    let failed = if failed.len() <= 8 {
+        Failed::Few(failed)
+    } else {
+        Failed::Many(failed.iter().copied().collect())
+    };
     let healthy: Vec<BackendSpec> = backends
         .iter()
         .map(|b| BackendSpec {

@@ -224,6 +224,7 @@ fn main() {
 
 fn real_main() -> Result<()> {
     use std::io::IsTerminal;
+    lb_userspace::daemon::keep_tables_on_the_heap();
     tracing_subscriber::fmt()
         // Colour only for a person at a terminal, not for files or journald.
         .with_ansi(std::io::stderr().is_terminal())

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use lb_common::maps::VipKey;
 
-use crate::vip_table::{BackendSpec, table_with_failures};
+use crate::vip_table::{BackendSpec, table_with_failures, with_failures_over};
 
 /// The inputs of a VIP's current table and of the previous table its
 /// backends' states give (second chance), ids included.
@@ -25,8 +25,13 @@ pub struct TableInputs {
 pub type Built = (Vec<u32>, Option<Vec<u32>>);
 
 impl TableInputs {
-    pub fn build(&self, seed: u32) -> Result<Built> {
-        let table = table_with_failures(&self.specs, &self.failed, self.size, seed)?;
+    /// Builds the tables; `base` is this VIP's table with no backend
+    /// failed, when known (one Maglev build fewer).
+    pub fn build(&self, seed: u32, base: Option<&[u32]>) -> Result<Built> {
+        let table = match base {
+            Some(base) => with_failures_over(base, &self.specs, &self.failed, self.size, seed)?,
+            None => table_with_failures(&self.specs, &self.failed, self.size, seed)?,
+        };
         let prev = self
             .prev_specs
             .as_ref()
@@ -39,7 +44,7 @@ impl TableInputs {
 /// Builds every job's tables on up to `threads` threads; a job whose build
 /// fails is left out (its VIP builds it again, and reports the error).
 pub fn build_all(
-    jobs: Vec<(VipKey, TableInputs)>,
+    jobs: Vec<(VipKey, TableInputs, Option<&[u32]>)>,
     seed: u32,
     threads: usize,
 ) -> BTreeMap<VipKey, (TableInputs, Built)> {
@@ -54,8 +59,8 @@ pub fn build_all(
             .map(|part| {
                 scope.spawn(move || {
                     part.iter()
-                        .filter_map(|(key, inputs)| {
-                            let built = inputs.build(seed).ok()?;
+                        .filter_map(|(key, inputs, base)| {
+                            let built = inputs.build(seed, *base).ok()?;
                             Some((*key, (inputs.clone(), built)))
                         })
                         .collect::<Vec<_>>()
@@ -67,6 +72,17 @@ pub fn build_all(
             .flat_map(|h| h.join().unwrap_or_default())
             .collect()
     })
+}
+
+/// The applied table as the base of `new`'s build: when the last build
+/// had the same backends and none failed, it is their table.
+pub fn base_of<'a>(
+    last: Option<&TableInputs>,
+    new: &TableInputs,
+    applied: &'a [u32],
+) -> Option<&'a [u32]> {
+    last.filter(|l| l.specs == new.specs && l.size == new.size && l.failed.is_empty())
+        .map(|_| applied)
 }
 
 /// Threads for table builds: the cores this process may use.
@@ -104,10 +120,25 @@ mod tests {
                 )
             })
             .collect();
-        let built = build_all(jobs.clone(), 7, 4);
+        let built = build_all(
+            jobs.iter().map(|(k, i)| (*k, i.clone(), None)).collect(),
+            7,
+            4,
+        );
         assert_eq!(built.len(), 9);
-        for (key, job) in jobs {
-            assert_eq!(built[&key].1, job.build(7).unwrap(), "{key:?}");
+        for (key, job) in &jobs {
+            assert_eq!(built[key].1, job.build(7, None).unwrap(), "{key:?}");
+        }
+        // Over the healthy table as base: the same result.
+        for (_, job) in &jobs {
+            let healthy = TableInputs {
+                failed: vec![],
+                ..job.clone()
+            };
+            let base = healthy.build(7, None).unwrap().0;
+            let from = base_of(Some(&healthy), job, &base);
+            assert!(from.is_some());
+            assert_eq!(job.build(7, from).unwrap(), job.build(7, None).unwrap());
         }
     }
 }

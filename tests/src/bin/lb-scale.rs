@@ -173,6 +173,8 @@ fn case(vips: u32, backends: u32, size: u32) -> anyhow::Result<serde_json::Value
 }
 
 fn main() -> anyhow::Result<()> {
+    // As lbd does: tables come from the heap, not a fresh mapping each.
+    lb_userspace::daemon::keep_tables_on_the_heap();
     let args: Vec<String> = std::env::args().collect();
     let size: u32 = args
         .iter()
