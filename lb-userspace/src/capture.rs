@@ -78,10 +78,10 @@ pub fn capture_to(
     // Wall-clock time of a monotonic stamp, for the pcap timestamps.
     let offset = clock_ns(libc::CLOCK_REALTIME).saturating_sub(clock_ns(libc::CLOCK_MONOTONIC));
     let mut summary = Summary::default();
-    while summary.inbound + summary.outbound < count
-        && Instant::now() < until
-        && !stop.load(Ordering::Relaxed)
-    {
+    // Past `count`, on until each packet's second record (as it left) is
+    // in too: the program writes it right after the first.
+    let done = |s: &Summary| s.inbound + s.outbound >= count && s.inbound == s.outbound;
+    while !done(&summary) && Instant::now() < until && !stop.load(Ordering::Relaxed) {
         let Some(item) = ring.next() else {
             std::thread::sleep(Duration::from_millis(5));
             continue;

@@ -683,7 +683,7 @@ impl Reconciler {
         maps: &mut impl MapWriter,
         now: Instant,
     ) -> Result<(Option<PrevState>, bool)> {
-        let old_prev = existing.and_then(|v| v.prev.clone());
+        let old_prev = existing.and_then(|v| v.prev.as_ref());
         let wanted: Option<(Vec<u32>, bool)> = if self.second_chance_window.is_zero() {
             None
         } else if let Some(t) = explicit {
@@ -694,13 +694,12 @@ impl Reconciler {
                 .map(|v| (v.table.clone(), false))
         } else {
             old_prev
-                .as_ref()
                 .filter(|p| !p.explicit)
                 .map(|p| (p.table.clone(), false))
         };
         // A previous table equal to the current one sends nothing anywhere.
         let wanted = wanted.filter(|(t, _)| !t.is_empty() && t.as_slice() != current);
-        let old_region = old_prev.as_ref().and_then(|p| p.region);
+        let old_region = old_prev.and_then(|p| p.region);
         let Some((table, explicit)) = wanted else {
             if let Some(region) = old_region {
                 maps.set_prev_table(vip_id, PrevTable::default())?;
@@ -708,7 +707,7 @@ impl Reconciler {
             }
             return Ok((None, false));
         };
-        if let Some(p) = old_prev.as_ref().filter(|p| p.table == table) {
+        if let Some(p) = old_prev.filter(|p| p.table == table) {
             return Ok((
                 Some(PrevState {
                     explicit,

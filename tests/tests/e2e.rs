@@ -522,8 +522,19 @@ fn a_capture_shows_each_packet_as_it_arrived_and_as_it_left() {
         "{said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // "N packets written to F (A as they arrived, B as they left)": at
+    // least 8, and every packet twice.
+    let numbers: Vec<u64> = said
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (total, inbound, outbound) = (
+        numbers[0],
+        numbers[numbers.len() - 3],
+        numbers[numbers.len() - 2],
+    );
     assert!(
-        said.contains("8 packets written") && said.contains("4 as they arrived, 4 as they left"),
+        total >= 8 && inbound == outbound && inbound + outbound == total,
         "{said}"
     );
     assert_eq!(
@@ -552,34 +563,40 @@ fn a_capture_shows_each_packet_as_it_arrived_and_as_it_left() {
         String::from_utf8_lossy(&read.stderr)
     );
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 8, "{text}");
-    // In pairs: the client's packet, then the same inside IPIP to a backend.
-    for pair in lines.chunks(2) {
-        let inner = pair[0].split(" IP ").nth(1).expect("an IP packet");
-        assert!(
-            inner.starts_with("10.10.0.2."),
-            "from the client: {}",
-            pair[0]
-        );
-        assert!(
-            inner.contains("> 10.0.0.10.80: Flags"),
-            "to the VIP: {}",
-            pair[0]
-        );
-        let outer: Vec<&str> = pair[1].split(" IP ").collect();
-        assert_eq!(outer.len(), 3, "outer and inner header: {}", pair[1]);
-        assert!(
-            outer[1].starts_with("172.16."),
-            "outer source in encap_source_prefix: {}",
-            pair[1]
-        );
-        let to = outer[1].split(" > ").nth(1).unwrap().trim_end_matches(':');
-        assert!(
-            addresses.iter().any(|a| a == to),
-            "outer destination {to} is a backend ({addresses:?})"
-        );
-        assert_eq!(outer[2], inner, "the same packet inside");
+    assert_eq!(lines.len() as u64, total, "{text}");
+    // Each client packet as it arrived, and the same packet inside IPIP to
+    // a backend, after it (records of two CPUs may interleave).
+    let mut arrived: Vec<&str> = Vec::new();
+    for line in &lines {
+        let parts: Vec<&str> = line.split(" IP ").collect();
+        match parts.len() {
+            2 => {
+                let inner = parts[1];
+                assert!(inner.starts_with("10.10.0.2."), "from the client: {line}");
+                assert!(
+                    inner.contains("> 10.0.0.10.80: Flags"),
+                    "to the VIP: {line}"
+                );
+                arrived.push(inner);
+            }
+            3 => {
+                assert!(
+                    parts[1].starts_with("172.16."),
+                    "outer source in encap_source_prefix: {line}"
+                );
+                let to = parts[1].split(" > ").nth(1).unwrap().trim_end_matches(':');
+                assert!(
+                    addresses.iter().any(|a| a == to),
+                    "outer destination {to} is a backend ({addresses:?})"
+                );
+                let at = arrived.iter().position(|a| *a == parts[2]);
+                assert!(at.is_some(), "sent only after it arrived: {line}\n{text}");
+                arrived.remove(at.unwrap());
+            }
+            _ => panic!("neither a client packet nor an encapsulated one: {line}"),
+        }
     }
+    assert!(arrived.is_empty(), "every packet left: {arrived:?}");
     assert!(lines[0].contains("Flags [S]"), "the SYN first: {text}");
     eprintln!("captured a flow to {backend}:\n{text}");
 }

@@ -57,7 +57,8 @@ enum Cmd {
         /// Only packets sent to this backend address.
         #[arg(long)]
         backend: Option<String>,
-        /// Stop after this many packets written (two per forwarded packet).
+        /// Stop after this many packets written (two per forwarded packet;
+        /// the last pair is completed).
         #[arg(long, short = 'c', default_value_t = 100)]
         count: u64,
         /// Stop after this many seconds.
