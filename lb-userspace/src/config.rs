@@ -93,8 +93,15 @@ pub struct LbConfig {
     /// Prometheus endpoint ("" = off). Loopback by default.
     #[serde(default = "default_metrics")]
     pub metrics_address: String,
+    /// Per-backend series (VIPs x backends of them); false keeps the
+    /// scrape to per-VIP and global families at thousands of backends.
+    #[serde(default = "default_true")]
+    pub metrics_backend_series: bool,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_max_vips() -> u32 {
     lb_common::maps::MAX_VIPS
 }

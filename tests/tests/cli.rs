@@ -106,6 +106,15 @@ fn every_subcommand_prints_a_table_or_json() {
         .sum();
     assert_eq!(new_flows, 60);
 
+    // status of one VIP (bounded output), and an unknown one refused
+    let one = ctl.ok_json(&["status", "--vip", NAME]);
+    assert_eq!(one["vips"].as_array().unwrap().len(), 1);
+    let (ok, v) = ctl.json(&["status", "--vip", "10.9.9.9:1/tcp"]);
+    assert!(
+        !ok && v["error"].as_str().unwrap().contains("no VIP"),
+        "{v}"
+    );
+
     // stats
     assert!(ctl.text(&["stats"]).contains("conntrack_miss"));
     let stats = ctl.ok_json(&["stats"]);

@@ -621,6 +621,18 @@ fn map_sizes_come_from_the_config_and_cost_what_check_config_says() {
         checked += 1;
     }
     assert!(checked >= 14, "only {checked} pinned maps found");
+    // At scale the scrape can leave out the per-backend series.
+    assert!(b.scrape().contains("lb_backend_packets_total{"));
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "metrics_address =",
+        "metrics_backend_series = false\nmetrics_address =",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    drop(_lbd);
+    let _lbd = b.start_lbd(&cfg);
+    let scrape = b.scrape();
+    assert!(!scrape.contains("lb_backend_") && !scrape.contains("lb_health_probes_total"));
+    assert!(scrape.contains("lb_vip_packets_total{"), "{scrape}");
     assert_eq!(
         plan.iter().find(|m| m.name == "CONNTRACK").unwrap().entries,
         100_000

@@ -26,7 +26,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// VIPs, backends, health, weights, slots, tracked flows, runtime changes.
-    Status,
+    Status {
+        /// Only this VIP (10.0.0.10:80/tcp): bounded output with many VIPs.
+        #[arg(long)]
+        vip: Option<String>,
+    },
     /// Packet counters by reason (what the data path did).
     Stats,
     /// Packets/s, bits/s and new flows/s per VIP and backend, over an interval.
@@ -369,7 +373,17 @@ fn run(cli: Cli) -> Result<Output> {
             out + v["toml"].as_str().unwrap_or_default()
         }),
         Cmd::Resume => (ask(socket, &Request::ResumeInstance)?, message),
-        Cmd::Status => (ask(socket, &Request::Status)?, render::status),
+        Cmd::Status { vip } => {
+            let mut data = ask(socket, &Request::Status)?;
+            if let Some(name) = vip {
+                let vips = data["vips"].as_array_mut().expect("status lists VIPs");
+                vips.retain(|v| v["vip"] == name.as_str());
+                if vips.is_empty() {
+                    bail!("no VIP {name} (names look like 10.0.0.10:80/tcp)");
+                }
+            }
+            (data, render::status)
+        }
         Cmd::Stats => (ask(socket, &Request::Stats)?, render::stats),
         Cmd::Reload => (ask(socket, &Request::Reload)?, message),
         Cmd::Trace { src, dst, proto } => (

@@ -47,7 +47,9 @@ impl Daemon {
         .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
         self.packet_metrics(&mut e);
         self.vip_metrics(&mut e);
-        self.backend_metrics(&mut e);
+        if self.config.lb.metrics_backend_series {
+            self.backend_metrics(&mut e);
+        }
         self.state_metrics(&mut e);
         e.render()
     }
