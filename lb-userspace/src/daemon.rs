@@ -43,6 +43,7 @@ const CAPTURE_GRACE: Duration = Duration::from_secs(5);
 const ID_QUARANTINE: Duration = Duration::from_secs(600);
 
 pub mod metrics;
+mod view;
 
 /// The answer to a change: `{"message": ...}`.
 fn message(text: &str) -> serde_json::Value {
@@ -784,55 +785,40 @@ impl Daemon {
 
     fn status(&self) -> serde_json::Value {
         let snapshot = self.flows.latest();
-        let tracked = snapshot.counts;
         let vips: Vec<serde_json::Value> = self
-            .config
-            .vips
+            .views(&snapshot.counts, true)
             .iter()
             .map(|v| {
-                let key = vip_key(v);
-                let applied = self.rec.vips.get(&key);
-                let mut vip_new_flows = 0;
                 let backends: Vec<serde_json::Value> = v
                     .backends
                     .iter()
                     .map(|b| {
-                        let id = applied.and_then(|a| a.backends.get(&b.address)).map(|a| a.id);
-                        let slots = applied.map(|a| a.table.iter().filter(|&&s| Some(s) == id).count()).unwrap_or(0);
-                        let counter = id.map(|i| self.dp.backend_counter(i)).unwrap_or_default();
-                        let new_flows = id.map(|i| self.dp.backend_new_flows(i).packets).unwrap_or(0);
-                        vip_new_flows += new_flows;
                         json!({
                             "address": b.address.to_string(),
-                            "id": id,
+                            "id": b.id,
                             "weight": b.weight,
                             "state": b.state,
-                            "healthy": self.health.get(&(key, b.address)).copied().unwrap_or(true),
-                            "slots": slots,
-                            "tracked_flows": id.and_then(|i| tracked.get(&i)).copied().unwrap_or(0),
-                            "packets": counter.packets,
-                            "bytes": counter.bytes,
-                            "new_flows": new_flows,
+                            "healthy": b.healthy,
+                            "slots": b.slots,
+                            "tracked_flows": b.tracked,
+                            "packets": b.counter.packets,
+                            "bytes": b.counter.bytes,
+                            "new_flows": b.new_flows,
                         })
                     })
                     .collect();
-                let vip_counter = applied.map(|a| self.dp.vip_counter(a.meta.vip_id)).unwrap_or_default();
                 json!({
-                    "vip": v.name(),
-                    "table_size": applied.map(|a| a.meta.table_size).unwrap_or(0),
-                    "packets": vip_counter.packets,
-                    "bytes": vip_counter.bytes,
-                    "new_flows": vip_new_flows,
-                    "health_check": v.health.kind,
-                    "tunnel_check": v.health.kind != "none" && v.health.tunnel,
-                    // The previous table second-chance forwarding uses, while its window lasts.
-                    "second_chance": applied.and_then(|a| a.prev.as_ref()).filter(|p| p.region.is_some()).map(|p| {
-                        let window = self.rec.second_chance_window;
-                        json!({
-                            "from_states": p.explicit,
-                            "ends_in_secs": window.saturating_sub(p.since.elapsed()).as_secs(),
-                        })
-                    }),
+                    "vip": v.name,
+                    "table_size": v.table_size,
+                    "packets": v.counter.packets,
+                    "bytes": v.counter.bytes,
+                    "new_flows": v.new_flows(),
+                    "health_check": v.health_check,
+                    "tunnel_check": v.tunnel_check,
+                    "second_chance": v.second_chance.as_ref().map(|sc| json!({
+                        "from_states": sc.from_states,
+                        "ends_in_secs": sc.secs_left,
+                    })),
                     "backends": backends,
                 })
             })

@@ -1,7 +1,10 @@
 //! The daemon's metrics, read from the maps and its own state when scraped
 //! (so a scrape is never older than the scrape itself).
 
-use super::{Daemon, vip_key};
+use super::{
+    Daemon,
+    view::{BackendView, VipView},
+};
 use crate::metrics::Exposition;
 
 /// Every family `metrics_text` can write (the dashboard and the tests check
@@ -46,9 +49,16 @@ impl Daemon {
         )
         .sample(&[("version", env!("CARGO_PKG_VERSION"))], 1.0);
         self.packet_metrics(&mut e);
-        self.vip_metrics(&mut e);
-        if self.config.lb.metrics_backend_series {
-            self.backend_metrics(&mut e);
+        let with_backends = self.config.lb.metrics_backend_series;
+        let tracked = if with_backends {
+            self.flows.latest().counts
+        } else {
+            Default::default()
+        };
+        let views = self.views(&tracked, with_backends);
+        vip_metrics(&mut e, &views);
+        if with_backends {
+            self.backend_metrics(&mut e, &views);
         }
         self.state_metrics(&mut e);
         e.render()
@@ -72,137 +82,70 @@ impl Daemon {
         }
     }
 
-    fn vip_metrics(&self, e: &mut Exposition) {
-        // (name, vip id, table size, seconds left of the second-chance window)
-        let vips: Vec<(String, u32, u32, u64)> = self
-            .config
-            .vips
+    fn backend_metrics(&self, e: &mut Exposition, views: &[VipView]) {
+        // Label values, made once.
+        let rows: Vec<(&VipView, &BackendView, String)> = views
             .iter()
-            .filter_map(|v| self.rec.vips.get(&vip_key(v)).map(|a| (v.name(), a)))
-            .map(|(name, a)| {
-                let window = a
-                    .prev
-                    .as_ref()
-                    .filter(|p| p.region.is_some())
-                    .map(|p| {
-                        self.rec
-                            .second_chance_window
-                            .saturating_sub(p.since.elapsed())
-                            .as_secs()
-                    })
-                    .unwrap_or(0);
-                (name, a.meta.vip_id, a.meta.table_size, window)
+            .flat_map(|v| {
+                v.backends
+                    .iter()
+                    .map(move |b| (v, b, b.address.to_string()))
             })
             .collect();
-        let counters: Vec<_> = vips
-            .iter()
-            .map(|(_, id, _, _)| self.dp.vip_counter(*id))
-            .collect();
-        let mut f = e.counter(
-            "lb_vip_packets_total",
-            "Packets sent to the VIP's backends.",
-        );
-        for ((name, ..), c) in vips.iter().zip(&counters) {
-            f.sample(&[("vip", name)], c.packets as f64);
-        }
-        let mut f = e.counter("lb_vip_bytes_total", "Bytes sent to the VIP's backends.");
-        for ((name, ..), c) in vips.iter().zip(&counters) {
-            f.sample(&[("vip", name)], c.bytes as f64);
-        }
-        let mut f = e.gauge(
-            "lb_vip_table_size",
-            "Slots of the VIP's Maglev table in the kernel.",
-        );
-        for (name, _, size, _) in &vips {
-            f.sample(&[("vip", name)], *size as f64);
-        }
-        let mut f = e.gauge(
-            "lb_vip_second_chance_seconds",
-            "Seconds left of the VIP's second-chance window (0: no previous table).",
-        );
-        for (name, _, _, left) in &vips {
-            f.sample(&[("vip", name)], *left as f64);
-        }
-    }
-
-    fn backend_metrics(&self, e: &mut Exposition) {
-        let tracked = self.flows.latest().counts;
-        // (vip, backend, id, weight, healthy, slots)
-        let mut rows = Vec::new();
-        for v in &self.config.vips {
-            let key = vip_key(v);
-            let applied = self.rec.vips.get(&key);
-            for b in &v.backends {
-                let id = applied
-                    .and_then(|a| a.backends.get(&b.address))
-                    .map(|a| a.id);
-                let slots = match (applied, id) {
-                    (Some(a), Some(id)) => a.table.iter().filter(|&&s| s == id).count(),
-                    _ => 0,
+        let mut family =
+            |kind: Kind, name: &str, help: &str, value: &dyn Fn(&BackendView) -> f64| {
+                let mut f = match kind {
+                    Kind::Counter => e.counter(name, help),
+                    Kind::Gauge => e.gauge(name, help),
                 };
-                let healthy = self.health.get(&(key, b.address)).copied().unwrap_or(true);
-                rows.push((key, v.name(), b.address, id, b.weight, healthy, slots));
-            }
-        }
-        let addresses: Vec<String> = rows.iter().map(|r| r.2.to_string()).collect();
-        let counters: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                r.3.map(|id| self.dp.backend_counter(id))
-                    .unwrap_or_default()
-            })
-            .collect();
-        let mut f = e.counter(
+                for (v, b, address) in &rows {
+                    f.sample(&labels(&v.name, address), value(b));
+                }
+            };
+        family(
+            Kind::Counter,
             "lb_backend_packets_total",
             "Packets sent to the backend for the VIP.",
+            &|b| b.counter.packets as f64,
         );
-        for ((r, a), c) in rows.iter().zip(&addresses).zip(&counters) {
-            f.sample(&labels(&r.1, a), c.packets as f64);
-        }
-        let mut f = e.counter(
+        family(
+            Kind::Counter,
             "lb_backend_bytes_total",
             "Bytes sent to the backend for the VIP.",
+            &|b| b.counter.bytes as f64,
         );
-        for ((r, a), c) in rows.iter().zip(&addresses).zip(&counters) {
-            f.sample(&labels(&r.1, a), c.bytes as f64);
-        }
-        let mut f = e.gauge(
+        family(
+            Kind::Gauge,
             "lb_backend_healthy",
             "1 while the backend passes its health checks (or has none).",
+            &|b| b.healthy as u8 as f64,
         );
-        for (r, a) in rows.iter().zip(&addresses) {
-            f.sample(&labels(&r.1, a), r.5 as u8 as f64);
-        }
-        let mut f = e.gauge(
+        family(
+            Kind::Gauge,
             "lb_backend_weight",
             "Configured weight (0: draining, no new flows).",
+            &|b| b.weight as f64,
         );
-        for (r, a) in rows.iter().zip(&addresses) {
-            f.sample(&labels(&r.1, a), r.4 as f64);
-        }
-        let mut f = e.gauge(
+        family(
+            Kind::Gauge,
             "lb_backend_slots",
             "Slots the backend owns in the VIP's current Maglev table.",
+            &|b| b.slots as f64,
         );
-        for (r, a) in rows.iter().zip(&addresses) {
-            f.sample(&labels(&r.1, a), r.6 as f64);
-        }
-        let mut f = e.gauge(
+        family(
+            Kind::Gauge,
             "lb_backend_tracked_flows",
             "Connection-table entries naming the backend (counted at most once a second).",
+            &|b| b.tracked as f64,
         );
-        for (r, a) in rows.iter().zip(&addresses) {
-            let n = r.3.and_then(|id| tracked.get(&id)).copied().unwrap_or(0);
-            f.sample(&labels(&r.1, a), n as f64);
-        }
         let mut f = e.counter(
             "lb_health_probes_total",
             "Health probes of the backend by result: up, connect_failed, timeout, bad_response, tunnel_failed, local_error.",
         );
-        for (r, a) in rows.iter().zip(&addresses) {
-            for (result, n) in self.probes.of(r.0, r.2) {
+        for (v, b, address) in &rows {
+            for (result, n) in self.probes.of(v.key, b.address) {
                 f.sample(
-                    &[("vip", &r.1), ("backend", a), ("result", result)],
+                    &[("vip", &v.name), ("backend", address), ("result", result)],
                     n as f64,
                 );
             }
@@ -263,6 +206,54 @@ impl Daemon {
                     announced.contains(&addr) as u8 as f64,
                 );
             }
+        }
+    }
+}
+
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// A per-VIP family: its type, name, help and value.
+type VipFamily = (Kind, &'static str, &'static str, fn(&VipView) -> f64);
+
+/// The per-VIP families, for the VIPs the reconciler has written.
+fn vip_metrics(e: &mut Exposition, views: &[VipView]) {
+    let applied: Vec<&VipView> = views.iter().filter(|v| v.applied).collect();
+    let families: [VipFamily; 4] = [
+        (
+            Kind::Counter,
+            "lb_vip_packets_total",
+            "Packets sent to the VIP's backends.",
+            |v| v.counter.packets as f64,
+        ),
+        (
+            Kind::Counter,
+            "lb_vip_bytes_total",
+            "Bytes sent to the VIP's backends.",
+            |v| v.counter.bytes as f64,
+        ),
+        (
+            Kind::Gauge,
+            "lb_vip_table_size",
+            "Slots of the VIP's Maglev table in the kernel.",
+            |v| v.table_size as f64,
+        ),
+        (
+            Kind::Gauge,
+            "lb_vip_second_chance_seconds",
+            "Seconds left of the VIP's second-chance window (0: no previous table).",
+            |v| v.second_chance.as_ref().map_or(0.0, |s| s.secs_left as f64),
+        ),
+    ];
+    for (kind, name, help, value) in families {
+        let mut f = match kind {
+            Kind::Counter => e.counter(name, help),
+            Kind::Gauge => e.gauge(name, help),
+        };
+        for v in &applied {
+            f.sample(&[("vip", &v.name)], value(v));
         }
     }
 }
