@@ -840,6 +840,37 @@ impl Daemon {
         })
     }
 
+    /// The key of the VIP named `name`, which must be applied.
+    fn applied_key(&self, name: &str) -> Result<VipKey> {
+        let key = vip_key(&self.config.vips[self.vip_index(name)?]);
+        if !self.rec.vips.contains_key(&key) {
+            bail!("VIP {name} is not applied");
+        }
+        Ok(key)
+    }
+
+    /// The ids backend `address` has in VIP `key` (`name`), or in every VIP;
+    /// an error when it has none.
+    fn backend_ids(
+        &self,
+        address: &str,
+        key: Option<VipKey>,
+        name: Option<&str>,
+    ) -> Result<Vec<u32>> {
+        let addr: IpAddr = address.parse().context("backend address")?;
+        let ids: Vec<u32> = self
+            .rec
+            .vips
+            .iter()
+            .filter(|(k, _)| key.is_none_or(|key| key == **k))
+            .filter_map(|(_, a)| a.backends.get(&addr).map(|b| b.id))
+            .collect();
+        if ids.is_empty() {
+            bail!("no backend {address} in {}", name.unwrap_or("any VIP"));
+        }
+        Ok(ids)
+    }
+
     /// Turns capture on for `seconds` (plus a grace period for the reader);
     /// one capture at a time.
     fn start_capture(
@@ -861,37 +892,16 @@ impl Daemon {
         {
             bail!("a capture is running (one at a time); `lbctl capture` stops when done");
         }
-        let vip_id = match vip {
-            None => lb_common::maps::CAPTURE_ANY_VIP,
-            Some(name) => {
-                let key = vip_key(&self.config.vips[self.vip_index(name)?]);
-                self.rec
-                    .vips
-                    .get(&key)
-                    .context("that VIP is not applied")?
-                    .meta
-                    .vip_id
-            }
-        };
+        let key = vip.map(|name| self.applied_key(name)).transpose()?;
+        let vip_id = key.map_or(lb_common::maps::CAPTURE_ANY_VIP, |k| {
+            self.rec.vips[&k].meta.vip_id
+        });
         let backend_id = match backend {
             None => 0,
-            Some(b) => {
-                let addr: IpAddr = b.parse().context("backend address")?;
-                let ids: Vec<u32> = self
-                    .rec
-                    .vips
-                    .values()
-                    .filter(|a| {
-                        vip_id == lb_common::maps::CAPTURE_ANY_VIP || a.meta.vip_id == vip_id
-                    })
-                    .filter_map(|a| a.backends.get(&addr).map(|b| b.id))
-                    .collect();
-                match ids[..] {
-                    [id] => id,
-                    [] => bail!("no backend {b} in {}", vip.unwrap_or("any VIP")),
-                    _ => bail!("{b} serves several VIPs: name one with --vip"),
-                }
-            }
+            Some(b) => match self.backend_ids(b, key, vip)?[..] {
+                [id] => id,
+                _ => bail!("{b} serves several VIPs: name one with --vip"),
+            },
         };
         self.dp.set_capture(lb_common::maps::CaptureFilter {
             enabled: 1,
@@ -940,34 +950,11 @@ impl Daemon {
         if limit > MAX_LIMIT {
             bail!("limit {limit} is over {MAX_LIMIT}");
         }
-        let vips = vip
-            .map(|name| {
-                self.vip_index(name)
-                    .map(|i| vec![vip_key(&self.config.vips[i])])
-            })
-            .transpose()?;
-        let backend_ids = backend
-            .map(|b| -> Result<Vec<u32>> {
-                let addr: IpAddr = b.parse().context("backend address")?;
-                Ok(self
-                    .rec
-                    .vips
-                    .iter()
-                    .filter(|(k, _)| vips.as_ref().is_none_or(|v| v.contains(k)))
-                    .filter_map(|(_, a)| a.backends.get(&addr).map(|b| b.id))
-                    .collect())
-            })
-            .transpose()?;
-        if backend_ids.as_ref().is_some_and(|ids| ids.is_empty()) {
-            bail!(
-                "no backend {} in {}",
-                backend.unwrap_or_default(),
-                vip.unwrap_or("any VIP")
-            );
-        }
+        let key = vip.map(|name| self.applied_key(name)).transpose()?;
+        let backend_ids = backend.map(|b| self.backend_ids(b, key, vip)).transpose()?;
         Ok(FlowQuery {
             table: self.dp.conntrack_handle()?,
-            vips,
+            vips: key.map(|k| vec![k]),
             backend_ids,
             addresses: self
                 .rec
