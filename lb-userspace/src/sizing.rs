@@ -67,14 +67,22 @@ pub fn map_bytes(kind: Kind, key: usize, value: usize, entries: u32, cpus: u32) 
 
 /// Every map lbd loads, sized as `lb` asks.
 pub fn plan(lb: &LbConfig, cpus: u32) -> Vec<MapCost> {
-    let (vips, backends) = (lb.max_vips, lb.max_backends);
+    // The per-VIP and per-backend maps as the loader sizes them.
+    let sizes = crate::dataplane::map_sizes(lb.max_vips, lb.max_backends);
+    let sized = |name: &str| {
+        sizes
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, entries)| *entries)
+            .expect("a map map_sizes sizes")
+    };
     let rows: [(&'static str, Kind, usize, usize, u32); 18] = [
         (
             MAP_VIPS,
             Kind::Hash,
             size_of::<VipKey>(),
             size_of::<VipMeta>(),
-            vips.saturating_mul(3),
+            sized(MAP_VIPS),
         ),
         (
             MAP_VIP_ADDR_FILTER,
@@ -89,36 +97,42 @@ pub fn plan(lb: &LbConfig, cpus: u32) -> Vec<MapCost> {
             Kind::Array,
             4,
             size_of::<PrevTable>(),
-            vips,
+            sized(MAP_PREV_TABLES),
         ),
         (
             MAP_VIP_STATS,
             Kind::PerCpuArray,
             4,
             size_of::<Counter>(),
-            vips,
+            sized(MAP_VIP_STATS),
         ),
-        (MAP_BACKENDS, Kind::Array, 4, size_of::<Backend>(), backends),
+        (
+            MAP_BACKENDS,
+            Kind::Array,
+            4,
+            size_of::<Backend>(),
+            sized(MAP_BACKENDS),
+        ),
         (
             MAP_BACKEND_STATS,
             Kind::PerCpuArray,
             4,
             size_of::<Counter>(),
-            backends,
+            sized(MAP_BACKEND_STATS),
         ),
         (
             MAP_BACKEND_NEW_FLOWS,
             Kind::PerCpuArray,
             4,
             size_of::<Counter>(),
-            backends,
+            sized(MAP_BACKEND_NEW_FLOWS),
         ),
         (
             MAP_NEXTHOP_CACHE,
             Kind::PerCpuArray,
             4,
             size_of::<NextHopCache>(),
-            backends,
+            sized(MAP_NEXTHOP_CACHE),
         ),
         (MAP_MAGLEV_SLOTS, Kind::MmapArray, 4, 4, lb.maglev_slots),
         (

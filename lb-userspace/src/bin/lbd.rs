@@ -7,11 +7,8 @@ use clap::{Parser, Subcommand};
 use lb_common::maps::DecapReason;
 use lb_userspace::{
     api::{Request, Response},
-    daemon::notify,
-};
-use lb_userspace::{
     config::Config,
-    daemon::{Daemon, preflight},
+    daemon::{Daemon, notify, preflight},
     dataplane::teardown,
     decap::Decap,
     instance_lock::InstanceLock,
