@@ -228,6 +228,23 @@ pub struct Sim {
     now: f64,
 }
 
+/// The backend a Maglev table gives `hash` (0: no table).
+fn slot_owner(table: &[u32], hash: u32) -> u32 {
+    if table.is_empty() {
+        0
+    } else {
+        table[(hash % table.len() as u32) as usize]
+    }
+}
+
+/// The backend hash mod n gives `hash` among `usable` (0: none).
+fn hash_mod_n(usable: &[u32], hash: u32) -> u32 {
+    usable
+        .get((hash as usize) % usable.len().max(1))
+        .copied()
+        .unwrap_or(0)
+}
+
 /// Hash-threshold ECMP (Linux's multipath): the instance whose share of
 /// the hash space holds the flow's hash.
 fn ecmp(active: &[u32], hash: u32) -> u32 {
@@ -320,11 +337,7 @@ impl Sim {
                 seen: 0,
                 ends,
             };
-            let usable = self.fleet.usable(vip);
-            flow.backend[0] = usable
-                .get((hash as usize) % usable.len().max(1))
-                .copied()
-                .unwrap_or(0);
+            flow.backend[0] = hash_mod_n(&self.fleet.usable(vip), hash);
             let owner = self.owner(vip, hash);
             flow.backend[1] = owner;
             flow.backend[2] = owner;
@@ -335,12 +348,7 @@ impl Sim {
     }
 
     fn owner(&self, vip: usize, hash: u32) -> u32 {
-        let t = &self.tables[vip].0;
-        if t.is_empty() {
-            0
-        } else {
-            t[(hash % t.len() as u32) as usize]
-        }
+        slot_owner(&self.tables[vip].0, hash)
     }
 
     /// Time passes: flows end, new ones start (on the current state).
@@ -372,19 +380,8 @@ impl Sim {
                 (self.flows[i].vip, self.flows[i].hash, self.flows[i].ecmp);
             let bit = 1u128 << (ecmp(&self.active, ecmp_hash) % 128);
             let owner = self.owner(vip, hash);
-            let prev = {
-                let t = &self.tables[vip].1;
-                if t.is_empty() {
-                    0
-                } else {
-                    t[(hash % t.len() as u32) as usize]
-                }
-            };
-            let u = &usable[vip];
-            let modn = u
-                .get((hash as usize) % u.len().max(1))
-                .copied()
-                .unwrap_or(0);
+            let prev = slot_owner(&self.tables[vip].1, hash);
+            let modn = hash_mod_n(&usable[vip], hash);
             let fleet = &self.fleet;
             let valid = |b: u32| fleet.valid(vip, b);
             let f = &mut self.flows[i];
