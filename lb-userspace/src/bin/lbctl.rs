@@ -269,8 +269,7 @@ fn real_main() -> Result<()> {
     let cli = Cli::parse();
     let json = cli.json;
     match run(cli) {
-        Ok(Output::Json(v)) => println!("{}", serde_json::to_string_pretty(&v)?),
-        Ok(Output::Text(t)) => print!("{}{}", t, if t.ends_with('\n') { "" } else { "\n" }),
+        Ok(out) => print_output(out)?,
         Err(e) if json => {
             // Scripts read one JSON document on stdout, error or not.
             println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
@@ -532,7 +531,8 @@ fn capture(
 fn print_output(out: Output) -> Result<()> {
     match out {
         Output::Json(v) => println!("{}", serde_json::to_string_pretty(&v)?),
-        Output::Text(t) => print!("{t}"),
+        Output::Text(t) if t.ends_with('\n') => print!("{t}"),
+        Output::Text(t) => println!("{t}"),
     }
     Ok(())
 }
