@@ -435,12 +435,8 @@ impl Reconciler {
             .iter()
             .filter_map(|d| {
                 let applied = self.vips.get(&d.key)?;
-                let ids: Option<BTreeMap<IpAddr, u32>> = d
-                    .backends
-                    .iter()
-                    .map(|b| applied.backends.get(&b.addr).map(|a| (b.addr, a.id)))
-                    .collect();
-                let inputs = self.table_inputs(d, &ids?);
+                let ids = applied_ids(applied, d, |_, _| true)?;
+                let inputs = self.table_inputs(d, &ids);
                 let last = self.built_from.get(&d.key);
                 (last != Some(&inputs)).then(|| {
                     let base = base_of(last, &inputs, &applied.table);
@@ -467,16 +463,7 @@ impl Reconciler {
         {
             return false;
         }
-        let ids: Option<BTreeMap<IpAddr, u32>> = d
-            .backends
-            .iter()
-            .map(|b| {
-                v.backends
-                    .get(&b.addr)
-                    .filter(|a| a.weight == b.weight && a.healthy == b.healthy)
-                    .map(|a| (b.addr, a.id))
-            })
-            .collect();
+        let ids = applied_ids(v, d, |a, b| a.weight == b.weight && a.healthy == b.healthy);
         ids.is_some_and(|ids| self.built_from.get(&d.key) == Some(&self.table_inputs(d, &ids)))
     }
 
@@ -798,6 +785,25 @@ impl Reconciler {
     pub fn backend_id(&self, key: &VipKey, addr: &IpAddr) -> Option<u32> {
         self.vips.get(key)?.backends.get(addr).map(|b| b.id)
     }
+}
+
+/// The ids `applied` has for each of `d`'s backends, if it has all of
+/// them and each passes `same`.
+fn applied_ids(
+    applied: &AppliedVip,
+    d: &DesiredVip,
+    same: impl Fn(&AppliedBackend, &DesiredBackend) -> bool,
+) -> Option<BTreeMap<IpAddr, u32>> {
+    d.backends
+        .iter()
+        .map(|b| {
+            applied
+                .backends
+                .get(&b.addr)
+                .filter(|a| same(a, b))
+                .map(|a| (b.addr, a.id))
+        })
+        .collect()
 }
 
 mod tables;
