@@ -44,7 +44,9 @@ pub fn parse_record(bytes: &[u8]) -> Option<Captured<'_>> {
     })
 }
 
-fn clock_ns(clock: libc::clockid_t) -> u64 {
+/// `clock` in ns (CLOCK_MONOTONIC: what the data path stamps capture
+/// records and connection-table entries with).
+pub fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

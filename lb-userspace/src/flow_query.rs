@@ -57,17 +57,6 @@ pub struct FlowQuery {
     pub limit: usize,
 }
 
-/// CLOCK_MONOTONIC in ns, the clock the data path stamps entries with.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the struct it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// The VIP a flow belongs to: its exact key, else the every-port one.
 fn vip_of(flow: &FlowKey, names: &BTreeMap<VipKey, String>) -> Option<VipKey> {
     let dst = ip_from_addr(&flow.dst, flow.family);
@@ -78,7 +67,8 @@ fn vip_of(flow: &FlowKey, names: &BTreeMap<VipKey, String>) -> Option<VipKey> {
 
 impl FlowQuery {
     pub fn run(self) -> FlowList {
-        let now = monotonic_ns();
+        // The clock the data path stamps entries with.
+        let now = crate::capture::clock_ns(libc::CLOCK_MONOTONIC);
         let mut out = FlowList {
             flows: Vec::new(),
             matched: 0,
