@@ -124,9 +124,17 @@ fn unpack_promtool() -> Result<()> {
     }
     eprintln!("setup: unpacking promtool into {PROMTOOL_DIR}");
     std::fs::create_dir_all(dir)?;
-    run(Command::new("apt-get")
-        .args(["download", "-q", "prometheus"])
-        .current_dir(dir))?;
+    let download = || {
+        run(Command::new("apt-get")
+            .args(["download", "-q", "prometheus"])
+            .current_dir(dir))
+    };
+    // Package lists may be missing when every package above was installed
+    // already: fetch them once and try again.
+    if download().is_err() {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        download()?;
+    }
     let deb = std::fs::read_dir(dir)?
         .flatten()
         .map(|e| e.path())
