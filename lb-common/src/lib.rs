@@ -11,6 +11,7 @@ extern crate std;
 
 pub mod flow_hash;
 pub mod maps;
+pub mod quic_lb;
 pub mod settings;
 
 #[cfg(feature = "user")]

@@ -126,6 +126,22 @@ pub struct VipKey {
 /// `VipMeta::flags`: encapsulate in GUE (outer UDP to `Settings::gue_port`,
 /// the inner IP packet right after the UDP header) instead of IP-in-IP.
 pub const VIP_F_GUE: u32 = 1;
+/// `VipMeta::flags`: a QUIC VIP (UDP): short-header packets whose
+/// connection ID names a server (`QUIC_SERVERS`) go to it without the
+/// connection table. The QUIC-LB parameters sit in higher flag bits
+/// (`quic_lb::QuicLbParams::flag_bits`).
+pub const VIP_F_QUIC: u32 = 2;
+
+/// `QUIC_SERVERS`: hash, `QuicServerKey -> u32` backend id.
+pub const MAP_QUIC_SERVERS: &str = "QUIC_SERVERS";
+
+/// A server id within a VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QuicServerKey {
+    pub vip_id: u32,
+    pub server_id: u32,
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -345,6 +361,18 @@ pub enum Reason {
     /// VIP's previous table; that backend is the second hop (also counted
     /// under the outcome and `ConntrackMiss`).
     SecondChance = 19,
+    /// A QUIC short-header packet whose connection ID named a valid
+    /// backend of its VIP: sent there, without the connection table (also
+    /// counted under the outcome).
+    QuicRouted = 20,
+    /// A QUIC long-header packet (handshake): balanced as any UDP flow.
+    QuicLongHeader = 21,
+    /// A QUIC short-header packet whose connection ID names no server of
+    /// the VIP (unknown id, other config, too short): balanced as any UDP flow.
+    QuicUnknownServer = 22,
+    /// A QUIC short-header packet whose server is known but not valid
+    /// (failed): balanced as any UDP flow.
+    QuicServerDown = 23,
 }
 
 impl Reason {
@@ -360,7 +388,7 @@ impl Reason {
         Reason::DropNotAService,
     ];
 
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 24;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::PassNotIp,
         Reason::PassNotVip,
@@ -382,6 +410,10 @@ impl Reason {
         Reason::IcmpErrorForwarded,
         Reason::DropNotAService,
         Reason::SecondChance,
+        Reason::QuicRouted,
+        Reason::QuicLongHeader,
+        Reason::QuicUnknownServer,
+        Reason::QuicServerDown,
     ];
 
     /// Stable name for metrics and CLI output.
@@ -407,6 +439,10 @@ impl Reason {
             Reason::IcmpErrorForwarded => "icmp_error_forwarded",
             Reason::DropNotAService => "drop_not_a_service",
             Reason::SecondChance => "second_chance",
+            Reason::QuicRouted => "quic_routed",
+            Reason::QuicLongHeader => "quic_long_header",
+            Reason::QuicUnknownServer => "quic_unknown_server",
+            Reason::QuicServerDown => "quic_server_down",
         }
     }
 }
@@ -468,6 +504,7 @@ const _: () = assert!(size_of::<ConnEntry>() == 16);
 const _: () = assert!(size_of::<Counter>() == 16);
 const _: () = assert!(size_of::<NextHopCache>() == 32);
 const _: () = assert!(size_of::<PrevTable>() == 8);
+const _: () = assert!(size_of::<QuicServerKey>() == 8);
 
 #[cfg(test)]
 mod tests {

@@ -18,6 +18,7 @@ unsafe impl aya::Pod for NextHopCache {}
 unsafe impl aya::Pod for InsertBudget {}
 unsafe impl aya::Pod for crate::maps::PrevTable {}
 unsafe impl aya::Pod for crate::maps::CaptureFilter {}
+unsafe impl aya::Pod for crate::maps::QuicServerKey {}
 unsafe impl aya::Pod for Settings {}
 
 /// The map representation of an address (network byte order words).

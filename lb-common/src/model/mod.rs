@@ -22,9 +22,10 @@ use crate::{
     flow_hash::flow_hash,
     maps::{
         Addr, BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, ConnEntry, FlowKey,
-        PrevTable, Reason, VIP_F_GUE, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey,
-        VipMeta,
+        PrevTable, QuicServerKey, Reason, VIP_F_GUE, VIP_F_QUIC, VIP_KIND_ADDRESS,
+        VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
     },
+    quic_lb::{QuicHeader, classify},
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
 };
 
@@ -39,6 +40,8 @@ pub struct ModelMaps {
     pub conntrack: HashMap<FlowKey, ConnEntry>,
     /// `PREV_TABLES` by vip id; absent = none.
     pub prev_tables: BTreeMap<u32, PrevTable>,
+    /// `QUIC_SERVERS`: (vip id, server id) -> backend id.
+    pub quic_servers: BTreeMap<QuicServerKey, u32>,
 }
 
 /// What the kernel's FIB would answer for the way to a backend.
@@ -154,6 +157,48 @@ impl ModelMaps {
         Some((id, *b))
     }
 
+    /// A QUIC VIP's UDP datagram: the backend its connection ID names, if
+    /// that is a valid backend of the VIP; else `None` (balanced as any
+    /// UDP flow). Counts what it found.
+    fn quic_route(
+        &self,
+        pkt: &[u8],
+        p: &ParsedIp,
+        vip: &VipMeta,
+        reasons: &mut Vec<Reason>,
+    ) -> Option<(u32, Backend)> {
+        if vip.flags & VIP_F_QUIC == 0 || p.icmp != IcmpKind::None || p.flow.proto != PROTO_UDP {
+            return None;
+        }
+        let (offset, len) = p.udp_payload?;
+        let payload = &ip_bytes(pkt, p)[offset..offset + len];
+        let server_id = match classify(payload, vip.flags) {
+            QuicHeader::Long => {
+                reasons.push(Reason::QuicLongHeader);
+                return None;
+            }
+            QuicHeader::Unroutable => {
+                reasons.push(Reason::QuicUnknownServer);
+                return None;
+            }
+            QuicHeader::Short { server_id } => server_id,
+        };
+        let key = QuicServerKey {
+            vip_id: vip.vip_id,
+            server_id,
+        };
+        let Some(&id) = self.quic_servers.get(&key) else {
+            reasons.push(Reason::QuicUnknownServer);
+            return None;
+        };
+        let Some(b) = self.valid_backend(id, vip) else {
+            reasons.push(Reason::QuicServerDown);
+            return None;
+        };
+        reasons.push(Reason::QuicRouted);
+        Some((id, b))
+    }
+
     /// Records what the program wrote to the connection table.
     pub fn apply(&mut self, d: &Decision, now_ns: u64) {
         if let Some((flow, backend_id)) = d.conntrack_write {
@@ -223,7 +268,9 @@ impl ModelMaps {
                 d.reasons.push(Reason::IcmpErrorForwarded);
             }
             let is_syn = p.tcp_flags & 0x12 == 0x02;
-            let tracked = (!is_syn)
+            let quic = self.quic_route(pkt, &p, &vip, &mut d.reasons);
+            // Routed by its connection ID: the connection table is not read.
+            let tracked = (quic.is_none() && !is_syn)
                 .then(|| self.conntrack.get(&p.flow))
                 .flatten()
                 .and_then(|e| {
@@ -234,7 +281,9 @@ impl ModelMaps {
                     let b = self.valid_backend(e.backend_id, &vip)?;
                     fresh.then_some((e.backend_id, b))
                 });
-            if let Some(hit) = tracked {
+            if quic.is_some() {
+                quic
+            } else if let Some(hit) = tracked {
                 d.reasons.push(Reason::ConntrackHit);
                 Some(hit)
             } else {

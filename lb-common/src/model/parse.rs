@@ -41,6 +41,9 @@ pub struct ParsedIp {
     pub icmp: IcmpKind,
     /// Offset of the ICMP header from the IP header (ICMP packets only).
     pub icmp_offset: usize,
+    /// UDP datagrams (not fragments, not ICMP): the payload's offset from
+    /// the IP header and its length (by the UDP length field).
+    pub udp_payload: Option<(usize, usize)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -210,6 +213,7 @@ fn parse_ipv4(ip: &[u8]) -> Option<ParsedIp> {
         dont_fragment: frags & 0x4000 != 0,
         icmp: IcmpKind::None,
         icmp_offset: 0,
+        udp_payload: None,
     };
     transport(ip, ihl, &mut p)?;
     Some(p)
@@ -274,6 +278,7 @@ fn parse_ipv6(ip: &[u8]) -> Option<ParsedIp> {
         dont_fragment: true,
         icmp: IcmpKind::None,
         icmp_offset: 0,
+        udp_payload: None,
     };
     transport(ip, off, &mut p)?;
     Some(p)
@@ -306,6 +311,9 @@ fn transport(ip: &[u8], l4: usize, p: &mut ParsedIp) -> Option<()> {
     p.flow.sport = sport;
     p.flow.dport = dport;
     p.tcp_flags = flags;
+    if p.flow.proto == PROTO_UDP {
+        p.udp_payload = Some((l4 + 8, be16(ip, l4 + 4) as usize - 8));
+    }
     Some(())
 }
 
