@@ -238,12 +238,19 @@ mod tests {
         // Exactly header octet + connection ID: routable; one short: not.
         let pkt = short_packet(&cid, 0);
         assert_eq!(classify(&pkt, flags), QuicHeader::Short { server_id: 7 });
-        assert_eq!(classify(&pkt[..pkt.len() - 1], flags), QuicHeader::Unroutable);
+        assert_eq!(
+            classify(&pkt[..pkt.len() - 1], flags),
+            QuicHeader::Unroutable
+        );
         // Another config rotation value, or the unroutable one.
         for cfg in [0u8, 7] {
             let mut other = pkt.clone();
             other[1] = (other[1] & 0x1F) | cfg << 5;
-            assert_eq!(classify(&other, flags), QuicHeader::Unroutable, "config {cfg}");
+            assert_eq!(
+                classify(&other, flags),
+                QuicHeader::Unroutable,
+                "config {cfg}"
+            );
         }
     }
 
@@ -254,8 +261,14 @@ mod tests {
         assert_eq!(flag_params(P.flag_bits() | VIP_F_QUIC), (2, 2, 9));
         for bad in [
             QuicLbParams { config_id: 7, ..P },
-            QuicLbParams { server_id_len: 0, ..P },
-            QuicLbParams { server_id_len: 5, ..P },
+            QuicLbParams {
+                server_id_len: 0,
+                ..P
+            },
+            QuicLbParams {
+                server_id_len: 5,
+                ..P
+            },
             QuicLbParams { nonce_len: 3, ..P },
             QuicLbParams {
                 server_id_len: 4,

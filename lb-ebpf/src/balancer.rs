@@ -10,9 +10,10 @@ use lb_common::{
     flow_hash::flow_hash,
     maps::{
         BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, CAPTURE_IN, CAPTURE_OUT,
-        ConnEntry, NEXTHOP_TTL_NS, NextHopCache, Reason, VIP_F_GUE, VIP_KIND_ADDRESS,
-        VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta, vip_addr_filter_bit,
+        ConnEntry, NEXTHOP_TTL_NS, NextHopCache, QuicServerKey, Reason, VIP_F_GUE, VIP_F_QUIC,
+        VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta, vip_addr_filter_bit,
     },
+    quic_lb::{SHORT_HEADER_READ, flag_params, server_id_of},
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
 };
 
@@ -22,9 +23,11 @@ use crate::{
     icmp::{echo_reply, ingress_macs, quote_len, too_big_reply},
     maps::{
         ANY_PORT_VIPS, BACKENDS, CONNTRACK, INSERT_BUDGET, MAGLEV_SLOTS, NEXTHOP_CACHE,
-        PREV_TABLES, VIP_ADDR_FILTER, VIPS, settings,
+        PREV_TABLES, QUIC_SERVERS, VIP_ADDR_FILTER, VIPS, settings,
     },
-    parse::{ICMP_ECHO_REQUEST, ICMP_ERROR, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, parse},
+    parse::{
+        ICMP_ECHO_REQUEST, ICMP_ERROR, Packet, Parsed, TCP_ACK, TCP_RST, TCP_SYN, parse, ptr_at,
+    },
     stats::{count, count_backend, count_new_flow, count_vip},
 };
 
@@ -60,7 +63,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
     }
     let cfg = settings();
     let mut clock = Clock::NOT_READ;
-    let Some(chosen) = choose_backend(&pkt, &vip, &cfg, &mut clock, bytes) else {
+    let Some(chosen) = choose_backend(ctx, &pkt, &vip, &cfg, &mut clock, bytes) else {
         return finish(Reason::DropNoBackend, XDP_DROP, bytes);
     };
     count_backend(chosen.id, bytes);
@@ -233,6 +236,7 @@ fn insert_allowed(cfg: &Settings, now: u64) -> bool {
 /// hold its hash.
 #[inline(always)]
 fn choose_backend(
+    ctx: &XdpContext,
     pkt: &Packet,
     vip: &VipMeta,
     cfg: &Settings,
@@ -256,6 +260,20 @@ fn choose_backend(
     }
     let is_syn = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let is_udp = pkt.flow.proto == PROTO_UDP && !is_icmp_error;
+    if is_udp
+        && vip.flags & VIP_F_QUIC != 0
+        && let Some(id) = quic_server(ctx, pkt, vip, bytes)
+        && let Some(backend) = quic_backend(id, vip, bytes)
+    {
+        // Routed by its connection ID, whatever the client's address now:
+        // the connection table is neither read nor written.
+        return Some(Chosen {
+            id,
+            backend,
+            hash: flow_hash(&pkt.flow, cfg.hash_seed),
+            second: 0,
+        });
+    }
     if !is_syn && let Some(entry) = CONNTRACK.get_ptr_mut(&pkt.flow) {
         // SAFETY: LRU values stay valid for this program run; a racing update
         // can at worst give another valid backend id.
@@ -324,6 +342,71 @@ fn choose_backend(
         hash,
         second,
     })
+}
+
+/// A QUIC VIP's datagram: the backend id its short header's connection ID
+/// names (`lb_common::quic_lb`), or `None` (long header, no known server
+/// id), counted either way.
+#[inline(always)]
+fn quic_server(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, bytes: u64) -> Option<u32> {
+    let (config_id, sid_len, cid_len) = flag_params(vip.flags);
+    let len = pkt.udp_payload_len as usize;
+    let at = pkt.udp_payload as usize;
+    let first = if len == 0 {
+        None
+    } else {
+        ptr_at::<u8>(ctx, at)
+    };
+    let Some(first) = first else {
+        count(Reason::QuicUnknownServer, bytes);
+        return None;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    if unsafe { *first } & 0x80 != 0 {
+        count(Reason::QuicLongHeader, bytes);
+        return None;
+    }
+    let head = if len < 1 + cid_len as usize || len < SHORT_HEADER_READ {
+        None
+    } else {
+        ptr_at::<[u8; SHORT_HEADER_READ]>(ctx, at)
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let key = head.map(|h| unsafe {
+        let h = &*h;
+        (
+            h[1] >> 5,
+            QuicServerKey {
+                vip_id: vip.vip_id,
+                server_id: server_id_of(u32::from_be_bytes([h[2], h[3], h[4], h[5]]), sid_len),
+            },
+        )
+    });
+    // SAFETY: the value is copied out at once.
+    let id = match key {
+        Some((config, key)) if config == config_id => unsafe { QUIC_SERVERS.get(&key) }.copied(),
+        _ => None,
+    };
+    if id.is_none() {
+        count(Reason::QuicUnknownServer, bytes);
+    }
+    id
+}
+
+/// The backend a QUIC connection ID named, if it is valid (else the
+/// datagram is balanced as any UDP flow).
+#[inline(always)]
+fn quic_backend(id: u32, vip: &VipMeta, bytes: u64) -> Option<Backend> {
+    let backend = backend_for(id, vip);
+    count(
+        if backend.is_some() {
+            Reason::QuicRouted
+        } else {
+            Reason::QuicServerDown
+        },
+        bytes,
+    );
+    backend
 }
 
 /// The backend id the VIP's previous table gives the flow's slot, when

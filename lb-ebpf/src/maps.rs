@@ -9,8 +9,8 @@ use lb_common::{
     maps::{
         Backend, CAPTURE_RING_BYTES, CONTROL_STATE_ENTRIES, CaptureFilter, ConnEntry, Counter,
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, DecapReason, FlowKey, InsertBudget,
-        MAX_BACKENDS, MAX_VIPS, NextHopCache, PrevTable, Reason, VIP_ADDR_FILTER_WORDS, VipKey,
-        VipMeta,
+        MAX_BACKENDS, MAX_VIPS, NextHopCache, PrevTable, QuicServerKey, Reason,
+        VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
     },
     settings::Settings,
 };
@@ -66,6 +66,11 @@ pub static CAPTURE_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// Captured packets, read by `lbctl capture`.
 #[map]
 pub static CAPTURE_RING: RingBuf = RingBuf::with_byte_size(CAPTURE_RING_BYTES, 0);
+
+/// QUIC VIPs: (vip id, server id) -> backend id, for short-header packets
+/// routed by the server id in their connection ID.
+#[map]
+pub static QUIC_SERVERS: HashMap<QuicServerKey, u32> = HashMap::with_max_entries(MAX_BACKENDS, 0);
 
 /// Each VIP's previous Maglev table (by vip id) while its second-chance
 /// window lasts; read only on a connection-table miss.

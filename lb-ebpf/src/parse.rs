@@ -77,6 +77,10 @@ pub struct Packet {
     pub icmp: u8,
     /// Offset of the ICMP header from the IP header.
     pub icmp_offset: usize,
+    /// UDP datagrams (not fragments): where the payload starts in the
+    /// frame and its length by the UDP header (QUIC VIPs read it).
+    pub udp_payload: u16,
+    pub udp_payload_len: u16,
 }
 
 impl Packet {
@@ -102,6 +106,8 @@ impl Packet {
         dont_fragment: false,
         icmp: ICMP_NONE,
         icmp_offset: 0,
+        udp_payload: 0,
+        udp_payload_len: 0,
     };
 }
 
@@ -331,6 +337,8 @@ fn transport(ctx: &XdpContext, l4: usize, pkt: &mut Packet) -> Option<()> {
                 pkt.flow.sport = u16::from_ne_bytes((*udp).src);
                 pkt.flow.dport = u16::from_ne_bytes((*udp).dst);
             }
+            pkt.udp_payload = (at + UdpHdr::LEN) as u16;
+            pkt.udp_payload_len = (ulen - UdpHdr::LEN) as u16;
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
             if (pkt.flow.proto == PROTO_ICMPV6) != pkt.v6 {

@@ -21,6 +21,9 @@ pub enum Request {
         /// port, as `[vip.health] kind = "tcp"`; `kind = "none"`: none).
         #[serde(default)]
         health: Option<crate::health::HealthCheck>,
+        /// A QUIC VIP (UDP) with the default QUIC-LB parameters.
+        #[serde(default)]
+        quic: bool,
     },
     RemoveVip {
         vip: String,
@@ -32,6 +35,9 @@ pub enum Request {
         /// "active" (default), "adding" or "removing".
         #[serde(default)]
         state: Option<String>,
+        /// QUIC VIPs: the backend's server id (default: derived from its address).
+        #[serde(default)]
+        server_id: Option<u32>,
     },
     /// A backend's part in a change: "active", "adding" or "removing"
     /// (second-chance forwarding derives the previous table from them).

@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
     maglev::{DEFAULT_TABLE_SIZE, validate_table_size},
-    maps::VIP_F_GUE,
+    maps::{VIP_F_GUE, VIP_F_QUIC},
+    quic_lb::{QuicLbParams, allocated_server_id},
     settings::{SETTINGS_F_GATEWAY_MAC, Settings},
     user::addr_from_ip,
 };
@@ -161,6 +162,59 @@ pub struct VipConfig {
     /// "ipip" or "gue"; default: `lb.encap`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub encap: Option<String>,
+    /// A QUIC VIP (UDP): short-header packets go to the backend whose
+    /// server id their connection ID carries (QUIC-LB), whatever the
+    /// client's address and port.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub quic: bool,
+    /// The QUIC-LB connection ID parameters (defaults when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quic_lb: Option<QuicLbConfig>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// `[vip.quic_lb]`: how the VIP's servers build connection IDs: first
+/// octet (3 bits of `config_id`, 5 of length), `server_id_len` octets of
+/// server id, `nonce_len` octets of nonce.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QuicLbConfig {
+    #[serde(default)]
+    pub config_id: u8,
+    #[serde(default = "default_server_id_len")]
+    pub server_id_len: u8,
+    #[serde(default = "default_nonce_len")]
+    pub nonce_len: u8,
+}
+
+impl Default for QuicLbConfig {
+    fn default() -> Self {
+        QuicLbConfig {
+            config_id: 0,
+            server_id_len: default_server_id_len(),
+            nonce_len: default_nonce_len(),
+        }
+    }
+}
+
+fn default_server_id_len() -> u8 {
+    2
+}
+fn default_nonce_len() -> u8 {
+    6
+}
+
+impl QuicLbConfig {
+    pub fn params(&self) -> QuicLbParams {
+        QuicLbParams {
+            config_id: self.config_id,
+            server_id_len: self.server_id_len,
+            nonce_len: self.nonce_len,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -176,6 +230,10 @@ pub struct BackendConfig {
     /// takes no new flows; its tracked ones continue, as with weight 0.
     #[serde(default = "default_state")]
     pub state: String,
+    /// QUIC VIPs: the server id this backend embeds in its connection IDs
+    /// (default: derived from its address, see `lbctl status`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<u32>,
 }
 
 /// `BackendConfig::state` values.
@@ -228,7 +286,26 @@ impl VipConfig {
 
     /// `VipMeta::flags` for this VIP under `lb`'s defaults (validated).
     pub fn flags(&self, lb: &LbConfig) -> u32 {
-        encap_flags(self.encap.as_deref().unwrap_or(&lb.encap)).expect("validated")
+        let encap = encap_flags(self.encap.as_deref().unwrap_or(&lb.encap)).expect("validated");
+        match self.quic_params() {
+            Some(p) => encap | VIP_F_QUIC | p.flag_bits(),
+            None => encap,
+        }
+    }
+
+    /// The QUIC-LB parameters of a QUIC VIP.
+    pub fn quic_params(&self) -> Option<QuicLbParams> {
+        self.quic.then(|| self.quic_lb.unwrap_or_default().params())
+    }
+
+    /// The server id of `b` (one of this VIP's backends), if a QUIC VIP:
+    /// configured, or derived from its address.
+    pub fn server_id(&self, b: &BackendConfig) -> Option<u32> {
+        let p = self.quic_params()?;
+        Some(
+            b.server_id
+                .unwrap_or_else(|| allocated_server_id(b.address, &p)),
+        )
     }
 }
 
@@ -521,6 +598,7 @@ impl Config {
             if h.rise == 0 || h.fall == 0 {
                 bail!("{at}.health: rise and fall must be at least 1");
             }
+            validate_quic(vip, &at)?;
             needed_slots += 2 * vip.table_size as u64;
             let mut addrs = BTreeSet::new();
             for (j, b) in vip.backends.iter().enumerate() {
@@ -573,6 +651,60 @@ impl Config {
     }
 }
 
+/// A QUIC VIP's parameters and server ids (unique within the VIP, each
+/// fitting its length); no server ids elsewhere.
+fn validate_quic(vip: &VipConfig, at: &str) -> Result<()> {
+    let Some(params) = vip.quic_params() else {
+        if vip.quic_lb.is_some() {
+            bail!("{at}.quic_lb: only a QUIC VIP uses it: set quic = true");
+        }
+        if let Some((j, b)) = vip
+            .backends
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.server_id.is_some())
+        {
+            bail!(
+                "{at}.backend[{j}] ({}).server_id: only a QUIC VIP (quic = true) uses server ids",
+                b.address
+            );
+        }
+        return Ok(());
+    };
+    if vip.protocol != "udp" {
+        bail!("{at}.quic: QUIC runs over UDP: set protocol = \"udp\"");
+    }
+    if let Some(why) = params.invalid() {
+        bail!("{at}.quic_lb: {why}");
+    }
+    let mut taken: std::collections::BTreeMap<u32, (usize, IpAddr)> = Default::default();
+    for (j, b) in vip.backends.iter().enumerate() {
+        let bat = format!("{at}.backend[{j}] ({})", b.address);
+        if let Some(id) = b.server_id
+            && id > params.max_server_id()
+        {
+            bail!(
+                "{bat}.server_id: {id} does not fit server_id_len = {} octets (at most {})",
+                params.server_id_len,
+                params.max_server_id()
+            );
+        }
+        let id = vip.server_id(b).expect("a QUIC VIP");
+        if let Some((k, other)) = taken.insert(id, (j, b.address)) {
+            let how = if b.server_id.is_some() {
+                "given"
+            } else {
+                "derived from its address"
+            };
+            bail!(
+                "{bat}.server_id: {id} ({how}) is also backend[{k}] ({other})'s: give each \
+                 backend its own server_id"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// What differs between two VIP lists, one line per change, for people:
 /// the runtime changes a reload drops, the changes it applies.
 pub fn describe_changes(from: &[VipConfig], to: &[VipConfig]) -> Vec<String> {
@@ -599,6 +731,9 @@ pub fn describe_changes(from: &[VipConfig], to: &[VipConfig]) -> Vec<String> {
         if old.table_size != v.table_size || old.encap != v.encap {
             out.push(format!("VIP {name}: table size or encapsulation changed"));
         }
+        if old.quic_params() != v.quic_params() {
+            out.push(format!("VIP {name}: QUIC routing changed"));
+        }
         for b in &old.backends {
             if !v.backends.iter().any(|n| n.address == b.address) {
                 out.push(format!("VIP {name}: backend {} removed", b.address));
@@ -621,6 +756,12 @@ pub fn describe_changes(from: &[VipConfig], to: &[VipConfig]) -> Vec<String> {
                         out.push(format!(
                             "VIP {name}: backend {} state {} -> {}",
                             b.address, o.state, b.state
+                        ));
+                    }
+                    if old.server_id(o) != v.server_id(b) {
+                        out.push(format!(
+                            "VIP {name}: backend {} server id changed",
+                            b.address
                         ));
                     }
                 }
@@ -660,6 +801,101 @@ weight = 2
 
     fn err(text: &str) -> String {
         format!("{:#}", Config::parse(text).unwrap_err())
+    }
+
+    const QUIC: &str = r#"
+[lb]
+interfaces = ["eth0"]
+
+[[vip]]
+address = "10.0.0.10"
+port = 443
+protocol = "udp"
+quic = true
+[[vip.backend]]
+address = "10.30.1.2"
+server_id = 1
+[[vip.backend]]
+address = "10.30.2.2"
+"#;
+
+    #[test]
+    fn quic_vips_get_their_parameters_and_server_ids() {
+        let c = Config::parse(QUIC).unwrap();
+        let v = &c.vips[0];
+        let p = v.quic_params().unwrap();
+        assert_eq!((p.config_id, p.server_id_len, p.nonce_len), (0, 2, 6));
+        assert_eq!(v.server_id(&v.backends[0]), Some(1));
+        let derived = allocated_server_id(v.backends[1].address, &p);
+        assert_eq!(v.server_id(&v.backends[1]), Some(derived));
+        let flags = v.flags(&c.lb);
+        assert_eq!(flags & VIP_F_QUIC, VIP_F_QUIC);
+        assert_eq!(lb_common::quic_lb::flag_params(flags), (0, 2, 9));
+        // Written back as read (config dump).
+        let again = Config::parse(&c.to_toml().unwrap()).unwrap();
+        assert_eq!(again.vips, c.vips);
+        // Other parameters.
+        let text = QUIC.replace(
+            "quic = true\n",
+            "quic = true\n[vip.quic_lb]\nconfig_id = 3\nserver_id_len = 1\nnonce_len = 4\n",
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(
+            lb_common::quic_lb::flag_params(c.vips[0].flags(&c.lb)),
+            (3, 1, 6)
+        );
+    }
+
+    #[test]
+    fn quic_mistakes_name_the_field() {
+        let cases = [
+            (
+                QUIC.replace("\"udp\"", "\"tcp\""),
+                "vip[0] (10.0.0.10:443/tcp).quic: QUIC runs over UDP",
+            ),
+            (
+                QUIC.replace("server_id = 1", "server_id = 70000"),
+                ".backend[0] (10.30.1.2).server_id: 70000 does not fit server_id_len = 2",
+            ),
+            (
+                QUIC.replace("quic = true\n", ""),
+                ".backend[0] (10.30.1.2).server_id: only a QUIC VIP",
+            ),
+            (
+                QUIC.replace("quic = true\n", "[vip.quic_lb]\nnonce_len = 4\n"),
+                ".quic_lb: only a QUIC VIP uses it",
+            ),
+            (
+                QUIC.replace(
+                    "quic = true\n",
+                    "quic = true\n[vip.quic_lb]\nconfig_id = 7\n",
+                ),
+                ".quic_lb: config_id must be 0..=6",
+            ),
+            (
+                QUIC.replace(
+                    "quic = true\n",
+                    "quic = true\n[vip.quic_lb]\nserver_id_len = 4\nnonce_len = 16\n",
+                ),
+                ".quic_lb: 1 + server_id_len + nonce_len must be at most 20",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(&text);
+            assert!(e.contains(want), "{e}\nwanted: {want}");
+        }
+        // Two backends on one server id: the second is named, with the first.
+        let derived = allocated_server_id(
+            "10.30.2.2".parse().unwrap(),
+            &QuicLbConfig::default().params(),
+        );
+        let e = err(&QUIC.replace("server_id = 1", &format!("server_id = {derived}")));
+        assert!(
+            e.contains(&format!(
+                "backend[1] (10.30.2.2).server_id: {derived} (derived from its address) is also backend[0] (10.30.1.2)'s"
+            )),
+            "{e}"
+        );
     }
 
     #[test]

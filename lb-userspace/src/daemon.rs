@@ -166,6 +166,7 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
         )?;
         adopted += 1;
     }
+    rec.adopt_quic_servers(dp.quic_servers());
     Ok(adopted)
 }
 
@@ -294,6 +295,7 @@ impl Daemon {
                             weight: b.weight,
                             healthy: *self.health.get(&(key, b.address)).unwrap_or(&true),
                             state: BackendState::parse(&b.state).expect("validated"),
+                            server_id: v.server_id(b),
                         })
                         .collect(),
                 }
@@ -670,6 +672,7 @@ impl Daemon {
                 protocol,
                 table_size,
                 health,
+                quic,
             } => {
                 let address: IpAddr = address.parse().context("VIP address")?;
                 // Checked like a file VIP with [vip.health] kind = "tcp".
@@ -686,6 +689,8 @@ impl Daemon {
                         backends: Vec::new(),
                         health,
                         encap: None,
+                        quic,
+                        quic_lb: None,
                     });
                     Ok(())
                 })?;
@@ -704,6 +709,7 @@ impl Daemon {
                 address,
                 weight,
                 state,
+                server_id,
             } => {
                 let i = self.vip_index(&vip)?;
                 let address: IpAddr = address.parse().context("backend address")?;
@@ -712,6 +718,7 @@ impl Daemon {
                         address,
                         weight,
                         state: state.unwrap_or_else(|| "active".into()),
+                        server_id,
                     });
                     Ok(())
                 })?;

@@ -24,10 +24,10 @@ use lb_common::{
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, FlowKey, GLOBAL_SETTINGS,
         MAP_ANY_PORT_VIPS, MAP_BACKEND_NEW_FLOWS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BENCH_FRAME,
         MAP_BENCH_NEXT, MAP_CAPTURE, MAP_CAPTURE_LOST, MAP_CAPTURE_RING, MAP_CONNTRACK,
-        MAP_CONTROL_STATE, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_REASON_STATS,
-        MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS, PROGRAM_BALANCER,
-        PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable, Reason, VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
-        vip_addr_filter_bit,
+        MAP_CONTROL_STATE, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_QUIC_SERVERS,
+        MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS,
+        PROGRAM_BALANCER, PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable, QuicServerKey, Reason,
+        VIP_ADDR_FILTER_WORDS, VipKey, VipMeta, vip_addr_filter_bit,
     },
     settings::Settings,
 };
@@ -256,7 +256,7 @@ impl Default for LoadOptions {
 /// The per-VIP and per-backend maps and their sizes for `max_vips` VIPs
 /// and `max_backends` backend ids. `VIPS` holds up to three keys per VIP
 /// (its own, its address's fragment key and its address key).
-pub fn map_sizes(max_vips: u32, max_backends: u32) -> [(&'static str, u32); 7] {
+pub fn map_sizes(max_vips: u32, max_backends: u32) -> [(&'static str, u32); 8] {
     [
         (MAP_VIPS, max_vips.saturating_mul(3)),
         (MAP_PREV_TABLES, max_vips),
@@ -265,12 +265,14 @@ pub fn map_sizes(max_vips: u32, max_backends: u32) -> [(&'static str, u32); 7] {
         (MAP_BACKEND_STATS, max_backends),
         (MAP_BACKEND_NEW_FLOWS, max_backends),
         (MAP_NEXTHOP_CACHE, max_backends),
+        (MAP_QUIC_SERVERS, max_backends),
     ]
 }
 
 /// Maps that carry state across daemon restarts.
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 17] = [
     MAP_VIPS,
+    MAP_QUIC_SERVERS,
     MAP_CONTROL_STATE,
     MAP_PREV_TABLES,
     MAP_VIP_ADDR_FILTER,
@@ -410,6 +412,8 @@ pub struct Dataplane {
     /// `PREV_TABLES` (absent from programs older than second chance, which
     /// benchmarks load as baselines).
     prev_tables: Option<Array<MapData, PrevTable>>,
+    /// `QUIC_SERVERS` (absent from older builds' objects).
+    quic_servers: Option<HashMap<MapData, QuicServerKey, u32>>,
     /// `CONTROL_STATE` (absent from older builds' objects).
     control_state: Option<Array<MapData, u64>>,
     /// `CAPTURE`'s filter and `CAPTURE_LOST` (absent from older builds' objects).
@@ -435,6 +439,28 @@ pub struct Dataplane {
     /// the sizes they were created with).
     pub vip_capacity: u32,
     pub backend_capacity: u32,
+}
+
+/// Counter maps indexed by an enum that has grown since they were pinned
+/// (an older lbd's): unpinned, so that this load creates them at the size
+/// the program indexes. Only counters are lost (they restart from zero).
+fn drop_outgrown_pins(dir: &Path) {
+    for (name, wanted) in [(MAP_REASON_STATS, Reason::COUNT)] {
+        let path = dir.join(name);
+        let Ok(map) = MapData::from_pin(&path) else {
+            continue;
+        };
+        let Ok(info) = map.info() else { continue };
+        if info.max_entries() < wanted {
+            tracing::warn!(
+                map = name,
+                pinned = info.max_entries(),
+                wanted,
+                "pinned counter map is smaller than this program needs: recreated (its counters restart)"
+            );
+            let _ = std::fs::remove_file(&path);
+        }
+    }
 }
 
 /// `max_entries` of a map of the loaded object.
@@ -483,6 +509,7 @@ impl Dataplane {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
                 adopted = dir.join(MAP_VIPS).exists();
+                drop_outgrown_pins(dir);
                 PINNED_MAPS.iter().map(|m| (*m, dir.join(m))).collect()
             }
             None => Vec::new(),
@@ -539,6 +566,11 @@ impl Dataplane {
                 .map(MAP_PREV_TABLES)
                 .is_some()
                 .then(|| take(&mut ebpf, MAP_PREV_TABLES))
+                .transpose()?,
+            quic_servers: ebpf
+                .map(MAP_QUIC_SERVERS)
+                .is_some()
+                .then(|| take(&mut ebpf, MAP_QUIC_SERVERS))
                 .transpose()?,
             capture: ebpf
                 .map(MAP_CAPTURE)
@@ -745,6 +777,34 @@ impl Dataplane {
             .context("this XDP program has no PREV_TABLES (built before second chance)")?
             .set(vip_id, table, 0)
             .context("writing PREV_TABLES")
+    }
+
+    /// Routes a QUIC VIP's server id to backend `id`.
+    pub fn set_quic_server(&mut self, key: QuicServerKey, id: u32) -> Result<()> {
+        self.quic_servers
+            .as_mut()
+            .context("this XDP program has no QUIC_SERVERS (built before QUIC routing)")?
+            .insert(key, id, 0)
+            .context("writing QUIC_SERVERS")
+    }
+
+    pub fn remove_quic_server(&mut self, key: &QuicServerKey) -> Result<()> {
+        let Some(map) = self.quic_servers.as_mut() else {
+            return Ok(());
+        };
+        match map.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing from QUIC_SERVERS"),
+        }
+    }
+
+    /// Every `QUIC_SERVERS` entry (for adopting pinned state).
+    pub fn quic_servers(&self) -> Vec<(QuicServerKey, u32)> {
+        self.quic_servers
+            .as_ref()
+            .map(|m| m.iter().filter_map(|e| e.ok()).collect())
+            .unwrap_or_default()
     }
 
     /// VIP `vip_id`'s previous table as the kernel has it (size 0: none).

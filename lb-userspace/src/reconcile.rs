@@ -23,7 +23,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use lb_common::maps::{
-    BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, MAX_BACKENDS, MAX_VIPS, PrevTable, VipKey, VipMeta,
+    BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, MAX_BACKENDS, MAX_VIPS, PrevTable, QuicServerKey,
+    VIP_F_QUIC, VipKey, VipMeta,
 };
 use tracing::warn;
 
@@ -47,6 +48,10 @@ pub trait MapWriter {
     /// Points VIP `vip_id`'s second-chance lookups at a previous table
     /// (size 0: none).
     fn set_prev_table(&mut self, vip_id: u32, table: PrevTable) -> Result<()>;
+    /// Routes a QUIC VIP's server id to a backend id.
+    fn set_quic_server(&mut self, key: QuicServerKey, id: u32) -> Result<()>;
+    /// Forgets a server id (absent: nothing to do).
+    fn remove_quic_server(&mut self, key: &QuicServerKey) -> Result<()>;
 }
 
 impl MapWriter for crate::dataplane::Dataplane {
@@ -70,6 +75,12 @@ impl MapWriter for crate::dataplane::Dataplane {
     }
     fn set_prev_table(&mut self, vip_id: u32, table: PrevTable) -> Result<()> {
         crate::dataplane::Dataplane::set_prev_table(self, vip_id, table)
+    }
+    fn set_quic_server(&mut self, key: QuicServerKey, id: u32) -> Result<()> {
+        crate::dataplane::Dataplane::set_quic_server(self, key, id)
+    }
+    fn remove_quic_server(&mut self, key: &QuicServerKey) -> Result<()> {
+        crate::dataplane::Dataplane::remove_quic_server(self, key)
     }
 }
 
@@ -103,6 +114,8 @@ pub struct DesiredBackend {
     /// False = failed: out of the table and invalid, tracked flows re-hash.
     pub healthy: bool,
     pub state: BackendState,
+    /// QUIC VIPs: the server id in the backend's connection IDs.
+    pub server_id: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -222,6 +235,8 @@ pub struct Reconciler {
     built_from: BTreeMap<VipKey, TableInputs>,
     /// Tables built ahead, in parallel, for this apply.
     prebuilt: BTreeMap<VipKey, (TableInputs, Built)>,
+    /// `QUIC_SERVERS` as written.
+    quic_servers: BTreeMap<QuicServerKey, u32>,
 }
 
 impl Reconciler {
@@ -248,7 +263,19 @@ impl Reconciler {
             second_chance_window: Duration::ZERO,
             built_from: BTreeMap::new(),
             prebuilt: BTreeMap::new(),
+            quic_servers: BTreeMap::new(),
         }
+    }
+
+    /// Takes over `QUIC_SERVERS` entries found pinned (the next `apply`
+    /// removes those no QUIC VIP wants).
+    pub fn adopt_quic_servers(&mut self, entries: impl IntoIterator<Item = (QuicServerKey, u32)>) {
+        self.quic_servers.extend(entries);
+    }
+
+    /// The server ids the data path routes, as written.
+    pub fn quic_servers(&self) -> &BTreeMap<QuicServerKey, u32> {
+        &self.quic_servers
     }
 
     /// Takes over state found in pinned maps: the VIPs with their regions
@@ -338,12 +365,61 @@ impl Reconciler {
             }
         }
         self.apply_fragment_keys(maps)?;
+        self.apply_quic_servers(desired, maps)?;
         // ...and may stop only once none is left.
         if !want_any_port && self.any_port != Some(false) {
             maps.set_any_port_vips(false)?;
             self.any_port = Some(false);
         }
         Ok(report)
+    }
+
+    /// Brings `QUIC_SERVERS` to the QUIC VIPs' server ids: each names its
+    /// backend's id (written before, in `redo_vip`); ids of backends and
+    /// VIPs that are gone are removed. The data path checks that the id is
+    /// a valid backend of the packet's VIP, so order within does not matter.
+    fn apply_quic_servers(
+        &mut self,
+        desired: &[DesiredVip],
+        maps: &mut impl MapWriter,
+    ) -> Result<()> {
+        let mut want = BTreeMap::new();
+        for d in desired.iter().filter(|d| d.flags & VIP_F_QUIC != 0) {
+            let Some(v) = self.vips.get(&d.key) else {
+                continue;
+            };
+            for b in &d.backends {
+                if let (Some(server_id), Some(applied)) = (b.server_id, v.backends.get(&b.addr)) {
+                    let key = QuicServerKey {
+                        vip_id: v.meta.vip_id,
+                        server_id,
+                    };
+                    want.insert(key, applied.id);
+                }
+            }
+        }
+        if want.is_empty() && self.quic_servers.is_empty() {
+            return Ok(());
+        }
+        for (key, id) in &want {
+            if self.quic_servers.get(key) != Some(id) {
+                maps.set_quic_server(*key, *id)
+                    .context("writing a QUIC server id")?;
+                self.quic_servers.insert(*key, *id);
+            }
+        }
+        let gone: Vec<QuicServerKey> = self
+            .quic_servers
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect();
+        for key in gone {
+            maps.remove_quic_server(&key)
+                .context("removing a QUIC server id")?;
+            self.quic_servers.remove(&key);
+        }
+        Ok(())
     }
 
     /// Invalidates backends no table points at any more, frees their ids

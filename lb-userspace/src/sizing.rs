@@ -10,9 +10,9 @@ use lb_common::maps::{
     Backend, CAPTURE_RING_BYTES, CONTROL_STATE_ENTRIES, CaptureFilter, ConnEntry, Counter, FlowKey,
     InsertBudget, MAP_ANY_PORT_VIPS, MAP_BACKEND_NEW_FLOWS, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_CAPTURE, MAP_CAPTURE_LOST, MAP_CAPTURE_RING, MAP_CONNTRACK, MAP_CONTROL_STATE,
-    MAP_INSERT_BUDGET, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_REASON_STATS,
-    MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, NextHopCache, PrevTable, Reason,
-    VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
+    MAP_INSERT_BUDGET, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_QUIC_SERVERS,
+    MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, NextHopCache, PrevTable,
+    QuicServerKey, Reason, VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
 };
 
 use crate::config::LbConfig;
@@ -76,7 +76,7 @@ pub fn plan(lb: &LbConfig, cpus: u32) -> Vec<MapCost> {
             .map(|(_, entries)| *entries)
             .expect("a map map_sizes sizes")
     };
-    let rows: [(&'static str, Kind, usize, usize, u32); 18] = [
+    let rows: [(&'static str, Kind, usize, usize, u32); 19] = [
         (
             MAP_VIPS,
             Kind::Hash,
@@ -133,6 +133,13 @@ pub fn plan(lb: &LbConfig, cpus: u32) -> Vec<MapCost> {
             4,
             size_of::<NextHopCache>(),
             sized(MAP_NEXTHOP_CACHE),
+        ),
+        (
+            MAP_QUIC_SERVERS,
+            Kind::Hash,
+            size_of::<QuicServerKey>(),
+            4,
+            sized(MAP_QUIC_SERVERS),
         ),
         (MAP_MAGLEV_SLOTS, Kind::MmapArray, 4, 4, lb.maglev_slots),
         (

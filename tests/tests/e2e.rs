@@ -280,6 +280,7 @@ fn adding_a_backend_moves_about_one_in_n_of_new_flows() {
                     address: "10.30.4.2".into(),
                     weight: 1,
                     state: None,
+                    server_id: None,
                 }
             )
             .ok

@@ -315,6 +315,7 @@ fn a_backend_added_at_runtime_gets_no_slots_before_its_checks_pass() {
         address: "10.50.0.9".into(),
         weight: 1,
         state: None,
+        server_id: None,
     });
     assert!(r.ok, "{r:?}");
     let dead: IpAddr = "10.50.0.9".parse().unwrap();

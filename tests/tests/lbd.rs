@@ -261,6 +261,7 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
             address: "10.50.0.4".into(),
             weight: 1,
             state: None,
+            server_id: None,
         })
         .ok
     );
@@ -317,6 +318,7 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
             address: "10.50.0.1".into(),
             weight: 1,
             state: None,
+            server_id: None,
         })
         .ok
     );
@@ -347,6 +349,7 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
         protocol: "tcp".into(),
         table_size: Some(4098),
         health: None,
+        quic: false,
     });
     assert!(
         !r.ok && r.error.as_deref().unwrap().contains("table_size"),

@@ -144,6 +144,11 @@ enum VipCmd {
         /// HTTP path probed (with --health http).
         #[arg(long, default_value = "/")]
         health_path: String,
+        /// A QUIC VIP (UDP): route short-header packets by the server id
+        /// in their connection ID (default QUIC-LB parameters: config 0,
+        /// 2-octet server ids, 6-octet nonces).
+        #[arg(long)]
+        quic: bool,
     },
     /// Removes a VIP.
     Remove {
@@ -167,6 +172,10 @@ enum BackendCmd {
         /// active, adding or removing (see `backend state`).
         #[arg(long)]
         state: Option<String>,
+        /// QUIC VIPs: the server id it embeds in its connection IDs
+        /// (default: derived from its address; `lbctl status` shows it).
+        #[arg(long)]
+        server_id: Option<u32>,
     },
     /// A backend's part in a change: `adding` (in the current table only)
     /// or `removing` (in the previous table only, no new flows); `active`
@@ -404,6 +413,7 @@ fn run(cli: Cli) -> Result<Output> {
             health,
             health_port,
             health_path,
+            quic,
         }) => {
             let (address, port, protocol) = match (port, protocol) {
                 (Some(port), Some(protocol)) => (vip, port, protocol),
@@ -430,6 +440,7 @@ fn run(cli: Cli) -> Result<Output> {
                 protocol,
                 table_size,
                 health: Some(health),
+                quic,
             };
             (ask(socket, &request)?, message)
         }
@@ -441,11 +452,13 @@ fn run(cli: Cli) -> Result<Output> {
                     address,
                     weight,
                     state,
+                    server_id,
                 } => Request::AddBackend {
                     vip,
                     address,
                     weight,
                     state,
+                    server_id,
                 },
                 BackendCmd::State {
                     vip,

@@ -13,6 +13,7 @@ struct FakeMaps {
     vips: BTreeMap<VipKey, VipMeta>,
     any_port: bool,
     prev: BTreeMap<u32, PrevTable>,
+    quic: BTreeMap<QuicServerKey, u32>,
 }
 
 impl MapWriter for FakeMaps {
@@ -107,6 +108,22 @@ impl MapWriter for FakeMaps {
         }
         Ok(())
     }
+    fn set_quic_server(&mut self, key: QuicServerKey, id: u32) -> Result<()> {
+        let b = self
+            .backends
+            .get(&id)
+            .expect("server id names a written backend");
+        assert_eq!(
+            b.vip_id, key.vip_id,
+            "server id names another VIP's backend"
+        );
+        self.quic.insert(key, id);
+        Ok(())
+    }
+    fn remove_quic_server(&mut self, key: &QuicServerKey) -> Result<()> {
+        self.quic.remove(key);
+        Ok(())
+    }
 }
 
 fn key(port: u16) -> VipKey {
@@ -126,6 +143,7 @@ fn vip(port: u16, backends: &[(&str, u32, bool)]) -> DesiredVip {
                 weight: w,
                 healthy: h,
                 state: BackendState::Active,
+                server_id: None,
             })
             .collect(),
     }
@@ -549,4 +567,73 @@ fn no_window_no_previous_table() {
     r.apply(&[adding], &mut maps).unwrap();
     assert!(maps.prev.is_empty());
     assert!(!maps.ops.iter().any(|o| o.starts_with("prev ")));
+}
+
+/// A QUIC VIP whose backends carry server ids 10, 20, ...
+fn quic_vip(port: u16, addrs: &[&str]) -> DesiredVip {
+    let mut v = vip(
+        port,
+        &addrs.iter().map(|a| (*a, 1, true)).collect::<Vec<_>>(),
+    );
+    v.flags = VIP_F_QUIC;
+    for (i, b) in v.backends.iter_mut().enumerate() {
+        b.server_id = Some(10 * (i as u32 + 1));
+    }
+    v
+}
+
+#[test]
+fn quic_server_ids_follow_backends_and_vips() {
+    let mut r = Reconciler::new(0, 10_000, Duration::from_secs(60));
+    let mut m = FakeMaps::default();
+    let plain = vip(80, &[("10.30.1.2", 1, true)]);
+    r.apply(
+        &[plain.clone(), quic_vip(443, &["10.30.1.2", "10.30.2.2"])],
+        &mut m,
+    )
+    .unwrap();
+    let vip_id = m.vips[&key(443)].vip_id;
+    let id_of =
+        |r: &Reconciler, addr: &str| r.backend_id(&key(443), &addr.parse().unwrap()).unwrap();
+    let want: BTreeMap<QuicServerKey, u32> = [
+        (
+            QuicServerKey {
+                vip_id,
+                server_id: 10,
+            },
+            id_of(&r, "10.30.1.2"),
+        ),
+        (
+            QuicServerKey {
+                vip_id,
+                server_id: 20,
+            },
+            id_of(&r, "10.30.2.2"),
+        ),
+    ]
+    .into();
+    assert_eq!(m.quic, want, "only the QUIC VIP's backends, by server id");
+    assert_eq!(r.quic_servers(), &want);
+    // A failed backend keeps its entry (the data path checks validity);
+    // a removed one loses it.
+    let mut failed = quic_vip(443, &["10.30.1.2", "10.30.2.2"]);
+    failed.backends[1].healthy = false;
+    r.apply(&[plain.clone(), failed], &mut m).unwrap();
+    assert_eq!(m.quic, want);
+    r.apply(&[plain.clone(), quic_vip(443, &["10.30.1.2"])], &mut m)
+        .unwrap();
+    assert_eq!(m.quic.len(), 1);
+    // The VIP no longer QUIC, or gone: nothing left.
+    r.apply(
+        &[plain.clone(), vip(443, &[("10.30.1.2", 1, true)])],
+        &mut m,
+    )
+    .unwrap();
+    assert!(m.quic.is_empty());
+    r.apply(&[plain.clone(), quic_vip(443, &["10.30.1.2"])], &mut m)
+        .unwrap();
+    assert_eq!(m.quic.len(), 1);
+    r.apply(&[plain], &mut m).unwrap();
+    assert!(m.quic.is_empty());
+    assert!(r.quic_servers().is_empty());
 }

@@ -56,6 +56,7 @@ fn desired(vips: u32, backends: u32, size: u32, failed_host: Option<u32>) -> Vec
                     weight: 1,
                     healthy: Some(j) != failed_host,
                     state: BackendState::Active,
+                    server_id: None,
                 })
                 .collect(),
         })
@@ -72,6 +73,7 @@ fn desired(vips: u32, backends: u32, size: u32, failed_host: Option<u32>) -> Vec
                 weight: 1,
                 healthy: true,
                 state: BackendState::Active,
+                server_id: None,
             })
             .collect(),
     });
