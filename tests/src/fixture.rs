@@ -19,8 +19,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use lb_common::{
     maps::{
-        Addr, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, Counter, FlowKey, PrevTable, VipKey,
-        VipMeta,
+        Addr, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, Counter, FlowKey, PrevTable,
+        QuicServerKey, VipKey, VipMeta,
     },
     model::{Decision, ModelMaps, ModelNextHop, ModelParse, parse},
     settings::Settings,
@@ -419,6 +419,14 @@ impl Harness {
         let t = PrevTable { offset, size };
         self.dp.set_prev_table(vip_id, t).unwrap();
         self.model.prev_tables.insert(vip_id, t);
+    }
+
+    /// Routes a QUIC VIP's server id to a backend, in the kernel and the
+    /// model alike.
+    pub fn set_quic_server(&mut self, vip_id: u32, server_id: u32, backend_id: u32) {
+        let key = QuicServerKey { vip_id, server_id };
+        self.dp.set_quic_server(key, backend_id).unwrap();
+        self.model.quic_servers.insert(key, backend_id);
     }
 
     /// Fails or restores a backend (its other flags, the family, stay).

@@ -176,6 +176,31 @@ pub fn udp_ip(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: usize) 
     out
 }
 
+/// An Ethernet/IP/UDP frame of either family carrying `body`.
+pub fn udp_with(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, body: &[u8]) -> Vec<u8> {
+    let b = ip_step(src, dst).udp(sport, dport);
+    let mut out = Vec::with_capacity(b.size(body.len()));
+    b.write(&mut out, body).unwrap();
+    out
+}
+
+/// A QUIC short-header packet (as a UDP payload) to connection ID `cid`.
+pub fn quic_short(cid: &[u8], tail: usize) -> Vec<u8> {
+    let mut p = vec![0x43];
+    p.extend_from_slice(cid);
+    p.extend((0..tail).map(|i| (i * 13) as u8));
+    p
+}
+
+/// A QUIC v1 Initial (long header) from a client, to connection ID `dcid`.
+pub fn quic_initial(dcid: &[u8], tail: usize) -> Vec<u8> {
+    let mut p = vec![0xC3, 0, 0, 0, 1, dcid.len() as u8];
+    p.extend_from_slice(dcid);
+    p.extend_from_slice(&[8, 1, 2, 3, 4, 5, 6, 7, 8]);
+    p.extend((0..tail).map(|i| (i * 5) as u8));
+    p
+}
+
 /// An echo request (ICMP or ICMPv6 by family).
 pub fn echo_request(src: IpAddr, dst: IpAddr, id: u16, seq: u16, payload: usize) -> Vec<u8> {
     let body: Vec<u8> = (0..payload).map(|i| i as u8).collect();
