@@ -8,8 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
-    maps::{VIP_F_GUE, VipKey},
+    maps::{VIP_F_GUE, VIP_F_QUIC, VipKey},
     model::ipv4_checksum,
+    quic_lb::{QuicLbParams, encode_cid},
     settings::Settings,
 };
 use rand::{Rng, SeedableRng, rngs::SmallRng};
@@ -114,6 +115,94 @@ fn setup(h: &mut Harness) {
         &[backend6(81, 0x60, 0x81, 1), backend(83, [10, 50, 0, 83], 1)],
         251,
     );
+    setup_quic(h);
+}
+
+/// QUIC VIPs: (port, parameters, server ids of backends 91.., 95.. or 99..).
+const QUIC4: (u16, QuicLbParams) = (
+    443,
+    QuicLbParams {
+        config_id: 1,
+        server_id_len: 2,
+        nonce_len: 6,
+    },
+);
+const QUIC4_WIDE: (u16, QuicLbParams) = (
+    4433,
+    QuicLbParams {
+        config_id: 3,
+        server_id_len: 4,
+        nonce_len: 8,
+    },
+);
+const QUIC6: (u16, QuicLbParams) = (
+    443,
+    QuicLbParams {
+        config_id: 0,
+        server_id_len: 1,
+        nonce_len: 4,
+    },
+);
+/// Server ids in use (each VIP has some of these, masked to its length).
+const SERVER_IDS: [u32; 4] = [0x11, 0x2222, 0x0333_3333, 0x44];
+
+fn setup_quic(h: &mut Harness) {
+    let k = |a: [u8; 4], port| VipKey::new(IpAddr::V4(Ipv4Addr::from(a)), port, PROTO_UDP);
+    let k6 = |port| VipKey::new(IpAddr::V6(VIPS6[0]), port, PROTO_UDP);
+    let vips = [
+        (k(VIPS[2], QUIC4.0), 12, QUIC4.1, 91u32),
+        (k(VIPS[2], QUIC4_WIDE.0), 13, QUIC4_WIDE.1, 95),
+        (k6(QUIC6.0), 14, QUIC6.1, 99),
+    ];
+    for (key, vip_id, params, first) in vips {
+        let backends: Vec<_> = (0..3)
+            .map(|i| backend(first + i, [10, 50, 1, (first + i) as u8], 1))
+            .collect();
+        h.add_vip_with_flags(key, vip_id, VIP_F_QUIC | params.flag_bits(), &backends, 251);
+        for (i, sid) in SERVER_IDS[..3].iter().enumerate() {
+            h.set_quic_server(vip_id, sid & params.max_server_id(), first + i as u32);
+        }
+        // A stale entry: the id names a backend of another VIP (not valid here).
+        h.set_quic_server(vip_id, SERVER_IDS[3] & params.max_server_id(), 1);
+    }
+}
+
+/// The QUIC parameters of a (destination, port), if a QUIC VIP's.
+fn quic_params(dst: IpAddr, port: u16) -> Option<QuicLbParams> {
+    match (dst, port) {
+        (IpAddr::V4(a), p) if a.octets() == VIPS[2] && p == QUIC4.0 => Some(QUIC4.1),
+        (IpAddr::V4(a), p) if a.octets() == VIPS[2] && p == QUIC4_WIDE.0 => Some(QUIC4_WIDE.1),
+        (IpAddr::V6(a), p) if a == VIPS6[0] && p == QUIC6.0 => Some(QUIC6.1),
+        _ => None,
+    }
+}
+
+/// A UDP payload: to a QUIC VIP mostly QUIC (short headers naming known,
+/// unknown or foreign servers, cut short; long headers), else bytes.
+fn udp_body(rng: &mut SmallRng, dst: IpAddr, dport: u16, len: usize) -> Vec<u8> {
+    let Some(p) = quic_params(dst, dport).filter(|_| rng.random_bool(0.8)) else {
+        return (0..len).map(|i| (i * 7) as u8).collect();
+    };
+    let sid = SERVER_IDS[rng.random_range(0..4)] & p.max_server_id();
+    let sid = if rng.random_bool(0.1) {
+        rng.random()
+    } else {
+        sid
+    };
+    let nonce: [u8; 18] = rng.random();
+    let mut cid = encode_cid(&p, sid & p.max_server_id(), &nonce);
+    if rng.random_bool(0.1) {
+        cid[0] = (cid[0] & 0x1F) | rng.random_range(0..8u8) << 5;
+    }
+    let mut body = if rng.random_bool(0.2) {
+        packets::quic_initial(&cid, len.min(1200))
+    } else {
+        packets::quic_short(&cid, len.min(1200))
+    };
+    if rng.random_bool(0.1) {
+        body.truncate(rng.random_range(0..body.len()));
+    }
+    body
 }
 
 const VIPS6: [Ipv6Addr; 2] = [
@@ -133,7 +222,7 @@ fn client_for(rng: &mut SmallRng, dst: IpAddr) -> IpAddr {
 /// A (destination, port, is UDP) among the configured services of both
 /// families, sometimes anything.
 fn service(rng: &mut SmallRng, v6: bool) -> (IpAddr, u16, bool) {
-    const SERVICES4: [([u8; 4], u16, bool); 8] = [
+    const SERVICES4: [([u8; 4], u16, bool); 10] = [
         (VIPS[0], 80, false),
         (VIPS[0], 443, false),
         (VIPS[1], 0, false),
@@ -142,8 +231,15 @@ fn service(rng: &mut SmallRng, v6: bool) -> (IpAddr, u16, bool) {
         (VIPS[3], 81, false),
         (VIPS[3], 8080, false),
         (VIPS[3], 8443, false),
+        (VIPS[2], QUIC4.0, true),
+        (VIPS[2], QUIC4_WIDE.0, true),
     ];
-    const SERVICES6: [(usize, u16, bool); 3] = [(0, 80, false), (0, 53, true), (1, 0, false)];
+    const SERVICES6: [(usize, u16, bool); 4] = [
+        (0, 80, false),
+        (0, 53, true),
+        (1, 0, false),
+        (0, QUIC6.0, true),
+    ];
     let (dst, mut dport, mut udp) = if v6 {
         let (i, port, udp) = SERVICES6[rng.random_range(0..SERVICES6.len())];
         (IpAddr::V6(VIPS6[i]), port, udp)
@@ -247,7 +343,8 @@ fn ipv6_frame(rng: &mut SmallRng) -> Vec<u8> {
         .get(rng.random_range(0..6))
         .unwrap();
     let mut f = if udp {
-        packets::udp_ip(src, sport, dst, dport, payload)
+        let body = udp_body(rng, dst, dport, payload);
+        packets::udp_with(src, sport, dst, dport, &body)
     } else {
         packets::tcp_ip(src, sport, dst, dport, tcp_kind(rng), payload)
     };
@@ -390,7 +487,10 @@ fn ipv4_frame(rng: &mut SmallRng) -> Vec<u8> {
         .get(rng.random_range(0..6))
         .unwrap();
     let mut f = match udp {
-        true => packets::udp(src, sport, dst, dport, payload),
+        true => {
+            let body = udp_body(rng, IpAddr::V4(dst), dport, payload);
+            packets::udp_with(IpAddr::V4(src), sport, IpAddr::V4(dst), dport, &body)
+        }
         false => packets::tcp(src, sport, dst, dport, tcp_kind(rng), payload),
     };
     if rng.random_bool(0.1) {
@@ -440,9 +540,10 @@ pub fn run(seed: u64, count: u64) -> Vec<(lb_common::maps::Reason, lb_common::ma
     let mut rng = SmallRng::seed_from_u64(seed);
     for i in 0..count {
         if i % 997 == 996 {
-            let id = match rng.random_range(0..3) {
+            let id = match rng.random_range(0..4) {
                 0 => rng.random_range(1..=8),
                 1 => rng.random_range(61..=63),
+                2 => *[91, 92, 96, 99].get(rng.random_range(0..4)).unwrap(),
                 _ => 51,
             };
             h.set_backend_valid(id, rng.random_bool(0.5));

@@ -216,7 +216,10 @@ fn unknown_foreign_short_and_failed_ids_are_balanced_as_udp() {
         VipKey::new(IpAddr::V4(v4(VIP)), 443, PROTO_UDP),
         VIP_ID,
         VIP_F_QUIC | PARAMS.flag_bits(),
-        &[backend(51, [10, 50, 0, 1], 1), backend(53, [10, 50, 0, 3], 1)],
+        &[
+            backend(51, [10, 50, 0, 1], 1),
+            backend(53, [10, 50, 0, 3], 1),
+        ],
         1009,
     );
     for n in 0..20u16 {
