@@ -7,6 +7,7 @@ pub mod fuzz;
 pub mod lbd;
 pub mod netns;
 pub mod packets;
+pub mod quic;
 pub mod testbed;
 
 /// Keeps the calling thread on `cpu`: per-CPU state (the connection

@@ -63,7 +63,22 @@ pub struct Spec {
     /// side of each LB link (the peer of an XDP_TX), both set up here.
     /// The backends' decapsulation runs in the same mode.
     pub xdp_mode: &'static str,
+    /// A QUIC VIP (`VIP:443/udp`) served by quinn on every backend.
+    pub quic: Option<QuicVip>,
 }
+
+/// `VIP:443/udp` with QUIC-LB parameters `QuicLbConfig::default()`; each
+/// backend's server issues connection IDs carrying server id `n` (be`n`).
+#[derive(Clone, Copy)]
+pub struct QuicVip {
+    /// `quic = true` (routing by server id) or a plain UDP VIP.
+    pub routing: bool,
+    /// How many of the backends (the first ones) the VIP lists at start.
+    pub backends: usize,
+}
+
+/// The QUIC VIP's port.
+pub const PORT_QUIC: u16 = 443;
 
 impl Default for Spec {
     fn default() -> Self {
@@ -74,6 +89,7 @@ impl Default for Spec {
             health_fall: 2,
             bgp: false,
             xdp_mode: default_xdp_mode(),
+            quic: None,
         }
     }
 }
@@ -156,6 +172,8 @@ pub struct Testbed {
     pub spec: Spec,
     /// Native mode: the pass program on the router's LB links.
     peer_xdp: Option<lb_userspace::dataplane::Dataplane>,
+    /// The QUIC servers' certificate (clients trust it).
+    pub quic_cert: Option<crate::quic::TestCert>,
 }
 
 fn nexthops(active: &[usize]) -> String {
@@ -244,6 +262,7 @@ impl Testbed {
         let mut backends = Vec::new();
         let mut decaps = Vec::new();
         let mut servers = Vec::new();
+        let quic_cert = spec.quic.map(|_| crate::quic::TestCert::new());
         for (j, _) in spec.weights.iter().enumerate() {
             let n = j + 1;
             let be = NetNs::new(&format!("{tag}-be{n}"));
@@ -289,6 +308,12 @@ impl Testbed {
             let conns: OpenConns = Arc::default();
             let (s, c, name) = (stop.clone(), conns, format!("be{n}"));
             let guard = be.enter();
+            if let Some(cert) = &quic_cert {
+                let (name, stop, cert) = (format!("be{n}"), stop.clone(), cert.clone());
+                let addr = SocketAddr::new(VIP.parse().unwrap(), PORT_QUIC);
+                let params = lb_userspace::config::QuicLbConfig::default().params();
+                thread::spawn(move || crate::quic::serve(name, addr, params, n as u32, cert, stop));
+            }
             thread::spawn(move || serve(name, s, c));
             drop(guard);
             servers.push(Servers { stop });
@@ -311,6 +336,22 @@ impl Testbed {
         };
         let backends_toml = backends_of(false);
         let backends6_toml = backends_of(true);
+        let quic_toml = spec.quic.map_or(String::new(), |q| {
+            let list: String = (1..=q.backends)
+                .map(|n| {
+                    let sid = if q.routing {
+                        format!("server_id = {n}\n")
+                    } else {
+                        String::new()
+                    };
+                    format!("[[vip.backend]]\naddress = \"10.30.{n}.2\"\n{sid}")
+                })
+                .collect();
+            format!(
+                "\n[[vip]]\naddress = \"{VIP}\"\nport = {PORT_QUIC}\nprotocol = \"udp\"\ntable_size = 4099\nquic = {}\n{list}",
+                q.routing
+            )
+        });
         let mut lbs = Vec::new();
         let mut lbds = Vec::new();
         let mut birds = Vec::new();
@@ -385,7 +426,7 @@ impl Testbed {
                      [[vip]]\naddress = \"{VIP}\"\nport = {PORT_CROSS_FAMILY}\nprotocol = \"tcp\"\ntable_size = 4099\n{backends6_toml}\n\
                      [[vip]]\naddress = \"{VIP6}\"\nport = {PORT_CROSS_FAMILY}\nprotocol = \"tcp\"\ntable_size = 4099\n{backends_toml}\n\
                      [[vip]]\naddress = \"{VIP}\"\nport = {PORT_GUE}\nprotocol = \"tcp\"\ntable_size = 4099\nencap = \"gue\"\n{backends_toml}\n\
-                     [[vip]]\naddress = \"{VIP6}\"\nport = {PORT_GUE}\nprotocol = \"tcp\"\ntable_size = 4099\nencap = \"gue\"\n{backends6_toml}",
+                     [[vip]]\naddress = \"{VIP6}\"\nport = {PORT_GUE}\nprotocol = \"tcp\"\ntable_size = 4099\nencap = \"gue\"\n{backends6_toml}{quic_toml}",
                     spec.xdp_mode,
                     pin.display(),
                     socket.display(),
@@ -431,6 +472,7 @@ impl Testbed {
             dp
         });
         let tb = Testbed {
+            quic_cert,
             peer_xdp,
             client,
             router,
