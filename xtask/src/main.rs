@@ -163,6 +163,8 @@ fn main() -> Result<()> {
                     "bgp",
                     "--test",
                     "second_chance",
+                    "--test",
+                    "e2e_quic",
                     "--",
                     "--test-threads=1",
                 ])
