@@ -811,6 +811,7 @@ impl Daemon {
                             "packets": b.counter.packets,
                             "bytes": b.counter.bytes,
                             "new_flows": b.new_flows,
+                            "server_id": b.server_id,
                         })
                     })
                     .collect();
@@ -825,6 +826,12 @@ impl Daemon {
                     "second_chance": v.second_chance.as_ref().map(|sc| json!({
                         "from_states": sc.from_states,
                         "ends_in_secs": sc.secs_left,
+                    })),
+                    "quic": v.quic.map(|q| json!({
+                        "config_id": q.config_id,
+                        "server_id_len": q.server_id_len,
+                        "nonce_len": q.nonce_len,
+                        "cid_len": q.cid_len(),
                     })),
                     "backends": backends,
                 })

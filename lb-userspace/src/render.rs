@@ -101,6 +101,16 @@ pub fn status(v: &Value) -> String {
                 cell(&sc["ends_in_secs"])
             );
         }
+        let quic = vip["quic"].as_object();
+        if let Some(q) = quic {
+            out += &format!(
+                "  QUIC: short headers routed by server id (connection IDs of {} octets: config {}, {}-octet server id, {}-octet nonce)\n",
+                cell(&q["cid_len"]),
+                cell(&q["config_id"]),
+                cell(&q["server_id_len"]),
+                cell(&q["nonce_len"]),
+            );
+        }
         let rows: Vec<Vec<String>> = vip["backends"]
             .as_array()
             .into_iter()
@@ -111,7 +121,7 @@ pub fn status(v: &Value) -> String {
                 } else {
                     "DOWN"
                 };
-                vec![
+                let mut row = vec![
                     cell(&b["address"]),
                     cell(&b["weight"]),
                     cell(&b["state"]),
@@ -119,16 +129,20 @@ pub fn status(v: &Value) -> String {
                     cell(&b["slots"]),
                     cell(&b["tracked_flows"]),
                     cell(&b["packets"]),
-                ]
+                ];
+                if quic.is_some() {
+                    row.push(cell(&b["server_id"]));
+                }
+                row
             })
             .collect();
-        out += &table(
-            &[
-                "backend", "weight", "state", "health", "slots", "tracked", "packets",
-            ],
-            &rows,
-            "  ",
-        );
+        let mut header = vec![
+            "backend", "weight", "state", "health", "slots", "tracked", "packets",
+        ];
+        if quic.is_some() {
+            header.push("server id");
+        }
+        out += &table(&header, &rows, "  ");
     }
     out
 }

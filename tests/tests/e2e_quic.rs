@@ -229,6 +229,33 @@ fn quic_connections_survive_address_changes_and_a_backend_added() {
             thread::sleep(Duration::from_millis(20));
         }
     }
+    // `lbctl status` shows each backend's server id and the parameters.
+    let status = tb.lbctl(1, Request::Status).data;
+    let vip = status["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vip"] == format!("{VIP}:{PORT_QUIC}/udp"))
+        .expect("the QUIC VIP in status")
+        .clone();
+    assert_eq!(vip["quic"]["cid_len"], 9, "{vip}");
+    let ids: Vec<(String, u64)> = vip["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_string(),
+                b["server_id"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        (1..=4)
+            .map(|n| (format!("10.30.{n}.2"), n))
+            .collect::<Vec<_>>()
+    );
     go.send(Step::Ask).unwrap();
     let after_add = answers.recv().unwrap();
     assert_eq!(

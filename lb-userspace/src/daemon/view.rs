@@ -23,6 +23,8 @@ pub struct BackendView<'a> {
     pub counter: Counter,
     pub new_flows: u64,
     pub tracked: u64,
+    /// QUIC VIPs: the server id its connection IDs carry.
+    pub server_id: Option<u32>,
 }
 
 /// The previous table second-chance forwarding uses, while its window lasts.
@@ -43,6 +45,8 @@ pub struct VipView<'a> {
     pub table_size: u32,
     pub counter: Counter,
     pub second_chance: Option<SecondChance>,
+    /// QUIC VIPs: their connection ID parameters.
+    pub quic: Option<lb_common::quic_lb::QuicLbParams>,
     pub backends: Vec<BackendView<'a>>,
 }
 
@@ -94,6 +98,7 @@ impl Daemon {
                             counter: id.map(|i| self.dp.backend_counter(i)).unwrap_or_default(),
                             new_flows: id.map_or(0, |i| self.dp.backend_new_flows(i).packets),
                             tracked: id.and_then(|i| tracked.get(&i)).copied().unwrap_or(0),
+                            server_id: v.server_id(b),
                         }
                     })
                     .collect();
@@ -118,6 +123,7 @@ impl Daemon {
                                 .saturating_sub(p.since.elapsed())
                                 .as_secs(),
                         }),
+                    quic: v.quic_params(),
                     backends,
                 }
             })
