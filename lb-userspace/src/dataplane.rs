@@ -799,6 +799,11 @@ impl Dataplane {
         }
     }
 
+    /// Whether the program routes QUIC by server id (older builds do not).
+    pub fn has_quic_routing(&self) -> bool {
+        self.quic_servers.is_some()
+    }
+
     /// Every `QUIC_SERVERS` entry (for adopting pinned state).
     pub fn quic_servers(&self) -> Vec<(QuicServerKey, u32)> {
         self.quic_servers

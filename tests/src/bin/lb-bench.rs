@@ -12,7 +12,8 @@ use std::{
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
     maglev::{self, MaglevBackend},
-    maps::VipKey,
+    maps::{VIP_F_QUIC, VipKey},
+    quic_lb::{QuicLbParams, encode_cid},
     settings::Settings,
 };
 use lb_tests::{
@@ -125,7 +126,7 @@ fn client(i: u32) -> Ipv4Addr {
 }
 
 /// The data-path cases, in report order.
-const CASES: [&str; 9] = [
+const CASES: [&str; 10] = [
     "TCP SYN (inserts a flow)",
     "TCP ACK, tracked flow",
     "UDP, tracked flow",
@@ -135,6 +136,7 @@ const CASES: [&str; 9] = [
     "TCP SYN, same flow (replaces its entry)",
     "IPv6 TCP ACK, tracked flow (IP6IP6)",
     "TCP ACK, untracked, second hop (previous table)",
+    "QUIC short header, routed by server id",
 ];
 
 /// One program under test with the `lb-bench` setup: 1 TCP + 1 UDP VIP
@@ -153,6 +155,9 @@ struct DataPathBed {
     /// time (such packets are not recorded). Programs without second chance
     /// record it on the first call and take the tracked path after.
     second_hop: Vec<u8>,
+    /// A QUIC short header to a QUIC VIP (100 servers) naming server 50;
+    /// programs without QUIC routing track it as a UDP flow.
+    quic: Vec<u8>,
     tcp_backends: Vec<BackendSpec>,
 }
 
@@ -224,9 +229,40 @@ fn datapath_bed(mut h: Harness) -> anyhow::Result<DataPathBed> {
             })
             .expect("some flow's slot changed owner");
     }
+    // A QUIC VIP: 100 backends, server ids 1..=100 (2 octets).
+    let params = QuicLbParams {
+        config_id: 0,
+        server_id_len: 2,
+        nonce_len: 6,
+    };
+    let quic_backends: Vec<BackendSpec> = (0..100)
+        .map(|i| backend(700 + i, [10, 50, 1, i as u8 + 1], 1))
+        .collect();
+    h.add_vip_with_flags(
+        VipKey::new(IpAddr::V4(vip), 443, PROTO_UDP),
+        4,
+        VIP_F_QUIC | params.flag_bits(),
+        &quic_backends,
+        65_537,
+    );
+    if h.dp.has_quic_routing() {
+        for (i, b) in quic_backends.iter().enumerate() {
+            h.set_quic_server(4, i as u32 + 1, b.id);
+        }
+    }
+    let mut quic_body = vec![0x43];
+    quic_body.extend(encode_cid(&params, 50, &[7; 6]));
+    quic_body.extend([0u8; 40]);
+    let quic = packets::udp_with(
+        IpAddr::V4(client(0)),
+        50_000,
+        IpAddr::V4(vip),
+        443,
+        &quic_body,
+    );
     let lb0 = h.lb0;
     // Warm the connection table for the tracked cases.
-    for p in syn.iter().chain(&udp).chain([&ack6]) {
+    for p in syn.iter().chain(&udp).chain([&ack6, &quic]) {
         h.dp.test_run(p, lb0)?;
     }
     Ok(DataPathBed {
@@ -238,6 +274,7 @@ fn datapath_bed(mut h: Harness) -> anyhow::Result<DataPathBed> {
         other,
         ack6,
         second_hop,
+        quic,
         tcp_backends,
     })
 }
@@ -284,7 +321,8 @@ fn datapath_case(
         }),
         6 => one(&syn[0]),
         7 => one(&bed.ack6),
-        _ => one(&bed.second_hop),
+        8 => one(&bed.second_hop),
+        _ => one(&bed.quic),
     };
     (empty, gross - empty)
 }
