@@ -25,7 +25,7 @@ use crate::{
     config::{BackendConfig, Config, VipConfig, describe_changes},
     dataplane::{Dataplane, LoadOptions, remove_pinned},
     flow_count::FlowCounter,
-    health::{HealthCheck, HealthEvent, ProbeTally, spawn_checker},
+    health::{HealthCheck, HealthEvent, ProbeKey, ProbeTally, Prober, spawn_checker},
     reconcile::{
         AppliedBackend, AppliedVip, BackendState, DesiredBackend, DesiredVip, PrevState, Reconciler,
     },
@@ -50,7 +50,8 @@ fn message(text: &str) -> serde_json::Value {
     json!({ "message": text })
 }
 
-type Checkers = BTreeMap<(VipKey, IpAddr), (HealthCheck, JoinHandle<()>)>;
+/// Each (VIP, backend) checker: its check, the direct probe it follows, its task.
+type Checkers = BTreeMap<(VipKey, IpAddr), (HealthCheck, ProbeKey, JoinHandle<()>)>;
 
 pub struct Daemon {
     config_path: PathBuf,
@@ -63,6 +64,9 @@ pub struct Daemon {
     rec: Reconciler,
     health: BTreeMap<(VipKey, IpAddr), bool>,
     checkers: Checkers,
+    /// One direct probe per distinct (address, port, check), shared by
+    /// the checkers of every VIP that has the backend.
+    probers: BTreeMap<ProbeKey, Prober>,
     events: mpsc::UnboundedSender<HealthEvent>,
     /// Health probe outcomes, for the metrics.
     probes: ProbeTally,
@@ -252,6 +256,7 @@ impl Daemon {
             rec,
             health: BTreeMap::new(),
             checkers: BTreeMap::new(),
+            probers: BTreeMap::new(),
             events,
             probes: ProbeTally::default(),
             reloads: [0; 2],
@@ -450,38 +455,54 @@ impl Daemon {
             for b in &v.backends {
                 let k = (vip_key(v), b.address);
                 match self.checkers.remove(&k) {
-                    Some((check, handle)) if check == v.health => {
-                        wanted.insert(k, (check, handle));
+                    Some((check, probe, handle)) if check == v.health => {
+                        wanted.insert(k, (check, probe, handle));
                     }
                     other => {
-                        if let Some((_, h)) = other {
+                        if let Some((_, _, h)) = other {
                             h.abort();
                         }
                         let tunnel = v
                             .health
                             .tunnel
                             .then(|| tunnel_spec(&self.config, v, b.address));
+                        let probe = ProbeKey::of(b.address, v.port, &v.health);
+                        let results = self
+                            .probers
+                            .entry(probe.clone())
+                            .or_insert_with(|| Prober::spawn(probe.clone()))
+                            .subscribe();
                         let handle = spawn_checker(
                             k.0,
-                            v.port,
                             b.address,
-                            v.health.clone(),
+                            &v.health,
+                            results,
                             tunnel,
                             *self.health.get(&k).unwrap_or(&true),
                             (self.events.clone(), self.probes.clone()),
                         );
-                        wanted.insert(k, (v.health.clone(), handle));
+                        wanted.insert(k, (v.health.clone(), probe, handle));
                     }
                 }
             }
         }
-        for (k, (_, handle)) in std::mem::take(&mut self.checkers) {
+        for (k, (_, _, handle)) in std::mem::take(&mut self.checkers) {
             handle.abort();
             self.health.remove(&k);
         }
         self.health.retain(|k, _| wanted.contains_key(k));
         self.probes.retain(|k| wanted.contains_key(k));
+        // Probes no checker follows any more stop (dropped: aborted).
+        let used: std::collections::BTreeSet<&ProbeKey> =
+            wanted.values().map(|(_, p, _)| p).collect();
+        self.probers.retain(|k, _| used.contains(k));
         self.checkers = wanted;
+    }
+
+    /// Distinct direct probes running (each shared by every VIP with that
+    /// backend and check), and the checkers that follow them.
+    pub fn probe_counts(&self) -> (usize, usize) {
+        (self.probers.len(), self.checkers.len())
     }
 
     pub fn on_health(&mut self, ev: HealthEvent) {
@@ -845,6 +866,8 @@ impl Daemon {
             "announced": self.announcer.as_ref().map(|a| a.announced()),
             // Probes that failed on this host, not counted against backends.
             "health_probe_local_errors": self.local_probe_errors,
+            "health_probes": self.probers.len(),
+            "health_checkers": self.checkers.len(),
             // What the control socket changed since the file was last read
             // (a reload replaces it with the file).
             "runtime_changes": describe_changes(&self.file_vips, &self.config.vips),

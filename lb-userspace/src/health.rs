@@ -6,6 +6,11 @@
 //! (the default) a second probe takes the way client packets take
 //! (`tunnel_probe`): encapsulated to the backend, answered from the VIP.
 //! A backend is up only while both succeed.
+//!
+//! The direct probe depends only on (address, port, check): one prober per
+//! distinct `ProbeKey` runs however many VIPs share the backend, and each
+//! (VIP, backend) checker hears its results (then runs its own tunnel
+//! probe, which depends on the VIP, and its own rise/fall).
 
 use std::{
     collections::BTreeMap,
@@ -19,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
-    sync::mpsc,
+    sync::{broadcast, mpsc},
     task::JoinHandle,
 };
 
@@ -330,31 +335,115 @@ pub fn host_header(addr: IpAddr) -> String {
     }
 }
 
-/// Starts probing `backend` for `vip`; events go to `events`. With
-/// `tunnel`, each round also probes through the tunnel.
+/// What makes the direct probes of two checks the same probe: where it
+/// goes and how (rise, fall and the tunnel probe are each checker's own).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ProbeKey {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub kind: String,
+    pub path: String,
+    pub expect_status: u16,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
+impl ProbeKey {
+    /// The direct probe of `backend` under `check` for a VIP on `vip_port`.
+    pub fn of(backend: IpAddr, vip_port: u16, check: &HealthCheck) -> ProbeKey {
+        let http = check.kind == "http";
+        ProbeKey {
+            addr: backend,
+            port: check.port.unwrap_or(vip_port),
+            kind: if http { "http" } else { "tcp" }.into(),
+            // Only HTTP probes read these: TCP checks that differ in them
+            // still share a probe.
+            path: if http {
+                check.path.clone()
+            } else {
+                String::new()
+            },
+            expect_status: if http { check.expect_status } else { 0 },
+            interval_ms: check.interval_ms.max(10),
+            timeout_ms: check.timeout_ms,
+        }
+    }
+}
+
+/// A running direct probe: every subscriber hears each result.
+pub struct Prober {
+    results: broadcast::Sender<Probe>,
+    task: JoinHandle<()>,
+}
+
+impl Prober {
+    /// Starts probing `key` every `key.interval_ms`.
+    pub fn spawn(key: ProbeKey) -> Prober {
+        let (results, _) = broadcast::channel(8);
+        let tx = results.clone();
+        let task = tokio::spawn(async move {
+            let timeout = Duration::from_millis(key.timeout_ms);
+            let period = Duration::from_millis(key.interval_ms);
+            // Spread over the interval (a fixed offset per probe): thousands
+            // of probes started together would hit the same millisecond
+            // every round, a SYN burst backends and this host must absorb.
+            let offset = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                key.hash(&mut h);
+                Duration::from_millis(h.finish() % key.interval_ms)
+            };
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let probe = match key.kind.as_str() {
+                    "http" => {
+                        probe_http(key.addr, key.port, &key.path, key.expect_status, timeout).await
+                    }
+                    _ => probe_tcp(key.addr, key.port, timeout).await,
+                };
+                // No subscriber right now is fine: one may come.
+                let _ = tx.send(probe);
+            }
+        });
+        Prober { results, task }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Probe> {
+        self.results.subscribe()
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Follows `backend`'s direct probe results (`results`, from its
+/// `Prober`) for `vip`; events go to `events`. With `tunnel`, each
+/// successful direct probe is followed by a probe through the tunnel.
 pub fn spawn_checker(
     vip: VipKey,
-    vip_port: u16,
     backend: IpAddr,
-    check: HealthCheck,
+    check: &HealthCheck,
+    mut results: broadcast::Receiver<Probe>,
     tunnel: Option<crate::tunnel_probe::TunnelSpec>,
     initially_healthy: bool,
     (events, tally): (mpsc::UnboundedSender<HealthEvent>, ProbeTally),
 ) -> JoinHandle<()> {
+    let timeout = Duration::from_millis(check.timeout_ms);
+    let (rise, fall) = (check.rise, check.fall);
     tokio::spawn(async move {
-        let port = check.port.unwrap_or(vip_port);
-        let timeout = Duration::from_millis(check.timeout_ms);
-        let mut state = Hysteresis::starting(initially_healthy, check.rise, check.fall);
+        let mut state = Hysteresis::starting(initially_healthy, rise, fall);
         let mut last_local_log: Option<std::time::Instant> = None;
-        let mut tick = tokio::time::interval(Duration::from_millis(check.interval_ms.max(10)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            let probe = match check.kind.as_str() {
-                "http" => {
-                    probe_http(backend, port, &check.path, check.expect_status, timeout).await
-                }
-                _ => probe_tcp(backend, port, timeout).await,
+            let probe = match results.recv().await {
+                Ok(p) => p,
+                // Fell behind (a slow tunnel probe): take the next one.
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
             };
             let probe = match (&tunnel, probe) {
                 (Some(spec), Probe::Up) => crate::tunnel_probe::probe_tunnel(spec, timeout).await,
@@ -368,7 +457,7 @@ pub fn spawn_checker(
                     // Not the backend's fault: no verdict, the state stands.
                     if last_local_log.is_none_or(|t| t.elapsed() > LOCAL_ERROR_LOG_EVERY) {
                         last_local_log = Some(std::time::Instant::now());
-                        tracing::warn!(%backend, port, error = %std::io::Error::from_raw_os_error(errno),
+                        tracing::warn!(%backend, error = %std::io::Error::from_raw_os_error(errno),
                             "health probe failed on this host (not counted against the backend)");
                     }
                     let _ = events.send(HealthEvent {
@@ -419,6 +508,77 @@ mod tests {
         assert_eq!(h.observe(true), None);
         assert_eq!(h.observe(true), Some(true), "second success in a row");
         assert!(h.healthy);
+    }
+
+    #[tokio::test]
+    async fn vips_sharing_a_backend_share_its_probe() {
+        // A listener that counts connections.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                drop(s);
+            }
+        });
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let check = |rise| HealthCheck {
+            kind: "tcp".into(),
+            port: Some(port),
+            interval_ms: 20,
+            timeout_ms: 10,
+            rise,
+            tunnel: false,
+            ..HealthCheck::default()
+        };
+        // Three VIPs (other ports, other rise): one probe key.
+        let vips: Vec<VipKey> = [80u16, 443, 8080]
+            .iter()
+            .map(|p| VipKey::new(lo, *p, lb_common::PROTO_TCP))
+            .collect();
+        let keys: std::collections::BTreeSet<ProbeKey> = vips
+            .iter()
+            .enumerate()
+            .map(|(i, v)| ProbeKey::of(lo, u16::from_be(v.port), &check(1 + i as u32)))
+            .collect();
+        assert_eq!(keys.len(), 1);
+        let prober = Prober::spawn(keys.into_iter().next().unwrap());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let tally = ProbeTally::default();
+        let checkers: Vec<_> = vips
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                spawn_checker(
+                    *v,
+                    lo,
+                    &check(1 + i as u32),
+                    prober.subscribe(),
+                    None,
+                    true,
+                    (tx.clone(), tally.clone()),
+                )
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let connects = accepted.load(std::sync::atomic::Ordering::Relaxed);
+        let heard: Vec<u64> = vips
+            .iter()
+            .map(|v| tally.of(*v, lo).iter().map(|(_, n)| n).sum())
+            .collect();
+        for c in checkers {
+            c.abort();
+        }
+        drop(prober);
+        // Every VIP heard every round; the backend saw one probe per round.
+        assert!(heard.iter().all(|&n| n >= 5), "{heard:?}");
+        let most = *heard.iter().max().unwrap();
+        assert!(
+            connects <= most + 1,
+            "{connects} connections for {most} rounds: the probe is not shared"
+        );
     }
 
     #[tokio::test]

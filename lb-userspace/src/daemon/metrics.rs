@@ -30,6 +30,7 @@ pub const FAMILIES: &[&str] = &[
     "lb_conntrack_count_age_seconds",
     "lb_table_generation",
     "lb_health_probe_local_errors_total",
+    "lb_health_probers",
     "lb_config_reloads_total",
     "lb_instance_draining",
     "lb_bgp_announced",
@@ -181,6 +182,14 @@ impl Daemon {
             "Health probes that failed on this host (not counted against backends).",
         )
         .value(self.local_probe_errors as f64);
+        let (probers, checkers) = self.probe_counts();
+        e.gauge(
+            "lb_health_probers",
+            "Distinct direct health probes running (one per backend address, port and check, \
+             shared by every VIP that has it), and the (VIP, backend) checkers that follow them.",
+        )
+        .sample(&[("kind", "probes")], probers as f64)
+        .sample(&[("kind", "checkers")], checkers as f64);
         e.counter(
             "lb_config_reloads_total",
             "Reloads of the configuration file, by result.",

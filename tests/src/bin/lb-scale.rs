@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
 use lb_common::{PROTO_TCP, maps::VipKey, settings::Settings};
 use lb_tests::packets::{self, TcpKind};
 use lb_userspace::{
@@ -174,6 +175,140 @@ fn case(vips: u32, backends: u32, size: u32) -> anyhow::Result<serde_json::Value
     }))
 }
 
+/// lbd's CPU time over `secs` seconds (user + system), in % of one core.
+fn cpu_percent(pid: u32, secs: u64) -> f64 {
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces).
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // utime and stime are fields 14 and 15 of the line: 11 and 12 here
+        // (state, a letter, is not parsed).
+        f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let before = ticks();
+    std::thread::sleep(Duration::from_secs(secs));
+    (ticks() - before) as f64 / hz / secs as f64 * 100.0
+}
+
+/// The real lbd health-checking `vips` x `per_vip` backends every second
+/// (TCP connect, no tunnel probe) in a namespace of its own, the backend
+/// addresses on its `lo` with one listener: with `shared`, every VIP has
+/// the same `per_vip` hosts (one probe each however many VIPs), else each
+/// VIP its own. Reports lbd's CPU, the probes and checkers it runs, how
+/// many backends are up, and how long `lbctl status` and a metrics scrape
+/// take at this size.
+fn health_case(vips: u32, per_vip: u32, shared: bool) -> anyhow::Result<serde_json::Value> {
+    use lb_tests::{lbd::Lbd, netns::NetNs};
+    use lb_userspace::api::Request;
+    let ns = NetNs::new("lbscale-h");
+    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    ns.ip(&["link", "set", "v0", "up"]);
+    ns.ip(&["link", "set", "v1", "up"]);
+    let hosts = if shared { per_vip } else { vips * per_vip };
+    let dir = std::env::temp_dir().join(&ns.name);
+    std::fs::create_dir_all(&dir)?;
+    let batch: String = (0..hosts)
+        .map(|j| format!("addr add {}/32 dev lo\n", host(j)))
+        .collect();
+    std::fs::write(dir.join("addrs"), batch)?;
+    ns.sh(&format!("ip -batch {}", dir.join("addrs").display()));
+    // One listener for every address: accepts and closes.
+    let guard = ns.enter();
+    let listener = std::net::TcpListener::bind("0.0.0.0:80")?;
+    drop(guard);
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    let size: u32 = if per_vip > 1000 { 131_071 } else { 1009 };
+    let vip_toml: String = (0..vips)
+        .map(|i| {
+            let addr = Ipv4Addr::new(10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
+            let backends: String = (0..per_vip)
+                .map(|j| {
+                    let h = if shared { j } else { i * per_vip + j };
+                    format!("[[vip.backend]]\naddress = \"{}\"\n", host(h))
+                })
+                .collect();
+            format!(
+                "[[vip]]\naddress = \"{addr}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = {size}\n\
+                 [vip.health]\nkind = \"tcp\"\ninterval_ms = 1000\ntimeout_ms = 500\ntunnel = false\n{backends}\n"
+            )
+        })
+        .collect();
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
+    let socket = dir.join("lbd.sock");
+    let config = dir.join("lbd.toml");
+    let pairs = vips * per_vip;
+    std::fs::write(
+        &config,
+        format!(
+            "[lb]\ninterfaces = [\"v0\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\n\
+             maglev_slots = {}\nmax_vips = {}\nmax_backends = {}\npin_path = \"{}\"\n\
+             control_socket = \"{}\"\nmetrics_address = \"127.0.0.1:9641\"\n\n{vip_toml}",
+            (2 * vips * size).next_power_of_two(),
+            vips.max(16),
+            (2 * pairs).next_power_of_two(),
+            pin.display(),
+            socket.display()
+        ),
+    )?;
+    let started = Instant::now();
+    let lbd = Lbd::start(&ns, &config, &socket, &pin);
+    let ready = started.elapsed();
+    // Every backend starts up (first start); let the probes settle.
+    std::thread::sleep(Duration::from_secs(5));
+    let pid = lbd.pid().context("lbd's pid")?;
+    let cpu = cpu_percent(pid, 20);
+    let t = Instant::now();
+    let status = lbd.call(Request::Status);
+    let status_ms = t.elapsed().as_secs_f64() * 1e3;
+    let status_bytes = serde_json::to_string(&status.data)?.len();
+    let up: usize = status.data["vips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|v| v["backends"].as_array().into_iter().flatten())
+        .filter(|b| b["healthy"].as_bool() == Some(true))
+        .count();
+    let scrape = || -> anyhow::Result<(f64, usize)> {
+        let _g = ns.enter();
+        use std::io::{Read, Write};
+        let t = Instant::now();
+        let mut s = std::net::TcpStream::connect("127.0.0.1:9641")?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body)?;
+        Ok((t.elapsed().as_secs_f64() * 1e3, body.len()))
+    };
+    let (scrape_ms, scrape_bytes) = scrape()?;
+    let r = json!({
+        "case": format!("health: {vips} VIPs x {per_vip} backends{}", if shared { ", the same hosts" } else { ", distinct hosts" }),
+        "backend_hosts": hosts,
+        "probes": status.data["health_probes"],
+        "checkers": status.data["health_checkers"],
+        "backends_up": up,
+        "lbd_ready_s": ready.as_secs_f64(),
+        "lbd_cpu_percent_of_one_core": cpu,
+        "status_ms": status_ms,
+        "status_bytes": status_bytes,
+        "scrape_ms": scrape_ms,
+        "scrape_bytes": scrape_bytes,
+    });
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    drop(lbd);
+    let _ = lb_userspace::dataplane::teardown(&pin);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(r)
+}
+
 fn main() -> anyhow::Result<()> {
     // As lbd does: tables come from the heap, not a fresh mapping each.
     lb_userspace::daemon::keep_tables_on_the_heap();
@@ -189,11 +324,15 @@ fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_default();
     let mut results = Vec::new();
-    if only != "wide" {
+    if only.is_empty() || only == "many" {
         results.push(case(4096, 100, size)?);
     }
-    if only != "many" {
+    if only.is_empty() || only == "wide" {
         results.push(case(16, 10_000, 1_048_573)?);
+    }
+    if only.is_empty() || only == "health" {
+        results.push(health_case(100, 100, false)?);
+        results.push(health_case(16, 10_000, true)?);
     }
     std::fs::create_dir_all("target/bench")?;
     std::fs::write(
