@@ -353,8 +353,9 @@ fn parse_mac(s: &str) -> Result<[u8; 6]> {
         .map_err(|_| anyhow::anyhow!("expected six bytes"))
 }
 
-/// Config files larger than this are refused (a real one is a few KB).
-pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+/// Config files larger than this are refused: a fleet's file with 16 VIPs
+/// x 10,000 backends is about 7 MB; a much larger file is a mistake.
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
 
 /// Reads a config file without ever blocking on it: opened non-blocking
 /// (a FIFO would otherwise wait for a writer), refused unless it is a

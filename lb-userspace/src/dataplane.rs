@@ -259,8 +259,9 @@ impl Default for LoadOptions {
 pub fn map_sizes(max_vips: u32, max_backends: u32) -> [(&'static str, u32); 8] {
     [
         (MAP_VIPS, max_vips.saturating_mul(3)),
-        (MAP_PREV_TABLES, max_vips),
-        (MAP_VIP_STATS, max_vips),
+        // Indexed by VIP id, and id 0 is never used: ids 1..=max_vips.
+        (MAP_PREV_TABLES, max_vips.saturating_add(1)),
+        (MAP_VIP_STATS, max_vips.saturating_add(1)),
         (MAP_BACKENDS, max_backends),
         (MAP_BACKEND_STATS, max_backends),
         (MAP_BACKEND_NEW_FLOWS, max_backends),

@@ -175,9 +175,9 @@ fn case(vips: u32, backends: u32, size: u32) -> anyhow::Result<serde_json::Value
     }))
 }
 
-/// lbd's CPU time over `secs` seconds (user + system), in % of one core.
-fn cpu_percent(pid: u32, secs: u64) -> f64 {
-    let ticks = || -> u64 {
+/// lbd's CPU time over `secs` seconds, in % of one core: (user, system).
+fn cpu_percent(pid: u32, secs: u64) -> (f64, f64) {
+    let ticks = || -> (u64, u64) {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // Fields after the command name (which may hold spaces).
         let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -187,13 +187,15 @@ fn cpu_percent(pid: u32, secs: u64) -> f64 {
             .collect();
         // utime and stime are fields 14 and 15 of the line: 11 and 12 here
         // (state, a letter, is not parsed).
-        f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+        (f.get(10).copied().unwrap_or(0), f.get(11).copied().unwrap_or(0))
     };
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let before = ticks();
     std::thread::sleep(Duration::from_secs(secs));
-    (ticks() - before) as f64 / hz / secs as f64 * 100.0
+    let after = ticks();
+    let pct = |t: u64| t as f64 / hz / secs as f64 * 100.0;
+    (pct(after.0 - before.0), pct(after.1 - before.1))
 }
 
 /// The real lbd health-checking `vips` x `per_vip` backends every second
@@ -296,7 +298,9 @@ fn health_case(vips: u32, per_vip: u32, shared: bool) -> anyhow::Result<serde_js
         "checkers": status.data["health_checkers"],
         "backends_up": up,
         "lbd_ready_s": ready.as_secs_f64(),
-        "lbd_cpu_percent_of_one_core": cpu,
+        "lbd_cpu_percent_of_one_core": cpu.0 + cpu.1,
+        "lbd_cpu_user_percent": cpu.0,
+        "lbd_cpu_system_percent": cpu.1,
         "status_ms": status_ms,
         "status_bytes": status_bytes,
         "scrape_ms": scrape_ms,
