@@ -16,7 +16,7 @@ use lb_common::{
     user::ip_from_addr,
 };
 use serde_json::json;
-use tokio::{sync::mpsc, task::JoinHandle};
+use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::{
@@ -25,7 +25,7 @@ use crate::{
     config::{BackendConfig, Config, VipConfig, describe_changes},
     dataplane::{Dataplane, LoadOptions, remove_pinned},
     flow_count::FlowCounter,
-    health::{HealthCheck, HealthEvent, ProbeKey, ProbeTally, Prober, spawn_checker},
+    health::{HealthCheck, HealthEvent, ProbeKey, ProbeTally, Prober},
     reconcile::{
         AppliedBackend, AppliedVip, BackendState, DesiredBackend, DesiredVip, PrevState, Reconciler,
     },
@@ -50,8 +50,8 @@ fn message(text: &str) -> serde_json::Value {
     json!({ "message": text })
 }
 
-/// Each (VIP, backend) checker: its check, the direct probe it follows, its task.
-type Checkers = BTreeMap<(VipKey, IpAddr), (HealthCheck, ProbeKey, JoinHandle<()>)>;
+/// Each checked (VIP, backend): its check and the direct probe it follows.
+type Checkers = BTreeMap<(VipKey, IpAddr), (HealthCheck, ProbeKey)>;
 
 pub struct Daemon {
     config_path: PathBuf,
@@ -455,47 +455,45 @@ impl Daemon {
             for b in &v.backends {
                 let k = (vip_key(v), b.address);
                 match self.checkers.remove(&k) {
-                    Some((check, probe, handle)) if check == v.health => {
-                        wanted.insert(k, (check, probe, handle));
+                    Some((check, probe)) if check == v.health => {
+                        wanted.insert(k, (check, probe));
                     }
-                    other => {
-                        if let Some((_, _, h)) = other {
-                            h.abort();
+                    old => {
+                        if let Some((_, probe)) = old
+                            && let Some(p) = self.probers.get(&probe)
+                        {
+                            p.unsubscribe(&k.0);
                         }
                         let tunnel = v
                             .health
                             .tunnel
                             .then(|| tunnel_spec(&self.config, v, b.address));
                         let probe = ProbeKey::of(b.address, v.port, &v.health);
-                        let results = self
-                            .probers
+                        let sinks = (self.events.clone(), self.probes.clone());
+                        self.probers
                             .entry(probe.clone())
-                            .or_insert_with(|| Prober::spawn(probe.clone()))
-                            .subscribe();
-                        let handle = spawn_checker(
-                            k.0,
-                            b.address,
-                            &v.health,
-                            results,
-                            tunnel,
-                            *self.health.get(&k).unwrap_or(&true),
-                            (self.events.clone(), self.probes.clone()),
-                        );
-                        wanted.insert(k, (v.health.clone(), probe, handle));
+                            .or_insert_with(|| Prober::spawn(probe.clone(), sinks))
+                            .subscribe(
+                                k.0,
+                                &v.health,
+                                tunnel,
+                                *self.health.get(&k).unwrap_or(&true),
+                            );
+                        wanted.insert(k, (v.health.clone(), probe));
                     }
                 }
             }
         }
-        for (k, (_, _, handle)) in std::mem::take(&mut self.checkers) {
-            handle.abort();
+        for (k, (_, probe)) in std::mem::take(&mut self.checkers) {
+            if let Some(p) = self.probers.get(&probe) {
+                p.unsubscribe(&k.0);
+            }
             self.health.remove(&k);
         }
         self.health.retain(|k, _| wanted.contains_key(k));
         self.probes.retain(|k| wanted.contains_key(k));
-        // Probes no checker follows any more stop (dropped: aborted).
-        let used: std::collections::BTreeSet<&ProbeKey> =
-            wanted.values().map(|(_, p, _)| p).collect();
-        self.probers.retain(|k, _| used.contains(k));
+        // Probes no VIP follows any more stop (dropped: aborted).
+        self.probers.retain(|_, p| p.subscribers() > 0);
         self.checkers = wanted;
     }
 

@@ -13,7 +13,7 @@
 //! probe, which depends on the VIP, and its own rise/fall).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
-    sync::{broadcast, mpsc},
+    sync::mpsc,
     task::JoinHandle,
 };
 
@@ -167,34 +167,40 @@ pub enum Probe {
 }
 
 /// Probe outcomes per (VIP, backend, result), for the metrics; shared by
-/// every checker task.
+/// every prober.
 #[derive(Clone, Debug, Default)]
 pub struct ProbeTally(Arc<Mutex<TallyMap>>);
 
-type TallyMap = BTreeMap<(VipKey, IpAddr, &'static str), u64>;
+type TallyMap = HashMap<(VipKey, IpAddr), [u64; Probe::RESULTS.len()]>;
 
 impl ProbeTally {
     pub fn record(&self, vip: VipKey, backend: IpAddr, probe: Probe) {
         if let Ok(mut m) = self.0.lock() {
-            *m.entry((vip, backend, probe.result_name())).or_default() += 1;
+            m.entry((vip, backend)).or_default()[probe.result_index()] += 1;
         }
     }
 
-    /// Counts by result for one backend of one VIP.
+    /// Counts by result for one backend of one VIP (results seen so far).
     pub fn of(&self, vip: VipKey, backend: IpAddr) -> Vec<(&'static str, u64)> {
         let Ok(m) = self.0.lock() else {
             return Vec::new();
         };
-        m.range((vip, backend, "")..)
-            .take_while(|((v, b, _), _)| *v == vip && *b == backend)
-            .map(|((_, _, r), n)| (*r, *n))
-            .collect()
+        m.get(&(vip, backend))
+            .map(|counts| {
+                Probe::RESULTS
+                    .iter()
+                    .zip(counts)
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(r, n)| (*r, *n))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Drops the counts of checkers that no longer exist.
     pub fn retain(&self, keep: impl Fn(&(VipKey, IpAddr)) -> bool) {
         if let Ok(mut m) = self.0.lock() {
-            m.retain(|(v, b, _), _| keep(&(*v, *b)));
+            m.retain(|k, _| keep(k));
         }
     }
 }
@@ -213,16 +219,30 @@ pub enum Failure {
 }
 
 impl Probe {
+    /// Every `result` label of `lb_health_probes_total`, in index order.
+    pub const RESULTS: [&'static str; 6] = [
+        "up",
+        "connect_failed",
+        "timeout",
+        "bad_response",
+        "tunnel_failed",
+        "local_error",
+    ];
+
+    fn result_index(&self) -> usize {
+        match self {
+            Probe::Up => 0,
+            Probe::Down(Failure::Connect) => 1,
+            Probe::Down(Failure::Timeout) => 2,
+            Probe::Down(Failure::BadResponse) => 3,
+            Probe::Down(Failure::Tunnel) => 4,
+            Probe::Local(_) => 5,
+        }
+    }
+
     /// The label of this outcome in `lb_health_probes_total`.
     pub fn result_name(&self) -> &'static str {
-        match self {
-            Probe::Up => "up",
-            Probe::Down(Failure::Connect) => "connect_failed",
-            Probe::Down(Failure::Timeout) => "timeout",
-            Probe::Down(Failure::BadResponse) => "bad_response",
-            Probe::Down(Failure::Tunnel) => "tunnel_failed",
-            Probe::Local(_) => "local_error",
-        }
+        Self::RESULTS[self.result_index()]
     }
 }
 
@@ -272,7 +292,12 @@ async fn connect(addr: IpAddr, port: u16) -> Result<TcpStream, Probe> {
 
 pub async fn probe_tcp(addr: IpAddr, port: u16, timeout: Duration) -> Probe {
     match tokio::time::timeout(timeout, connect(addr, port)).await {
-        Ok(Ok(_)) => Probe::Up,
+        Ok(Ok(stream)) => {
+            // Closed with a reset: four packets instead of a FIN exchange
+            // (and no TIME_WAIT here) per probe, on both hosts.
+            let _ = stream.set_zero_linger();
+            Probe::Up
+        }
         Ok(Err(p)) => p,
         Err(_) => Probe::Down(Failure::Timeout),
     }
@@ -370,17 +395,33 @@ impl ProbeKey {
     }
 }
 
-/// A running direct probe: every subscriber hears each result.
+/// One (VIP, backend) pair following a prober: its own rise/fall state
+/// and, with `tunnel`, its own probe through the tunnel to its VIP.
+struct Subscriber {
+    state: Hysteresis,
+    tunnel: Option<crate::tunnel_probe::TunnelSpec>,
+    last_local_log: Option<std::time::Instant>,
+}
+
+type Subscribers = Arc<Mutex<BTreeMap<VipKey, Subscriber>>>;
+
+/// A running direct probe and the VIPs that follow it. Each round's
+/// result is applied to every subscriber in the probe's own task (no task
+/// per VIP: 16 VIPs sharing 10,000 backends are 10,000 tasks, not 160,000).
 pub struct Prober {
-    results: broadcast::Sender<Probe>,
+    subscribers: Subscribers,
     task: JoinHandle<()>,
 }
 
 impl Prober {
-    /// Starts probing `key` every `key.interval_ms`.
-    pub fn spawn(key: ProbeKey) -> Prober {
-        let (results, _) = broadcast::channel(8);
-        let tx = results.clone();
+    /// Starts probing `key` every `key.interval_ms`; state changes go to
+    /// `events`, every outcome to `tally`.
+    pub fn spawn(
+        key: ProbeKey,
+        (events, tally): (mpsc::UnboundedSender<HealthEvent>, ProbeTally),
+    ) -> Prober {
+        let subscribers: Subscribers = Arc::default();
+        let subs = subscribers.clone();
         let task = tokio::spawn(async move {
             let timeout = Duration::from_millis(key.timeout_ms);
             let period = Duration::from_millis(key.interval_ms);
@@ -403,15 +444,106 @@ impl Prober {
                     }
                     _ => probe_tcp(key.addr, key.port, timeout).await,
                 };
-                // No subscriber right now is fine: one may come.
-                let _ = tx.send(probe);
+                // Tunnel probes (each to its own VIP) after a good direct
+                // one, all at once.
+                let tunnels: Vec<(VipKey, crate::tunnel_probe::TunnelSpec)> = match probe {
+                    Probe::Up => subs
+                        .lock()
+                        .map(|m| {
+                            m.iter()
+                                .filter_map(|(v, s)| s.tunnel.clone().map(|t| (*v, t)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    _ => Vec::new(),
+                };
+                let mut via_tunnel = BTreeMap::new();
+                if !tunnels.is_empty() {
+                    let mut set = tokio::task::JoinSet::new();
+                    for (vip, spec) in tunnels {
+                        set.spawn(async move {
+                            (vip, crate::tunnel_probe::probe_tunnel(&spec, timeout).await)
+                        });
+                    }
+                    while let Some(Ok((vip, p))) = set.join_next().await {
+                        via_tunnel.insert(vip, p);
+                    }
+                }
+                let Ok(mut m) = subs.lock() else { return };
+                for (vip, sub) in m.iter_mut() {
+                    let probe = via_tunnel.get(vip).copied().unwrap_or(probe);
+                    tally.record(*vip, key.addr, probe);
+                    if let Some(ev) = sub.observe(*vip, key.addr, probe) {
+                        let _ = events.send(ev);
+                    }
+                }
             }
         });
-        Prober { results, task }
+        Prober { subscribers, task }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Probe> {
-        self.results.subscribe()
+    /// Starts following this probe for `vip` (replacing an earlier
+    /// subscription of the same VIP).
+    pub fn subscribe(
+        &self,
+        vip: VipKey,
+        check: &HealthCheck,
+        tunnel: Option<crate::tunnel_probe::TunnelSpec>,
+        initially_healthy: bool,
+    ) {
+        if let Ok(mut m) = self.subscribers.lock() {
+            m.insert(
+                vip,
+                Subscriber {
+                    state: Hysteresis::starting(initially_healthy, check.rise, check.fall),
+                    tunnel,
+                    last_local_log: None,
+                },
+            );
+        }
+    }
+
+    pub fn unsubscribe(&self, vip: &VipKey) {
+        if let Ok(mut m) = self.subscribers.lock() {
+            m.remove(vip);
+        }
+    }
+
+    pub fn subscribers(&self) -> usize {
+        self.subscribers.lock().map_or(0, |m| m.len())
+    }
+}
+
+impl Subscriber {
+    /// Applies one outcome; the event to send, if any.
+    fn observe(&mut self, vip: VipKey, backend: IpAddr, probe: Probe) -> Option<HealthEvent> {
+        let ok = match probe {
+            Probe::Up => true,
+            Probe::Down(_) => false,
+            Probe::Local(errno) => {
+                // Not the backend's fault: no verdict, the state stands.
+                if self
+                    .last_local_log
+                    .is_none_or(|t| t.elapsed() > LOCAL_ERROR_LOG_EVERY)
+                {
+                    self.last_local_log = Some(std::time::Instant::now());
+                    tracing::warn!(%backend, error = %std::io::Error::from_raw_os_error(errno),
+                        "health probe failed on this host (not counted against the backend)");
+                }
+                return Some(HealthEvent {
+                    vip,
+                    backend,
+                    healthy: self.state.healthy,
+                    local_error: true,
+                });
+            }
+        };
+        self.state.observe(ok).map(|healthy| HealthEvent {
+            vip,
+            backend,
+            healthy,
+            local_error: false,
+        })
     }
 }
 
@@ -419,70 +551,6 @@ impl Drop for Prober {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// Follows `backend`'s direct probe results (`results`, from its
-/// `Prober`) for `vip`; events go to `events`. With `tunnel`, each
-/// successful direct probe is followed by a probe through the tunnel.
-pub fn spawn_checker(
-    vip: VipKey,
-    backend: IpAddr,
-    check: &HealthCheck,
-    mut results: broadcast::Receiver<Probe>,
-    tunnel: Option<crate::tunnel_probe::TunnelSpec>,
-    initially_healthy: bool,
-    (events, tally): (mpsc::UnboundedSender<HealthEvent>, ProbeTally),
-) -> JoinHandle<()> {
-    let timeout = Duration::from_millis(check.timeout_ms);
-    let (rise, fall) = (check.rise, check.fall);
-    tokio::spawn(async move {
-        let mut state = Hysteresis::starting(initially_healthy, rise, fall);
-        let mut last_local_log: Option<std::time::Instant> = None;
-        loop {
-            let probe = match results.recv().await {
-                Ok(p) => p,
-                // Fell behind (a slow tunnel probe): take the next one.
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return,
-            };
-            let probe = match (&tunnel, probe) {
-                (Some(spec), Probe::Up) => crate::tunnel_probe::probe_tunnel(spec, timeout).await,
-                (_, p) => p,
-            };
-            tally.record(vip, backend, probe);
-            let ok = match probe {
-                Probe::Up => true,
-                Probe::Down(_) => false,
-                Probe::Local(errno) => {
-                    // Not the backend's fault: no verdict, the state stands.
-                    if last_local_log.is_none_or(|t| t.elapsed() > LOCAL_ERROR_LOG_EVERY) {
-                        last_local_log = Some(std::time::Instant::now());
-                        tracing::warn!(%backend, error = %std::io::Error::from_raw_os_error(errno),
-                            "health probe failed on this host (not counted against the backend)");
-                    }
-                    let _ = events.send(HealthEvent {
-                        vip,
-                        backend,
-                        healthy: state.healthy,
-                        local_error: true,
-                    });
-                    continue;
-                }
-            };
-            if let Some(healthy) = state.observe(ok)
-                && events
-                    .send(HealthEvent {
-                        vip,
-                        backend,
-                        healthy,
-                        local_error: false,
-                    })
-                    .is_err()
-            {
-                return;
-            }
-        }
-    })
 }
 
 #[cfg(test)]
@@ -544,33 +612,19 @@ mod tests {
             .map(|(i, v)| ProbeKey::of(lo, u16::from_be(v.port), &check(1 + i as u32)))
             .collect();
         assert_eq!(keys.len(), 1);
-        let prober = Prober::spawn(keys.into_iter().next().unwrap());
         let (tx, _rx) = mpsc::unbounded_channel();
         let tally = ProbeTally::default();
-        let checkers: Vec<_> = vips
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                spawn_checker(
-                    *v,
-                    lo,
-                    &check(1 + i as u32),
-                    prober.subscribe(),
-                    None,
-                    true,
-                    (tx.clone(), tally.clone()),
-                )
-            })
-            .collect();
+        let prober = Prober::spawn(keys.into_iter().next().unwrap(), (tx, tally.clone()));
+        for (i, v) in vips.iter().enumerate() {
+            prober.subscribe(*v, &check(1 + i as u32), None, true);
+        }
+        assert_eq!(prober.subscribers(), 3);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let connects = accepted.load(std::sync::atomic::Ordering::Relaxed);
         let heard: Vec<u64> = vips
             .iter()
             .map(|v| tally.of(*v, lo).iter().map(|(_, n)| n).sum())
             .collect();
-        for c in checkers {
-            c.abort();
-        }
         drop(prober);
         // Every VIP heard every round; the backend saw one probe per round.
         assert!(heard.iter().all(|&n| n >= 5), "{heard:?}");

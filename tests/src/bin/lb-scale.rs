@@ -181,13 +181,10 @@ fn cpu_percent(pid: u32, secs: u64) -> (f64, f64) {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         // Fields after the command name (which may hold spaces).
         let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        // utime and stime are fields 14 and 15 of the line: 11 and 12 here
-        // (state, a letter, is not parsed).
-        (f.get(10).copied().unwrap_or(0), f.get(11).copied().unwrap_or(0))
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // After the name: state is field 3 of the line, utime 14, stime 15.
+        let field = |n: usize| f.get(n - 3).and_then(|v| v.parse().ok()).unwrap_or(0);
+        (field(14), field(15))
     };
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
