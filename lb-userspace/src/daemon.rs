@@ -50,6 +50,9 @@ fn message(text: &str) -> serde_json::Value {
     json!({ "message": text })
 }
 
+/// Changes to more VIPs than this at once are logged as one line.
+const LOG_EACH_UP_TO: usize = 32;
+
 /// Each checked (VIP, backend): its check and the direct probe it follows.
 type Checkers = BTreeMap<(VipKey, IpAddr), (HealthCheck, ProbeKey)>;
 
@@ -220,13 +223,25 @@ impl Daemon {
             pin_path,
             object: None,
         };
+        let loading = std::time::Instant::now();
         let dp = Dataplane::load(&opts)?;
+        info!(
+            secs = format!("{:.2}", loading.elapsed().as_secs_f64()),
+            adopted = dp.adopted,
+            "data plane loaded (the kernel zeroes new maps: seconds per GiB)"
+        );
         let window = Duration::from_secs(config.lb.second_chance_window_secs);
         // A freed id is not reused while a previous table may still name it.
         let quarantine = ID_QUARANTINE.max(window + Duration::from_secs(60));
         // The maps' real sizes: pinned ones keep those they were made with.
         let capacity = (dp.vip_capacity, dp.backend_capacity);
-        if capacity != (config.lb.max_vips, config.lb.max_backends) {
+        let sized = crate::dataplane::map_sizes(config.lb.max_vips, config.lb.max_backends);
+        let entries = |name: &str| sized.iter().find(|(n, _)| *n == name).map(|(_, e)| *e);
+        let wanted = (
+            entries(lb_common::maps::MAP_VIP_STATS),
+            entries(lb_common::maps::MAP_BACKENDS),
+        );
+        if (Some(capacity.0), Some(capacity.1)) != wanted {
             warn!(
                 vips = capacity.0,
                 backend_ids = capacity.1,
@@ -269,7 +284,13 @@ impl Daemon {
             capture_lost_before: 0,
         };
         d.announcer = d.config.bgp.clone().map(Announcer::new);
+        let applying = std::time::Instant::now();
         d.apply()?;
+        info!(
+            secs = format!("{:.2}", applying.elapsed().as_secs_f64()),
+            vips = d.config.vips.len(),
+            "tables applied"
+        );
         for iface in d.config.lb.interfaces.clone() {
             let chosen = crate::xdp_mode::choose(&iface, &d.config.lb.xdp_mode)?;
             let how = d.dp.attach_pinned(&iface, &chosen)?;
@@ -334,14 +355,22 @@ impl Daemon {
                 warn!("saving the table generation: {e:#}");
             }
         }
-        for name in &report.vips_added {
-            info!(vip = %name, "VIP added");
-        }
-        for name in &report.vips_removed {
-            info!(vip = %name, "VIP removed");
-        }
-        for name in &report.tables_switched {
-            info!(vip = %name, generation = self.rec.generation, "Maglev table switched");
+        // One line per VIP, unless thousands change at once (a cold start
+        // at scale): then one line with the count and the first few.
+        let generation = self.rec.generation;
+        for (names, what) in [
+            (&report.vips_added, "VIP added"),
+            (&report.vips_removed, "VIP removed"),
+            (&report.tables_switched, "Maglev table switched"),
+        ] {
+            if names.len() <= LOG_EACH_UP_TO {
+                for name in names {
+                    info!(vip = %name, generation, "{what}");
+                }
+            } else {
+                let first: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+                info!(count = names.len(), first = ?first, generation, "{what} (many)");
+            }
         }
         self.sync_checkers();
         self.announce();

@@ -51,6 +51,9 @@ pub struct Lbd {
     nofile: Option<u64>,
     /// Extra environment for the daemon (e.g. NOTIFY_SOCKET).
     pub env: Vec<(String, String)>,
+    /// How long a start may take before the test fails (15 s; more for
+    /// the scale benchmarks' gigabytes of maps).
+    pub start_timeout: Duration,
 }
 
 /// Polls `f` every 20 ms until it holds; fails the test after 5 s.
@@ -127,6 +130,7 @@ impl Lbd {
             netns: ns.name.clone(),
             nofile: None,
             env: Vec::new(),
+            start_timeout: Duration::from_secs(15),
         }
     }
 
@@ -166,7 +170,7 @@ impl Lbd {
             .spawn()
             .expect("starting lbd");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + self.start_timeout;
         loop {
             if self.socket.exists() && call(&self.socket, &Request::Status).is_ok_and(|r| r.ok) {
                 return;
@@ -180,8 +184,9 @@ impl Lbd {
             }
             assert!(
                 Instant::now() < deadline,
-                "lbd did not answer on {} within 15 s",
-                self.socket.display()
+                "lbd did not answer on {} within {:?}",
+                self.socket.display(),
+                self.start_timeout
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -209,7 +214,6 @@ impl Lbd {
         call(&self.socket, &request).expect("talking to lbd")
     }
 
-    /// Stops the daemon with `signal` (SIGTERM or SIGKILL) and waits for it.
     /// The daemon's pid while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
@@ -222,6 +226,7 @@ impl Lbd {
             .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
+    /// Stops the daemon with `signal` (SIGTERM or SIGKILL) and waits for it.
     pub fn stop(&mut self, signal: i32) {
         if let Some(mut child) = self.child.take() {
             // SAFETY: signalling our own child.
@@ -230,6 +235,7 @@ impl Lbd {
         }
     }
 
+    /// Starts it (again).
     pub fn restart(&mut self) {
         self.spawn();
     }

@@ -77,9 +77,16 @@ enum Cmd {
 }
 
 async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
+    let reading = std::time::Instant::now();
     let config = Config::load(&config_path)?;
     config.check_host()?;
     preflight(&config)?;
+    info!(
+        secs = format!("{:.2}", reading.elapsed().as_secs_f64()),
+        vips = config.vips.len(),
+        backends = config.vips.iter().map(|v| v.backends.len()).sum::<usize>(),
+        "configuration read"
+    );
     let pin_dir = (!config.lb.pin_path.is_empty()).then(|| PathBuf::from(&config.lb.pin_path));
     let socket = PathBuf::from(&config.lb.control_socket);
     // Before anything is touched: one daemon per pin path and socket.

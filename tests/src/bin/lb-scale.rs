@@ -310,6 +310,126 @@ fn health_case(vips: u32, per_vip: u32, shared: bool) -> anyhow::Result<serde_js
     Ok(r)
 }
 
+/// The resident memory of process `pid`, MiB.
+fn rss_of(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The real lbd with `vips` x `per_vip` backends (M = `size`, no health
+/// checks): cold start to ready and its RSS; then `flows` entries written
+/// into the pinned connection table, lbd killed (SIGKILL) and started
+/// again: time until it answers having adopted the pinned state, every
+/// tracked flow still there, the tables unchanged.
+fn restart_case(
+    vips: u32,
+    per_vip: u32,
+    size: u32,
+    flows: u32,
+) -> anyhow::Result<serde_json::Value> {
+    use aya::maps::{HashMap, Map, MapData};
+    use lb_common::maps::{ConnEntry, FlowKey};
+    use lb_tests::{lbd::Lbd, netns::NetNs};
+    let ns = NetNs::new("lbscale-r");
+    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    ns.ip(&["link", "set", "v0", "up"]);
+    ns.ip(&["link", "set", "v1", "up"]);
+    let dir = std::env::temp_dir().join(&ns.name);
+    std::fs::create_dir_all(&dir)?;
+    let backends: String = (0..per_vip)
+        .map(|j| format!("[[vip.backend]]\naddress = \"{}\"\n", host(j)))
+        .collect();
+    let vip_toml: String = (0..vips)
+        .map(|i| {
+            let addr = Ipv4Addr::new(10, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
+            format!(
+                "[[vip]]\naddress = \"{addr}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = {size}\n{backends}\n"
+            )
+        })
+        .collect();
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
+    let socket = dir.join("lbd.sock");
+    let config = dir.join("lbd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[lb]\ninterfaces = [\"v0\"]\nxdp_mode = \"skb\"\nconntrack_entries = {}\n\
+             maglev_slots = {}\nmax_vips = {vips}\nmax_backends = {}\npin_path = \"{}\"\n\
+             control_socket = \"{}\"\nmetrics_address = \"\"\n\n{vip_toml}",
+            flows.next_power_of_two(),
+            2 * vips as u64 * size as u64,
+            (2 * vips * per_vip).next_power_of_two().min(1 << 20),
+            pin.display(),
+            socket.display()
+        ),
+    )?;
+    let mut lbd = Lbd::unstarted(&ns, &config, &socket, &pin);
+    lbd.start_timeout = Duration::from_secs(300);
+    let t = Instant::now();
+    lbd.restart();
+    let cold = t.elapsed().as_secs_f64();
+    let rss_cold = rss_of(lbd.pid().context("pid")?);
+    // A million tracked flows, written as the data path would: from both
+    // CPUs (each CPU's LRU list holds its share of the table).
+    let t = Instant::now();
+    let cpus = lb_userspace::sizing::possible_cpus().max(1);
+    std::thread::scope(|s| {
+        for cpu in 0..cpus {
+            let path = pin.join("CONNTRACK");
+            s.spawn(move || {
+                lb_tests::pin_to_cpu(cpu as usize);
+                let mut conntrack: HashMap<MapData, FlowKey, ConnEntry> =
+                    HashMap::try_from(Map::LruHashMap(MapData::from_pin(path).unwrap())).unwrap();
+                for f in (cpu..flows).step_by(cpus as usize) {
+                    let client = IpAddr::V4(Ipv4Addr::from(0xC000_0000u32 + f));
+                    let v = vip(f % vips);
+                    let dst = lb_common::user::ip_from_addr(&v.addr, v.family);
+                    let key = FlowKey::new(client, 40_000, dst, 80, PROTO_TCP);
+                    let entry = ConnEntry {
+                        backend_id: 1 + f % per_vip,
+                        hash: 0,
+                        atime_ns: 1,
+                    };
+                    conntrack.insert(key, entry, 0).unwrap();
+                }
+            });
+        }
+    });
+    let fill = t.elapsed().as_secs_f64();
+    let conntrack: HashMap<MapData, FlowKey, ConnEntry> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(pin.join("CONNTRACK"))?))?;
+    let tracked = conntrack.keys().filter(|k| k.is_ok()).count();
+    let table_before = lbd.kernel_table(&vip(vips / 2));
+    lbd.stop(libc::SIGKILL);
+    let t = Instant::now();
+    lbd.restart();
+    let adopt = t.elapsed().as_secs_f64();
+    let rss_adopted = rss_of(lbd.pid().context("pid")?);
+    let kept = conntrack.keys().filter(|k| k.is_ok()).count();
+    let table_kept = lbd.kernel_table(&vip(vips / 2)) == table_before;
+    let r = json!({
+        "case": format!("restart: {vips} VIPs x {per_vip} backends, M = {size}, {flows} tracked flows"),
+        "cold_start_to_ready_s": cold,
+        "lbd_rss_mib_cold": rss_cold,
+        "flows_written_s": fill,
+        "sigkill_restart_to_ready_s": adopt,
+        "lbd_rss_mib_adopted": rss_adopted,
+        "tracked_flows_before": tracked,
+        "tracked_flows_kept": kept,
+        "table_unchanged": table_kept,
+    });
+    println!("{}", serde_json::to_string_pretty(&r)?);
+    eprintln!("lbd's log:\n{}", lbd.log());
+    drop(lbd);
+    let _ = lb_userspace::dataplane::teardown(&pin);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(r)
+}
+
 fn main() -> anyhow::Result<()> {
     // As lbd does: tables come from the heap, not a fresh mapping each.
     lb_userspace::daemon::keep_tables_on_the_heap();
@@ -330,6 +450,9 @@ fn main() -> anyhow::Result<()> {
     }
     if only.is_empty() || only == "wide" {
         results.push(case(16, 10_000, 1_048_573)?);
+    }
+    if only.is_empty() || only == "restart" {
+        results.push(restart_case(4096, 100, size, 1_000_000)?);
     }
     if only.is_empty() || only == "health" {
         results.push(health_case(100, 100, false)?);
