@@ -355,6 +355,67 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
         !r.ok && r.error.as_deref().unwrap().contains("table_size"),
         "{r:?}"
     );
+    // A QUIC VIP at runtime: refused on TCP (the field named), taken on
+    // UDP; its backends' server ids reach QUIC_SERVERS.
+    let quic_vip = |protocol: &str| Request::AddVip {
+        address: "10.0.0.12".into(),
+        port: 443,
+        protocol: protocol.into(),
+        table_size: Some(251),
+        health: Some(lb_userspace::health::HealthCheck::default()),
+        quic: true,
+    };
+    let r = lbd.call(quic_vip("tcp"));
+    assert!(
+        !r.ok
+            && r.error
+                .as_deref()
+                .unwrap()
+                .contains(".quic: QUIC runs over UDP"),
+        "{r:?}"
+    );
+    let r = lbd.call(quic_vip("udp"));
+    assert!(r.ok, "{r:?}");
+    let r = lbd.call(Request::AddBackend {
+        vip: "10.0.0.12:443/udp".into(),
+        address: "10.50.0.7".into(),
+        weight: 1,
+        state: None,
+        server_id: Some(70_000),
+    });
+    assert!(
+        !r.ok
+            && r.error
+                .as_deref()
+                .unwrap()
+                .contains("does not fit server_id_len = 2"),
+        "{r:?}"
+    );
+    let r = lbd.call(Request::AddBackend {
+        vip: "10.0.0.12:443/udp".into(),
+        address: "10.50.0.7".into(),
+        weight: 1,
+        state: None,
+        server_id: Some(7),
+    });
+    assert!(r.ok, "{r:?}");
+    let servers: aya::maps::HashMap<aya::maps::MapData, lb_common::maps::QuicServerKey, u32> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(
+            aya::maps::MapData::from_pin(lbd.pin.join("QUIC_SERVERS")).unwrap(),
+        ))
+        .unwrap();
+    let entries: Vec<u32> = servers
+        .iter()
+        .filter_map(|e| e.ok())
+        .map(|(k, _)| k.server_id)
+        .collect();
+    assert_eq!(entries, vec![7]);
+    assert!(
+        lbd.call(Request::RemoveVip {
+            vip: "10.0.0.12:443/udp".into()
+        })
+        .ok
+    );
     {
         use std::io::{BufRead, BufReader, Write};
         let mut s = std::os::unix::net::UnixStream::connect(&lbd.socket).unwrap();
