@@ -64,6 +64,10 @@ pub enum Request {
         src: String,
         dst: String,
         protocol: String,
+        /// QUIC VIPs: a destination connection ID (hex): which server a
+        /// short-header packet carrying it goes to.
+        #[serde(default)]
+        quic_cid: Option<String>,
     },
     /// Tracked connections (bounded: `limit`, default 100).
     Flows {

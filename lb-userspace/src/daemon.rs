@@ -812,7 +812,12 @@ impl Daemon {
                 self.edit_backend(&vip, &address, |b| b.state = state.clone())?;
                 Ok(message(&format!("state {state}")))
             }
-            Request::Trace { src, dst, protocol } => self.trace(&src, &dst, &protocol),
+            Request::Trace {
+                src,
+                dst,
+                protocol,
+                quic_cid,
+            } => self.trace(&src, &dst, &protocol, quic_cid.as_deref()),
             Request::DrainInstance => {
                 if self.announcer.is_none() {
                     bail!("no [bgp] section: this instance announces nothing to withdraw");
@@ -1052,7 +1057,13 @@ impl Daemon {
         json!({ "reasons": reasons, "forwarded": forwarded })
     }
 
-    fn trace(&self, src: &str, dst: &str, protocol: &str) -> Result<serde_json::Value> {
+    fn trace(
+        &self,
+        src: &str,
+        dst: &str,
+        protocol: &str,
+        quic_cid: Option<&str>,
+    ) -> Result<serde_json::Value> {
         let src: SocketAddr = src.parse().context("SRC must be ADDRESS:PORT")?;
         let dst: SocketAddr = dst.parse().context("DST must be ADDRESS:PORT")?;
         let proto = match protocol {
@@ -1084,14 +1095,66 @@ impl Daemon {
             .dp
             .conntrack_get(&flow)
             .map(|e| addr_of(e.backend_id).unwrap_or(format!("id {}", e.backend_id)));
+        let quic = match quic_cid {
+            None => serde_json::Value::Null,
+            Some(hex) => {
+                if vip.meta.flags & lb_common::maps::VIP_F_QUIC == 0 {
+                    bail!(
+                        "{} is not a QUIC VIP: connection IDs play no part",
+                        vip.name
+                    );
+                }
+                let cid = parse_hex(hex).context("--cid must be hexadecimal octets")?;
+                self.trace_quic(vip, &cid, &addr_of)
+            }
+        };
         Ok(json!({
             "vip": vip.name,
             "hash": hash,
             "slot": slot,
             "table_backend": table_backend,
             "tracked_backend": tracked,
+            "quic": quic,
             "note": if key.port == 0 { "every-port VIP" } else { "" },
         }))
+    }
+
+    /// Where a short-header packet carrying connection ID `cid` goes, as
+    /// the data path decides (`lb_common::quic_lb::classify`).
+    fn trace_quic(
+        &self,
+        vip: &crate::reconcile::AppliedVip,
+        cid: &[u8],
+        addr_of: &dyn Fn(u32) -> Option<String>,
+    ) -> serde_json::Value {
+        use lb_common::quic_lb::{QuicHeader, classify};
+        let mut packet = vec![0x40];
+        packet.extend_from_slice(cid);
+        let server_id = match classify(&packet, vip.meta.flags) {
+            QuicHeader::Short { server_id } => server_id,
+            _ => {
+                return json!({"server_id": null, "backend": null,
+                    "why": "no routable server id (another config id, or shorter than the VIP's connection IDs): balanced as UDP"});
+            }
+        };
+        let key = lb_common::maps::QuicServerKey {
+            vip_id: vip.meta.vip_id,
+            server_id,
+        };
+        let Some(&id) = self.rec.quic_servers().get(&key) else {
+            return json!({"server_id": server_id, "backend": null,
+                "why": "no backend of this VIP has that server id: balanced as UDP"});
+        };
+        let healthy = vip.backends.values().any(|b| b.id == id && b.healthy);
+        json!({
+            "server_id": server_id,
+            "backend": addr_of(id),
+            "why": if healthy {
+                "routed by server id (connection table not used)"
+            } else {
+                "its backend is down: balanced as UDP"
+            },
+        })
     }
 
     pub fn log_stats(&self) {
@@ -1148,4 +1211,38 @@ pub fn preflight(config: &Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// "0a1b..." (colons, spaces or a 0x prefix allowed) as octets.
+fn parse_hex(text: &str) -> Result<Vec<u8>> {
+    let digits: String = text
+        .trim_start_matches("0x")
+        .chars()
+        .filter(|c| !matches!(c, ':' | ' ' | '-'))
+        .collect();
+    if digits.is_empty()
+        || !digits.len().is_multiple_of(2)
+        || !digits.chars().all(|c| c.is_ascii_hexdigit())
+    {
+        bail!("{text:?}: an even number of hex digits is needed");
+    }
+    (0..digits.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).with_context(|| format!("{text:?}")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_hex;
+
+    #[test]
+    fn connection_ids_parse_as_hex_octets() {
+        assert_eq!(parse_hex("0a1B").unwrap(), vec![0x0a, 0x1b]);
+        assert_eq!(parse_hex("0x0a:1b").unwrap(), vec![0x0a, 0x1b]);
+        assert!(parse_hex("0a1").is_err());
+        assert!(parse_hex("zz").is_err());
+        assert!(parse_hex("").is_err());
+        assert!(parse_hex("é1").is_err(), "no panic on other characters");
+    }
 }

@@ -301,6 +301,14 @@ pub fn trace(v: &Value) -> String {
             other => cell(other),
         }
     );
+    if let Some(q) = v["quic"].as_object() {
+        out += &format!(
+            "  QUIC short header: server id {}, backend {}: {}\n",
+            cell(&q["server_id"]),
+            cell(&q["backend"]),
+            cell(&q["why"])
+        );
+    }
     if let Some(note) = v["note"].as_str().filter(|n| !n.is_empty()) {
         out += &format!("  ({note})\n");
     }

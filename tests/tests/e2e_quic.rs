@@ -256,6 +256,30 @@ fn quic_connections_survive_address_changes_and_a_backend_added() {
             .map(|n| (format!("10.30.{n}.2"), n))
             .collect::<Vec<_>>()
     );
+    // `lbctl trace --cid`: where a server's connection ID sends packets.
+    let params = lb_userspace::config::QuicLbConfig::default().params();
+    for (sid, want) in [
+        (2u32, Some("10.30.2.2")),
+        (4, Some("10.30.4.2")),
+        (99, None),
+    ] {
+        let cid: String = lb_common::quic_lb::encode_cid(&params, sid, &[0x5A; 6])
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let r = tb.lbctl(
+            0,
+            Request::Trace {
+                src: "10.10.0.2:5555".into(),
+                dst: format!("{VIP}:{PORT_QUIC}"),
+                protocol: "udp".into(),
+                quic_cid: Some(cid),
+            },
+        );
+        assert!(r.ok, "{r:?}");
+        assert_eq!(r.data["quic"]["server_id"], sid, "{r:?}");
+        assert_eq!(r.data["quic"]["backend"].as_str(), want, "{r:?}");
+    }
     go.send(Step::Ask).unwrap();
     let after_add = answers.recv().unwrap();
     assert_eq!(

@@ -274,6 +274,7 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
         src: "192.0.2.9:4321".into(),
         dst: "10.0.0.10:80".into(),
         protocol: "tcp".into(),
+        quic_cid: None,
     });
     assert!(r.ok, "{r:?}");
     let flow = lb_common::maps::FlowKey::new(

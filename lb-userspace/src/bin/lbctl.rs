@@ -86,6 +86,10 @@ enum Cmd {
         dst: String,
         /// tcp or udp.
         proto: String,
+        /// QUIC VIPs: a destination connection ID in hex (as a server
+        /// issued it): which backend its short-header packets go to.
+        #[arg(long)]
+        cid: Option<String>,
     },
     /// Run on a backend host: is it set up to receive from the balancer
     /// (VIP on lo, decapsulation attached, rp_filter, ARP)? Exit 1 on a failure.
@@ -394,13 +398,19 @@ fn run(cli: Cli) -> Result<Output> {
         }
         Cmd::Stats => (ask(socket, &Request::Stats)?, render::stats),
         Cmd::Reload => (ask(socket, &Request::Reload)?, message),
-        Cmd::Trace { src, dst, proto } => (
+        Cmd::Trace {
+            src,
+            dst,
+            proto,
+            cid,
+        } => (
             ask(
                 socket,
                 &Request::Trace {
                     src,
                     dst,
                     protocol: proto,
+                    quic_cid: cid,
                 },
             )?,
             render::trace,
