@@ -235,11 +235,11 @@ impl Daemon {
         let quarantine = ID_QUARANTINE.max(window + Duration::from_secs(60));
         // The maps' real sizes: pinned ones keep those they were made with.
         let capacity = (dp.vip_capacity, dp.backend_capacity);
-        let sized = crate::dataplane::map_sizes(config.lb.max_vips, config.lb.max_backends);
-        let entries = |name: &str| sized.iter().find(|(n, _)| *n == name).map(|(_, e)| *e);
+        let sized =
+            |name| crate::dataplane::map_size(config.lb.max_vips, config.lb.max_backends, name);
         let wanted = (
-            entries(lb_common::maps::MAP_VIP_STATS),
-            entries(lb_common::maps::MAP_BACKENDS),
+            sized(lb_common::maps::MAP_VIP_STATS),
+            sized(lb_common::maps::MAP_BACKENDS),
         );
         if (Some(capacity.0), Some(capacity.1)) != wanted {
             warn!(
@@ -845,6 +845,7 @@ impl Daemon {
 
     fn status(&self) -> serde_json::Value {
         let snapshot = self.flows.latest();
+        let (probes, checkers) = self.probe_counts();
         let vips: Vec<serde_json::Value> = self
             .views(&snapshot.counts, true)
             .iter()
@@ -898,8 +899,8 @@ impl Daemon {
             "announced": self.announcer.as_ref().map(|a| a.announced()),
             // Probes that failed on this host, not counted against backends.
             "health_probe_local_errors": self.local_probe_errors,
-            "health_probes": self.probers.len(),
-            "health_checkers": self.checkers.len(),
+            "health_probes": probes,
+            "health_checkers": checkers,
             // What the control socket changed since the file was last read
             // (a reload replaces it with the file).
             "runtime_changes": describe_changes(&self.file_vips, &self.config.vips),

@@ -270,6 +270,14 @@ pub fn map_sizes(max_vips: u32, max_backends: u32) -> [(&'static str, u32); 8] {
     ]
 }
 
+/// The size `map_sizes` gives map `name`, if it sizes that map.
+pub fn map_size(max_vips: u32, max_backends: u32, name: &str) -> Option<u32> {
+    map_sizes(max_vips, max_backends)
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, entries)| entries)
+}
+
 /// Maps that carry state across daemon restarts.
 pub const PINNED_MAPS: [&str; 17] = [
     MAP_VIPS,

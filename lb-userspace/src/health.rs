@@ -239,11 +239,6 @@ impl Probe {
             Probe::Local(_) => 5,
         }
     }
-
-    /// The label of this outcome in `lb_health_probes_total`.
-    pub fn result_name(&self) -> &'static str {
-        Self::RESULTS[self.result_index()]
-    }
 }
 
 impl Probe {

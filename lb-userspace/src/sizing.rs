@@ -68,12 +68,8 @@ pub fn map_bytes(kind: Kind, key: usize, value: usize, entries: u32, cpus: u32) 
 /// Every map lbd loads, sized as `lb` asks.
 pub fn plan(lb: &LbConfig, cpus: u32) -> Vec<MapCost> {
     // The per-VIP and per-backend maps as the loader sizes them.
-    let sizes = crate::dataplane::map_sizes(lb.max_vips, lb.max_backends);
     let sized = |name: &str| {
-        sizes
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, entries)| *entries)
+        crate::dataplane::map_size(lb.max_vips, lb.max_backends, name)
             .expect("a map map_sizes sizes")
     };
     let rows: [(&'static str, Kind, usize, usize, u32); 19] = [

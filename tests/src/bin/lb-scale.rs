@@ -81,13 +81,63 @@ fn desired(vips: u32, backends: u32, size: u32, failed_host: Option<u32>) -> Vec
     list
 }
 
-fn rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
+/// The resident memory of process `pid`, MiB.
+fn rss_of(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A namespace of its own for a real lbd: the veth `v0` it attaches to,
+/// a directory for its config, socket and log, and a pin path, all
+/// removed (the pinned state torn down) when dropped.
+struct LbdHost {
+    ns: lb_tests::netns::NetNs,
+    dir: std::path::PathBuf,
+    pin: std::path::PathBuf,
+}
+
+impl LbdHost {
+    fn new(prefix: &str) -> anyhow::Result<LbdHost> {
+        let ns = lb_tests::netns::NetNs::new(prefix);
+        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+        ns.ip(&["link", "set", "v0", "up"]);
+        ns.ip(&["link", "set", "v1", "up"]);
+        let dir = std::env::temp_dir().join(&ns.name);
+        std::fs::create_dir_all(&dir)?;
+        let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
+        Ok(LbdHost { ns, dir, pin })
+    }
+
+    /// Writes lbd's config (XDP in skb mode on `v0`; `sizes`: the map-size
+    /// lines of `[lb]`; `metrics`: its address or "") and returns the
+    /// daemon, not started yet.
+    fn lbd(&self, sizes: &str, metrics: &str, vips: &str) -> anyhow::Result<lb_tests::lbd::Lbd> {
+        let socket = self.dir.join("lbd.sock");
+        let config = self.dir.join("lbd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[lb]\ninterfaces = [\"v0\"]\nxdp_mode = \"skb\"\n{sizes}pin_path = \"{}\"\n\
+                 control_socket = \"{}\"\nmetrics_address = \"{metrics}\"\n\n{vips}",
+                self.pin.display(),
+                socket.display()
+            ),
+        )?;
+        Ok(lb_tests::lbd::Lbd::unstarted(
+            &self.ns, &config, &socket, &self.pin,
+        ))
+    }
+}
+
+impl Drop for LbdHost {
+    fn drop(&mut self) {
+        let _ = lb_userspace::dataplane::teardown(&self.pin);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Median ns of a tracked ACK to the unrelated VIP, one call per packet.
@@ -139,7 +189,7 @@ fn case(vips: u32, backends: u32, size: u32) -> anyhow::Result<serde_json::Value
     let t = Instant::now();
     rec.apply(&all, &mut dp)?;
     let cold = t.elapsed();
-    let rss = rss_mib();
+    let rss = rss_of(std::process::id());
     let before = ack_cost(&mut dp);
     let failed = desired(vips, backends, size, Some(0));
     let t = Instant::now();
@@ -203,15 +253,10 @@ fn cpu_percent(pid: u32, secs: u64) -> (f64, f64) {
 /// many backends are up, and how long `lbctl status` and a metrics scrape
 /// take at this size.
 fn health_case(vips: u32, per_vip: u32, shared: bool) -> anyhow::Result<serde_json::Value> {
-    use lb_tests::{lbd::Lbd, netns::NetNs};
     use lb_userspace::api::Request;
-    let ns = NetNs::new("lbscale-h");
-    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
-    ns.ip(&["link", "set", "v0", "up"]);
-    ns.ip(&["link", "set", "v1", "up"]);
+    let host_ns = LbdHost::new("lbscale-h")?;
+    let (ns, dir) = (&host_ns.ns, &host_ns.dir);
     let hosts = if shared { per_vip } else { vips * per_vip };
-    let dir = std::env::temp_dir().join(&ns.name);
-    std::fs::create_dir_all(&dir)?;
     let batch: String = (0..hosts)
         .map(|j| format!("addr add {}/32 dev lo\n", host(j)))
         .collect();
@@ -242,25 +287,16 @@ fn health_case(vips: u32, per_vip: u32, shared: bool) -> anyhow::Result<serde_js
             )
         })
         .collect();
-    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
-    let socket = dir.join("lbd.sock");
-    let config = dir.join("lbd.toml");
     let pairs = vips * per_vip;
-    std::fs::write(
-        &config,
-        format!(
-            "[lb]\ninterfaces = [\"v0\"]\nxdp_mode = \"skb\"\nconntrack_entries = 65536\n\
-             maglev_slots = {}\nmax_vips = {}\nmax_backends = {}\npin_path = \"{}\"\n\
-             control_socket = \"{}\"\nmetrics_address = \"127.0.0.1:9641\"\n\n{vip_toml}",
-            (2 * vips * size).next_power_of_two(),
-            vips.max(16),
-            (2 * pairs).next_power_of_two(),
-            pin.display(),
-            socket.display()
-        ),
-    )?;
+    let sizes = format!(
+        "conntrack_entries = 65536\nmaglev_slots = {}\nmax_vips = {}\nmax_backends = {}\n",
+        (2 * vips * size).next_power_of_two(),
+        vips.max(16),
+        (2 * pairs).next_power_of_two(),
+    );
+    let mut lbd = host_ns.lbd(&sizes, "127.0.0.1:9641", &vip_toml)?;
     let started = Instant::now();
-    let lbd = Lbd::start(&ns, &config, &socket, &pin);
+    lbd.restart();
     let ready = started.elapsed();
     // Every backend starts up (first start); let the probes settle.
     std::thread::sleep(Duration::from_secs(5));
@@ -304,20 +340,7 @@ fn health_case(vips: u32, per_vip: u32, shared: bool) -> anyhow::Result<serde_js
         "scrape_bytes": scrape_bytes,
     });
     println!("{}", serde_json::to_string_pretty(&r)?);
-    drop(lbd);
-    let _ = lb_userspace::dataplane::teardown(&pin);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(r)
-}
-
-/// The resident memory of process `pid`, MiB.
-fn rss_of(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// The real lbd with `vips` x `per_vip` backends (M = `size`, no health
@@ -333,13 +356,8 @@ fn restart_case(
 ) -> anyhow::Result<serde_json::Value> {
     use aya::maps::{HashMap, Map, MapData};
     use lb_common::maps::{ConnEntry, FlowKey};
-    use lb_tests::{lbd::Lbd, netns::NetNs};
-    let ns = NetNs::new("lbscale-r");
-    ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
-    ns.ip(&["link", "set", "v0", "up"]);
-    ns.ip(&["link", "set", "v1", "up"]);
-    let dir = std::env::temp_dir().join(&ns.name);
-    std::fs::create_dir_all(&dir)?;
+    let host_ns = LbdHost::new("lbscale-r")?;
+    let pin = &host_ns.pin;
     let backends: String = (0..per_vip)
         .map(|j| format!("[[vip.backend]]\naddress = \"{}\"\n", host(j)))
         .collect();
@@ -351,23 +369,13 @@ fn restart_case(
             )
         })
         .collect();
-    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
-    let socket = dir.join("lbd.sock");
-    let config = dir.join("lbd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[lb]\ninterfaces = [\"v0\"]\nxdp_mode = \"skb\"\nconntrack_entries = {}\n\
-             maglev_slots = {}\nmax_vips = {vips}\nmax_backends = {}\npin_path = \"{}\"\n\
-             control_socket = \"{}\"\nmetrics_address = \"\"\n\n{vip_toml}",
-            flows.next_power_of_two(),
-            2 * vips as u64 * size as u64,
-            (2 * vips * per_vip).next_power_of_two().min(1 << 20),
-            pin.display(),
-            socket.display()
-        ),
-    )?;
-    let mut lbd = Lbd::unstarted(&ns, &config, &socket, &pin);
+    let sizes = format!(
+        "conntrack_entries = {}\nmaglev_slots = {}\nmax_vips = {vips}\nmax_backends = {}\n",
+        flows.next_power_of_two(),
+        2 * vips as u64 * size as u64,
+        (2 * vips * per_vip).next_power_of_two().min(1 << 20),
+    );
+    let mut lbd = host_ns.lbd(&sizes, "", &vip_toml)?;
     lbd.start_timeout = Duration::from_secs(300);
     let t = Instant::now();
     lbd.restart();
@@ -424,9 +432,6 @@ fn restart_case(
     });
     println!("{}", serde_json::to_string_pretty(&r)?);
     eprintln!("lbd's log:\n{}", lbd.log());
-    drop(lbd);
-    let _ = lb_userspace::dataplane::teardown(&pin);
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(r)
 }
 
