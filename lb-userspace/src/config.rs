@@ -24,6 +24,9 @@ pub struct Config {
     /// Announce VIPs over BGP through BIRD (optional).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bgp: Option<crate::announce::BgpConfig>,
+    /// Take VIPs from etcd too, at one revision for the whole fleet (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd: Option<crate::fleet::EtcdConfig>,
     #[serde(default, rename = "vip")]
     pub vips: Vec<VipConfig>,
 }
@@ -444,7 +447,7 @@ impl Config {
     }
 
     /// Fields of `self` (the running config) that differ in `other` and
-    /// take effect only at a restart: everything under `[lb]` and `[bgp]`.
+    /// take effect only at a restart: everything under `[lb]`, `[bgp]`, `[etcd]`.
     pub fn restart_only_changes(&self, other: &Config) -> Vec<String> {
         let mut changed = Vec::new();
         let ours = serde_json::to_value(&self.lb).ok();
@@ -461,6 +464,9 @@ impl Config {
         }
         if self.bgp != other.bgp {
             changed.push("bgp".into());
+        }
+        if self.etcd != other.etcd {
+            changed.push("etcd".into());
         }
         changed
     }
@@ -486,6 +492,9 @@ impl Config {
         }
         if self.lb.control_socket.is_empty() {
             bail!("lb.control_socket: must name a path (lbctl talks to it)");
+        }
+        if let Some(etcd) = &self.etcd {
+            etcd.validate()?;
         }
         if !["auto", "driver", "skb"].contains(&self.lb.xdp_mode.as_str()) {
             bail!(

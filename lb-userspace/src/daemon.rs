@@ -42,8 +42,11 @@ const CAPTURE_GRACE: Duration = Duration::from_secs(5);
 /// have re-hashed or expired by then).
 const ID_QUARANTINE: Duration = Duration::from_secs(600);
 
+mod fleet;
 pub mod metrics;
 mod view;
+
+pub use fleet::{FleetState, StartedFrom, fleet_at_start};
 
 /// The answer to a change: `{"message": ...}`.
 fn message(text: &str) -> serde_json::Value {
@@ -91,6 +94,8 @@ pub struct Daemon {
     capture_lost_before: u64,
     /// The last attach error per interface (logged once, not every retry).
     link_errors: BTreeMap<String, String>,
+    /// VIPs from etcd (`[etcd]`), when configured.
+    fleet: Option<FleetState>,
 }
 
 /// How the tunnel probe reaches `backend` of `v`: as the data path does.
@@ -160,6 +165,7 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
             u16::from_be(key.port),
             key.proto
         );
+        let digest = crate::vip_table::table_digest(&table, owned.iter().map(|(a, b)| (*a, b.id)));
         rec.adopt(
             key,
             AppliedVip {
@@ -168,6 +174,7 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
                 table_size: meta.table_size,
                 backends: owned,
                 table,
+                digest,
                 prev,
             },
         )?;
@@ -186,13 +193,14 @@ impl Daemon {
     pub fn start(
         config_path: PathBuf,
         config: Config,
+        fleet: Option<FleetState>,
         events: mpsc::UnboundedSender<HealthEvent>,
     ) -> Result<Daemon> {
         let pin_path = (!config.lb.pin_path.is_empty()).then(|| PathBuf::from(&config.lb.pin_path));
         let fresh = pin_path
             .as_ref()
             .is_some_and(|dir| !dir.join(lb_common::maps::MAP_VIPS).exists());
-        let started = Self::load_and_attach(config_path, config, pin_path.clone(), events);
+        let started = Self::load_and_attach(config_path, config, fleet, pin_path.clone(), events);
         if let (Err(e), true, Some(dir)) = (&started, fresh, &pin_path) {
             // Nothing of ours may outlive a failed first start.
             match remove_pinned(dir) {
@@ -208,9 +216,11 @@ impl Daemon {
         started
     }
 
+    /// `config` holds the file's VIPs and, with `fleet`, etcd's.
     fn load_and_attach(
         config_path: PathBuf,
         config: Config,
+        fleet: Option<FleetState>,
         pin_path: Option<PathBuf>,
         events: mpsc::UnboundedSender<HealthEvent>,
     ) -> Result<Daemon> {
@@ -265,7 +275,13 @@ impl Daemon {
         let mut d = Daemon {
             flows,
             config_path,
-            file_vips: config.vips.clone(),
+            file_vips: config
+                .vips
+                .iter()
+                .filter(|v| fleet.as_ref().is_none_or(|f| !f.names.contains(&v.name())))
+                .cloned()
+                .collect(),
+            fleet,
             config,
             dp,
             rec,
@@ -593,11 +609,14 @@ impl Daemon {
         let pending = self.config.restart_only_changes(&candidate);
         candidate.lb = self.config.lb.clone();
         candidate.bgp = self.config.bgp.clone();
-        // The file is the source of truth: changes made through the control
-        // socket since the last load are replaced by what the file says.
-        let dropped = describe_changes(&self.file_vips, &self.config.vips);
-        let applied = describe_changes(&self.config.vips, &candidate.vips);
+        candidate.etcd = self.config.etcd.clone();
+        // The file is the source of truth for its VIPs: changes made through
+        // the control socket since the last load are replaced by what the
+        // file says. etcd's VIPs stay as the applied revision has them.
+        let dropped = describe_changes(&self.file_vips, &self.local_vips());
         let file_vips = candidate.vips.clone();
+        let candidate = self.with_fleet_vips(candidate)?;
+        let applied = describe_changes(&self.config.vips, &candidate.vips);
         self.replace_config(candidate)?;
         self.file_vips = file_vips;
         let file = self.config_path.display().to_string();
@@ -636,26 +655,6 @@ impl Daemon {
             .ok_or_else(|| anyhow!("no VIP {name} (names look like 10.0.0.10:80/tcp)"))
     }
 
-    fn edit(&mut self, f: impl FnOnce(&mut Config) -> Result<()>) -> Result<()> {
-        let mut candidate = self.config.clone();
-        f(&mut candidate)?;
-        self.replace_config(candidate)
-    }
-
-    /// Changes one backend of the working config with `f` and applies it.
-    fn edit_backend(
-        &mut self,
-        vip: &str,
-        address: &str,
-        f: impl FnOnce(&mut BackendConfig),
-    ) -> Result<()> {
-        let i = self.vip_index(vip)?;
-        self.edit(|c| {
-            f(Self::backend_mut(c, i, address)?);
-            Ok(())
-        })
-    }
-
     fn backend_mut<'a>(
         c: &'a mut Config,
         vip: usize,
@@ -667,6 +666,99 @@ impl Daemon {
             .iter_mut()
             .find(|b| b.address == addr)
             .ok_or_else(|| anyhow!("no backend {address} in that VIP"))
+    }
+
+    /// The working config a VIP or backend edit asks for, and the answer's
+    /// message; `None` for other requests. Nothing is applied.
+    pub(crate) fn edited(&self, req: &Request) -> Result<Option<(Config, String)>> {
+        let mut c = self.config.clone();
+        let answer = match req.clone() {
+            Request::AddVip {
+                address,
+                port,
+                protocol,
+                table_size,
+                health,
+                quic,
+            } => {
+                let address: IpAddr = address.parse().context("VIP address")?;
+                // Checked like a file VIP with [vip.health] kind = "tcp".
+                let health = health.unwrap_or_else(|| HealthCheck {
+                    kind: "tcp".into(),
+                    ..HealthCheck::default()
+                });
+                c.vips.push(VipConfig {
+                    address,
+                    port,
+                    protocol,
+                    table_size: table_size.unwrap_or(lb_common::maglev::DEFAULT_TABLE_SIZE),
+                    backends: Vec::new(),
+                    health,
+                    encap: None,
+                    quic,
+                    quic_lb: None,
+                });
+                "added"
+            }
+            Request::RemoveVip { vip } => {
+                c.vips.remove(self.vip_index(&vip)?);
+                "removed"
+            }
+            Request::AddBackend {
+                vip,
+                address,
+                weight,
+                state,
+                server_id,
+            } => {
+                let i = self.vip_index(&vip)?;
+                let address: IpAddr = address.parse().context("backend address")?;
+                c.vips[i].backends.push(BackendConfig {
+                    address,
+                    weight,
+                    state: state.unwrap_or_else(|| "active".into()),
+                    server_id,
+                });
+                "added"
+            }
+            Request::RemoveBackend { vip, address } => {
+                let i = self.vip_index(&vip)?;
+                let addr: IpAddr = address.parse().context("backend address")?;
+                let before = c.vips[i].backends.len();
+                c.vips[i].backends.retain(|b| b.address != addr);
+                if c.vips[i].backends.len() == before {
+                    bail!("no backend {address} in that VIP");
+                }
+                "removed"
+            }
+            Request::Drain { vip, address }
+            | Request::SetWeight {
+                vip,
+                address,
+                weight: 0,
+            } => {
+                Self::backend_mut(&mut c, self.vip_index(&vip)?, &address)?.weight = 0;
+                "draining: no new flows; `lbctl status` shows the tracked flows left"
+            }
+            Request::SetWeight {
+                vip,
+                address,
+                weight,
+            } => {
+                Self::backend_mut(&mut c, self.vip_index(&vip)?, &address)?.weight = weight;
+                "weight set"
+            }
+            Request::SetState {
+                vip,
+                address,
+                state,
+            } => {
+                Self::backend_mut(&mut c, self.vip_index(&vip)?, &address)?.state = state.clone();
+                return Ok(Some((c, format!("state {state}"))));
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some((c, answer.into())))
     }
 
     /// Answers one control request. Every change is logged with the
@@ -698,7 +790,7 @@ impl Daemon {
             Request::Reload => self.reload(),
             Request::ConfigDump => Ok(json!({
                 "toml": self.config.to_toml()?,
-                "runtime_changes": describe_changes(&self.file_vips, &self.config.vips),
+                "runtime_changes": describe_changes(&self.file_vips, &self.local_vips()),
             })),
             Request::Flows { .. } => bail!("flows are answered off the daemon loop"),
             Request::CaptureStart {
@@ -714,103 +806,16 @@ impl Daemon {
                     .saturating_sub(self.capture_lost_before);
                 Ok(json!({"message": "capture stopped", "lost": lost}))
             }
-            Request::AddVip {
-                address,
-                port,
-                protocol,
-                table_size,
-                health,
-                quic,
-            } => {
-                let address: IpAddr = address.parse().context("VIP address")?;
-                // Checked like a file VIP with [vip.health] kind = "tcp".
-                let health = health.unwrap_or_else(|| HealthCheck {
-                    kind: "tcp".into(),
-                    ..HealthCheck::default()
-                });
-                self.edit(|c| {
-                    c.vips.push(VipConfig {
-                        address,
-                        port,
-                        protocol,
-                        table_size: table_size.unwrap_or(lb_common::maglev::DEFAULT_TABLE_SIZE),
-                        backends: Vec::new(),
-                        health,
-                        encap: None,
-                        quic,
-                        quic_lb: None,
-                    });
-                    Ok(())
-                })?;
-                Ok(message("added"))
-            }
-            Request::RemoveVip { vip } => {
-                let i = self.vip_index(&vip)?;
-                self.edit(|c| {
-                    c.vips.remove(i);
-                    Ok(())
-                })?;
-                Ok(message("removed"))
-            }
-            Request::AddBackend {
-                vip,
-                address,
-                weight,
-                state,
-                server_id,
-            } => {
-                let i = self.vip_index(&vip)?;
-                let address: IpAddr = address.parse().context("backend address")?;
-                self.edit(|c| {
-                    c.vips[i].backends.push(BackendConfig {
-                        address,
-                        weight,
-                        state: state.unwrap_or_else(|| "active".into()),
-                        server_id,
-                    });
-                    Ok(())
-                })?;
-                Ok(message("added"))
-            }
-            Request::RemoveBackend { vip, address } => {
-                let i = self.vip_index(&vip)?;
-                let addr: IpAddr = address.parse().context("backend address")?;
-                self.edit(|c| {
-                    let before = c.vips[i].backends.len();
-                    c.vips[i].backends.retain(|b| b.address != addr);
-                    if c.vips[i].backends.len() == before {
-                        bail!("no backend {address} in that VIP");
-                    }
-                    Ok(())
-                })?;
-                Ok(message("removed"))
-            }
-            Request::Drain { vip, address }
-            | Request::SetWeight {
-                vip,
-                address,
-                weight: 0,
-            } => {
-                self.edit_backend(&vip, &address, |b| b.weight = 0)?;
-                Ok(message(
-                    "draining: no new flows; `lbctl status` shows the tracked flows left",
-                ))
-            }
-            Request::SetWeight {
-                vip,
-                address,
-                weight,
-            } => {
-                self.edit_backend(&vip, &address, |b| b.weight = weight)?;
-                Ok(message("weight set"))
-            }
-            Request::SetState {
-                vip,
-                address,
-                state,
-            } => {
-                self.edit_backend(&vip, &address, |b| b.state = state.clone())?;
-                Ok(message(&format!("state {state}")))
+            Request::AddVip { .. }
+            | Request::RemoveVip { .. }
+            | Request::AddBackend { .. }
+            | Request::RemoveBackend { .. }
+            | Request::Drain { .. }
+            | Request::SetWeight { .. }
+            | Request::SetState { .. } => {
+                let (candidate, answer) = self.edited(&req)?.expect("an edit");
+                self.replace_config(candidate)?;
+                Ok(message(&answer))
             }
             Request::Trace {
                 src,
@@ -871,7 +876,10 @@ impl Daemon {
                     .collect();
                 json!({
                     "vip": v.name,
+                    "source": if v.from_etcd { "etcd" } else { "file" },
                     "table_size": v.table_size,
+                    // Equal on every instance that sends each slot to the same backend.
+                    "table_digest": v.digest,
                     "packets": v.counter.packets,
                     "bytes": v.counter.bytes,
                     "new_flows": v.new_flows(),
@@ -903,7 +911,9 @@ impl Daemon {
             "health_checkers": checkers,
             // What the control socket changed since the file was last read
             // (a reload replaces it with the file).
-            "runtime_changes": describe_changes(&self.file_vips, &self.config.vips),
+            "runtime_changes": describe_changes(&self.file_vips, &self.local_vips()),
+            // VIPs from etcd: the applied revision, and whether it is current.
+            "fleet": self.fleet.as_ref().map(FleetState::status),
             // `lbctl capture` running (the data path copies packets).
             "capturing": self.dp.capture().enabled != 0,
             "vips": vips,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod dataplane;
 pub mod decap;
+pub mod fleet;
 pub mod fleet_sim;
 pub mod flow_count;
 pub mod flow_query;

@@ -143,6 +143,8 @@ pub struct AppliedVip {
     pub backends: BTreeMap<IpAddr, AppliedBackend>,
     /// Slot contents (backend ids) as written.
     pub table: Vec<u32>,
+    /// `table_digest` of `table`: equal on every instance with the same table.
+    pub digest: String,
     /// The previous table second-chance forwarding uses.
     pub prev: Option<PrevState>,
 }
@@ -715,6 +717,10 @@ impl Reconciler {
             maps.set_backend(id, entry)?;
             self.backend_ids.release(id, now);
         }
+        let digest = match &existing {
+            Some(v) if !switched => v.digest.clone(),
+            _ => crate::vip_table::table_digest(&table, ids),
+        };
         self.vips.insert(
             d.key,
             AppliedVip {
@@ -723,6 +729,7 @@ impl Reconciler {
                 table_size: d.table_size,
                 backends,
                 table,
+                digest,
                 prev,
             },
         );

@@ -115,6 +115,38 @@ pub fn with_failures_over(
         .collect())
 }
 
+/// A digest of a table by backend address (ids differ between instances):
+/// two instances with the same digest send every slot to the same backend.
+/// 16 hex digits of SHA-256 over the size, the addresses in order and each
+/// slot's rank among them; empty slots (id 0 or unknown) count as none.
+pub fn table_digest(table: &[u32], backends: impl IntoIterator<Item = (IpAddr, u32)>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut by_addr: Vec<(IpAddr, u32)> = backends.into_iter().collect();
+    by_addr.sort();
+    let max_id = by_addr.iter().map(|(_, id)| *id).max().unwrap_or(0) as usize;
+    let mut rank = vec![u32::MAX; max_id + 1];
+    let mut h = Sha256::new();
+    h.update((table.len() as u64).to_le_bytes());
+    h.update((by_addr.len() as u64).to_le_bytes());
+    for (r, (addr, id)) in by_addr.iter().enumerate() {
+        rank[*id as usize] = r as u32;
+        let octets = match addr {
+            IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+            IpAddr::V6(a) => a.octets(),
+        };
+        h.update(octets);
+    }
+    let ranks: Vec<u32> = table
+        .iter()
+        .map(|&id| rank.get(id as usize).copied().unwrap_or(u32::MAX))
+        .collect();
+    h.update(bytemuck::cast_slice::<u32, u8>(&ranks));
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Writes a VIP and its backends, switching it to a new table atomically.
 /// `vip` gives the id and flags; returns the meta with the new table's
 /// region (the caller releases the previous one).
@@ -198,6 +230,20 @@ pub fn derived_keys(keys: &[VipKey]) -> BTreeMap<VipKey, VipKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digests_follow_addresses_not_ids() {
+        let a: IpAddr = "10.30.1.2".parse().unwrap();
+        let b: IpAddr = "10.30.2.2".parse().unwrap();
+        let d = table_digest(&[1, 2, 2, 1, 0], [(a, 1), (b, 2)]);
+        assert_eq!(d.len(), 16);
+        // Another instance gave the same backends other ids.
+        assert_eq!(d, table_digest(&[7, 3, 3, 7, 0], [(b, 3), (a, 7)]));
+        // One slot to the other backend, or the addresses swapped: differs.
+        assert_ne!(d, table_digest(&[1, 2, 1, 1, 0], [(a, 1), (b, 2)]));
+        assert_ne!(d, table_digest(&[1, 2, 2, 1, 0], [(b, 1), (a, 2)]));
+        assert_ne!(d, table_digest(&[1, 2, 2, 1], [(a, 1), (b, 2)]));
+    }
 
     fn k(port: u16, proto: u8) -> VipKey {
         VipKey::new("10.0.0.1".parse().unwrap(), port, proto)

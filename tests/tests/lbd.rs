@@ -519,6 +519,10 @@ fn api_changes_reach_the_kernel_and_bad_input_changes_nothing() {
             "lb_bgp_announced",
             "lb_conntrack_count_age_seconds",
             "lb_health_probes_total",
+            // Only with [etcd] (tests/tests/etcd.rs checks them).
+            "lb_fleet_revision",
+            "lb_fleet_connected",
+            "lb_fleet_rejected_revisions_total",
         ];
         assert!(
             seen.contains(family) || optional.contains(&family.as_str()),

@@ -8,9 +8,10 @@ use lb_common::maps::DecapReason;
 use lb_userspace::{
     api::{Request, Response},
     config::Config,
-    daemon::{Daemon, notify, preflight},
+    daemon::{Daemon, fleet_at_start, notify, preflight},
     dataplane::teardown,
     decap::Decap,
+    fleet::etcd::{FleetEvent, follow, write},
     instance_lock::InstanceLock,
     serve::{Scrape, bind_control_socket, bind_metrics, serve_metrics, serve_socket},
 };
@@ -78,7 +79,7 @@ enum Cmd {
 
 async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
     let reading = std::time::Instant::now();
-    let config = Config::load(&config_path)?;
+    let mut config = Config::load(&config_path)?;
     config.check_host()?;
     preflight(&config)?;
     info!(
@@ -97,8 +98,17 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
     } else {
         Some(bind_metrics(&config.lb.metrics_address)?)
     };
+    let fleet = match config.etcd.clone() {
+        Some(cfg) => Some(fleet_at_start(&cfg, &mut config).await),
+        None => None,
+    };
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let mut daemon = Daemon::start(config_path, config, events_tx)?;
+    let mut daemon = Daemon::start(config_path, config, fleet, events_tx)?;
+    daemon.persist_fleet();
+    let (fleet_tx, mut fleet_events) = tokio::sync::mpsc::unbounded_channel::<FleetEvent>();
+    if let Some(cfg) = daemon.etcd_config() {
+        tokio::spawn(follow(cfg.clone(), fleet_tx));
+    }
     let (api_tx, mut api) = tokio::sync::mpsc::channel(64);
     tokio::spawn(serve_socket(control, api_tx));
     let (scrape_tx, mut scrapes) = tokio::sync::mpsc::channel::<Scrape>(16);
@@ -120,6 +130,7 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
     loop {
         tokio::select! {
             Some(ev) = events.recv() => daemon.on_health(ev),
+            Some(ev) = fleet_events.recv() => daemon.on_fleet(ev),
             Some(reply) = scrapes.recv() => {
                 let _ = reply.send(daemon.metrics_text());
             }
@@ -133,6 +144,27 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
                                 let _ = reply.send(Response::ok(
                                     serde_json::to_value(list).unwrap_or_default(),
                                 ));
+                            });
+                        }
+                        Err(e) => {
+                            let _ = reply.send(Response::err(format!("{e:#}")));
+                        }
+                    }
+                    continue;
+                }
+                if let Some(routed) = daemon.fleet_write(&req, caller) {
+                    // A change of the fleet's configuration: a transaction
+                    // in etcd, applied here (and everywhere) from the watch.
+                    match routed {
+                        Ok((cfg, w)) => {
+                            tokio::spawn(async move {
+                                let _ = reply.send(match write(&cfg, w).await {
+                                    Ok(revision) => Response::ok(serde_json::json!({
+                                        "message": format!("written to etcd at revision {revision}: every instance following it applies it"),
+                                        "revision": revision,
+                                    })),
+                                    Err(e) => Response::err(format!("{e:#}")),
+                                });
                             });
                         }
                         Err(e) => {

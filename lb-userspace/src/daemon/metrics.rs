@@ -18,6 +18,7 @@ pub const FAMILIES: &[&str] = &[
     "lb_vip_bytes_total",
     "lb_vip_table_size",
     "lb_vip_second_chance_seconds",
+    "lb_vip_table_info",
     "lb_backend_packets_total",
     "lb_backend_bytes_total",
     "lb_backend_healthy",
@@ -34,6 +35,9 @@ pub const FAMILIES: &[&str] = &[
     "lb_config_reloads_total",
     "lb_instance_draining",
     "lb_bgp_announced",
+    "lb_fleet_revision",
+    "lb_fleet_connected",
+    "lb_fleet_rejected_revisions_total",
 ];
 
 fn labels<'a>(vip: &'a str, backend: &'a str) -> [(&'static str, &'a str); 2] {
@@ -201,6 +205,23 @@ impl Daemon {
             "1 while the instance is drained (lbctl drain): it announces nothing.",
         )
         .value(self.draining as u8 as f64);
+        if let Some(f) = &self.fleet {
+            e.gauge(
+                "lb_fleet_revision",
+                "The etcd revision whose VIPs this instance serves.",
+            )
+            .value(f.applied.revision as f64);
+            e.gauge(
+                "lb_fleet_connected",
+                "1 while etcd answers; 0: serving the last applied revision.",
+            )
+            .value(f.connected as u8 as f64);
+            e.counter(
+                "lb_fleet_rejected_revisions_total",
+                "etcd revisions not applied because they did not validate.",
+            )
+            .value(f.rejected_total as f64);
+        }
         if let Some(a) = &self.announcer {
             let announced = a.announced();
             let mut f = e.gauge(
@@ -264,5 +285,13 @@ fn vip_metrics(e: &mut Exposition, views: &[VipView]) {
         for v in &applied {
             f.sample(&[("vip", &v.name)], value(v));
         }
+    }
+    let mut f = e.gauge(
+        "lb_vip_table_info",
+        "Always 1; digest names the VIP's Maglev table by backend address: \
+         instances with equal digests send every slot to the same backend.",
+    );
+    for v in &applied {
+        f.sample(&[("vip", &v.name), ("digest", v.digest.unwrap_or(""))], 1.0);
     }
 }

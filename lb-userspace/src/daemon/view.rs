@@ -43,6 +43,10 @@ pub struct VipView<'a> {
     /// Whether the reconciler has written it (table and counters exist).
     pub applied: bool,
     pub table_size: u32,
+    /// `table_digest` of the applied table.
+    pub digest: Option<&'a str>,
+    /// From etcd (else the file or a runtime change).
+    pub from_etcd: bool,
     pub counter: Counter,
     pub second_chance: Option<SecondChance>,
     /// QUIC VIPs: their connection ID parameters.
@@ -109,6 +113,8 @@ impl Daemon {
                     tunnel_check: v.health.kind != "none" && v.health.tunnel,
                     applied: applied.is_some(),
                     table_size: applied.map_or(0, |a| a.meta.table_size),
+                    digest: applied.map(|a| a.digest.as_str()),
+                    from_etcd: self.from_etcd(&v.name()),
                     counter: applied
                         .map(|a| self.dp.vip_counter(a.meta.vip_id))
                         .unwrap_or_default(),
