@@ -215,8 +215,50 @@ pub struct ConnEntry {
     pub hash: u32,
     /// Last time a UDP packet used this entry (`bpf_ktime_get_coarse_ns`,
     /// CLOCK_MONOTONIC at tick resolution), refreshed at most once a
-    /// second; TCP entries leave it at their creation time.
+    /// second; TCP entries leave it at their creation time. A TCP entry
+    /// recorded on a second chance has `CONN_SECOND_HOP` set instead: see
+    /// `ConnEntry::with_second_hop`.
     pub atime_ns: u64,
+}
+
+/// `ConnEntry::atime_ns` bit 63: a TCP flow first seen here on a second
+/// chance; bits 32-62 hold the second hop's backend id, bits 0-31 the
+/// creation time in units of 2^30 ns (about a second).
+pub const CONN_SECOND_HOP: u64 = 1 << 63;
+
+impl ConnEntry {
+    /// A TCP flow that reached this instance mid-connection when its slot
+    /// had just changed owner: its packets go to `backend_id` with
+    /// `second` as second hop from now on, whatever later table changes
+    /// do (one of the two has the connection).
+    pub fn with_second_hop(backend_id: u32, second: u32, hash: u32, now_ns: u64) -> ConnEntry {
+        ConnEntry {
+            backend_id,
+            hash,
+            atime_ns: CONN_SECOND_HOP
+                | ((second as u64 & 0x7fff_ffff) << 32)
+                | ((now_ns >> 30) & 0xffff_ffff),
+        }
+    }
+
+    /// The recorded second hop's backend id (0: none).
+    #[inline(always)]
+    pub fn second_hop(&self) -> u32 {
+        if self.atime_ns & CONN_SECOND_HOP != 0 {
+            ((self.atime_ns >> 32) as u32) & 0x7fff_ffff
+        } else {
+            0
+        }
+    }
+
+    /// When the entry was made (or a UDP one last refreshed), in ns.
+    pub fn time_ns(&self) -> u64 {
+        if self.atime_ns & CONN_SECOND_HOP != 0 {
+            (self.atime_ns & 0xffff_ffff) << 30
+        } else {
+            self.atime_ns
+        }
+    }
 }
 
 /// A `bpf_fib_lookup` answer for one backend, kept per CPU for

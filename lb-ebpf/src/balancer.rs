@@ -10,7 +10,7 @@ use lb_common::{
     flow_hash::flow_hash,
     maps::{
         BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, CAPTURE_IN, CAPTURE_OUT,
-        ConnEntry, NEXTHOP_TTL_NS, NextHopCache, QuicServerKey, Reason, VIP_F_GUE, VIP_F_QUIC,
+        CONN_SECOND_HOP, ConnEntry, NEXTHOP_TTL_NS, NextHopCache, QuicServerKey, Reason, VIP_F_GUE, VIP_F_QUIC,
         VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta, vip_addr_filter_bit,
     },
     quic_lb::{SHORT_HEADER_READ, flag_params, server_id_of},
@@ -296,11 +296,19 @@ fn choose_backend(
                 } else {
                     flow_hash(&pkt.flow, cfg.hash_seed)
                 };
+                // Recorded on a second chance: the same two hops every time.
+                let mut second = 0;
+                if atime & CONN_SECOND_HOP != 0 {
+                    second = second_hop(vip, ((atime >> 32) as u32) & 0x7fff_ffff, id);
+                    if second != 0 {
+                        count(Reason::SecondChance, bytes);
+                    }
+                }
                 return Some(Chosen {
                     id,
                     backend,
                     hash,
-                    second: 0,
+                    second,
                 });
             }
         }
@@ -317,18 +325,26 @@ fn choose_backend(
         0
     };
     if second != 0 {
-        // Not recorded: which of the two has the connection is known only
-        // at the backends, so every packet asks again while the window lasts.
         count(Reason::SecondChance, bytes);
-    } else if pkt.tcp_flags & TCP_RST == 0 && !is_icmp_error {
-        // RSTs and ICMP errors end or report on a flow: never recorded.
-        count_new_flow(id, bytes);
+    }
+    if pkt.tcp_flags & TCP_RST == 0 && !is_icmp_error {
+        // RSTs and ICMP errors end or report on a flow: never recorded. A
+        // second chance is recorded with both hops (which of the two has
+        // the connection is known only at the backends), so the flow keeps
+        // them here whatever later table changes do.
+        if second == 0 {
+            count_new_flow(id, bytes);
+        }
         let now = clock.now();
         if insert_allowed(cfg, now) {
-            let entry = ConnEntry {
-                backend_id: id,
-                hash,
-                atime_ns: now,
+            let entry = if second == 0 {
+                ConnEntry {
+                    backend_id: id,
+                    hash,
+                    atime_ns: now,
+                }
+            } else {
+                ConnEntry::with_second_hop(id, second, hash, now)
             };
             // A full LRU evicts its oldest entry; failure here only costs state.
             let _ = CONNTRACK.insert(&pkt.flow, &entry, 0);
@@ -427,6 +443,14 @@ fn previous_owner(vip: &VipMeta, hash: u32, current: u32) -> u32 {
     }
     let slot = prev.offset.wrapping_add(hash % prev.size);
     let id = MAGLEV_SLOTS.get(slot).copied().unwrap_or(0);
+    second_hop(vip, id, current)
+}
+
+/// Backend `id` as the second hop after `current` (0: none): another
+/// backend of this VIP, valid or retired (removed, address kept); a failed
+/// one is not.
+#[inline(always)]
+fn second_hop(vip: &VipMeta, id: u32, current: u32) -> u32 {
     let usable = |b: &Backend| {
         b.vip_id == vip.vip_id && b.flags & (BACKEND_F_VALID | BACKEND_F_RETIRED) != 0
     };

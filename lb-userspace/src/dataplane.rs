@@ -721,7 +721,8 @@ impl Dataplane {
             .conntrack
             .iter()
             .filter_map(|r| r.ok())
-            .filter(|(_, e)| e.backend_id == id)
+            // Also entries that name it as their recorded second hop.
+            .filter(|(_, e)| e.backend_id == id || e.second_hop() == id)
             .map(|(k, _)| k)
             .collect();
         for key in &stale {

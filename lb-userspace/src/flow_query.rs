@@ -29,6 +29,10 @@ pub struct FlowRow {
     /// Seconds since the entry was written (TCP) or last refreshed (UDP,
     /// refreshed at most once a second).
     pub since_secs: u64,
+    /// Recorded on a second chance: the backend each packet goes on to
+    /// when `backend` does not have the connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub second_hop: Option<String>,
 }
 
 /// The answer: the rows, how many entries matched and were looked at.
@@ -110,7 +114,12 @@ impl FlowQuery {
                     .get(&entry.backend_id)
                     .map(|a| a.to_string())
                     .unwrap_or_else(|| format!("id {}", entry.backend_id)),
-                since_secs: now.saturating_sub(entry.atime_ns) / 1_000_000_000,
+                since_secs: now.saturating_sub(entry.time_ns()) / 1_000_000_000,
+                second_hop: Some(entry.second_hop()).filter(|&s| s != 0).map(|s| {
+                    self.addresses
+                        .get(&s)
+                        .map_or_else(|| format!("id {s}"), |a| a.to_string())
+                }),
             });
         }
         out

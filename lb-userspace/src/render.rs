@@ -270,7 +270,11 @@ pub fn flows(v: &Value) -> String {
                 cell(&f["protocol"]),
                 cell(&f["client"]),
                 cell(&f["vip"]),
-                cell(&f["backend"]),
+                // A flow recorded on a second chance: both hops.
+                match f["second_hop"].as_str() {
+                    Some(second) => format!("{}, then {second}", cell(&f["backend"])),
+                    None => cell(&f["backend"]),
+                },
                 cell(&f["since_secs"]),
             ]
         })

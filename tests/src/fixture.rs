@@ -539,8 +539,15 @@ impl Harness {
     }
 
     fn assert_conntrack_agrees(&self, flow: &FlowKey, ctx: &str) {
-        let kernel = self.dp.conntrack_get(flow).map(|e| e.backend_id);
-        let model = self.model.conntrack.get(flow).map(|e| e.backend_id);
+        let kernel = self
+            .dp
+            .conntrack_get(flow)
+            .map(|e| (e.backend_id, e.second_hop()));
+        let model = self
+            .model
+            .conntrack
+            .get(flow)
+            .map(|e| (e.backend_id, e.second_hop()));
         assert_eq!(kernel, model, "connection table entry differs\n{ctx}");
     }
 }

@@ -2,6 +2,7 @@
 //! themselves, and packet builders.
 
 pub mod decap_fuzz;
+pub mod etcd;
 pub mod fixture;
 pub mod fuzz;
 pub mod lbd;

@@ -65,6 +65,11 @@ pub struct Spec {
     pub xdp_mode: &'static str,
     /// A QUIC VIP (`VIP:443/udp`) served by quinn on every backend.
     pub quic: Option<QuicVip>,
+    /// An etcd server in its own namespace; `VIP:80/tcp` lives in it (the
+    /// other VIPs in each instance's file), and every instance follows it.
+    pub etcd: bool,
+    /// `[etcd] health` ("local" or "fleet").
+    pub fleet_health: &'static str,
 }
 
 /// `VIP:443/udp` with QUIC-LB parameters `QuicLbConfig::default()`; each
@@ -90,6 +95,8 @@ impl Default for Spec {
             bgp: false,
             xdp_mode: default_xdp_mode(),
             quic: None,
+            etcd: false,
+            fleet_health: "local",
         }
     }
 }
@@ -174,6 +181,21 @@ pub struct Testbed {
     peer_xdp: Option<lb_userspace::dataplane::Dataplane>,
     /// The QUIC servers' certificate (clients trust it).
     pub quic_cert: Option<crate::quic::TestCert>,
+    /// etcd's namespace and server (`Spec::etcd`).
+    pub etcd: Option<(NetNs, crate::etcd::EtcdServer)>,
+}
+
+/// Writes the VIP of a `[[vip]]` section to etcd (through `router`, which
+/// reaches it), as an operator would.
+fn put_vip(router: &NetNs, section: &str) {
+    let config = format!("[lb]\ninterfaces = [\"eth0\"]\n{section}");
+    let config = lb_userspace::config::Config::parse(&config).expect("a valid VIP");
+    let vip = &config.vips[0];
+    crate::etcd::put(
+        router,
+        &crate::etcd::client_config().vip_key(&vip.name()),
+        &lb_userspace::fleet::vip_value(vip),
+    );
 }
 
 fn nexthops(active: &[usize]) -> String {
@@ -352,6 +374,13 @@ impl Testbed {
                 q.routing
             )
         });
+        let etcd = spec.etcd.then(|| {
+            let ns = NetNs::new(&format!("{tag}-et"));
+            uplink(&router, "re", &ns, "eth0", "10.40.0", "fd00:40");
+            let server = crate::etcd::EtcdServer::start(&ns, dir.join("etcd"));
+            crate::etcd::wait_ready(&router);
+            (ns, server)
+        });
         let mut lbs = Vec::new();
         let mut lbds = Vec::new();
         let mut birds = Vec::new();
@@ -413,29 +442,51 @@ impl Testbed {
                     routes.display()
                 );
             }
+            let (interval, timeout, fall) = (
+                spec.health_interval_ms,
+                spec.health_interval_ms / 2,
+                spec.health_fall,
+            );
+            let health = format!(
+                "[vip.health]\nkind = \"tcp\"\ninterval_ms = {interval}\ntimeout_ms = {timeout}\nrise = 2\nfall = {fall}\n"
+            );
+            let vip80 = format!(
+                "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n{health}{backends_toml}\n"
+            );
+            // With etcd, VIP:80/tcp is the fleet's (in etcd), the others the file's.
+            let (vip80_in_file, etcd_toml) = match &etcd {
+                Some(_) => {
+                    if i == 1 {
+                        put_vip(&router, &vip80);
+                    }
+                    (
+                        String::new(),
+                        format!(
+                            "[etcd]\nendpoints = [\"{}\"]\nstate_file = \"{}\"\ninstance = \"lb{i}\"\nhealth = \"{}\"\n\n",
+                            crate::etcd::ETCD_URL,
+                            dir.join(format!("lb{i}-etcd.json")).display(),
+                            spec.fleet_health,
+                        ),
+                    )
+                }
+                None => (vip80, String::new()),
+            };
+            let xdp_mode = spec.xdp_mode;
             std::fs::write(
                 &config,
                 format!(
-                    "[lb]\ninterfaces = [\"eth0\"]\nxdp_mode = \"{}\"\nconntrack_entries = 65536\nmaglev_slots = 524288\n\
-                     pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n{bgp_toml}\
-                     [[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n\
-                     [vip.health]\nkind = \"tcp\"\ninterval_ms = {}\ntimeout_ms = {}\nrise = 2\nfall = {}\n{backends_toml}\n\
+                    "[lb]\ninterfaces = [\"eth0\"]\nxdp_mode = \"{xdp_mode}\"\nconntrack_entries = 65536\nmaglev_slots = 524288\n\
+                     pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n{bgp_toml}{etcd_toml}\
+                     {vip80_in_file}\
                      [[vip]]\naddress = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\ntable_size = 65537\n{backends_toml}\n\
                      [[vip]]\naddress = \"{VIP6}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
-                     [vip.health]\nkind = \"tcp\"\ninterval_ms = {}\ntimeout_ms = {}\nrise = 2\nfall = {}\n{backends6_toml}\n\
+                     {health}{backends6_toml}\n\
                      [[vip]]\naddress = \"{VIP}\"\nport = {PORT_CROSS_FAMILY}\nprotocol = \"tcp\"\ntable_size = 4099\n{backends6_toml}\n\
                      [[vip]]\naddress = \"{VIP6}\"\nport = {PORT_CROSS_FAMILY}\nprotocol = \"tcp\"\ntable_size = 4099\n{backends_toml}\n\
                      [[vip]]\naddress = \"{VIP}\"\nport = {PORT_GUE}\nprotocol = \"tcp\"\ntable_size = 4099\nencap = \"gue\"\n{backends_toml}\n\
                      [[vip]]\naddress = \"{VIP6}\"\nport = {PORT_GUE}\nprotocol = \"tcp\"\ntable_size = 4099\nencap = \"gue\"\n{backends6_toml}{quic_toml}",
-                    spec.xdp_mode,
                     pin.display(),
                     socket.display(),
-                    spec.health_interval_ms,
-                    spec.health_interval_ms / 2,
-                    spec.health_fall,
-                    spec.health_interval_ms,
-                    spec.health_interval_ms / 2,
-                    spec.health_fall,
                 ),
             )
             .unwrap();
@@ -472,6 +523,7 @@ impl Testbed {
             dp
         });
         let tb = Testbed {
+            etcd,
             quic_cert,
             peer_xdp,
             client,

@@ -787,8 +787,9 @@ fn syn_flood_does_not_evict_established_flows() {
 /// Second chance: the VIP had a fourth backend (10.50.0.4) before its last
 /// change. A mid-connection TCP packet this instance has no entry for,
 /// whose slot belonged to it, goes to the slot's current owner with the old
-/// owner as a second hop: an IPIP packet inside the IPIP packet. SYNs, UDP
-/// and tracked flows never get one; such packets are not recorded.
+/// owner as a second hop: an IPIP packet inside the IPIP packet, recorded
+/// with both hops so that its later packets take the same two whatever the
+/// tables do next. SYNs, UDP and flows tracked without one never get one.
 #[test]
 fn second_chance_nests_mid_connection_misses_only() {
     if !have_root() {
@@ -804,6 +805,7 @@ fn second_chance_nests_mid_connection_misses_only() {
     h.set_prev_table(1, &before, 4099);
     let mut nested = 0;
     let mut plain = 0;
+    let mut recorded = Vec::new();
     for port in 30_000..30_400u16 {
         let ack = tcp(VIP_TCP, 80, port, TcpKind::Ack);
         let o = h.send(&ack);
@@ -813,7 +815,12 @@ fn second_chance_nests_mid_connection_misses_only() {
                 nested += 1;
                 assert_eq!(second, 4, "only the removed backend's slots moved");
                 assert!(o.model.reasons.contains(&Reason::SecondChance));
-                assert!(o.model.conntrack_write.is_none(), "not recorded");
+                assert_eq!(o.model.conntrack_write.map(|(_, id)| id), o.model.backend_id);
+                assert_eq!(o.model.conntrack_write_second, Some(4), "recorded with both hops");
+                let lb_common::model::ModelParse::Ip(parsed) = lb_common::model::parse(&ack) else {
+                    unreachable!()
+                };
+                assert_eq!(h.dp.conntrack_get(&parsed.flow).map(|e| e.second_hop()), Some(4));
                 assert_eq!(out.len(), ack.len() + 40, "two IPv4 headers");
                 let (outer, middle) = (&out[14..34], &out[34..54]);
                 assert_eq!(outer[9], 4, "outer carries IPv4");
@@ -832,6 +839,15 @@ fn second_chance_nests_mid_connection_misses_only() {
                 );
                 assert_eq!(&middle[12..14], &[172, 16], "middle source as any outer's");
                 assert_eq!(&out[54..], &ack[14..], "client packet unchanged");
+                // Its next packet hits the entry: the same two hops.
+                let next = h.send(&ack);
+                assert_eq!(next.model.reasons[0], Reason::ConntrackHit);
+                assert!(next.model.reasons.contains(&Reason::SecondChance));
+                assert_eq!(next.kernel.packet, o.kernel.packet);
+                if port % 2 == 0 {
+                    recorded.push(ack);
+                    continue;
+                }
                 // The flow's own SYN (a new connection) takes the current
                 // table alone, and is recorded; its ACKs then hit.
                 let syn = h.send(&tcp(VIP_TCP, 80, port, TcpKind::Syn));
@@ -857,6 +873,15 @@ fn second_chance_nests_mid_connection_misses_only() {
         .filter(|o| o.model.second_hop.is_some())
         .count();
     assert!(rst > 0);
+    // Another change: the previous table no longer names the fourth
+    // backend, yet the recorded flows keep both of their hops.
+    h.set_prev_table(1, &before[..3], 4099);
+    for ack in &recorded {
+        let o = h.send(ack);
+        assert_eq!(o.model.reasons[0], Reason::ConntrackHit);
+        assert_eq!(o.model.second_hop, Some(4));
+    }
+    assert!(!recorded.is_empty());
     // UDP never: its VIP has a previous table too, and no packet nests.
     h.set_prev_table(3, &[backend(21, [10, 50, 0, 21], 1)], 1009);
     for p in 32_000..32_100u16 {

@@ -93,6 +93,8 @@ pub struct Decision {
     pub output: Vec<u8>,
     /// A connection table entry the program writes (flow, backend id).
     pub conntrack_write: Option<(FlowKey, u32)>,
+    /// The second hop that entry records (a flow first seen on a second chance).
+    pub conntrack_write_second: Option<u32>,
 }
 
 /// The per-address key of the packet's destination: is it a VIP address?
@@ -147,10 +149,15 @@ impl ModelMaps {
         let prev = self.prev_tables.get(&vip.vip_id).filter(|t| t.size != 0)?;
         let slot = prev.offset.wrapping_add(hash % prev.size);
         let id = self.slots.get(&slot).copied().unwrap_or(0);
+        self.second_hop_backend(vip, id, current)
+    }
+
+    /// Backend `id` as a second hop after `current`: another backend of
+    /// this VIP, valid or retired (removed, address kept); a failed one is not.
+    fn second_hop_backend(&self, vip: &VipMeta, id: u32, current: u32) -> Option<(u32, Backend)> {
         if id == current {
             return None;
         }
-        // Valid, or retired (removed, address kept); a failed one is not.
         let b = self.backends.get(&id).filter(|b| {
             b.vip_id == vip.vip_id && b.flags & (BACKEND_F_VALID | BACKEND_F_RETIRED) != 0
         })?;
@@ -202,14 +209,16 @@ impl ModelMaps {
     /// Records what the program wrote to the connection table.
     pub fn apply(&mut self, d: &Decision, now_ns: u64) {
         if let Some((flow, backend_id)) = d.conntrack_write {
-            self.conntrack.insert(
-                flow,
-                ConnEntry {
+            let hash = flow_hash(&flow, self.settings.hash_seed);
+            let entry = match d.conntrack_write_second {
+                Some(second) => ConnEntry::with_second_hop(backend_id, second, hash, now_ns),
+                None => ConnEntry {
                     backend_id,
-                    hash: flow_hash(&flow, self.settings.hash_seed),
+                    hash,
                     atime_ns: now_ns,
                 },
-            );
+            };
+            self.conntrack.insert(flow, entry);
         }
     }
 
@@ -231,6 +240,7 @@ impl ModelMaps {
             second_hop: None,
             output: pkt.to_vec(),
             conntrack_write: None,
+            conntrack_write_second: None,
         };
         let p = match parse(pkt) {
             ModelParse::NotIp => return d.finish(Reason::PassNotIp, Action::Pass),
@@ -279,13 +289,20 @@ impl ModelMaps {
                             now.wrapping_sub(e.atime_ns) <= cfg.udp_idle_timeout_ns
                         });
                     let b = self.valid_backend(e.backend_id, &vip)?;
-                    fresh.then_some((e.backend_id, b))
+                    fresh.then_some((e.backend_id, b, e.second_hop()))
                 });
             if quic.is_some() {
                 quic
-            } else if let Some(hit) = tracked {
+            } else if let Some((id, b, recorded_second)) = tracked {
                 d.reasons.push(Reason::ConntrackHit);
-                Some(hit)
+                // Recorded on a second chance: the same two hops every time.
+                if recorded_second != 0 {
+                    second = self.second_hop_backend(&vip, recorded_second, id);
+                    if second.is_some() {
+                        d.reasons.push(Reason::SecondChance);
+                    }
+                }
+                Some((id, b))
             } else {
                 d.reasons.push(Reason::ConntrackMiss);
                 let id = self.maglev_pick(&vip, hash);
@@ -297,9 +314,13 @@ impl ModelMaps {
                 }
                 if second.is_some() {
                     d.reasons.push(Reason::SecondChance);
-                } else if b.is_some() && p.tcp_flags & 0x04 == 0 && !is_icmp_error {
-                    // RSTs and ICMP errors end or report on a flow: never recorded.
+                }
+                if b.is_some() && p.tcp_flags & 0x04 == 0 && !is_icmp_error {
+                    // RSTs and ICMP errors end or report on a flow: never
+                    // recorded. A second chance is recorded with both hops,
+                    // so later table changes do not lose the flow here.
                     d.conntrack_write = Some((p.flow, id));
+                    d.conntrack_write_second = second.map(|(s, _)| s);
                 }
                 b.map(|b| (id, b))
             }
