@@ -10,8 +10,9 @@ use lb_common::{
     flow_hash::flow_hash,
     maps::{
         BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, CAPTURE_IN, CAPTURE_OUT,
-        CONN_SECOND_HOP, ConnEntry, NEXTHOP_TTL_NS, NextHopCache, QuicServerKey, Reason, VIP_F_GUE, VIP_F_QUIC,
-        VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta, vip_addr_filter_bit,
+        CONN_SECOND_HOP, ConnEntry, NEXTHOP_TTL_NS, NextHopCache, QuicServerKey, Reason, VIP_F_GUE,
+        VIP_F_QUIC, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
+        vip_addr_filter_bit,
     },
     quic_lb::{SHORT_HEADER_READ, flag_params, server_id_of},
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},

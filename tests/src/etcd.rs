@@ -45,7 +45,15 @@ impl EtcdServer {
             .open(&self.log)
             .unwrap();
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.netns, "etcd", "--name", "t", "--data-dir"])
+            .args([
+                "netns",
+                "exec",
+                &self.netns,
+                "etcd",
+                "--name",
+                "t",
+                "--data-dir",
+            ])
             .arg(&self.data)
             .args([
                 "--listen-client-urls",
@@ -97,7 +105,10 @@ pub fn client_config() -> EtcdConfig {
 }
 
 /// Runs `f` against etcd from inside `ns` (on a thread of its own).
-pub fn in_ns<T: Send + 'static, F>(ns: &NetNs, f: impl FnOnce(EtcdConfig) -> F + Send + 'static) -> T
+pub fn in_ns<T: Send + 'static, F>(
+    ns: &NetNs,
+    f: impl FnOnce(EtcdConfig) -> F + Send + 'static,
+) -> T
 where
     F: Future<Output = T>,
 {

@@ -815,12 +815,22 @@ fn second_chance_nests_mid_connection_misses_only() {
                 nested += 1;
                 assert_eq!(second, 4, "only the removed backend's slots moved");
                 assert!(o.model.reasons.contains(&Reason::SecondChance));
-                assert_eq!(o.model.conntrack_write.map(|(_, id)| id), o.model.backend_id);
-                assert_eq!(o.model.conntrack_write_second, Some(4), "recorded with both hops");
+                assert_eq!(
+                    o.model.conntrack_write.map(|(_, id)| id),
+                    o.model.backend_id
+                );
+                assert_eq!(
+                    o.model.conntrack_write_second,
+                    Some(4),
+                    "recorded with both hops"
+                );
                 let lb_common::model::ModelParse::Ip(parsed) = lb_common::model::parse(&ack) else {
                     unreachable!()
                 };
-                assert_eq!(h.dp.conntrack_get(&parsed.flow).map(|e| e.second_hop()), Some(4));
+                assert_eq!(
+                    h.dp.conntrack_get(&parsed.flow).map(|e| e.second_hop()),
+                    Some(4)
+                );
                 assert_eq!(out.len(), ack.len() + 40, "two IPv4 headers");
                 let (outer, middle) = (&out[14..34], &out[34..54]);
                 assert_eq!(outer[9], 4, "outer carries IPv4");

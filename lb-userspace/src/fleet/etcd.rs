@@ -184,7 +184,8 @@ pub async fn write(cfg: &EtcdConfig, w: Write) -> Result<i64> {
             w.expected,
         )])
         .and_then([op]);
-    let resp = within(cfg, &format!("writing {}", w.key), client.txn(txn)).await?;
+    let what = format!("writing {} to etcd {}", w.key, cfg.endpoints.join(", "));
+    let resp = within(cfg, &what, client.txn(txn)).await?;
     if !resp.succeeded() {
         bail!(
             "{} changed in etcd after revision {} (another operator or instance): nothing written; \
