@@ -71,7 +71,7 @@ impl EtcdServer {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("starting etcd (apt-get install etcd-server)");
+            .expect("starting etcd (`cargo xtask setup` unpacks it)");
         self.child = Some(child);
     }
 

@@ -33,6 +33,17 @@ pub fn have_root() -> bool {
     root
 }
 
+/// `etcd`: on PATH, or where `cargo xtask setup` unpacks it.
+pub fn etcd_binary() -> std::path::PathBuf {
+    let unpacked =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tools/etcd/usr/bin/etcd");
+    if unpacked.exists() {
+        unpacked
+    } else {
+        "etcd".into()
+    }
+}
+
 /// `promtool`: on PATH, or where `cargo xtask setup` unpacks it.
 pub fn promtool() -> std::path::PathBuf {
     let unpacked = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

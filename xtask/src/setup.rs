@@ -26,11 +26,17 @@ const APT_PACKAGES: &[&str] = &[
     "bird2",
     // Reads back what `lbctl capture` writes (tests).
     "tcpdump",
+    // protoc: the etcd client crate builds its gRPC code with it.
+    "protobuf-compiler",
 ];
 
 /// Where `promtool` is unpacked (from Debian's prometheus package, without
 /// installing it: that would enable a Prometheus server on the host).
 pub const PROMTOOL_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/tools/prometheus");
+
+/// Where `etcd` is unpacked for the fleet tests and demo (from Debian's
+/// etcd-server, likewise not installed: that would start an etcd on the host).
+pub const ETCD_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/tools/etcd");
 
 fn installed(package: &str) -> bool {
     Command::new("dpkg-query")
@@ -103,6 +109,7 @@ pub fn setup() -> Result<()> {
             .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;
     }
     unpack_promtool()?;
+    unpack_etcd()?;
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if !mounts
         .lines()
@@ -118,15 +125,24 @@ pub fn setup() -> Result<()> {
 /// `promtool`, which the metrics test runs on a live scrape: unpacked from
 /// the package into `PROMTOOL_DIR` unless one is on PATH.
 fn unpack_promtool() -> Result<()> {
-    let dir = Path::new(PROMTOOL_DIR);
-    if have("promtool") || dir.join("usr/bin/promtool").exists() {
+    unpack_deb("prometheus", "promtool", Path::new(PROMTOOL_DIR))
+}
+
+fn unpack_etcd() -> Result<()> {
+    unpack_deb("etcd-server", "etcd", Path::new(ETCD_DIR))
+}
+
+/// Unpacks Debian's `package` into `dir` (`dir/usr/bin/<binary>`) unless
+/// `binary` is on PATH or there already.
+fn unpack_deb(package: &str, binary: &str, dir: &Path) -> Result<()> {
+    if have(binary) || dir.join("usr/bin").join(binary).exists() {
         return Ok(());
     }
-    eprintln!("setup: unpacking promtool into {PROMTOOL_DIR}");
+    eprintln!("setup: unpacking {binary} into {}", dir.display());
     std::fs::create_dir_all(dir)?;
     let download = || {
         run(Command::new("apt-get")
-            .args(["download", "-q", "prometheus"])
+            .args(["download", "-q", package])
             .current_dir(dir))
     };
     // Package lists may be missing when every package above was installed
@@ -139,7 +155,7 @@ fn unpack_promtool() -> Result<()> {
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .ok_or_else(|| anyhow::anyhow!("apt-get download prometheus left no .deb"))?;
+        .ok_or_else(|| anyhow::anyhow!("apt-get download {package} left no .deb"))?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(dir))?;
     std::fs::remove_file(deb)?;
     Ok(())
