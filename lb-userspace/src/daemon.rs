@@ -96,6 +96,12 @@ pub struct Daemon {
     link_errors: BTreeMap<String, String>,
     /// VIPs from etcd (`[etcd]`), when configured.
     fleet: Option<FleetState>,
+    /// Fleet health: the backends a quorum of live instances sees down
+    /// (`None`: this instance decides alone, as without it or while etcd
+    /// is unreachable).
+    fleet_down: Option<BTreeSet<(VipKey, IpAddr)>>,
+    /// Fleet health: where this instance's own observations go.
+    local_down: Option<tokio::sync::watch::Sender<BTreeSet<crate::fleet::health::Observation>>>,
 }
 
 /// How the tunnel probe reaches `backend` of `v`: as the data path does.
@@ -282,6 +288,8 @@ impl Daemon {
                 .cloned()
                 .collect(),
             fleet,
+            fleet_down: None,
+            local_down: None,
             config,
             dp,
             rec,
@@ -335,7 +343,7 @@ impl Daemon {
                         .map(|b| DesiredBackend {
                             addr: b.address,
                             weight: b.weight,
-                            healthy: *self.health.get(&(key, b.address)).unwrap_or(&true),
+                            healthy: self.healthy(key, b.address),
                             state: BackendState::parse(&b.state).expect("validated"),
                             server_id: v.server_id(b),
                         })
@@ -406,7 +414,7 @@ impl Daemon {
                 let key = vip_key(v);
                 v.backends
                     .iter()
-                    .any(|b| b.weight > 0 && *self.health.get(&(key, b.address)).unwrap_or(&true))
+                    .any(|b| b.weight > 0 && self.healthy(key, b.address))
             })
             .map(|v| v.address)
             .collect()
@@ -571,6 +579,10 @@ impl Daemon {
             warn!(backend = %ev.backend, vip = %vip, state, "backend health changed");
         }
         self.health.insert((ev.vip, ev.backend), ev.healthy);
+        if self.publish_local_health() {
+            // Fleet health: the fleet's view decides, once it has this.
+            return;
+        }
         if let Err(e) = self.apply() {
             error!("applying a health change: {e:#}");
         }
@@ -865,6 +877,9 @@ impl Daemon {
                             "weight": b.weight,
                             "state": b.state,
                             "healthy": b.healthy,
+                            // This instance's own checks (fleet health decides `healthy`).
+                            "local_healthy": self.health.get(&(v.key, b.address)).copied().unwrap_or(true),
+                            "seen_down_by": self.seen_down_by(&v.name, b.address),
                             "slots": b.slots,
                             "tracked_flows": b.tracked,
                             "packets": b.counter.packets,

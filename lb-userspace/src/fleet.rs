@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::VipConfig;
 
 pub mod etcd;
+pub mod health;
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]

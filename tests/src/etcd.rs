@@ -45,15 +45,9 @@ impl EtcdServer {
             .open(&self.log)
             .unwrap();
         let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.netns,
-                "etcd",
-                "--name",
-                "t",
-                "--data-dir",
-            ])
+            .args(["netns", "exec", &self.netns])
+            .arg(crate::etcd_binary())
+            .args(["--name", "t", "--data-dir"])
             .arg(&self.data)
             .args([
                 "--listen-client-urls",
@@ -143,11 +137,18 @@ pub fn put(ns: &NetNs, key: &str, value: &str) -> i64 {
     })
 }
 
-/// Waits until etcd answers from `ns`.
-pub fn wait_ready(ns: &NetNs) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while read(ns).is_err() {
-        assert!(Instant::now() < deadline, "etcd did not answer within 20 s");
-        thread::sleep(Duration::from_millis(100));
+impl EtcdServer {
+    /// Waits until etcd answers from `ns`.
+    pub fn wait_ready(&self, ns: &NetNs) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let Err(e) = read(ns) else { return };
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not answer within 20 s: {e:#}\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 }

@@ -378,7 +378,7 @@ impl Testbed {
             let ns = NetNs::new(&format!("{tag}-et"));
             uplink(&router, "re", &ns, "eth0", "10.40.0", "fd00:40");
             let server = crate::etcd::EtcdServer::start(&ns, dir.join("etcd"));
-            crate::etcd::wait_ready(&router);
+            server.wait_ready(&router);
             (ns, server)
         });
         let mut lbs = Vec::new();

@@ -281,7 +281,7 @@ fn three_instances_follow_one_etcd() {
 
     // etcd back: every instance reconnects and follows it again.
     tb.etcd.as_mut().unwrap().1.start_again();
-    etcd::wait_ready(&tb.router);
+    tb.etcd.as_ref().unwrap().1.wait_ready(&tb.router);
     for i in 0..3 {
         wait_for("every instance back on etcd", || {
             fleet(&tb, i)["connected"] == true
@@ -299,4 +299,128 @@ fn three_instances_follow_one_etcd() {
     eprintln!("after the outage: revision {revision} everywhere in {took:?}");
     assert_ne!(assert_identical_tables(&tb), digest);
     move_flows_everywhere(&tb, &held, "after the outage");
+}
+
+/// Drops `lb`'s own packets to `addr` (its health probes; forwarded
+/// traffic leaves through XDP, not the host's stack): a fault on one
+/// instance's path only.
+fn block_probes(tb: &Testbed, lb: usize, addr: &str) {
+    tb.lbs[lb].sh(&format!(
+        "nft add table inet fault && \
+         nft add chain inet fault out '{{ type filter hook output priority 0 ; }}' && \
+         nft add rule inet fault out ip daddr {addr} drop"
+    ));
+}
+
+fn backend_of(tb: &Testbed, lb: usize, addr: &str) -> Value {
+    let status = tb.lbctl(lb, Request::Status).data;
+    status["vips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["vip"] == VIP80)
+        .unwrap()["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == addr)
+        .unwrap()
+        .clone()
+}
+
+/// What a backend fault does under `health` ("local" or "fleet"): first a
+/// fault only lb1 sees (its own probes to be3 dropped), then one every
+/// instance sees. Returns whether the tables stayed identical under the
+/// one-sided fault, how many of the connections answered with every flow
+/// moved to lb1, and how long the real fault took to leave every kernel.
+fn fault_under(health: &'static str) -> (bool, usize, Duration) {
+    let tb = Testbed::new(
+        &format!("eh{}", &health[..1]),
+        Spec {
+            lbs: 3,
+            etcd: true,
+            fleet_health: health,
+            ..Spec::default()
+        },
+    );
+    let be3 = "10.30.3.2";
+    let held = tb.hold_connections(CONNECTIONS);
+    block_probes(&tb, 0, be3);
+    wait_for("lb1's own checks to see be3 down", || {
+        backend_of(&tb, 0, be3)["local_healthy"] == false
+    });
+    // Time for the fleet's view to settle (a quorum is 2 of 3).
+    thread::sleep(Duration::from_secs(1));
+    for i in 1..3 {
+        assert_eq!(
+            backend_of(&tb, i, be3)["healthy"],
+            true,
+            "only lb1 sees the fault"
+        );
+    }
+    let b = backend_of(&tb, 0, be3);
+    eprintln!("{health}: lb1 sees be3 {b}");
+    let digests: Vec<String> = (0..3).map(|i| vip80(&tb, i).0).collect();
+    let identical = digests.iter().all(|d| *d == digests[0]);
+    tb.set_ecmp(&[0]);
+    let alive = held.alive();
+    tb.set_ecmp(&[0, 1, 2]);
+    drop(held);
+    // The same fault seen from every instance: be3 leaves every table.
+    let before: Vec<_> = (1..3).map(|i| tb.lbds[i].kernel_vip(&key())).collect();
+    let start = Instant::now();
+    block_probes(&tb, 1, be3);
+    block_probes(&tb, 2, be3);
+    let mut switched = [None; 2];
+    while switched.iter().any(Option::is_none) {
+        for (j, s) in switched.iter_mut().enumerate() {
+            if s.is_none() && tb.lbds[j + 1].kernel_vip(&key()) != before[j] {
+                *s = Some(start.elapsed());
+            }
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "be3 never left: {switched:?}"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
+    let removal = switched.iter().flatten().max().copied().unwrap();
+    for i in 0..3 {
+        wait_for("be3 out everywhere", || {
+            backend_of(&tb, i, be3)["healthy"] == false
+        });
+        assert!(
+            !tb.lbds[i]
+                .kernel_table(&key())
+                .contains(&Some(be3.parse().unwrap()))
+        );
+    }
+    assert_identical_tables(&tb);
+    (identical, alive, removal)
+}
+
+/// `[etcd] health`: "local" (each instance decides alone) against "fleet"
+/// (a backend leaves when half the live instances see it down).
+#[test]
+fn fleet_health_keeps_tables_identical_under_one_sided_faults() {
+    if !have_root() {
+        return;
+    }
+    let (local_identical, local_alive, local_removal) = fault_under("local");
+    let (fleet_identical, fleet_alive, fleet_removal) = fault_under("fleet");
+    eprintln!(
+        "one-sided fault: local mode tables identical {local_identical}, {local_alive}/{CONNECTIONS} \
+         connections kept with every flow on lb1; fleet mode {fleet_identical}, {fleet_alive}/{CONNECTIONS}"
+    );
+    eprintln!(
+        "fault seen by all (check every 200 ms, fall 2): out of every kernel after \
+         {local_removal:?} (local), {fleet_removal:?} (fleet)"
+    );
+    assert!(!local_identical, "alone, lb1 takes be3 out of its table");
+    assert!(
+        local_alive < CONNECTIONS,
+        "and loses be3's connections it then carries"
+    );
+    assert!(fleet_identical, "one instance of three is not a quorum");
+    assert_eq!(fleet_alive, CONNECTIONS);
 }

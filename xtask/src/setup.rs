@@ -28,6 +28,8 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     // protoc: the etcd client crate builds its gRPC code with it.
     "protobuf-compiler",
+    // Faults on one host's own path (tests); its service stays disabled.
+    "nftables",
 ];
 
 /// Where `promtool` is unpacked (from Debian's prometheus package, without

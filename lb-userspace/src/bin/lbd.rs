@@ -107,7 +107,14 @@ async fn run(config_path: PathBuf, stats_interval: u64) -> Result<()> {
     daemon.persist_fleet();
     let (fleet_tx, mut fleet_events) = tokio::sync::mpsc::unbounded_channel::<FleetEvent>();
     if let Some(cfg) = daemon.etcd_config() {
-        tokio::spawn(follow(cfg.clone(), fleet_tx));
+        tokio::spawn(follow(cfg.clone(), fleet_tx.clone()));
+    }
+    if let Some((cfg, observations)) = daemon.start_fleet_health() {
+        tokio::spawn(lb_userspace::fleet::health::run(
+            cfg,
+            observations,
+            fleet_tx,
+        ));
     }
     let (api_tx, mut api) = tokio::sync::mpsc::channel(64);
     tokio::spawn(serve_socket(control, api_tx));

@@ -16,6 +16,7 @@ use crate::{
     fleet::{
         EtcdConfig, Snapshot,
         etcd::{FleetEvent, Write},
+        health::{HealthView, Observation},
         merge, save,
     },
     serve::Caller,
@@ -56,6 +57,8 @@ pub struct FleetState {
     pub rejected: Option<(i64, String)>,
     pub rejected_total: u64,
     pub started_from: StartedFrom,
+    /// Fleet health: the latest view of the live instances' observations.
+    pub health_view: Option<HealthView>,
 }
 
 impl FleetState {
@@ -76,6 +79,7 @@ impl FleetState {
             applied,
             names,
             started_from,
+            health_view: None,
         }
     }
 
@@ -110,6 +114,12 @@ impl FleetState {
             "rejected_total": self.rejected_total,
             "started_from": self.started_from.name(),
             "vips": self.names.len(),
+            // Fleet health: live instances, and how many must see a backend down.
+            "health_view": self.health_view.as_ref().map(|v| json!({
+                "live_instances": v.live,
+                "quorum": crate::fleet::health::quorum(v.live.len(), self.cfg.down_share),
+                "observations": v.down.iter().map(|(i, d)| (i.clone(), d.len())).collect::<std::collections::BTreeMap<_, _>>(),
+            })),
         })
     }
 }
@@ -137,6 +147,13 @@ impl Daemon {
                 f.last_error = Some(e);
             }
             FleetEvent::Snapshot(snap) => self.apply_fleet(snap),
+            FleetEvent::Health(view) => self.on_fleet_health(Some(view)),
+            FleetEvent::HealthLost(e) => {
+                if self.fleet_down.is_some() {
+                    warn!("fleet health: {e}");
+                }
+                self.on_fleet_health(None);
+            }
         }
     }
 
@@ -386,5 +403,116 @@ impl Daemon {
     /// The `[etcd]` settings, when lbd follows etcd.
     pub fn etcd_config(&self) -> Option<&EtcdConfig> {
         self.fleet.as_ref().map(|f| &f.cfg)
+    }
+}
+
+impl Daemon {
+    /// Whether backend `addr` of VIP `key` takes traffic: the fleet's
+    /// decision in fleet health mode (while etcd answers), else this
+    /// instance's own checks.
+    pub(super) fn healthy(&self, key: lb_common::maps::VipKey, addr: std::net::IpAddr) -> bool {
+        match &self.fleet_down {
+            Some(down) => !down.contains(&(key, addr)),
+            None => self.health.get(&(key, addr)).copied().unwrap_or(true),
+        }
+    }
+
+    /// Fleet health: how many live instances see the backend down.
+    pub(super) fn seen_down_by(&self, vip: &str, addr: std::net::IpAddr) -> Option<usize> {
+        let view = self.fleet.as_ref()?.health_view.as_ref()?;
+        Some(view.seen_down_by(&(vip.to_string(), addr)))
+    }
+
+    /// What this instance's checks see down, by VIP name.
+    fn local_observations(&self) -> BTreeSet<Observation> {
+        let names: std::collections::BTreeMap<_, _> = self
+            .config
+            .vips
+            .iter()
+            .map(|v| (super::vip_key(v), v.name()))
+            .collect();
+        self.health
+            .iter()
+            .filter(|(_, up)| !**up)
+            .filter_map(|((k, addr), _)| Some((names.get(k)?.clone(), *addr)))
+            .collect()
+    }
+
+    /// Fleet health: hands this instance's observations to the publisher;
+    /// true when the fleet's view decides (so nothing is applied here).
+    pub(super) fn publish_local_health(&mut self) -> bool {
+        let Some(tx) = &self.local_down else {
+            return false;
+        };
+        let observations = self.local_observations();
+        tx.send_if_modified(|current| {
+            let changed = *current != observations;
+            *current = observations;
+            changed
+        });
+        self.fleet_down.is_some()
+    }
+
+    /// Fleet health: starts publishing; the receiver goes to the publisher.
+    pub fn start_fleet_health(
+        &mut self,
+    ) -> Option<(
+        EtcdConfig,
+        tokio::sync::watch::Receiver<BTreeSet<Observation>>,
+    )> {
+        let cfg = self.fleet.as_ref()?.cfg.clone();
+        if !cfg.fleet_health() {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::watch::channel(self.local_observations());
+        self.local_down = Some(tx);
+        Some((cfg, rx))
+    }
+
+    /// The fleet's view changed (or was lost): the backends it decides
+    /// down, applied when that changes the tables.
+    pub(super) fn on_fleet_health(&mut self, view: Option<HealthView>) {
+        let Some(f) = self.fleet.as_mut() else { return };
+        let decided = view.as_ref().map(|v| {
+            let down = v.decided_down(f.cfg.down_share);
+            self.config
+                .vips
+                .iter()
+                .flat_map(|vip| {
+                    let key = super::vip_key(vip);
+                    let name = vip.name();
+                    vip.backends
+                        .iter()
+                        .filter(|b| down.contains(&(name.clone(), b.address)))
+                        .map(move |b| (key, b.address))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<BTreeSet<_>>()
+        });
+        f.health_view = view;
+        if decided == self.fleet_down {
+            return;
+        }
+        match (&self.fleet_down, &decided) {
+            (None, Some(_)) => info!(
+                "fleet health: backends leave the tables when a share of the live instances sees them down"
+            ),
+            (Some(_), None) => warn!(
+                "fleet health lost (etcd unreachable): this instance decides alone until it is back"
+            ),
+            _ => {}
+        }
+        let before = std::mem::replace(&mut self.fleet_down, decided);
+        let now = self.fleet_down.clone().unwrap_or_default();
+        let before = before.unwrap_or_default();
+        for (key, addr) in now.difference(&before) {
+            warn!(backend = %addr, vip = ?key, "fleet health: backend down (seen by a quorum of instances)");
+        }
+        for (key, addr) in before.difference(&now) {
+            info!(backend = %addr, vip = ?key, "fleet health: backend up again");
+        }
+        if let Err(e) = self.apply() {
+            error!("applying a fleet health change: {e:#}");
+        }
     }
 }

@@ -97,7 +97,7 @@ impl Daemon {
                             id,
                             weight: b.weight,
                             state: &b.state,
-                            healthy: self.health.get(&(key, b.address)).copied().unwrap_or(true),
+                            healthy: self.healthy(key, b.address),
                             slots: id.and_then(|i| slots.get(&i)).copied().unwrap_or(0),
                             counter: id.map(|i| self.dp.backend_counter(i)).unwrap_or_default(),
                             new_flows: id.map_or(0, |i| self.dp.backend_new_flows(i).packets),

@@ -22,6 +22,10 @@ pub enum FleetEvent {
     Connected,
     /// etcd does not answer: the last applied revision keeps serving.
     Lost(String),
+    /// Fleet health: what the live instances see down.
+    Health(super::health::HealthView),
+    /// Fleet health unavailable (etcd unreachable): decide alone.
+    HealthLost(String),
 }
 
 fn timeout(cfg: &EtcdConfig) -> Duration {
