@@ -143,6 +143,7 @@ pub struct Entry {
 /// The VIP keys at one revision of the store.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 pub struct Snapshot {
+    /// The etcd revision of the newest change to the VIP keys it reflects.
     pub revision: i64,
     /// Key (whole, with the prefix) -> value.
     pub entries: BTreeMap<String, Entry>,

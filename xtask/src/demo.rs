@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use crate::{cargo, run, run_tests_binary};
 
-pub fn demo() -> Result<()> {
+pub fn demo(etcd: bool) -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bins"]))?;
-    run_tests_binary("lb-demo", &[])
+    run_tests_binary(if etcd { "lb-demo-etcd" } else { "lb-demo" }, &[])
 }

@@ -51,7 +51,11 @@ enum Cmd {
         scale_table_size: u32,
     },
     /// Set up, then run the demo topology with real traffic.
-    Demo,
+    Demo {
+        /// Three instances following one etcd (fleet configuration).
+        #[arg(long)]
+        etcd: bool,
+    },
     /// Fleet simulator (no kernel): flows broken per event of a fleet's life
     /// under hash mod N, Maglev, + connection tables, + second chance;
     /// writes target/sim/report.json and report.svg.
@@ -225,9 +229,9 @@ fn main() -> Result<()> {
                 &table_size.to_string(),
             ],
         ),
-        Cmd::Demo => {
+        Cmd::Demo { etcd } => {
             setup::setup()?;
-            demo::demo()
+            demo::demo(etcd)
         }
     }
 }

@@ -170,7 +170,7 @@ impl Daemon {
                     "etcd is back at the applied configuration"
                 );
             }
-            if snap.revision != f.applied.revision {
+            if snap.revision > f.applied.revision {
                 f.applied.revision = snap.revision;
                 f.persist();
             }

@@ -58,8 +58,10 @@ pub async fn connect(cfg: &EtcdConfig) -> Result<Client> {
     .await
 }
 
-/// The VIP keys at the store's current revision.
-pub async fn read(cfg: &EtcdConfig, client: &mut Client) -> Result<Snapshot> {
+/// The VIP keys at the store's current revision, and that revision (the
+/// snapshot's own is that of the newest change to the VIP keys, the same
+/// on every instance whatever else the store holds).
+pub async fn read(cfg: &EtcdConfig, client: &mut Client) -> Result<(Snapshot, i64)> {
     let resp = within(
         cfg,
         "reading the VIP keys",
@@ -80,13 +82,20 @@ pub async fn read(cfg: &EtcdConfig, client: &mut Client) -> Result<Snapshot> {
             },
         );
     }
-    Ok(Snapshot { revision, entries })
+    let newest = entries.values().map(|e| e.mod_revision).max().unwrap_or(0);
+    Ok((
+        Snapshot {
+            revision: newest,
+            entries,
+        },
+        revision,
+    ))
 }
 
 /// Connects and reads once (lbd's start).
 pub async fn read_once(cfg: &EtcdConfig) -> Result<Snapshot> {
     let mut client = connect(cfg).await?;
-    read(cfg, &mut client).await
+    Ok(read(cfg, &mut client).await?.0)
 }
 
 /// Follows the VIP keys for as long as lbd runs: a snapshot at every
@@ -113,10 +122,10 @@ pub async fn follow(cfg: EtcdConfig, tx: mpsc::UnboundedSender<FleetEvent>) {
 
 async fn session(cfg: &EtcdConfig, tx: &mpsc::UnboundedSender<FleetEvent>) -> Result<()> {
     let mut client = connect(cfg).await?;
-    let mut snap = read(cfg, &mut client).await?;
+    let (mut snap, store_revision) = read(cfg, &mut client).await?;
     let options = WatchOptions::new()
         .with_prefix()
-        .with_start_revision(snap.revision + 1);
+        .with_start_revision(store_revision + 1);
     let mut stream = within(
         cfg,
         "watching the VIP keys",
