@@ -64,6 +64,31 @@ pub fn status(v: &Value) -> String {
         out += &format!("  tracked flows counted {age} ms ago");
     }
     out += "\n";
+    if let Some(f) = v["fleet"].as_object() {
+        out += &format!(
+            "fleet (etcd {}): revision {}  {}  {} VIPs from etcd  health {}",
+            cell(&f["prefix"]),
+            cell(&f["revision"]),
+            if f["connected"].as_bool() == Some(true) {
+                "connected".to_string()
+            } else {
+                format!(
+                    "UNREACHABLE, serving the last applied revision ({})",
+                    cell(&f["last_error"])
+                )
+            },
+            cell(&f["vips"]),
+            cell(&f["health"]),
+        );
+        if let Some(r) = f["rejected"].as_object() {
+            out += &format!(
+                "\n  REJECTED revision {}: {}",
+                cell(&r["revision"]),
+                cell(&r["error"])
+            );
+        }
+        out += "\n";
+    }
     let changes: Vec<String> = v["runtime_changes"]
         .as_array()
         .into_iter()
@@ -83,12 +108,18 @@ pub fn status(v: &Value) -> String {
             ""
         };
         out += &format!(
-            "\n{}  table {}  packets {}  new flows {}  health check {}{tunnel}\n",
+            "\n{}  table {} (digest {})  packets {}  new flows {}  health check {}{tunnel}{}\n",
             cell(&vip["vip"]),
             cell(&vip["table_size"]),
+            cell(&vip["table_digest"]),
             cell(&vip["packets"]),
             cell(&vip["new_flows"]),
             cell(&vip["health_check"]),
+            if vip["source"] == "etcd" {
+                "  from etcd"
+            } else {
+                ""
+            },
         );
         if let Some(sc) = vip["second_chance"].as_object() {
             let from = if sc["from_states"].as_bool().unwrap_or(false) {
