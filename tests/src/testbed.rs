@@ -472,11 +472,13 @@ impl Testbed {
                 None => (vip80, String::new()),
             };
             let xdp_mode = spec.xdp_mode;
+            // Fleet testbeds scrape each instance (its own loopback).
+            let metrics = if spec.etcd { crate::lbd::METRICS } else { "" };
             std::fs::write(
                 &config,
                 format!(
                     "[lb]\ninterfaces = [\"eth0\"]\nxdp_mode = \"{xdp_mode}\"\nconntrack_entries = 65536\nmaglev_slots = 524288\n\
-                     pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"\"\n\n{bgp_toml}{etcd_toml}\
+                     pin_path = \"{}\"\ncontrol_socket = \"{}\"\nmetrics_address = \"{metrics}\"\n\n{bgp_toml}{etcd_toml}\
                      {vip80_in_file}\
                      [[vip]]\naddress = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\ntable_size = 65537\n{backends_toml}\n\
                      [[vip]]\naddress = \"{VIP6}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
@@ -755,6 +757,20 @@ impl Testbed {
     /// Stops backend `j`'s servers: new connections are refused, open ones reset.
     pub fn stop_backend(&self, j: usize) {
         self.servers[j].stop.store(true, Ordering::Relaxed);
+    }
+
+    /// One scrape of instance `i`'s metrics (fleet testbeds): the body.
+    pub fn scrape(&self, i: usize) -> String {
+        use std::io::Read;
+        let _g = self.lbs[i].enter();
+        let mut s = TcpStream::connect(crate::lbd::METRICS).expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default()
     }
 
     /// Runs `f` on a thread inside the client namespace.

@@ -142,6 +142,31 @@ fn three_instances_follow_one_etcd() {
     }
     assert_identical_tables(&tb);
     let held = tb.hold_connections(CONNECTIONS);
+    // The metrics say the same: revision, connection, each VIP's digest.
+    let digest_line = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("lb_vip_table_info{") && l.contains(VIP80))
+            .map(str::to_string)
+    };
+    let first = tb.scrape(0);
+    lb_tests::promtool_check(&first).unwrap_or_else(|e| panic!("promtool: {e}\n{first}"));
+    for family in [
+        "lb_fleet_revision",
+        "lb_fleet_connected 1",
+        "lb_fleet_rejected_revisions_total 0",
+    ] {
+        assert!(first.contains(family), "{family} missing:\n{first}");
+    }
+    let line = digest_line(&first).expect("lb_vip_table_info for VIP80");
+    assert!(line.contains(&vip80(&tb, 0).0), "{line}");
+    for i in 1..3 {
+        assert_eq!(
+            digest_line(&tb.scrape(i)).as_ref(),
+            Some(&line),
+            "lb{}",
+            i + 1
+        );
+    }
 
     // A sequence of changes, each made once on some instance.
     let be = |n: u32| format!("10.30.{n}.2");
