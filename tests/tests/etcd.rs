@@ -241,6 +241,19 @@ fn three_instances_follow_one_etcd() {
             "{error}"
         );
     }
+    // `lbd check-config --etcd` says the same before anyone starts on it.
+    let config = tb.config_path(0);
+    let check = |tb: &Testbed| {
+        lb_tests::lbd::lbd_once(
+            &tb.lbs[0],
+            &["check-config", "--etcd", config.to_str().unwrap()],
+        )
+    };
+    let (status, err) = check(&tb);
+    assert!(
+        !status.success() && err.contains("70000"),
+        "{status}: {err}"
+    );
     // An edit made against the applied revision is refused: the key moved.
     let r = tb.lbctl(
         1,
@@ -264,6 +277,8 @@ fn three_instances_follow_one_etcd() {
         });
     }
     let digest = assert_identical_tables(&tb);
+    let (status, err) = check(&tb);
+    assert!(status.success(), "{err}");
 
     // etcd stopped for 30 s.
     tb.etcd.as_mut().unwrap().1.stop();

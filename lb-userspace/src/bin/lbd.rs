@@ -41,6 +41,11 @@ enum Cmd {
     CheckConfig {
         /// The configuration file to check.
         file: PathBuf,
+        /// With [etcd]: also read etcd's VIPs now and check them with the
+        /// file's (fails when etcd does not answer; without it, only the
+        /// file is checked, so a start never waits on etcd).
+        #[arg(long)]
+        etcd: bool,
     },
     /// Remove the pinned data plane: detaches the program, frees the maps.
     /// Refused while an lbd runs on it.
@@ -285,10 +290,28 @@ fn real_main() -> Result<()> {
             config,
             stats_interval,
         } => rt.block_on(run(config, stats_interval)),
-        Cmd::CheckConfig { file } => {
-            let config = Config::load(&file)?;
+        Cmd::CheckConfig { file, etcd } => {
+            let mut config = Config::load(&file)?;
             config.check_host()?;
             println!("{}: ok", file.display());
+            match (&config.etcd, etcd) {
+                (Some(cfg), true) => {
+                    let snap = rt.block_on(lb_userspace::fleet::etcd::read_once(cfg))?;
+                    let vips = lb_userspace::fleet::merge(&config.vips, snap.vips(cfg)?)?;
+                    let from_etcd = vips.len() - config.vips.len();
+                    config.vips = vips;
+                    config.validate()?;
+                    println!(
+                        "etcd {} revision {}: {from_etcd} VIPs ok with the file's",
+                        cfg.prefix, snap.revision
+                    );
+                }
+                (Some(_), false) => {
+                    println!("([etcd] present: `--etcd` also checks etcd's VIPs now)")
+                }
+                (None, true) => bail!("{}: no [etcd] section", file.display()),
+                (None, false) => {}
+            }
             let cpus = lb_userspace::sizing::possible_cpus();
             print!(
                 "{}",
