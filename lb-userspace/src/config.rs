@@ -587,9 +587,9 @@ impl Config {
             validate_table_size(vip.table_size, vip.backends.len())
                 .with_context(|| format!("{at}.table_size"))?;
             let h = &vip.health;
-            if !["none", "tcp", "http"].contains(&h.kind.as_str()) {
+            if !["none", "tcp", "syn", "http"].contains(&h.kind.as_str()) {
                 bail!(
-                    "{at}.health.kind: {:?} is not one of none, tcp, http",
+                    "{at}.health.kind: {:?} is not one of none, tcp, syn, http",
                     h.kind
                 );
             }

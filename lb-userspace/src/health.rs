@@ -32,7 +32,8 @@ use tokio::{
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
-    /// "tcp", "http" or "none".
+    /// "tcp" (connect), "syn" (half-open: SYN, SYN-ACK, reset; the
+    /// cheapest at thousands of backends), "http" or "none".
     #[serde(default = "default_kind")]
     pub kind: String,
     /// Port to probe; defaults to the VIP's port.
@@ -375,7 +376,13 @@ impl ProbeKey {
         ProbeKey {
             addr: backend,
             port: check.port.unwrap_or(vip_port),
-            kind: if http { "http" } else { "tcp" }.into(),
+            // "tcp" and "syn" probe the same thing in different ways.
+            kind: match check.kind.as_str() {
+                "http" => "http",
+                "syn" => "syn",
+                _ => "tcp",
+            }
+            .into(),
             // Only HTTP probes read these: TCP checks that differ in them
             // still share a probe.
             path: if http {
@@ -437,6 +444,7 @@ impl Prober {
                     "http" => {
                         probe_http(key.addr, key.port, &key.path, key.expect_status, timeout).await
                     }
+                    "syn" => crate::syn_probe::probe_syn(key.addr, key.port, timeout).await,
                     _ => probe_tcp(key.addr, key.port, timeout).await,
                 };
                 // Tunnel probes (each to its own VIP) after a good direct

@@ -24,6 +24,7 @@ pub mod render;
 pub mod serve;
 pub mod sizing;
 pub mod slots;
+pub mod syn_probe;
 pub mod tunnel_probe;
 pub mod vip_table;
 pub mod xdp_mode;

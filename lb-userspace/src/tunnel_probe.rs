@@ -40,9 +40,9 @@ pub struct TunnelSpec {
     pub outer_src6: IpAddr,
 }
 
-const SYN: u8 = 0x02;
-const RST: u8 = 0x04;
-const ACK: u8 = 0x10;
+pub(crate) const SYN: u8 = 0x02;
+pub(crate) const RST: u8 = 0x04;
+pub(crate) const ACK: u8 = 0x10;
 
 fn probe_error(e: &io::Error) -> Probe {
     if is_local_error(e) {
@@ -57,7 +57,7 @@ fn local(e: io::Error) -> Probe {
 }
 
 /// The address this host sends from toward `to` (no packet is sent).
-fn source_toward(to: IpAddr, port: u16) -> io::Result<IpAddr> {
+pub(crate) fn source_toward(to: IpAddr, port: u16) -> io::Result<IpAddr> {
     let bind: SocketAddr = if to.is_ipv6() {
         "[::]:0".parse().unwrap()
     } else {
@@ -68,7 +68,7 @@ fn source_toward(to: IpAddr, port: u16) -> io::Result<IpAddr> {
     Ok(s.local_addr()?.ip())
 }
 
-fn raw_socket(family: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
+pub(crate) fn raw_socket(family: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the fd is owned at once.
     let fd = unsafe {
         libc::socket(
@@ -85,7 +85,14 @@ fn raw_socket(family: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd>
 }
 
 /// A TCP segment (header only, 20 bytes) with a valid checksum.
-fn tcp_segment(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, seq: u32, flags: u8) -> Vec<u8> {
+pub(crate) fn tcp_segment(
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    flags: u8,
+) -> Vec<u8> {
     let mut t = vec![0u8; 20];
     t[0..2].copy_from_slice(&sport.to_be_bytes());
     t[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -111,7 +118,7 @@ fn tcp_segment(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, seq: u32, flags
 }
 
 /// An Ethernet frame (MACs unused) around an IP packet carrying `tcp`.
-fn frame(src: IpAddr, dst: IpAddr, tcp: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(src: IpAddr, dst: IpAddr, tcp: &[u8]) -> Vec<u8> {
     let mut f = vec![0u8; 12];
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
@@ -194,7 +201,7 @@ fn send_raw(fd: &OwnedFd, spec: &TunnelSpec, packet: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(crate) fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match addr {
@@ -374,7 +381,7 @@ pub async fn probe_tunnel(spec: &TunnelSpec, timeout: Duration) -> Probe {
 }
 
 /// A random 32-bit number (sequence numbers, outer flow hash).
-fn rand_u32() -> u32 {
+pub(crate) fn rand_u32() -> u32 {
     let mut b = [0u8; 4];
     // SAFETY: getrandom into a local buffer.
     unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };

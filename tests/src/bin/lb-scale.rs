@@ -246,13 +246,18 @@ fn cpu_percent(pid: u32, secs: u64) -> (f64, f64) {
 }
 
 /// The real lbd health-checking `vips` x `per_vip` backends every second
-/// (TCP connect, no tunnel probe) in a namespace of its own, the backend
+/// (`kind`: tcp or syn, no tunnel probe) in a namespace of its own, the backend
 /// addresses on its `lo` with one listener: with `shared`, every VIP has
 /// the same `per_vip` hosts (one probe each however many VIPs), else each
 /// VIP its own. Reports lbd's CPU, the probes and checkers it runs, how
 /// many backends are up, and how long `lbctl status` and a metrics scrape
 /// take at this size.
-fn health_case(vips: u32, per_vip: u32, shared: bool) -> anyhow::Result<serde_json::Value> {
+fn health_case(
+    vips: u32,
+    per_vip: u32,
+    shared: bool,
+    kind: &str,
+) -> anyhow::Result<serde_json::Value> {
     use lb_userspace::api::Request;
     let host_ns = LbdHost::new("lbscale-h")?;
     let (ns, dir) = (&host_ns.ns, &host_ns.dir);
@@ -283,7 +288,7 @@ fn health_case(vips: u32, per_vip: u32, shared: bool) -> anyhow::Result<serde_js
                 .collect();
             format!(
                 "[[vip]]\naddress = \"{addr}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = {size}\n\
-                 [vip.health]\nkind = \"tcp\"\ninterval_ms = 1000\ntimeout_ms = 500\ntunnel = false\n{backends}\n"
+                 [vip.health]\nkind = \"{kind}\"\ninterval_ms = 1000\ntimeout_ms = 500\ntunnel = false\n{backends}\n"
             )
         })
         .collect();
@@ -325,7 +330,7 @@ fn health_case(vips: u32, per_vip: u32, shared: bool) -> anyhow::Result<serde_js
     };
     let (scrape_ms, scrape_bytes) = scrape()?;
     let r = json!({
-        "case": format!("health: {vips} VIPs x {per_vip} backends{}", if shared { ", the same hosts" } else { ", distinct hosts" }),
+        "case": format!("health ({kind}): {vips} VIPs x {per_vip} backends{}", if shared { ", the same hosts" } else { ", distinct hosts" }),
         "backend_hosts": hosts,
         "probes": status.data["health_probes"],
         "checkers": status.data["health_checkers"],
@@ -460,8 +465,11 @@ fn main() -> anyhow::Result<()> {
         results.push(restart_case(4096, 100, size, 1_000_000)?);
     }
     if only.is_empty() || only == "health" {
-        results.push(health_case(100, 100, false)?);
-        results.push(health_case(16, 10_000, true)?);
+        // Connect probes, then half-open ones, on the same setups.
+        for kind in ["tcp", "syn"] {
+            results.push(health_case(100, 100, false, kind)?);
+            results.push(health_case(16, 10_000, true, kind)?);
+        }
     }
     std::fs::create_dir_all("target/bench")?;
     std::fs::write(
