@@ -172,6 +172,8 @@ pub struct Testbed {
     pub backends: Vec<NetNs>,
     pub lbds: Vec<Lbd>,
     decaps: Vec<KillOnDrop>,
+    /// The backends' pinned decap directories (removed on drop).
+    _pins: PinnedDirs,
     /// BIRD daemons: the router's first, then one per LB (BGP testbeds).
     birds: Vec<KillOnDrop>,
     servers: Vec<Servers>,
@@ -282,6 +284,9 @@ impl Testbed {
              net.ipv6.conf.all.forwarding=1 net.ipv6.fib_multipath_hash_policy=1",
         );
         let mut backends = Vec::new();
+        // Declared before the decaps: dropped after them, also when the
+        // testbed panics half-built (the decap links are pinned).
+        let mut pins = PinnedDirs(Vec::new());
         let mut decaps = Vec::new();
         let mut servers = Vec::new();
         let quic_cert = spec.quic.map(|_| crate::quic::TestCert::new());
@@ -307,6 +312,8 @@ impl Testbed {
                 "nodad",
             ]);
             be.sh("sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.eth0.rp_filter=0");
+            pins.0
+                .push(PathBuf::from(format!("/sys/fs/bpf/{}", be.name)));
             decaps.push(KillOnDrop(
                 Command::new("nsenter")
                     .arg(format!("--net=/var/run/netns/{}", be.name))
@@ -534,6 +541,7 @@ impl Testbed {
             backends,
             lbds,
             decaps,
+            _pins: pins,
             birds,
             servers,
             dir,
@@ -800,6 +808,17 @@ impl Drop for Testbed {
         }
         self.birds.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// bpffs directories removed when dropped.
+struct PinnedDirs(Vec<PathBuf>);
+
+impl Drop for PinnedDirs {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

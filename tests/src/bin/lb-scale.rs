@@ -465,8 +465,16 @@ fn main() -> anyhow::Result<()> {
         results.push(restart_case(4096, 100, size, 1_000_000)?);
     }
     if only.is_empty() || only == "health" {
-        // Connect probes, then half-open ones, on the same setups.
-        for kind in ["tcp", "syn"] {
+        // Connect probes, then half-open ones, on the same setups
+        // (`--kind tcp|syn`: one of them).
+        let kind = args
+            .iter()
+            .position(|a| a == "--kind")
+            .and_then(|i| args.get(i + 1).cloned());
+        for kind in ["tcp", "syn"]
+            .into_iter()
+            .filter(|k| kind.as_deref().is_none_or(|want| want == *k))
+        {
             results.push(health_case(100, 100, false, kind)?);
             results.push(health_case(16, 10_000, true, kind)?);
         }
