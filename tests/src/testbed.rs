@@ -457,6 +457,9 @@ impl Testbed {
             let health = format!(
                 "[vip.health]\nkind = \"tcp\"\ninterval_ms = {interval}\ntimeout_ms = {timeout}\nrise = 2\nfall = {fall}\n"
             );
+            // The IPv6 VIP's backends get half-open probes: both kinds run
+            // in every end-to-end test.
+            let health_syn = health.replace("kind = \"tcp\"", "kind = \"syn\"");
             let vip80 = format!(
                 "[[vip]]\naddress = \"{VIP}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 65537\n{health}{backends_toml}\n"
             );
@@ -489,7 +492,7 @@ impl Testbed {
                      {vip80_in_file}\
                      [[vip]]\naddress = \"{VIP}\"\nport = 53\nprotocol = \"udp\"\ntable_size = 65537\n{backends_toml}\n\
                      [[vip]]\naddress = \"{VIP6}\"\nport = 80\nprotocol = \"tcp\"\ntable_size = 4099\n\
-                     {health}{backends6_toml}\n\
+                     {health_syn}{backends6_toml}\n\
                      [[vip]]\naddress = \"{VIP}\"\nport = {PORT_CROSS_FAMILY}\nprotocol = \"tcp\"\ntable_size = 4099\n{backends6_toml}\n\
                      [[vip]]\naddress = \"{VIP6}\"\nport = {PORT_CROSS_FAMILY}\nprotocol = \"tcp\"\ntable_size = 4099\n{backends_toml}\n\
                      [[vip]]\naddress = \"{VIP}\"\nport = {PORT_GUE}\nprotocol = \"tcp\"\ntable_size = 4099\nencap = \"gue\"\n{backends_toml}\n\

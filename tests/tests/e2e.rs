@@ -95,6 +95,24 @@ fn backend_failure_is_detected_and_only_its_connections_break() {
     };
     eprintln!("be3 out of both instances' tables {out:?} after its server stopped");
     assert!(out < Duration::from_millis(200 + 1000));
+    // The IPv6 VIP checks the same servers with half-open probes (`syn`).
+    let v6 = |i: usize| {
+        let s = tb.lbctl(i, Request::Status).data;
+        let vip = s["vips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["vip"] == "[fd00::10]:80/tcp")
+            .unwrap()
+            .clone();
+        assert_eq!(vip["health_check"], "syn");
+        vip["backends"][2]["healthy"].clone()
+    };
+    for i in 0..tb.lbds.len() {
+        lb_tests::lbd::wait_for("be3 down for the IPv6 VIP too (half-open probes)", || {
+            v6(i) == false
+        });
+    }
     for (backend, (ok, n)) in &held.check() {
         if backend != "be3" {
             assert_eq!(ok, n, "{backend}: a connection to a healthy backend broke");
