@@ -21,7 +21,7 @@ use tokio::{io::unix::AsyncFd, sync::oneshot};
 use crate::{
     health::{Failure, Probe, is_local_error, probe_tcp},
     tunnel_probe::{
-        ACK, RST, SYN, frame, rand_u32, raw_socket, sockaddr, source_toward, tcp_segment,
+        ACK, RST, SYN, frame, rand_u32, raw_socket, send_ip, source_toward, tcp_segment,
     },
 };
 
@@ -146,7 +146,7 @@ impl SynProber {
             return probe_tcp(addr, port, timeout).await;
         };
         let syn = frame(ours, addr, &tcp_segment(ours, addr, key.2, port, seq, SYN));
-        if let Err(e) = send(&f.tx, addr, &syn[14..]) {
+        if let Err(e) = send_ip(&f.tx, addr, &syn[14..]) {
             self.waiting.lock().unwrap().remove(&key);
             return local_or_down(&e);
         }
@@ -236,25 +236,6 @@ fn local_or_down(e: &io::Error) -> Probe {
     } else {
         Probe::Down(Failure::Connect)
     }
-}
-
-fn send(fd: &OwnedFd, to: IpAddr, packet: &[u8]) -> io::Result<()> {
-    let (storage, len) = sockaddr(&SocketAddr::new(to, 0));
-    // SAFETY: buffer and address are valid for the lengths given.
-    let n = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            packet.as_ptr().cast(),
-            packet.len(),
-            0,
-            (&storage as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// The (backend, backend port, our port, ack number, flags) of a segment

@@ -182,8 +182,12 @@ fn sender(spec: &TunnelSpec) -> io::Result<OwnedFd> {
 }
 
 fn send_raw(fd: &OwnedFd, spec: &TunnelSpec, packet: &[u8]) -> io::Result<()> {
-    let addr = SocketAddr::new(spec.backend, 0);
-    let (storage, len) = sockaddr(&addr);
+    send_ip(fd, spec.backend, packet)
+}
+
+/// Sends a whole IP packet (its own header) toward `to` on a raw socket.
+pub(crate) fn send_ip(fd: &OwnedFd, to: IpAddr, packet: &[u8]) -> io::Result<()> {
+    let (storage, len) = sockaddr(&SocketAddr::new(to, 0));
     // SAFETY: buffer and address are valid for the lengths given.
     let n = unsafe {
         libc::sendto(

@@ -33,7 +33,7 @@ fn timeout(cfg: &EtcdConfig) -> Duration {
 }
 
 /// Runs `f` within the configured timeout.
-async fn within<T>(
+pub(crate) async fn within<T>(
     cfg: &EtcdConfig,
     what: &str,
     f: impl Future<Output = Result<T, etcd_client::Error>>,

@@ -17,7 +17,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use etcd_client::{Client, DeleteOptions, EventType, GetOptions, PutOptions, WatchOptions};
 use tokio::sync::{mpsc, watch};
 
-use super::{EtcdConfig, etcd::FleetEvent};
+use super::{
+    EtcdConfig,
+    etcd::{FleetEvent, within},
+};
 
 /// A backend of a VIP (by the VIP's name) as one instance sees it: down.
 pub type Observation = (String, IpAddr);
@@ -119,17 +122,6 @@ pub async fn run(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-async fn within<T>(
-    cfg: &EtcdConfig,
-    what: &str,
-    f: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T> {
-    tokio::time::timeout(Duration::from_millis(cfg.timeout_ms), f)
-        .await
-        .map_err(|_| anyhow!("{what}: no answer from etcd within {} ms", cfg.timeout_ms))?
-        .with_context(|| what.to_string())
 }
 
 /// Brings this instance's observation keys to `want`.

@@ -72,6 +72,18 @@ fn lbctl(tb: &Testbed, i: usize, args: &[&str]) -> bool {
     out.status.success()
 }
 
+/// An `lbctl` change on instance `i`, then every instance at its revision.
+fn change(tb: &Testbed, i: usize, args: &[&str]) -> bool {
+    let before = status(tb, 0)["fleet"]["revision"].as_i64().unwrap_or(0);
+    let ok = lbctl(tb, i, args);
+    for j in 0..tb.lbds.len() {
+        wait_for("every instance at the new revision", || {
+            status(tb, j)["fleet"]["revision"].as_i64() > Some(before)
+        });
+    }
+    ok
+}
+
 fn main() {
     let started = Instant::now();
     println!(
@@ -96,13 +108,7 @@ fn main() {
     println!("   {LONG_LIVED} long-lived connections open");
 
     println!("\n== one change, made once: be4 gets weight 1");
-    let before = status(&tb, 0)["fleet"]["revision"].as_i64().unwrap_or(0);
-    ok &= lbctl(&tb, 0, &["backend", "weight", VIP80, "10.30.4.2", "1"]);
-    for i in 0..3 {
-        wait_for("every instance at the new revision", || {
-            status(&tb, i)["fleet"]["revision"].as_i64() > Some(before)
-        });
-    }
+    ok &= change(&tb, 0, &["backend", "weight", VIP80, "10.30.4.2", "1"]);
     let digests = show_fleet(&tb);
     ok &= same(&digests);
     for active in [&[0][..], &[1], &[2], &[0, 1, 2]] {
@@ -139,13 +145,7 @@ fn main() {
             status(&tb, i)["fleet"]["connected"] == true
         });
     }
-    let before = status(&tb, 0)["fleet"]["revision"].as_i64().unwrap_or(0);
-    ok &= lbctl(&tb, 2, &["backend", "weight", VIP80, "10.30.1.2", "2"]);
-    for i in 0..3 {
-        wait_for("every instance at the new revision", || {
-            status(&tb, i)["fleet"]["revision"].as_i64() > Some(before)
-        });
-    }
+    ok &= change(&tb, 2, &["backend", "weight", VIP80, "10.30.1.2", "2"]);
     ok &= same(&show_fleet(&tb));
     let n = held.alive();
     println!("   {n}/{LONG_LIVED} answer");
