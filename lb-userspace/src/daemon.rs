@@ -96,10 +96,10 @@ pub struct Daemon {
     link_errors: BTreeMap<String, String>,
     /// VIPs from etcd (`[etcd]`), when configured.
     fleet: Option<FleetState>,
-    /// Fleet health: the backends a quorum of live instances sees down
-    /// (`None`: this instance decides alone, as without it or while etcd
-    /// is unreachable).
-    fleet_down: Option<BTreeSet<(VipKey, IpAddr)>>,
+    /// Fleet health: the backends a quorum of live instances sees down,
+    /// by VIP name (`None`: this instance decides alone, as without it or
+    /// while etcd is unreachable).
+    fleet_down: Option<BTreeMap<String, BTreeSet<IpAddr>>>,
     /// Fleet health: where this instance's own observations go.
     local_down: Option<tokio::sync::watch::Sender<BTreeSet<crate::fleet::health::Observation>>>,
 }
@@ -281,12 +281,8 @@ impl Daemon {
         let mut d = Daemon {
             flows,
             config_path,
-            file_vips: config
-                .vips
-                .iter()
-                .filter(|v| fleet.as_ref().is_none_or(|f| !f.names.contains(&v.name())))
-                .cloned()
-                .collect(),
+            // The file's VIPs: set from `local_vips` below.
+            file_vips: Vec::new(),
             fleet,
             fleet_down: None,
             local_down: None,
@@ -307,6 +303,7 @@ impl Daemon {
             capture_until: None,
             capture_lost_before: 0,
         };
+        d.file_vips = d.local_vips();
         d.announcer = d.config.bgp.clone().map(Announcer::new);
         let applying = std::time::Instant::now();
         d.apply()?;
@@ -332,6 +329,7 @@ impl Daemon {
             .iter()
             .map(|v| {
                 let key = vip_key(v);
+                let healthy = self.healthy_in(v);
                 DesiredVip {
                     key,
                     name: v.name(),
@@ -343,7 +341,7 @@ impl Daemon {
                         .map(|b| DesiredBackend {
                             addr: b.address,
                             weight: b.weight,
-                            healthy: self.healthy(key, b.address),
+                            healthy: healthy(b.address),
                             state: BackendState::parse(&b.state).expect("validated"),
                             server_id: v.server_id(b),
                         })
@@ -411,10 +409,10 @@ impl Daemon {
             .vips
             .iter()
             .filter(|v| {
-                let key = vip_key(v);
+                let healthy = self.healthy_in(v);
                 v.backends
                     .iter()
-                    .any(|b| b.weight > 0 && self.healthy(key, b.address))
+                    .any(|b| b.weight > 0 && healthy(b.address))
             })
             .map(|v| v.address)
             .collect()

@@ -171,6 +171,19 @@ impl Snapshot {
     }
 }
 
+/// `config` (the file's VIPs) with `snap`'s VIPs after them, checked as a
+/// whole, as lbd would run it.
+pub fn with_snapshot(
+    config: &crate::config::Config,
+    cfg: &EtcdConfig,
+    snap: &Snapshot,
+) -> Result<crate::config::Config> {
+    let mut c = config.clone();
+    c.vips = merge(&config.vips, snap.vips(cfg)?)?;
+    c.validate()?;
+    Ok(c)
+}
+
 /// A VIP as etcd holds it (JSON, the schema of a `[[vip]]` section).
 pub fn parse_vip(text: &str) -> Result<VipConfig> {
     serde_json::from_str(text).context("not a VIP (JSON of a [[vip]] section)")

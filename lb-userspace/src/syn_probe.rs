@@ -21,7 +21,7 @@ use tokio::{io::unix::AsyncFd, sync::oneshot};
 use crate::{
     health::{Failure, Probe, is_local_error, probe_tcp},
     tunnel_probe::{
-        ACK, RST, SYN, frame, rand_u32, raw_socket, send_ip, source_toward, tcp_segment,
+        ACK, RST, SYN, frame, rand_u32, raw_socket, recv_raw, send_ip, source_toward, tcp_segment,
     },
 };
 
@@ -89,7 +89,7 @@ impl SynProber {
             only_answers(&rx, v6)?;
             // SAFETY: an OwnedFd keeps its one descriptor until dropped.
             let rx = unsafe { AsyncFd::register(rx) }?;
-            tokio::spawn(receive(rx, v6, ports.clone(), waiting.clone()));
+            tokio::spawn(receive(rx, ports.clone(), waiting.clone()));
             families[i] = Some(Family {
                 tx,
                 ports,
@@ -264,44 +264,20 @@ fn answer_of(buf: &[u8], from: IpAddr, ports: &[u16]) -> Option<(IpAddr, u16, u1
 
 /// Reads every TCP segment this host receives and hands answers to our
 /// port to the probe waiting for them.
-async fn receive(rx: AsyncFd<OwnedFd>, v6: bool, ports: Vec<u16>, waiting: Waiting) {
+async fn receive(rx: AsyncFd<OwnedFd>, ports: Vec<u16>, waiting: Waiting) {
     let mut buf = [0u8; 128];
     loop {
         let Ok(mut guard) = rx.readable().await else {
             return;
         };
         loop {
-            // SAFETY: all-zero is a valid sockaddr_storage.
-            let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-            let mut from_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            // SAFETY: buffers valid for the lengths given.
-            let n = unsafe {
-                libc::recvfrom(
-                    rx.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                    (&mut from as *mut libc::sockaddr_storage).cast(),
-                    &mut from_len,
-                )
-            };
-            if n < 0 {
-                guard.clear_ready();
-                break;
-            }
-            let len = (n as usize).min(buf.len());
-            let from_ip = if v6 {
-                // SAFETY: an AF_INET6 raw socket writes a sockaddr_in6.
-                let sin6 = unsafe {
-                    &*(&from as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-                };
-                IpAddr::from(sin6.sin6_addr.s6_addr)
-            } else {
-                // SAFETY: an AF_INET raw socket writes a sockaddr_in.
-                let sin = unsafe {
-                    &*(&from as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
-                };
-                IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes())
+            let (len, from_ip) = match recv_raw(rx.get_ref(), &mut buf) {
+                Ok((len, Some(ip))) => (len, ip),
+                Ok(_) => continue,
+                Err(_) => {
+                    guard.clear_ready();
+                    break;
+                }
             };
             let Some((addr, sport, dport, ack, flags)) = answer_of(&buf[..len], from_ip, &ports)
             else {

@@ -240,6 +240,44 @@ pub(crate) fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::sock
     (storage, len as libc::socklen_t)
 }
 
+/// One datagram of a raw socket into `buf`: its length (at most `buf`'s)
+/// and the sender (`None`: neither IPv4 nor IPv6).
+pub(crate) fn recv_raw(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Option<IpAddr>)> {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut from_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: buffers valid for the lengths given.
+    let n = unsafe {
+        libc::recvfrom(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_TRUNC,
+            (&mut from as *mut libc::sockaddr_storage).cast(),
+            &mut from_len,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let ip = match from.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in.
+            let sin =
+                unsafe { &*(&from as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6.
+            let sin6 =
+                unsafe { &*(&from as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+        }
+        _ => None,
+    };
+    Ok(((n as usize).min(buf.len()), ip))
+}
+
 /// What came back for our SYN: the answer's (flags, sequence number), if
 /// `buf` (as a raw TCP socket of the VIP's family delivers it: with the
 /// IPv4 header, without the IPv6 one) is a segment from the VIP's port to
@@ -275,44 +313,17 @@ async fn await_answer(
     loop {
         let left = deadline.checked_duration_since(Instant::now())?;
         let mut guard = tokio::time::timeout(left, fd.readable()).await.ok()?.ok()?;
-        // SAFETY: all-zero is a valid sockaddr_storage.
-        let mut from: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut from_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        // SAFETY: buffers valid for the lengths given.
-        let n = unsafe {
-            libc::recvfrom(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                0,
-                (&mut from as *mut libc::sockaddr_storage).cast(),
-                &mut from_len,
-            )
+        let (n, from_ip) = match recv_raw(fd.get_ref(), &mut buf) {
+            Ok((n, Some(ip))) => (n, ip),
+            Ok(_) => continue,
+            Err(e) => {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    guard.clear_ready();
+                }
+                continue;
+            }
         };
-        if n < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock {
-                guard.clear_ready();
-            }
-            continue;
-        }
-        let from_ip = match from.ss_family as libc::c_int {
-            libc::AF_INET => {
-                // SAFETY: the kernel wrote a sockaddr_in.
-                let sin = unsafe {
-                    &*(&from as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
-                };
-                IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes())
-            }
-            libc::AF_INET6 => {
-                // SAFETY: the kernel wrote a sockaddr_in6.
-                let sin6 = unsafe {
-                    &*(&from as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-                };
-                IpAddr::from(sin6.sin6_addr.s6_addr)
-            }
-            _ => continue,
-        };
-        if let Some(a) = answer(&buf[..n as usize], from_ip, spec, our_port) {
+        if let Some(a) = answer(&buf[..n], from_ip, spec, our_port) {
             return Some(a);
         }
     }

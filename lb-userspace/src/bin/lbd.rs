@@ -291,19 +291,18 @@ fn real_main() -> Result<()> {
             stats_interval,
         } => rt.block_on(run(config, stats_interval)),
         Cmd::CheckConfig { file, etcd } => {
-            let mut config = Config::load(&file)?;
+            let config = Config::load(&file)?;
             config.check_host()?;
             println!("{}: ok", file.display());
             match (&config.etcd, etcd) {
                 (Some(cfg), true) => {
                     let snap = rt.block_on(lb_userspace::fleet::etcd::read_once(cfg))?;
-                    let vips = lb_userspace::fleet::merge(&config.vips, snap.vips(cfg)?)?;
-                    let from_etcd = vips.len() - config.vips.len();
-                    config.vips = vips;
-                    config.validate()?;
+                    lb_userspace::fleet::with_snapshot(&config, cfg, &snap)?;
                     println!(
-                        "etcd {} revision {}: {from_etcd} VIPs ok with the file's",
-                        cfg.prefix, snap.revision
+                        "etcd {} revision {}: {} VIPs ok with the file's",
+                        cfg.prefix,
+                        snap.revision,
+                        snap.entries.len()
                     );
                 }
                 (Some(_), false) => {

@@ -3,7 +3,10 @@
 //! keeps serving), edits sent to etcd as transactions, and what status and
 //! metrics show of it.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use anyhow::{Context, Result, anyhow};
 use serde_json::json;
@@ -17,7 +20,7 @@ use crate::{
         EtcdConfig, Snapshot,
         etcd::{FleetEvent, Write},
         health::{HealthView, Observation},
-        merge, save,
+        merge, save, with_snapshot,
     },
     serve::Caller,
 };
@@ -81,12 +84,6 @@ impl FleetState {
             started_from,
             health_view: None,
         }
-    }
-
-    /// The working VIPs for `snap` over `local` (the file's and their
-    /// runtime changes).
-    pub fn vips_for(&self, local: &[VipConfig], snap: &Snapshot) -> Result<Vec<VipConfig>> {
-        merge(local, snap.vips(&self.cfg)?)
     }
 
     /// Keeps the applied revision next to the pinned state.
@@ -199,21 +196,10 @@ impl Daemon {
 
     fn try_apply_fleet(&mut self, snap: Snapshot) -> Result<Vec<String>> {
         let f = self.fleet.as_ref().expect("fleet");
-        let local: Vec<VipConfig> = self
-            .config
-            .vips
-            .iter()
-            .filter(|v| !f.names.contains(&v.name()))
-            .cloned()
-            .collect();
-        let vips = f.vips_for(&local, &snap)?;
-        let names = snap
-            .vips(&f.cfg)?
-            .iter()
-            .map(VipConfig::name)
-            .collect::<BTreeSet<_>>();
+        let fleet_vips = snap.vips(&f.cfg)?;
+        let names: BTreeSet<String> = fleet_vips.iter().map(VipConfig::name).collect();
         let mut candidate = self.config.clone();
-        candidate.vips = vips;
+        candidate.vips = merge(&self.local_vips(), fleet_vips)?;
         let changes = describe_changes(&self.config.vips, &candidate.vips);
         self.replace_config(candidate)?;
         let f = self.fleet.as_mut().expect("fleet");
@@ -228,7 +214,7 @@ impl Daemon {
             return Ok(file);
         };
         let mut c = file;
-        c.vips = f.vips_for(&c.vips, &f.applied)?;
+        c.vips = merge(&c.vips, f.applied.vips(&f.cfg)?)?;
         Ok(c)
     }
 
@@ -328,43 +314,29 @@ pub async fn fleet_at_start(cfg: &EtcdConfig, config: &mut Config) -> FleetState
             None
         }
     };
-    let mut tried = Vec::new();
     let mut error = None;
-    match crate::fleet::etcd::read_once(cfg).await {
-        Ok(s) => tried.push((s, StartedFrom::Etcd)),
+    let current = match crate::fleet::etcd::read_once(cfg).await {
+        Ok(s) => Some((s, StartedFrom::Etcd)),
         Err(e) => {
             warn!(state_file = %cfg.state_file, "etcd unreachable at start, serving the last revision applied here: {e:#}");
             error = Some(format!("{e:#}"));
+            None
         }
-    }
+    };
     let mut rejected = None;
-    for (snap, from) in tried
-        .into_iter()
-        .chain(saved().map(|s| (s, StartedFrom::StateFile)))
-    {
-        let state = FleetState::new(cfg.clone(), None, from);
-        let candidate = state.vips_for(&config.vips, &snap).and_then(|vips| {
-            let mut c = config.clone();
-            c.vips = vips;
-            c.validate()?;
-            Ok(c)
-        });
-        match candidate {
+    let mut chosen = None;
+    // The state file is read only when etcd's revision is not served.
+    let candidates = current.into_iter().chain(
+        std::iter::once_with(saved)
+            .flatten()
+            .map(|s| (s, StartedFrom::StateFile)),
+    );
+    for (snap, from) in candidates {
+        match with_snapshot(config, cfg, &snap) {
             Ok(c) => {
                 *config = c;
-                let mut state = FleetState::new(cfg.clone(), Some(snap), from);
-                state.last_error = error;
-                if let Some(r) = rejected {
-                    state.rejected = Some(r);
-                    state.rejected_total = 1;
-                }
-                info!(
-                    revision = state.applied.revision,
-                    from = from.name(),
-                    vips = state.names.len(),
-                    "fleet configuration read"
-                );
-                return state;
+                chosen = Some((snap, from));
+                break;
             }
             Err(e) => {
                 error!(
@@ -376,15 +348,23 @@ pub async fn fleet_at_start(cfg: &EtcdConfig, config: &mut Config) -> FleetState
             }
         }
     }
-    let mut state = FleetState::new(cfg.clone(), None, StartedFrom::Nothing);
+    let (snap, from) = chosen.map_or((None, StartedFrom::Nothing), |(s, f)| (Some(s), f));
+    let mut state = FleetState::new(cfg.clone(), snap, from);
     state.last_error = error;
-    if let Some(r) = rejected {
-        state.rejected = Some(r);
-        state.rejected_total = 1;
+    state.rejected_total = rejected.is_some() as u64;
+    state.rejected = rejected;
+    if from == StartedFrom::Nothing {
+        warn!(
+            "no fleet revision to serve yet: the file's VIPs only, until etcd answers with a valid one"
+        );
+    } else {
+        info!(
+            revision = state.applied.revision,
+            from = from.name(),
+            vips = state.names.len(),
+            "fleet configuration read"
+        );
     }
-    warn!(
-        "no fleet revision to serve yet: the file's VIPs only, until etcd answers with a valid one"
-    );
     state
 }
 
@@ -407,25 +387,27 @@ impl Daemon {
 }
 
 impl Daemon {
-    /// Whether backend `addr` of VIP `key` takes traffic: the fleet's
+    /// Whether a backend (by address) of `v` takes traffic: the fleet's
     /// decision in fleet health mode (while etcd answers), else this
     /// instance's own checks.
-    pub(super) fn healthy(&self, key: lb_common::maps::VipKey, addr: std::net::IpAddr) -> bool {
-        match &self.fleet_down {
-            Some(down) => !down.contains(&(key, addr)),
+    pub(super) fn healthy_in<'a>(&'a self, v: &VipConfig) -> impl Fn(IpAddr) -> bool + 'a {
+        let key = super::vip_key(v);
+        let fleet = self.fleet_down.as_ref().map(|d| d.get(&v.name()));
+        move |addr| match fleet {
+            Some(down) => !down.is_some_and(|d| d.contains(&addr)),
             None => self.health.get(&(key, addr)).copied().unwrap_or(true),
         }
     }
 
     /// Fleet health: how many live instances see the backend down.
-    pub(super) fn seen_down_by(&self, vip: &str, addr: std::net::IpAddr) -> Option<usize> {
+    pub(super) fn seen_down_by(&self, vip: &str, addr: IpAddr) -> Option<usize> {
         let view = self.fleet.as_ref()?.health_view.as_ref()?;
         Some(view.seen_down_by(&(vip.to_string(), addr)))
     }
 
     /// What this instance's checks see down, by VIP name.
     fn local_observations(&self) -> BTreeSet<Observation> {
-        let names: std::collections::BTreeMap<_, _> = self
+        let names: BTreeMap<_, _> = self
             .config
             .vips
             .iter()
@@ -470,24 +452,16 @@ impl Daemon {
     }
 
     /// The fleet's view changed (or was lost): the backends it decides
-    /// down, applied when that changes the tables.
+    /// down, applied when that changes the tables. Kept by VIP name, so a
+    /// VIP or backend that a later revision adds is judged by it at once.
     pub(super) fn on_fleet_health(&mut self, view: Option<HealthView>) {
         let Some(f) = self.fleet.as_mut() else { return };
         let decided = view.as_ref().map(|v| {
-            let down = v.decided_down(f.cfg.down_share);
-            self.config
-                .vips
-                .iter()
-                .flat_map(|vip| {
-                    let key = super::vip_key(vip);
-                    let name = vip.name();
-                    vip.backends
-                        .iter()
-                        .filter(|b| down.contains(&(name.clone(), b.address)))
-                        .map(move |b| (key, b.address))
-                        .collect::<Vec<_>>()
-                })
-                .collect::<BTreeSet<_>>()
+            let mut by_vip: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+            for (vip, addr) in v.decided_down(f.cfg.down_share) {
+                by_vip.entry(vip).or_default().insert(addr);
+            }
+            by_vip
         });
         f.health_view = view;
         if decided == self.fleet_down {
@@ -502,14 +476,19 @@ impl Daemon {
             ),
             _ => {}
         }
-        let before = std::mem::replace(&mut self.fleet_down, decided);
-        let now = self.fleet_down.clone().unwrap_or_default();
-        let before = before.unwrap_or_default();
-        for (key, addr) in now.difference(&before) {
-            warn!(backend = %addr, vip = ?key, "fleet health: backend down (seen by a quorum of instances)");
+        let pairs = |d: &Option<BTreeMap<String, BTreeSet<IpAddr>>>| -> BTreeSet<Observation> {
+            d.iter()
+                .flatten()
+                .flat_map(|(vip, addrs)| addrs.iter().map(move |a| (vip.clone(), *a)))
+                .collect()
+        };
+        let before = pairs(&std::mem::replace(&mut self.fleet_down, decided));
+        let now = pairs(&self.fleet_down);
+        for (vip, addr) in now.difference(&before) {
+            warn!(backend = %addr, vip = %vip, "fleet health: backend down (seen by a quorum of instances)");
         }
-        for (key, addr) in before.difference(&now) {
-            info!(backend = %addr, vip = ?key, "fleet health: backend up again");
+        for (vip, addr) in before.difference(&now) {
+            info!(backend = %addr, vip = %vip, "fleet health: backend up again");
         }
         if let Err(e) = self.apply() {
             error!("applying a fleet health change: {e:#}");

@@ -75,6 +75,7 @@ impl Daemon {
             .iter()
             .map(|v| {
                 let key = vip_key(v);
+                let healthy = self.healthy_in(v);
                 let applied = self.rec.vips.get(&key);
                 // Slots per backend in one pass over the table (a scan per
                 // backend was table size x backends per VIP).
@@ -97,7 +98,7 @@ impl Daemon {
                             id,
                             weight: b.weight,
                             state: &b.state,
-                            healthy: self.healthy(key, b.address),
+                            healthy: healthy(b.address),
                             slots: id.and_then(|i| slots.get(&i)).copied().unwrap_or(0),
                             counter: id.map(|i| self.dp.backend_counter(i)).unwrap_or_default(),
                             new_flows: id.map_or(0, |i| self.dp.backend_new_flows(i).packets),
