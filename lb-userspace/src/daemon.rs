@@ -160,7 +160,7 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
         let prev = Some(dp.prev_table(meta.vip_id))
             .filter(|p| p.size > 0)
             .map(|region| PrevState {
-                table: dp.read_slots(region.offset, region.size),
+                table: dp.read_slots(region.offset, region.size).into(),
                 region: Some(region),
                 since: std::time::Instant::now(),
                 explicit: false,
@@ -179,7 +179,7 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
                 meta,
                 table_size: meta.table_size,
                 backends: owned,
-                table,
+                table: table.into(),
                 digest,
                 prev,
             },
@@ -1113,7 +1113,7 @@ impl Daemon {
             (None, None)
         } else {
             let slot = hash % vip.meta.table_size;
-            (Some(slot), addr_of(vip.table[slot as usize]))
+            (Some(slot), addr_of(vip.table.get(slot as usize)))
         };
         let tracked = self
             .dp
@@ -1211,6 +1211,9 @@ pub fn keep_tables_on_the_heap() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        // One heap for every thread: tables built on the build threads
+        // reuse what the previous switch freed on the main thread.
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 

@@ -32,7 +32,7 @@ use lb_common::{
     settings::Settings,
 };
 
-use crate::{object::ebpf_object, xdp_mode::Chosen};
+use crate::{object::ebpf_object, slot_table::SlotTable, xdp_mode::Chosen};
 
 /// How `attach_pinned` attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -376,6 +376,21 @@ impl SlotsMmap {
         let raw = &mut self.raw_mut()[offset * SLOT_STRIDE..(offset + table.len()) * SLOT_STRIDE];
         for (cell, &id) in raw.chunks_exact_mut(SLOT_STRIDE).zip(table) {
             cell[0] = id;
+        }
+    }
+
+    fn write_table(&mut self, offset: usize, table: &SlotTable) {
+        use rayon::prelude::*;
+        // Large tables on every core: a host failing under thousands of
+        // VIPs writes gigabytes here, at the memory's pace.
+        const PART: usize = 16_384;
+        let raw = &mut self.raw_mut()[offset * SLOT_STRIDE..(offset + table.len()) * SLOT_STRIDE];
+        if table.len() <= PART {
+            table.write_strided(raw, SLOT_STRIDE, 0);
+        } else {
+            raw.par_chunks_mut(PART * SLOT_STRIDE)
+                .enumerate()
+                .for_each(|(i, cells)| table.write_strided(cells, SLOT_STRIDE, i * PART));
         }
     }
 
@@ -932,6 +947,18 @@ impl Dataplane {
             table.len()
         );
         self.slots.write(start, table);
+        Ok(())
+    }
+
+    /// `write_slots` for a table of positions and ids.
+    pub fn write_table(&mut self, offset: u32, table: &SlotTable) -> Result<()> {
+        let start = offset as usize;
+        ensure!(
+            start + table.len() <= self.slots.len,
+            "table of {} slots at {offset} exceeds MAGLEV_SLOTS",
+            table.len()
+        );
+        self.slots.write_table(start, table);
         Ok(())
     }
 

@@ -23,6 +23,7 @@ pub mod reconcile;
 pub mod render;
 pub mod serve;
 pub mod sizing;
+pub mod slot_table;
 pub mod slots;
 pub mod syn_probe;
 pub mod tunnel_probe;

@@ -29,15 +29,16 @@ use lb_common::maps::{
 use tracing::warn;
 
 use crate::{
+    slot_table::SlotTable,
     slots::SlotAllocator,
     vip_table::{BackendSpec, derived_keys},
 };
-use tables::{Built, TableInputs, base_of, build_all, build_threads};
+use tables::{Built, Job, Prebuilt, TableInputs, base_of, build_all};
 
 /// The map operations the reconciler needs.
 pub trait MapWriter {
     fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()>;
-    fn write_slots(&mut self, offset: u32, table: &[u32]) -> Result<()>;
+    fn write_table(&mut self, offset: u32, table: &SlotTable) -> Result<()>;
     fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<()>;
     fn remove_vip(&mut self, key: &VipKey) -> Result<()>;
     /// Deletes connection-table entries that still name backend `id`, before
@@ -58,8 +59,8 @@ impl MapWriter for crate::dataplane::Dataplane {
     fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {
         crate::dataplane::Dataplane::set_backend(self, id, backend)
     }
-    fn write_slots(&mut self, offset: u32, table: &[u32]) -> Result<()> {
-        crate::dataplane::Dataplane::write_slots(self, offset, table)
+    fn write_table(&mut self, offset: u32, table: &SlotTable) -> Result<()> {
+        crate::dataplane::Dataplane::write_table(self, offset, table)
     }
     fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<()> {
         crate::dataplane::Dataplane::set_vip(self, key, meta)
@@ -141,8 +142,9 @@ pub struct AppliedVip {
     pub meta: VipMeta,
     pub table_size: u32,
     pub backends: BTreeMap<IpAddr, AppliedBackend>,
-    /// Slot contents (backend ids) as written.
-    pub table: Vec<u32>,
+    /// Slot contents (backend ids) as written; shared with the previous
+    /// table it becomes on the next switch (no copy).
+    pub table: SlotTable,
     /// `table_digest` of `table`: equal on every instance with the same table.
     pub digest: String,
     /// The previous table second-chance forwarding uses.
@@ -152,7 +154,7 @@ pub struct AppliedVip {
 /// A VIP's previous table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrevState {
-    pub table: Vec<u32>,
+    pub table: SlotTable,
     /// Where it is in `MAGLEV_SLOTS`; `None` once its window has passed
     /// (or when there was no room): the contents are kept so that the same
     /// previous table is not taken up again.
@@ -236,7 +238,7 @@ pub struct Reconciler {
     /// inputs, unchanged tables (no rebuild).
     built_from: BTreeMap<VipKey, TableInputs>,
     /// Tables built ahead, in parallel, for this apply.
-    prebuilt: BTreeMap<VipKey, (TableInputs, Built)>,
+    prebuilt: BTreeMap<VipKey, Prebuilt>,
     /// `QUIC_SERVERS` as written.
     quic_servers: BTreeMap<QuicServerKey, u32>,
 }
@@ -490,12 +492,17 @@ impl Reconciler {
                 .as_ref()
                 .and_then(|_| v.prev.as_ref().map(|p| p.table.clone()));
             if inputs.prev_specs.is_none() || prev.is_some() {
-                return Ok((v.table.clone(), prev));
+                return Ok(Built {
+                    table: v.table.clone(),
+                    prev,
+                    digest: v.digest.clone(),
+                });
             }
         }
-        let built = match self.prebuilt.remove(&key) {
-            Some((ahead, built)) if ahead == inputs => built,
-            _ => {
+        let ahead = self.prebuilt.remove(&key).and_then(|p| p.take(&inputs));
+        let built = match ahead {
+            Some(built) => built,
+            None => {
                 let base =
                     existing.and_then(|v| base_of(self.built_from.get(&key), &inputs, &v.table));
                 inputs.build(self.seed, base)?
@@ -505,28 +512,49 @@ impl Reconciler {
         Ok(built)
     }
 
-    /// Builds, on every core, the tables of VIPs whose inputs changed and
-    /// whose backends all have ids already (the common case: health,
-    /// weight and state changes); the others build in `apply_vip`.
+    /// Builds, on every core and once per pool, the tables of VIPs whose
+    /// inputs changed (new VIPs too: their pool's tables, ids follow in
+    /// `apply_vip`).
     fn prebuild(&mut self, desired: &[DesiredVip]) {
-        let jobs: Vec<(VipKey, TableInputs, Option<&[u32]>)> = desired
+        let jobs: Vec<Job> = desired
             .iter()
             .filter_map(|d| {
-                let applied = self.vips.get(&d.key)?;
-                let ids = applied_ids(applied, d, |_, _| true)?;
+                let Some(applied) = self.vips.get(&d.key) else {
+                    // Not applied yet: ids are handed out later.
+                    let ids = d.backends.iter().map(|b| (b.addr, 0)).collect();
+                    return Some(Job {
+                        key: d.key,
+                        inputs: self.table_inputs(d, &ids),
+                        ids_known: false,
+                        base: None,
+                    });
+                };
+                let (ids, ids_known) = match applied_ids(applied, d, |_, _| true) {
+                    Some(ids) => (ids, true),
+                    None => (d.backends.iter().map(|b| (b.addr, 0)).collect(), false),
+                };
                 let inputs = self.table_inputs(d, &ids);
                 let last = self.built_from.get(&d.key);
-                (last != Some(&inputs)).then(|| {
-                    let base = base_of(last, &inputs, &applied.table);
-                    (d.key, inputs, base)
+                if ids_known && last == Some(&inputs) {
+                    return None;
+                }
+                let base = ids_known
+                    .then(|| base_of(last, &inputs, &applied.table))
+                    .flatten();
+                Some(Job {
+                    key: d.key,
+                    inputs,
+                    ids_known,
+                    base,
                 })
             })
             .collect();
-        // One table is not worth a thread.
-        if jobs.len() > 1 {
-            let built = build_all(jobs, self.seed, build_threads());
-            self.prebuilt = built;
-        }
+        // One table is not worth the threads.
+        self.prebuilt = if jobs.len() > 1 {
+            build_all(jobs, self.seed)
+        } else {
+            BTreeMap::new()
+        };
     }
 
     /// Whether VIP `d` is exactly as applied (same backends, ids, weights,
@@ -627,7 +655,11 @@ impl Reconciler {
         // 2. The table, switched atomically when it changed.
         let ids: BTreeMap<IpAddr, u32> = backends.iter().map(|(a, b)| (*a, b.id)).collect();
         let inputs = self.table_inputs(d, &ids);
-        let (table, explicit_prev) = self.tables_for(d.key, inputs, existing.as_ref())?;
+        let Built {
+            table,
+            prev: explicit_prev,
+            digest,
+        } = self.tables_for(d.key, inputs, existing.as_ref())?;
         let unchanged = existing.as_ref().is_some_and(|v| {
             v.table == table && v.table_size == d.table_size && v.meta.flags == d.flags
         });
@@ -649,7 +681,7 @@ impl Reconciler {
                     .context("MAGLEV_SLOTS is full: raise lb.maglev_slots")?
             };
             if len > 0 {
-                maps.write_slots(offset, &table)?;
+                maps.write_table(offset, &table)?;
             }
             // The previous table is in place before packets see the new one.
             let (p, reused_old_region) = self.settle_prev(
@@ -717,10 +749,6 @@ impl Reconciler {
             maps.set_backend(id, entry)?;
             self.backend_ids.release(id, now);
         }
-        let digest = match &existing {
-            Some(v) if !switched => v.digest.clone(),
-            _ => crate::vip_table::table_digest(&table, ids),
-        };
         self.vips.insert(
             d.key,
             AppliedVip {
@@ -746,15 +774,15 @@ impl Reconciler {
     fn settle_prev(
         &mut self,
         vip_id: u32,
-        explicit: Option<Vec<u32>>,
+        explicit: Option<SlotTable>,
         existing: Option<&AppliedVip>,
-        current: &[u32],
+        current: &SlotTable,
         switching: bool,
         maps: &mut impl MapWriter,
         now: Instant,
     ) -> Result<(Option<PrevState>, bool)> {
         let old_prev = existing.and_then(|v| v.prev.as_ref());
-        let wanted: Option<(Vec<u32>, bool)> = if self.second_chance_window.is_zero() {
+        let wanted: Option<(SlotTable, bool)> = if self.second_chance_window.is_zero() {
             None
         } else if let Some(t) = explicit {
             Some((t, true))
@@ -768,7 +796,7 @@ impl Reconciler {
                 .map(|p| (p.table.clone(), false))
         };
         // A previous table equal to the current one sends nothing anywhere.
-        let wanted = wanted.filter(|(t, _)| !t.is_empty() && t.as_slice() != current);
+        let wanted = wanted.filter(|(t, _)| !t.is_empty() && t != current);
         let old_region = old_prev.and_then(|p| p.region);
         let Some((table, explicit)) = wanted else {
             if let Some(region) = old_region {
@@ -798,7 +826,7 @@ impl Reconciler {
             }
             _ => match self.alloc.allocate(len) {
                 Some(offset) => {
-                    maps.write_slots(offset, &table)?;
+                    maps.write_table(offset, &table)?;
                     Some(PrevTable { offset, size: len })
                 }
                 None => {

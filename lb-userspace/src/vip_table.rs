@@ -23,96 +23,154 @@ pub struct BackendSpec {
     pub weight: u32,
 }
 
-/// The VIP's Maglev table with each slot holding a backend id. Identities
-/// are the backends' addresses, so every instance agrees.
-pub fn maglev_ids(
-    backends: &[BackendSpec],
+/// An empty slot in a table of positions.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// The Maglev table of `backends` (address, weight) as positions in that
+/// list, `NO_BACKEND` for none. Identities are the backends' addresses, so
+/// every instance agrees, and VIPs with the same pool share one build.
+pub fn maglev_positions(
+    backends: &[(IpAddr, u32)],
     size: u32,
     seed: u32,
 ) -> Result<Vec<u32>, maglev::MaglevError> {
     let input: Vec<MaglevBackend> = backends
         .iter()
-        .map(|b| MaglevBackend::new(b.addr.to_string(), b.weight))
+        .map(|(addr, weight)| MaglevBackend::new(addr.to_string(), *weight))
         .collect();
     let table = maglev::build(&input, size, seed as u64)?;
-    // Identity -> id, once (a search per backend was quadratic: 70 s of
-    // string formatting for 16 VIPs of 10,000 backends).
+    // Identity -> position, once (a search per backend was quadratic: 70 s
+    // of string formatting for 16 VIPs of 10,000 backends).
     let by_identity: std::collections::HashMap<&str, u32> = input
         .iter()
-        .zip(backends)
-        .map(|(mb, b)| (mb.identity.as_str(), b.id))
+        .enumerate()
+        .map(|(i, mb)| (mb.identity.as_str(), i as u32))
         .collect();
-    let ids: Vec<u32> = table
+    let positions: Vec<u32> = table
         .backends
         .iter()
-        .map(|mb| by_identity.get(mb.identity.as_str()).copied().unwrap_or(0))
+        .map(|mb| by_identity[mb.identity.as_str()])
         .collect();
-    Ok(table.slots.iter().map(|&i| ids[i as usize]).collect())
+    Ok(table.slots.iter().map(|&i| positions[i as usize]).collect())
 }
 
-/// The table when some backends have failed: every slot of a healthy
-/// backend keeps its owner (its flows do not move, tracked or not), and each
-/// slot of a failed backend goes to the owner that slot has in the table of
-/// the healthy backends alone. Deterministic from (backends, failed set), so
-/// instances with the same health view agree slot for slot.
-pub fn table_with_failures(
-    backends: &[BackendSpec],
-    failed: &[u32],
+/// The table when some backends have failed (`failed[i]` for position i):
+/// every slot of a healthy backend keeps its owner (its flows do not move,
+/// tracked or not), and each slot of a failed backend goes to the owner
+/// that slot has in the table of the healthy backends alone. Deterministic
+/// from (backends, failed set), so instances with the same health view
+/// agree slot for slot. `base`, when known, is the table with none failed
+/// (one Maglev build saved).
+pub fn positions_with_failures(
+    backends: &[(IpAddr, u32)],
+    failed: &[bool],
     size: u32,
     seed: u32,
+    base: Option<&[u32]>,
 ) -> Result<Vec<u32>, maglev::MaglevError> {
-    let base = maglev_ids(backends, size, seed)?;
-    with_failures_over(&base, backends, failed, size, seed)
-}
-
-/// `table_with_failures` given `base`, the table of `backends` with none
-/// failed (the applied table, when no backend had failed: one Maglev
-/// build saved per VIP when a backend host fails under many VIPs).
-pub fn with_failures_over(
-    base: &[u32],
-    backends: &[BackendSpec],
-    failed: &[u32],
-    size: u32,
-    seed: u32,
-) -> Result<Vec<u32>, maglev::MaglevError> {
-    if failed.is_empty() {
-        return Ok(base.to_vec());
-    }
-    // Looked up once per slot: a few failed ids are a short scan, many a
-    // hash set.
-    enum Failed<'a> {
-        Few(&'a [u32]),
-        Many(std::collections::HashSet<u32>),
-    }
-    impl Failed<'_> {
-        fn contains(&self, id: &u32) -> bool {
-            match self {
-                Failed::Few(ids) => ids.contains(id),
-                Failed::Many(set) => set.contains(id),
-            }
-        }
-    }
-    let failed = if failed.len() <= 8 {
-        Failed::Few(failed)
-    } else {
-        Failed::Many(failed.iter().copied().collect())
+    let base = match base {
+        Some(b) => std::borrow::Cow::Borrowed(b),
+        None => std::borrow::Cow::Owned(maglev_positions(backends, size, seed)?),
     };
-    let healthy: Vec<BackendSpec> = backends
+    if !failed.contains(&true) {
+        return Ok(base.into_owned());
+    }
+    let healthy: Vec<(IpAddr, u32)> = backends
         .iter()
-        .map(|b| BackendSpec {
-            weight: if failed.contains(&b.id) { 0 } else { b.weight },
-            ..b.clone()
-        })
+        .zip(failed)
+        .map(|(&(addr, weight), &down)| (addr, if down { 0 } else { weight }))
         .collect();
-    let alternative = maglev_ids(&healthy, size, seed)?;
+    let alternative = maglev_positions(&healthy, size, seed)?;
     if alternative.is_empty() || base.is_empty() {
         return Ok(alternative);
     }
     Ok(base
         .iter()
         .zip(&alternative)
-        .map(|(&b, &a)| if failed.contains(&b) { a } else { b })
+        .map(|(&b, &a)| {
+            if b != NO_BACKEND && failed[b as usize] {
+                a
+            } else {
+                b
+            }
+        })
         .collect())
+}
+
+/// A table of positions turned into backend ids (`ids[position]`; 0 for
+/// an empty slot).
+pub fn positions_to_ids(positions: &[u32], ids: &[u32]) -> Vec<u32> {
+    positions
+        .iter()
+        .map(|&p| ids.get(p as usize).copied().unwrap_or(0))
+        .collect()
+}
+
+/// A table of ids turned back into positions in `ids`; `None` if a slot
+/// names an id not in the list.
+pub fn ids_to_positions(table: &[u32], ids: &[u32]) -> Option<Vec<u32>> {
+    let (Some(&lo), Some(&hi)) = (ids.iter().min(), ids.iter().max()) else {
+        return table.is_empty().then(Vec::new);
+    };
+    // Ids of one VIP are mostly handed out together: a dense map.
+    let span = (hi - lo) as usize + 1;
+    let position_of: Box<dyn Fn(u32) -> Option<u32>> = if span <= 8 * ids.len() + 1024 {
+        let mut dense = vec![NO_BACKEND; span];
+        for (i, &id) in ids.iter().enumerate() {
+            dense[(id - lo) as usize] = i as u32;
+        }
+        Box::new(move |id| {
+            let p = *dense.get(id.checked_sub(lo)? as usize)?;
+            (p != NO_BACKEND).then_some(p)
+        })
+    } else {
+        let map: std::collections::HashMap<u32, u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| (id, i as u32))
+            .collect();
+        Box::new(move |id| map.get(&id).copied())
+    };
+    table
+        .iter()
+        .map(|&id| {
+            if id == 0 {
+                Some(NO_BACKEND)
+            } else {
+                position_of(id)
+            }
+        })
+        .collect()
+}
+
+fn pairs(backends: &[BackendSpec]) -> (Vec<(IpAddr, u32)>, Vec<u32>) {
+    backends.iter().map(|b| ((b.addr, b.weight), b.id)).unzip()
+}
+
+/// The VIP's Maglev table with each slot holding a backend id.
+pub fn maglev_ids(
+    backends: &[BackendSpec],
+    size: u32,
+    seed: u32,
+) -> Result<Vec<u32>, maglev::MaglevError> {
+    let (pool, ids) = pairs(backends);
+    Ok(positions_to_ids(
+        &maglev_positions(&pool, size, seed)?,
+        &ids,
+    ))
+}
+
+/// `positions_with_failures` for backends with ids, `failed` naming ids.
+pub fn table_with_failures(
+    backends: &[BackendSpec],
+    failed: &[u32],
+    size: u32,
+    seed: u32,
+) -> Result<Vec<u32>, maglev::MaglevError> {
+    let (pool, ids) = pairs(backends);
+    let failed: Vec<bool> = ids.iter().map(|id| failed.contains(id)).collect();
+    let table = positions_with_failures(&pool, &failed, size, seed, None)?;
+    Ok(positions_to_ids(&table, &ids))
 }
 
 /// A digest of a table by backend address (ids differ between instances):
@@ -120,27 +178,35 @@ pub fn with_failures_over(
 /// 16 hex digits of SHA-256 over the size, the addresses in order and each
 /// slot's rank among them; empty slots (id 0 or unknown) count as none.
 pub fn table_digest(table: &[u32], backends: impl IntoIterator<Item = (IpAddr, u32)>) -> String {
-    use sha2::{Digest, Sha256};
     let mut by_addr: Vec<(IpAddr, u32)> = backends.into_iter().collect();
     by_addr.sort();
-    let max_id = by_addr.iter().map(|(_, id)| *id).max().unwrap_or(0) as usize;
-    let mut rank = vec![u32::MAX; max_id + 1];
-    let mut h = Sha256::new();
-    h.update((table.len() as u64).to_le_bytes());
-    h.update((by_addr.len() as u64).to_le_bytes());
-    for (r, (addr, id)) in by_addr.iter().enumerate() {
+    let (addrs, ids): (Vec<IpAddr>, Vec<u32>) = by_addr.into_iter().unzip();
+    let max_id = ids.iter().copied().max().unwrap_or(0) as usize;
+    let mut rank = vec![NO_BACKEND; max_id + 1];
+    for (r, id) in ids.iter().enumerate() {
         rank[*id as usize] = r as u32;
+    }
+    let ranks: Vec<u32> = table
+        .iter()
+        .map(|&id| rank.get(id as usize).copied().unwrap_or(NO_BACKEND))
+        .collect();
+    positions_digest(&addrs, &ranks)
+}
+
+/// `table_digest` of a table of positions in `addrs`, sorted by address.
+pub fn positions_digest(addrs: &[IpAddr], positions: &[u32]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update((positions.len() as u64).to_le_bytes());
+    h.update((addrs.len() as u64).to_le_bytes());
+    for addr in addrs {
         let octets = match addr {
             IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
             IpAddr::V6(a) => a.octets(),
         };
         h.update(octets);
     }
-    let ranks: Vec<u32> = table
-        .iter()
-        .map(|&id| rank.get(id as usize).copied().unwrap_or(u32::MAX))
-        .collect();
-    h.update(bytemuck::cast_slice::<u32, u8>(&ranks));
+    h.update(bytemuck::cast_slice::<u32, u8>(positions));
     h.finalize()[..8]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -275,6 +341,44 @@ mod tests {
             owners.values().copied().collect::<Vec<_>>(),
             [k(80, 6), k(0, 17)]
         );
+    }
+
+    #[test]
+    fn ids_and_positions_convert_both_ways_dense_or_sparse() {
+        for ids in [vec![40, 41, 43], vec![7, 900_000, 3]] {
+            let table = vec![ids[2], 0, ids[0], ids[1], ids[0]];
+            let positions = ids_to_positions(&table, &ids).unwrap();
+            assert_eq!(positions, [2, NO_BACKEND, 0, 1, 0]);
+            assert_eq!(positions_to_ids(&positions, &ids), table);
+            assert_eq!(ids_to_positions(&[ids[0], 12], &ids), None);
+        }
+    }
+
+    #[test]
+    fn failed_slots_go_to_the_healthy_tables_owner_and_no_other_moves() {
+        let pool: Vec<(IpAddr, u32)> = (1..=9u8)
+            .map(|i| (IpAddr::from([10, 1, 0, i]), 1))
+            .collect();
+        let mut failed = vec![false; 9];
+        failed[4] = true;
+        let base = maglev_positions(&pool, 251, 3).unwrap();
+        let table = positions_with_failures(&pool, &failed, 251, 3, None).unwrap();
+        assert_eq!(
+            table,
+            positions_with_failures(&pool, &failed, 251, 3, Some(&base)).unwrap()
+        );
+        let mut healthy = pool.clone();
+        healthy[4].1 = 0;
+        let alternative = maglev_positions(&healthy, 251, 3).unwrap();
+        for s in 0..251 {
+            let want = if base[s] == 4 {
+                alternative[s]
+            } else {
+                base[s]
+            };
+            assert_eq!(table[s], want, "slot {s}");
+        }
+        assert!(!table.contains(&4));
     }
 
     #[test]

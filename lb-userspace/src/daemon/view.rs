@@ -81,7 +81,7 @@ impl Daemon {
                 // backend was table size x backends per VIP).
                 let mut slots: HashMap<u32, usize> = HashMap::new();
                 if let Some(a) = applied.filter(|_| with_backends) {
-                    for &id in &a.table {
+                    for id in a.table.iter() {
                         *slots.entry(id).or_default() += 1;
                     }
                 }

@@ -44,7 +44,22 @@ fn vip(i: u32) -> VipKey {
     )
 }
 
-fn desired(vips: u32, backends: u32, size: u32, failed_host: Option<u32>) -> Vec<DesiredVip> {
+/// Backend `j` of VIP `i`: host `j` (every VIP has the same pool), or with
+/// `distinct` pools host 0 and 99 others of 9,973, a set no other VIP has.
+fn host_of(i: u32, j: u32, distinct: bool) -> IpAddr {
+    if !distinct || j == 0 {
+        return host(j);
+    }
+    host(1 + (i * 37 + (j - 1) * 101) % 9973)
+}
+
+fn desired(
+    vips: u32,
+    backends: u32,
+    size: u32,
+    failed_host: Option<u32>,
+    distinct: bool,
+) -> Vec<DesiredVip> {
     let mut list: Vec<DesiredVip> = (0..vips)
         .map(|i| DesiredVip {
             key: vip(i),
@@ -53,7 +68,7 @@ fn desired(vips: u32, backends: u32, size: u32, failed_host: Option<u32>) -> Vec
             flags: 0,
             backends: (0..backends)
                 .map(|j| DesiredBackend {
-                    addr: host(j),
+                    addr: host_of(i, j, distinct),
                     weight: 1,
                     healthy: Some(j) != failed_host,
                     state: BackendState::Active,
@@ -160,7 +175,7 @@ fn ack_cost(dp: &mut Dataplane) -> f64 {
     runs[2]
 }
 
-fn case(vips: u32, backends: u32, size: u32) -> anyhow::Result<serde_json::Value> {
+fn case(vips: u32, backends: u32, size: u32, distinct: bool) -> anyhow::Result<serde_json::Value> {
     let mut lb: LbConfig = lb_userspace::config::Config::parse("[lb]\ninterfaces = [\"lo\"]\n")?.lb;
     lb.max_vips = vips + 16;
     lb.max_backends = vips * backends + 64;
@@ -185,26 +200,37 @@ fn case(vips: u32, backends: u32, size: u32) -> anyhow::Result<serde_json::Value
         (dp.vip_capacity, dp.backend_capacity),
         Duration::from_secs(600),
     );
-    let all = desired(vips, backends, size, None);
+    let all = desired(vips, backends, size, None, distinct);
     let t = Instant::now();
     rec.apply(&all, &mut dp)?;
     let cold = t.elapsed();
     let rss = rss_of(std::process::id());
     let before = ack_cost(&mut dp);
-    let failed = desired(vips, backends, size, Some(0));
+    let failed = desired(vips, backends, size, Some(0), distinct);
     let t = Instant::now();
     let report = rec.apply(&failed, &mut dp)?;
     let switch = t.elapsed();
     let after = ack_cost(&mut dp);
-    let name = format!("{vips} VIPs x {backends} backends, M = {size}");
+    // The host comes back: every table switches again (the memory the
+    // first switch freed is reused: the steady state).
+    let t = Instant::now();
+    let back = rec.apply(&all, &mut dp)?;
+    let recovery = t.elapsed();
+    let pools = if distinct {
+        ", each its own set of hosts"
+    } else {
+        ", one pool of hosts"
+    };
+    let name = format!("{vips} VIPs x {backends} backends, M = {size}{pools}");
     println!(
         "{name}: maps loaded in {:.0} ms; every table written from empty in {:.0} ms; \
-         one host of every VIP failed: {} tables switched in {:.0} ms; tracked ACK of an \
+         one host of every VIP failed: {} tables switched in {:.0} ms, and back in {:.0} ms; tracked ACK of an \
          unrelated VIP {before:.0} -> {after:.0} ns (gross); lbd-side RSS {rss:.0} MiB; maps {:.0} MiB",
         load.as_secs_f64() * 1e3,
         cold.as_secs_f64() * 1e3,
         report.tables_switched.len(),
         switch.as_secs_f64() * 1e3,
+        recovery.as_secs_f64() * 1e3,
         kernel_bytes as f64 / (1 << 20) as f64
     );
     Ok(json!({
@@ -212,10 +238,13 @@ fn case(vips: u32, backends: u32, size: u32) -> anyhow::Result<serde_json::Value
         "vips": vips,
         "backends_per_vip": backends,
         "table_size": size,
+        "distinct_pools": distinct,
         "load_ms": load.as_secs_f64() * 1e3,
         "cold_apply_ms": cold.as_secs_f64() * 1e3,
         "host_failure_switch_ms": switch.as_secs_f64() * 1e3,
         "tables_switched": report.tables_switched.len(),
+        "host_recovery_switch_ms": recovery.as_secs_f64() * 1e3,
+        "tables_switched_back": back.tables_switched.len(),
         "unrelated_ack_ns_before": before,
         "unrelated_ack_ns_after": after,
         "rss_mib": rss,
@@ -456,10 +485,13 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_default();
     let mut results = Vec::new();
     if only.is_empty() || only == "many" {
-        results.push(case(4096, 100, size)?);
+        results.push(case(4096, 100, size, false)?);
+    }
+    if only.is_empty() || only == "many-distinct" {
+        results.push(case(4096, 100, size, true)?);
     }
     if only.is_empty() || only == "wide" {
-        results.push(case(16, 10_000, 1_048_573)?);
+        results.push(case(16, 10_000, 1_048_573, false)?);
     }
     if only.is_empty() || only == "restart" {
         results.push(restart_case(4096, 100, size, 1_000_000)?);

@@ -1,0 +1,145 @@
+//! A VIP's Maglev table of backend ids, held as its pool's table of
+//! positions (one copy for every VIP with the same backends) and this
+//! VIP's id for each position: a host failing under 4,096 VIPs of one pool
+//! then builds one table, not 4,096 copies of a gigabyte in all.
+
+use std::{fmt, sync::Arc};
+
+use crate::vip_table::ids_to_positions;
+
+#[derive(Clone, Default)]
+pub struct SlotTable {
+    positions: Arc<Vec<u32>>,
+    ids: Arc<Vec<u32>>,
+}
+
+impl SlotTable {
+    /// `positions` (into `ids`, `NO_BACKEND` for an empty slot), shared.
+    pub fn new(positions: Arc<Vec<u32>>, ids: Vec<u32>) -> Self {
+        SlotTable {
+            positions,
+            ids: Arc::new(ids),
+        }
+    }
+
+    /// A table given slot by slot (read back from the kernel, or built
+    /// for one VIP).
+    pub fn from_ids(table: &[u32]) -> Self {
+        let mut ids: Vec<u32> = table.iter().copied().filter(|&id| id != 0).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let positions = ids_to_positions(table, &ids).expect("every id is listed");
+        SlotTable::new(Arc::new(positions), ids)
+    }
+
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    /// The backend id of slot `i` (0: none).
+    pub fn get(&self, i: usize) -> u32 {
+        self.id_at(self.positions[i])
+    }
+
+    fn id_at(&self, position: u32) -> u32 {
+        self.ids.get(position as usize).copied().unwrap_or(0)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.positions.iter().map(|&p| self.id_at(p))
+    }
+
+    pub fn to_vec(&self) -> Vec<u32> {
+        self.iter().collect()
+    }
+
+    /// This table as positions in `ids` (shared when it was built with
+    /// them); `None` when a slot names an id not in the list.
+    pub fn positions_in(&self, ids: &[u32]) -> Option<std::borrow::Cow<'_, [u32]>> {
+        if self.ids.as_slice() == ids {
+            return Some(std::borrow::Cow::Borrowed(&self.positions));
+        }
+        ids_to_positions(&self.to_vec(), ids).map(std::borrow::Cow::Owned)
+    }
+
+    /// Writes slots from `first_slot` on into `cells`, `stride` words per
+    /// slot, the id in each cell's first word.
+    pub fn write_strided(&self, cells: &mut [u32], stride: usize, first_slot: usize) {
+        for (cell, &p) in cells
+            .chunks_exact_mut(stride)
+            .zip(&self.positions[first_slot..])
+        {
+            cell[0] = self.id_at(p);
+        }
+    }
+}
+
+impl PartialEq for SlotTable {
+    fn eq(&self, other: &Self) -> bool {
+        if Arc::ptr_eq(&self.positions, &other.positions) && self.ids == other.ids {
+            return true;
+        }
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for SlotTable {}
+
+impl PartialEq<[u32]> for SlotTable {
+    fn eq(&self, other: &[u32]) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter().copied())
+    }
+}
+
+impl PartialEq<Vec<u32>> for SlotTable {
+    fn eq(&self, other: &Vec<u32>) -> bool {
+        *self == other[..]
+    }
+}
+
+impl fmt::Debug for SlotTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl From<Vec<u32>> for SlotTable {
+    fn from(table: Vec<u32>) -> Self {
+        SlotTable::from_ids(&table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vip_table::NO_BACKEND;
+
+    #[test]
+    fn positions_and_ids_read_as_the_id_table() {
+        let shared = Arc::new(vec![0, 1, 1, NO_BACKEND, 2]);
+        let a = SlotTable::new(shared.clone(), vec![7, 9, 4]);
+        let b = SlotTable::new(shared, vec![17, 19, 14]);
+        assert_eq!(a.to_vec(), [7, 9, 9, 0, 4]);
+        assert_eq!(b.get(1), 19);
+        assert_ne!(a, b);
+        assert_eq!(a, SlotTable::from_ids(&[7, 9, 9, 0, 4]));
+        assert_eq!(a, vec![7, 9, 9, 0, 4]);
+        assert_eq!(
+            *a.positions_in(&[7, 9, 4]).unwrap(),
+            [0, 1, 1, NO_BACKEND, 2]
+        );
+        assert_eq!(
+            *a.positions_in(&[4, 7, 9]).unwrap(),
+            [1, 2, 2, NO_BACKEND, 0]
+        );
+        assert!(a.positions_in(&[4, 7]).is_none());
+        let mut cells = [5u32; 6];
+        a.write_strided(&mut cells, 2, 1);
+        assert_eq!(cells, [9, 5, 9, 5, 0, 5]);
+        assert!(SlotTable::from_ids(&[]).is_empty());
+    }
+}
