@@ -33,7 +33,7 @@ use crate::{
     slots::SlotAllocator,
     vip_table::{BackendSpec, derived_keys},
 };
-use tables::{Built, Job, Prebuilt, TableInputs, base_of, build_all};
+use tables::{Built, Healthy, Job, Prebuilt, TableInputs, build_all};
 
 /// The map operations the reconciler needs.
 pub trait MapWriter {
@@ -239,6 +239,10 @@ pub struct Reconciler {
     built_from: BTreeMap<VipKey, TableInputs>,
     /// Tables built ahead, in parallel, for this apply.
     prebuilt: BTreeMap<VipKey, Prebuilt>,
+    /// Each VIP's table with none of its backends failed, while its
+    /// backends stay as they are: the base of a failure's table and what a
+    /// recovery returns to, without a Maglev build either way.
+    healthy: BTreeMap<VipKey, Healthy>,
     /// `QUIC_SERVERS` as written.
     quic_servers: BTreeMap<QuicServerKey, u32>,
 }
@@ -267,6 +271,7 @@ impl Reconciler {
             second_chance_window: Duration::ZERO,
             built_from: BTreeMap::new(),
             prebuilt: BTreeMap::new(),
+            healthy: BTreeMap::new(),
             quic_servers: BTreeMap::new(),
         }
     }
@@ -339,6 +344,7 @@ impl Reconciler {
         for key in gone {
             let vip = self.vips.remove(&key).expect("listed");
             self.built_from.remove(&key);
+            self.healthy.remove(&key);
             maps.remove_vip(&key)
                 .with_context(|| format!("removing VIP {}", vip.name))?;
             let owned: Vec<VipKey> = self
@@ -500,16 +506,48 @@ impl Reconciler {
             }
         }
         let ahead = self.prebuilt.remove(&key).and_then(|p| p.take(&inputs));
-        let built = match ahead {
+        let built = match ahead.or_else(|| self.as_healthy(&key, &inputs)) {
             Some(built) => built,
             None => {
-                let base =
-                    existing.and_then(|v| base_of(self.built_from.get(&key), &inputs, &v.table));
+                let base = self.healthy_base(&key, &inputs).map(|h| &h.table);
                 inputs.build(self.seed, base)?
             }
         };
+        if inputs.failed.is_empty() {
+            self.healthy.insert(
+                key,
+                Healthy {
+                    specs: inputs.specs.clone(),
+                    size: inputs.size,
+                    table: built.table.clone(),
+                    digest: built.digest.clone(),
+                },
+            );
+        } else if self.healthy_base(&key, &inputs).is_none() {
+            self.healthy.remove(&key);
+        }
         self.built_from.insert(key, inputs);
         Ok(built)
+    }
+
+    /// VIP `key`'s healthy table, if it is the one of `inputs`' backends.
+    fn healthy_base(&self, key: &VipKey, inputs: &TableInputs) -> Option<&Healthy> {
+        self.healthy
+            .get(key)
+            .filter(|h| h.size == inputs.size && h.specs == inputs.specs)
+    }
+
+    /// The tables of `inputs` when they are the healthy table's: none
+    /// failed, no previous table from states.
+    fn as_healthy(&self, key: &VipKey, inputs: &TableInputs) -> Option<Built> {
+        if !inputs.failed.is_empty() || inputs.prev_specs.is_some() {
+            return None;
+        }
+        self.healthy_base(key, inputs).map(|h| Built {
+            table: h.table.clone(),
+            prev: None,
+            digest: h.digest.clone(),
+        })
     }
 
     /// Builds, on every core and once per pool, the tables of VIPs whose
@@ -535,12 +573,12 @@ impl Reconciler {
                 };
                 let inputs = self.table_inputs(d, &ids);
                 let last = self.built_from.get(&d.key);
-                if ids_known && last == Some(&inputs) {
+                if ids_known
+                    && (last == Some(&inputs) || self.as_healthy(&d.key, &inputs).is_some())
+                {
                     return None;
                 }
-                let base = ids_known
-                    .then(|| base_of(last, &inputs, &applied.table))
-                    .flatten();
+                let base = self.healthy_base(&d.key, &inputs).map(|h| &h.table);
                 Some(Job {
                     key: d.key,
                     inputs,

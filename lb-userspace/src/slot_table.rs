@@ -53,6 +53,11 @@ impl SlotTable {
         self.positions.iter().map(|&p| self.id_at(p))
     }
 
+    /// Whether both are views of one table of positions (one build).
+    pub fn shares_positions(&self, other: &SlotTable) -> bool {
+        Arc::ptr_eq(&self.positions, &other.positions)
+    }
+
     pub fn to_vec(&self) -> Vec<u32> {
         self.iter().collect()
     }

@@ -205,15 +205,14 @@ pub fn build_all(jobs: Vec<Job>, seed: u32) -> BTreeMap<VipKey, Prebuilt> {
         .collect()
 }
 
-/// The applied table as the base of `new`'s build: when the last build
-/// had the same backends and none failed, it is their table.
-pub fn base_of<'a>(
-    last: Option<&TableInputs>,
-    new: &TableInputs,
-    applied: &'a SlotTable,
-) -> Option<&'a SlotTable> {
-    last.filter(|l| l.specs == new.specs && l.size == new.size && l.failed.is_empty())
-        .map(|_| applied)
+/// A VIP's table with none of its backends failed, and what it was
+/// built from.
+#[derive(Debug)]
+pub struct Healthy {
+    pub specs: Vec<BackendSpec>,
+    pub size: u32,
+    pub table: SlotTable,
+    pub digest: String,
 }
 
 #[cfg(test)]
@@ -278,9 +277,10 @@ mod tests {
                 ..job.clone()
             };
             let base = healthy.build(7, None).unwrap().table;
-            let from = base_of(Some(&healthy), job, &base);
-            assert!(from.is_some());
-            assert_eq!(job.build(7, from).unwrap(), job.build(7, None).unwrap());
+            assert_eq!(
+                job.build(7, Some(&base)).unwrap(),
+                job.build(7, None).unwrap()
+            );
         }
     }
 

@@ -157,6 +157,14 @@ fn table_ids(maps: &FakeMaps, key: &VipKey) -> BTreeSet<u32> {
         .collect()
 }
 
+/// VIP `key`'s table as the kernel holds it, slot by slot.
+fn slots_of(maps: &FakeMaps, key: &VipKey) -> Vec<u32> {
+    let meta = maps.vips[key];
+    (meta.table_offset..meta.table_offset + meta.table_size)
+        .map(|s| maps.slots[&s])
+        .collect()
+}
+
 #[test]
 fn first_apply_writes_backends_then_table_then_vip() {
     let mut r = Reconciler::new(0, 10_000, Duration::from_secs(60));
@@ -208,6 +216,7 @@ fn failed_backend_leaves_the_table_and_is_invalidated_others_stay() {
     )];
     r.apply(&healthy, &mut maps).unwrap();
     let before: Vec<u32> = r.vips[&key(80)].table.to_vec();
+    let healthy_table = r.vips[&key(80)].table.clone();
     let failed = [vip(
         80,
         &[
@@ -233,9 +242,43 @@ fn failed_backend_leaves_the_table_and_is_invalidated_others_stay() {
             assert_eq!(a, *b, "a slot of a healthy backend moved");
         }
     }
-    // Recovery brings it back with the same id and the original table.
+    // Recovery brings it back with the same id and the original table,
+    // kept from before the failure (not built again).
     r.apply(&healthy, &mut maps).unwrap();
     assert_eq!(r.vips[&key(80)].table, before);
+    assert!(r.vips[&key(80)].table.shares_positions(&healthy_table));
+}
+
+#[test]
+fn vips_with_one_pool_share_their_table_and_keep_their_own_ids() {
+    let mut r = Reconciler::new(0, 10_000, Duration::from_secs(60));
+    let mut maps = FakeMaps::default();
+    let pool = |up: bool| {
+        [80, 81, 82].map(|port| {
+            vip(
+                port,
+                &[
+                    ("10.1.0.1", 1, true),
+                    ("10.1.0.2", 1, up),
+                    ("10.1.0.3", 1, true),
+                ],
+            )
+        })
+    };
+    for up in [true, false, true] {
+        r.apply(&pool(up), &mut maps).unwrap();
+        let tables: Vec<&SlotTable> = [80, 81, 82].map(|p| &r.vips[&key(p)].table).to_vec();
+        assert!(tables[1].shares_positions(tables[0]) && tables[2].shares_positions(tables[0]));
+        for port in [80, 81, 82] {
+            let v = &r.vips[&key(port)];
+            let ids: BTreeSet<u32> = v.backends.values().map(|b| b.id).collect();
+            // What the kernel holds: this VIP's own ids, the same owners.
+            assert_eq!(v.table, slots_of(&maps, &key(port)));
+            assert!(v.table.iter().all(|id| ids.contains(&id)));
+            assert_eq!(v.digest, r.vips[&key(80)].digest);
+            assert_eq!(table_ids(&maps, &key(port)).len(), if up { 3 } else { 2 });
+        }
+    }
 }
 
 #[test]
