@@ -966,6 +966,13 @@ impl Dataplane {
         self.slots.read(offset as usize, len as usize)
     }
 
+    /// A VIP's table as written, its backends expected to be `ids`.
+    pub fn read_table(&self, offset: u32, len: u32, ids: Vec<u32>) -> SlotTable {
+        let (start, len) = (offset as usize, len as usize);
+        let cells = &self.slots.raw()[start * SLOT_STRIDE..(start + len) * SLOT_STRIDE];
+        SlotTable::from_ids_in(cells.iter().step_by(SLOT_STRIDE).copied(), ids)
+    }
+
     pub fn conntrack_get(&self, key: &FlowKey) -> Option<ConnEntry> {
         self.conntrack.get(key, 0).ok()
     }

@@ -3,9 +3,9 @@
 //! VIP's id for each position: a host failing under 4,096 VIPs of one pool
 //! then builds one table, not 4,096 copies of a gigabyte in all.
 
-use std::{fmt, sync::Arc};
+use std::{fmt, net::IpAddr, sync::Arc};
 
-use crate::vip_table::ids_to_positions;
+use crate::vip_table::{ids_to_positions, position_lookup, positions_digest, table_digest};
 
 #[derive(Clone, Default)]
 pub struct SlotTable {
@@ -22,8 +22,29 @@ impl SlotTable {
         }
     }
 
-    /// A table given slot by slot (read back from the kernel, or built
-    /// for one VIP).
+    /// A table given slot by slot whose ids are expected to be `ids` (a
+    /// VIP's backends, read back from the kernel); other ids are listed too.
+    pub fn from_ids_in(table: impl Iterator<Item = u32> + Clone, ids: Vec<u32>) -> Self {
+        let position_of = position_lookup(&ids);
+        match table.clone().map(position_of).collect::<Option<Vec<u32>>>() {
+            Some(positions) => SlotTable::new(Arc::new(positions), ids),
+            None => SlotTable::from_ids(&table.collect::<Vec<u32>>()),
+        }
+    }
+
+    /// `table_digest` of this table, whose backends are `addrs` (sorted)
+    /// with `ids`.
+    pub fn digest_by_address(&self, addrs: &[IpAddr], ids: &[u32]) -> String {
+        match self.positions_in(ids) {
+            Some(positions) => positions_digest(addrs, &positions),
+            None => table_digest(
+                &self.to_vec(),
+                addrs.iter().copied().zip(ids.iter().copied()),
+            ),
+        }
+    }
+
+    /// A table given slot by slot.
     pub fn from_ids(table: &[u32]) -> Self {
         let mut ids: Vec<u32> = table.iter().copied().filter(|&id| id != 0).collect();
         ids.sort_unstable();
@@ -146,5 +167,20 @@ mod tests {
         a.write_strided(&mut cells, 2, 1);
         assert_eq!(cells, [9, 5, 9, 5, 0, 5]);
         assert!(SlotTable::from_ids(&[]).is_empty());
+        let slots = [7, 9, 9, 0, 4];
+        let read = SlotTable::from_ids_in(slots.iter().copied(), vec![9, 7, 4]);
+        assert_eq!(read, a);
+        assert!(
+            read.positions_in(&[9, 7, 4])
+                .is_some_and(|p| *p == [1, 0, 0, NO_BACKEND, 2])
+        );
+        assert_eq!(SlotTable::from_ids_in(slots.iter().copied(), vec![9]), a);
+        let addrs: Vec<IpAddr> = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+            .map(|a| a.parse().unwrap())
+            .to_vec();
+        let digest = table_digest(&slots, addrs.iter().copied().zip([9, 7, 4]));
+        assert_eq!(read.digest_by_address(&addrs, &[9, 7, 4]), digest);
+        assert_eq!(a.digest_by_address(&addrs, &[9, 7, 4]), digest);
+        assert_ne!(a.digest_by_address(&addrs, &[7, 9, 4]), digest);
     }
 }

@@ -109,17 +109,26 @@ pub fn positions_to_ids(positions: &[u32], ids: &[u32]) -> Vec<u32> {
 /// A table of ids turned back into positions in `ids`; `None` if a slot
 /// names an id not in the list.
 pub fn ids_to_positions(table: &[u32], ids: &[u32]) -> Option<Vec<u32>> {
+    let position_of = position_lookup(ids);
+    table.iter().map(|&id| position_of(id)).collect()
+}
+
+/// Each id's position in `ids` (0: `NO_BACKEND`; `None`: not listed).
+pub fn position_lookup(ids: &[u32]) -> Box<dyn Fn(u32) -> Option<u32> + Send + Sync> {
     let (Some(&lo), Some(&hi)) = (ids.iter().min(), ids.iter().max()) else {
-        return table.is_empty().then(Vec::new);
+        return Box::new(|id| (id == 0).then_some(NO_BACKEND));
     };
     // Ids of one VIP are mostly handed out together: a dense map.
     let span = (hi - lo) as usize + 1;
-    let position_of: Box<dyn Fn(u32) -> Option<u32>> = if span <= 8 * ids.len() + 1024 {
+    if span <= 8 * ids.len() + 1024 {
         let mut dense = vec![NO_BACKEND; span];
         for (i, &id) in ids.iter().enumerate() {
             dense[(id - lo) as usize] = i as u32;
         }
         Box::new(move |id| {
+            if id == 0 {
+                return Some(NO_BACKEND);
+            }
             let p = *dense.get(id.checked_sub(lo)? as usize)?;
             (p != NO_BACKEND).then_some(p)
         })
@@ -129,18 +138,13 @@ pub fn ids_to_positions(table: &[u32], ids: &[u32]) -> Option<Vec<u32>> {
             .enumerate()
             .map(|(i, &id)| (id, i as u32))
             .collect();
-        Box::new(move |id| map.get(&id).copied())
-    };
-    table
-        .iter()
-        .map(|&id| {
+        Box::new(move |id| {
             if id == 0 {
-                Some(NO_BACKEND)
-            } else {
-                position_of(id)
+                return Some(NO_BACKEND);
             }
+            map.get(&id).copied()
         })
-        .collect()
+    }
 }
 
 fn pairs(backends: &[BackendSpec]) -> (Vec<(IpAddr, u32)>, Vec<u32>) {
@@ -181,14 +185,12 @@ pub fn table_digest(table: &[u32], backends: impl IntoIterator<Item = (IpAddr, u
     let mut by_addr: Vec<(IpAddr, u32)> = backends.into_iter().collect();
     by_addr.sort();
     let (addrs, ids): (Vec<IpAddr>, Vec<u32>) = by_addr.into_iter().unzip();
-    let max_id = ids.iter().copied().max().unwrap_or(0) as usize;
-    let mut rank = vec![NO_BACKEND; max_id + 1];
-    for (r, id) in ids.iter().enumerate() {
-        rank[*id as usize] = r as u32;
-    }
+    // Ranks through a map over this VIP's ids (a vector up to the highest
+    // id was megabytes per VIP at 400,000 backend ids).
+    let rank = position_lookup(&ids);
     let ranks: Vec<u32> = table
         .iter()
-        .map(|&id| rank.get(id as usize).copied().unwrap_or(NO_BACKEND))
+        .map(|&id| rank(id).unwrap_or(NO_BACKEND))
         .collect();
     positions_digest(&addrs, &ranks)
 }
