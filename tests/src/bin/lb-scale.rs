@@ -281,23 +281,36 @@ fn cpu_percent(pid: u32, secs: u64) -> (f64, f64) {
 /// VIP its own. Reports lbd's CPU, the probes and checkers it runs, how
 /// many backends are up, and how long `lbctl status` and a metrics scrape
 /// take at this size.
+/// `remote`: the backends live in a namespace of their own behind a veth,
+/// their receive work steered to CPU 1 (RPS) and lbd pinned to CPU 0, as
+/// backends on other hosts would be; else on lbd's namespace's `lo`, where
+/// the backends' TCP work runs in lbd's context and counts as its CPU.
 fn health_case(
     vips: u32,
     per_vip: u32,
     shared: bool,
     kind: &str,
+    remote: bool,
 ) -> anyhow::Result<serde_json::Value> {
     use lb_userspace::api::Request;
     let host_ns = LbdHost::new("lbscale-h")?;
     let (ns, dir) = (&host_ns.ns, &host_ns.dir);
+    let backend_ns = remote.then(|| lb_tests::netns::NetNs::new("lbscale-b"));
+    if let Some(be) = &backend_ns {
+        ns.link("hv", "192.168.77.1/30", be, "bv", "192.168.77.2/30");
+        ns.ip(&["route", "add", "172.16.0.0/12", "via", "192.168.77.2"]);
+        be.sh("echo 2 > /sys/class/net/bv/queues/rx-0/rps_cpus");
+        ns.sh("echo 1 > /sys/class/net/hv/queues/rx-0/rps_cpus");
+    }
+    let backends_in = backend_ns.as_ref().unwrap_or(ns);
     let hosts = if shared { per_vip } else { vips * per_vip };
     let batch: String = (0..hosts)
         .map(|j| format!("addr add {}/32 dev lo\n", host(j)))
         .collect();
     std::fs::write(dir.join("addrs"), batch)?;
-    ns.sh(&format!("ip -batch {}", dir.join("addrs").display()));
+    backends_in.sh(&format!("ip -batch {}", dir.join("addrs").display()));
     // One listener for every address: accepts and closes.
-    let guard = ns.enter();
+    let guard = backends_in.enter();
     let listener = std::net::TcpListener::bind("0.0.0.0:80")?;
     drop(guard);
     std::thread::spawn(move || {
@@ -335,6 +348,13 @@ fn health_case(
     // Every backend starts up (first start); let the probes settle.
     std::thread::sleep(Duration::from_secs(5));
     let pid = lbd.pid().context("lbd's pid")?;
+    if remote {
+        let pinned = std::process::Command::new("taskset")
+            .args(["-a", "-p", "1", &pid.to_string()])
+            .output()?;
+        anyhow::ensure!(pinned.status.success(), "taskset failed");
+        std::thread::sleep(Duration::from_secs(2));
+    }
     let cpu = cpu_percent(pid, 20);
     let t = Instant::now();
     let status = lbd.call(Request::Status);
@@ -359,7 +379,8 @@ fn health_case(
     };
     let (scrape_ms, scrape_bytes) = scrape()?;
     let r = json!({
-        "case": format!("health ({kind}): {vips} VIPs x {per_vip} backends{}", if shared { ", the same hosts" } else { ", distinct hosts" }),
+        "case": format!("health ({kind}): {vips} VIPs x {per_vip} backends{}{}", if shared { ", the same hosts" } else { ", distinct hosts" }, if remote { ", backends behind a veth on the other CPU" } else { "" }),
+        "backends_remote": remote,
         "backend_hosts": hosts,
         "probes": status.data["health_probes"],
         "checkers": status.data["health_checkers"],
@@ -507,8 +528,11 @@ fn main() -> anyhow::Result<()> {
             .into_iter()
             .filter(|k| kind.as_deref().is_none_or(|want| want == *k))
         {
-            results.push(health_case(100, 100, false, kind)?);
-            results.push(health_case(16, 10_000, true, kind)?);
+            // `--remote`: the backends behind a veth, their work on the
+            // other CPU.
+            let remote = args.iter().any(|a| a == "--remote");
+            results.push(health_case(100, 100, false, kind, remote)?);
+            results.push(health_case(16, 10_000, true, kind, remote)?);
         }
     }
     std::fs::create_dir_all("target/bench")?;
