@@ -940,26 +940,26 @@ impl Dataplane {
 
     /// Writes `table` at `offset` of `MAGLEV_SLOTS`.
     pub fn write_slots(&mut self, offset: u32, table: &[u32]) -> Result<()> {
-        let start = offset as usize;
-        ensure!(
-            start + table.len() <= self.slots.len,
-            "table of {} slots at {offset} exceeds MAGLEV_SLOTS",
-            table.len()
-        );
+        let start = self.region(offset, table.len())?;
         self.slots.write(start, table);
         Ok(())
     }
 
     /// `write_slots` for a table of positions and ids.
     pub fn write_table(&mut self, offset: u32, table: &SlotTable) -> Result<()> {
-        let start = offset as usize;
-        ensure!(
-            start + table.len() <= self.slots.len,
-            "table of {} slots at {offset} exceeds MAGLEV_SLOTS",
-            table.len()
-        );
+        let start = self.region(offset, table.len())?;
         self.slots.write_table(start, table);
         Ok(())
+    }
+
+    /// The first slot of a table of `len` slots at `offset`, if it fits.
+    fn region(&self, offset: u32, len: usize) -> Result<usize> {
+        let start = offset as usize;
+        ensure!(
+            start + len <= self.slots.len,
+            "table of {len} slots at {offset} exceeds MAGLEV_SLOTS"
+        );
+        Ok(start)
     }
 
     pub fn read_slots(&self, offset: u32, len: u32) -> Vec<u32> {

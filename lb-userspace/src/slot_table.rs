@@ -133,12 +133,6 @@ impl fmt::Debug for SlotTable {
     }
 }
 
-impl From<Vec<u32>> for SlotTable {
-    fn from(table: Vec<u32>) -> Self {
-        SlotTable::from_ids(&table)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
