@@ -408,11 +408,105 @@ struct Subscriber {
 type Subscribers = Arc<Mutex<BTreeMap<VipKey, Subscriber>>>;
 
 /// A running direct probe and the VIPs that follow it. Each round's
-/// result is applied to every subscriber in the probe's own task (no task
-/// per VIP: 16 VIPs sharing 10,000 backends are 10,000 tasks, not 160,000).
+/// result is applied to every subscriber where the probe runs (no task per
+/// VIP: 16 VIPs sharing 10,000 backends are 10,000 probes, not 160,000).
 pub struct Prober {
     subscribers: Subscribers,
-    task: JoinHandle<()>,
+    run: Run,
+}
+
+/// Where a probe runs: half-open probes on the shared probing thread,
+/// the others in a task of their own.
+enum Run {
+    Task(JoinHandle<()>),
+    Scheduled {
+        _registration: crate::syn_probe::Registration,
+    },
+}
+
+/// What a round's outcome goes to: every subscriber of one probe.
+#[derive(Clone)]
+struct Round {
+    addr: IpAddr,
+    timeout: Duration,
+    subscribers: Subscribers,
+    events: mpsc::UnboundedSender<HealthEvent>,
+    tally: ProbeTally,
+}
+
+impl Round {
+    /// The tunnel probes (each to its own VIP) a good direct probe calls
+    /// for.
+    fn tunnels(&self, probe: Probe) -> Vec<(VipKey, crate::tunnel_probe::TunnelSpec)> {
+        if probe != Probe::Up {
+            return Vec::new();
+        }
+        self.subscribers
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(v, s)| s.tunnel.clone().map(|t| (*v, t)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Runs the round's tunnel probes, all at once, then applies it.
+    async fn complete(&self, probe: Probe) {
+        let tunnels = self.tunnels(probe);
+        let mut via_tunnel = BTreeMap::new();
+        if !tunnels.is_empty() {
+            let mut set = tokio::task::JoinSet::new();
+            for (vip, spec) in tunnels {
+                let timeout = self.timeout;
+                set.spawn(
+                    async move { (vip, crate::tunnel_probe::probe_tunnel(&spec, timeout).await) },
+                );
+            }
+            while let Some(Ok((vip, p))) = set.join_next().await {
+                via_tunnel.insert(vip, p);
+            }
+        }
+        self.apply(probe, &via_tunnel);
+    }
+
+    /// Each subscriber's outcome (its tunnel probe's, if it ran one) to
+    /// its rise/fall, the tally and, on a change, the events.
+    fn apply(&self, probe: Probe, via_tunnel: &BTreeMap<VipKey, Probe>) {
+        let Ok(mut m) = self.subscribers.lock() else {
+            return;
+        };
+        for (vip, sub) in m.iter_mut() {
+            let probe = via_tunnel.get(vip).copied().unwrap_or(probe);
+            self.tally.record(*vip, self.addr, probe);
+            if let Some(ev) = sub.observe(*vip, self.addr, probe) {
+                let _ = self.events.send(ev);
+            }
+        }
+    }
+
+    /// For the probing thread: applies a round at once when no tunnel
+    /// probe follows, else completes it on `rt` (a round still completing
+    /// there makes the next one skip, as a late tick would).
+    fn sink(self, rt: tokio::runtime::Handle) -> crate::syn_probe::Sink {
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        Box::new(move |probe| {
+            use std::sync::atomic::Ordering::{Acquire, Release};
+            if busy.load(Acquire) {
+                return;
+            }
+            if self.tunnels(probe).is_empty() {
+                self.apply(probe, &BTreeMap::new());
+                return;
+            }
+            busy.store(true, Release);
+            let (round, busy) = (self.clone(), busy.clone());
+            rt.spawn(async move {
+                round.complete(probe).await;
+                busy.store(false, Release);
+            });
+        })
+    }
 }
 
 impl Prober {
@@ -423,66 +517,61 @@ impl Prober {
         (events, tally): (mpsc::UnboundedSender<HealthEvent>, ProbeTally),
     ) -> Prober {
         let subscribers: Subscribers = Arc::default();
-        let subs = subscribers.clone();
+        let round = Round {
+            addr: key.addr,
+            timeout: Duration::from_millis(key.timeout_ms),
+            subscribers: subscribers.clone(),
+            events,
+            tally,
+        };
+        let period = Duration::from_millis(key.interval_ms);
+        // Spread over the interval (a fixed offset per probe): thousands
+        // of probes started together would hit the same millisecond every
+        // round, a SYN burst backends and this host must absorb.
+        let offset = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            key.hash(&mut h);
+            Duration::from_millis(h.finish() % key.interval_ms)
+        };
+        if key.kind == "syn" {
+            let first = std::time::Instant::now() + offset;
+            let sink = round.clone().sink(tokio::runtime::Handle::current());
+            if let Some(registration) = crate::syn_probe::schedule(
+                key.addr,
+                key.port,
+                (first, Some(period)),
+                round.timeout,
+                sink,
+            ) {
+                return Prober {
+                    subscribers,
+                    run: Run::Scheduled {
+                        _registration: registration,
+                    },
+                };
+            }
+        }
         let task = tokio::spawn(async move {
-            let timeout = Duration::from_millis(key.timeout_ms);
-            let period = Duration::from_millis(key.interval_ms);
-            // Spread over the interval (a fixed offset per probe): thousands
-            // of probes started together would hit the same millisecond
-            // every round, a SYN burst backends and this host must absorb.
-            let offset = {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                key.hash(&mut h);
-                Duration::from_millis(h.finish() % key.interval_ms)
-            };
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
+                let timeout = round.timeout;
                 let probe = match key.kind.as_str() {
                     "http" => {
                         probe_http(key.addr, key.port, &key.path, key.expect_status, timeout).await
                     }
-                    "syn" => crate::syn_probe::probe_syn(key.addr, key.port, timeout).await,
+                    // "syn" without raw sockets: a connect.
                     _ => probe_tcp(key.addr, key.port, timeout).await,
                 };
-                // Tunnel probes (each to its own VIP) after a good direct
-                // one, all at once.
-                let tunnels: Vec<(VipKey, crate::tunnel_probe::TunnelSpec)> = match probe {
-                    Probe::Up => subs
-                        .lock()
-                        .map(|m| {
-                            m.iter()
-                                .filter_map(|(v, s)| s.tunnel.clone().map(|t| (*v, t)))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    _ => Vec::new(),
-                };
-                let mut via_tunnel = BTreeMap::new();
-                if !tunnels.is_empty() {
-                    let mut set = tokio::task::JoinSet::new();
-                    for (vip, spec) in tunnels {
-                        set.spawn(async move {
-                            (vip, crate::tunnel_probe::probe_tunnel(&spec, timeout).await)
-                        });
-                    }
-                    while let Some(Ok((vip, p))) = set.join_next().await {
-                        via_tunnel.insert(vip, p);
-                    }
-                }
-                let Ok(mut m) = subs.lock() else { return };
-                for (vip, sub) in m.iter_mut() {
-                    let probe = via_tunnel.get(vip).copied().unwrap_or(probe);
-                    tally.record(*vip, key.addr, probe);
-                    if let Some(ev) = sub.observe(*vip, key.addr, probe) {
-                        let _ = events.send(ev);
-                    }
-                }
+                round.complete(probe).await;
             }
         });
-        Prober { subscribers, task }
+        Prober {
+            subscribers,
+            run: Run::Task(task),
+        }
     }
 
     /// Starts following this probe for `vip` (replacing an earlier
@@ -552,7 +641,10 @@ impl Subscriber {
 
 impl Drop for Prober {
     fn drop(&mut self) {
-        self.task.abort();
+        // A scheduled probe stops when its registration drops.
+        if let Run::Task(task) = &self.run {
+            task.abort();
+        }
     }
 }
 

@@ -1,59 +1,100 @@
 //! Half-open TCP health probes (`[vip.health] kind = "syn"`): a SYN sent on
-//! one raw socket shared by every probe, the answer read on one raw TCP
-//! socket per family. A SYN-ACK is up (this host's kernel resets it: the
-//! source port is bound by a socket that never connects), an RST down,
-//! silence a timeout. Per probe: one `sendto`, one segment received, no
-//! socket, no handshake, no accept on the backend. What `kind = "tcp"`
-//! costs (a socket, a full handshake and a reset per probe) is about four
-//! times as much on this host; at 10,000 backends that is most of lbd's CPU.
+//! a raw socket, the answer read on a raw TCP socket per family. A SYN-ACK
+//! is up (this host's kernel resets it: the source port is bound by a
+//! socket that never connects), an RST down, silence a timeout. No socket,
+//! no handshake, no accept on the backend.
+//!
+//! One thread runs every half-open probe of the process. Every few
+//! milliseconds it reads the answers waiting on its sockets (`recvmmsg`,
+//! a batch per call), times out the probes whose time is up, and sends the
+//! SYNs now due (`sendmmsg`, a batch per call). There is no task, timer,
+//! channel or system call per probe: with a task and a timeout per probe,
+//! 10,000 backends a second took 16% of a core, most of it that machinery.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     io,
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, OwnedFd},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
-use tokio::{io::unix::AsyncFd, sync::oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     health::{Failure, Probe, is_local_error, probe_tcp},
     tunnel_probe::{
-        ACK, RST, SYN, frame, rand_u32, raw_socket, recv_raw, send_ip, source_toward, tcp_segment,
+        ACK, RST, SYN, frame, ip_of, rand_u32, raw_socket, sockaddr, source_toward, tcp_segment,
     },
 };
 
-/// A probe waiting for its answer: (backend, backend port, our port), and
-/// the ack number an answer to its SYN carries.
-type Waiting = Arc<Mutex<HashMap<(IpAddr, u16, u16), (u32, oneshot::Sender<u8>)>>>;
+/// Where a probe's outcome goes; called on the probing thread, so it must
+/// be quick (hand slow work to a runtime).
+pub type Sink = Box<dyn FnMut(Probe) + Send>;
+
+/// How often the probing thread wakes: a probe goes out up to this late,
+/// and a timeout is declared up to this late (never early).
+const TICK: Duration = Duration::from_millis(5);
+
+/// Segments read per `recvmmsg`.
+const RECV_BATCH: usize = 64;
+
+/// Messages per `sendmmsg` (the kernel's UIO_MAXIOV).
+const SEND_BATCH: usize = 1024;
 
 /// Source ports per family. Two probes in flight on the same 4-tuple would
-/// look like one SYN retransmitted to the backend; a probe finds a free
-/// port of the pool for its backend, else connects instead.
+/// look like one SYN retransmitted to the backend; a probe takes a port of
+/// the pool that is free toward its backend, else connects instead.
 const PORTS: usize = 8;
+
+/// The source address toward a backend (a routing decision) is looked up
+/// again after this long.
+const SOURCE_TTL: Duration = Duration::from_secs(60);
+
+/// A probed (backend, port), once or every `every`.
+struct Target {
+    addr: IpAddr,
+    port: u16,
+    every: Option<Duration>,
+    timeout: Duration,
+    /// When its next SYN goes out.
+    due: Instant,
+    sink: Sink,
+    flight: Option<Flight>,
+}
+
+/// A probe sent and not yet answered.
+struct Flight {
+    /// (backend, backend port, our port); `None`: a connect is under way
+    /// instead (no free source port).
+    key: Option<(IpAddr, u16, u16)>,
+    /// The ack number an answer to this SYN carries.
+    ack: u32,
+    deadline: Instant,
+}
+
+enum Command {
+    Add(u64, Target),
+    Remove(u64),
+    /// What a connect made instead of a SYN found.
+    Connected(u64, Probe),
+}
 
 /// One address family's sockets.
 struct Family {
     /// IPPROTO_RAW: whole IP packets out.
     tx: OwnedFd,
+    /// Raw TCP: answers in (filtered by `only_answers`).
+    rx: OwnedFd,
     /// The source ports probes use, each kept by a bound TCP socket (no
     /// other socket gets it; the kernel resets the SYN-ACKs that reach it).
     ports: Vec<u16>,
     _reservations: Vec<tokio::net::TcpSocket>,
 }
-
-pub struct SynProber {
-    v4: Option<Family>,
-    v6: Option<Family>,
-    waiting: Waiting,
-    /// Source address toward each backend (a routing decision), looked up
-    /// once a minute at most.
-    sources: Mutex<HashMap<IpAddr, (IpAddr, Instant)>>,
-}
-
-const SOURCE_TTL: Duration = Duration::from_secs(60);
 
 /// A bound TCP socket on a free port (never listening, never connected):
 /// the port is ours, and the kernel resets the SYN-ACKs that reach it.
@@ -69,95 +110,405 @@ fn reserve_port(v6: bool) -> io::Result<(tokio::net::TcpSocket, u16)> {
     Ok((s, port))
 }
 
-impl SynProber {
-    /// Opens the sockets and starts the receivers (needs CAP_NET_RAW).
-    fn open() -> io::Result<SynProber> {
-        let waiting: Waiting = Arc::default();
-        let mut families = [None, None];
-        for (i, v6) in [false, true].into_iter().enumerate() {
-            let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-            // An IPv6-less host still probes IPv4 backends.
-            let Ok(tx) = raw_socket(family, libc::IPPROTO_RAW) else {
-                continue;
-            };
-            let (reservations, ports): (Vec<_>, Vec<_>) = (0..PORTS)
-                .map(|_| reserve_port(v6))
-                .collect::<io::Result<Vec<_>>>()?
-                .into_iter()
-                .unzip();
-            let rx = raw_socket(family, libc::IPPROTO_TCP)?;
-            only_answers(&rx, v6)?;
-            // SAFETY: an OwnedFd keeps its one descriptor until dropped.
-            let rx = unsafe { AsyncFd::register(rx) }?;
-            tokio::spawn(receive(rx, ports.clone(), waiting.clone()));
-            families[i] = Some(Family {
-                tx,
-                ports,
-                _reservations: reservations,
-            });
+impl Family {
+    fn open(v6: bool) -> io::Result<Family> {
+        let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+        let tx = raw_socket(family, libc::IPPROTO_RAW)?;
+        let (reservations, ports): (Vec<_>, Vec<_>) = (0..PORTS)
+            .map(|_| reserve_port(v6))
+            .collect::<io::Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        let rx = raw_socket(family, libc::IPPROTO_TCP)?;
+        only_answers(&rx, v6)?;
+        Ok(Family {
+            tx,
+            rx,
+            ports,
+            _reservations: reservations,
+        })
+    }
+}
+
+/// Everything the probing thread owns.
+struct Prober {
+    v4: Option<Family>,
+    v6: Option<Family>,
+    targets: HashMap<u64, Target>,
+    /// (next SYN, target), one per target.
+    due: BTreeSet<(Instant, u64)>,
+    /// (deadline, target) of the SYNs in flight.
+    deadlines: BTreeSet<(Instant, u64)>,
+    /// The target a SYN in flight belongs to, by its 4-tuple.
+    waiting: HashMap<(IpAddr, u16, u16), u64>,
+    sources: HashMap<IpAddr, (IpAddr, Instant)>,
+    /// Initial sequence numbers (xorshift: unpredictable enough, and an
+    /// answer must also come from the probed address and port).
+    seq: u64,
+    /// For the connects made instead of a SYN to report back.
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// A SYN ready to go: its target, 4-tuple, expected ack, IP packet.
+type Outgoing = (u64, (IpAddr, u16, u16), u32, Vec<u8>);
+
+impl Prober {
+    /// Opens the sockets (needs CAP_NET_RAW).
+    fn open(commands: mpsc::UnboundedSender<Command>) -> io::Result<Prober> {
+        // An IPv6-less host still probes IPv4 backends.
+        let v4 = Family::open(false);
+        let v6 = Family::open(true);
+        if let (Err(e), Err(_)) = (&v4, &v6) {
+            return Err(io::Error::from_raw_os_error(
+                e.raw_os_error().unwrap_or(libc::EPERM),
+            ));
         }
-        let [v4, v6] = families;
-        if v4.is_none() && v6.is_none() {
-            return Err(io::Error::from_raw_os_error(libc::EPERM));
-        }
-        Ok(SynProber {
-            v4,
-            v6,
-            waiting,
-            sources: Mutex::default(),
+        Ok(Prober {
+            v4: v4.ok(),
+            v6: v6.ok(),
+            targets: HashMap::new(),
+            due: BTreeSet::new(),
+            deadlines: BTreeSet::new(),
+            waiting: HashMap::new(),
+            sources: HashMap::new(),
+            seq: u64::from(rand_u32()) << 32 | u64::from(rand_u32()) | 1,
+            commands,
         })
     }
 
-    fn source(&self, to: IpAddr, port: u16) -> io::Result<IpAddr> {
-        let now = Instant::now();
-        if let Some((ip, at)) = self.sources.lock().unwrap().get(&to)
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Add(id, target) => {
+                self.due.insert((target.due, id));
+                self.targets.insert(id, target);
+            }
+            Command::Remove(id) => {
+                if let Some(t) = self.targets.remove(&id) {
+                    self.due.remove(&(t.due, id));
+                    if let Some(f) = t.flight {
+                        self.land(id, &f);
+                    }
+                }
+            }
+            Command::Connected(id, probe) => {
+                if self
+                    .targets
+                    .get(&id)
+                    .is_some_and(|t| t.flight.as_ref().is_some_and(|f| f.key.is_none()))
+                {
+                    self.finish(id, probe);
+                }
+            }
+        }
+    }
+
+    /// One wake: answers first (an answer already here is no timeout),
+    /// then timeouts, then the SYNs now due.
+    fn round(&mut self, now: Instant) {
+        for (v6, answers) in [false, true].map(|v6| (v6, self.answers(v6))) {
+            let ports = self.family(v6).map(|f| f.ports.clone()).unwrap_or_default();
+            for (buf, from) in answers {
+                let Some((addr, sport, dport, ack, flags)) = answer_of(&buf, from, &ports) else {
+                    continue;
+                };
+                let Some(&id) = self.waiting.get(&(addr, sport, dport)) else {
+                    continue;
+                };
+                // Only the answer to this SYN (a late one to an earlier
+                // probe carries another ack number).
+                let mine = self
+                    .targets
+                    .get(&id)
+                    .and_then(|t| t.flight.as_ref())
+                    .map(|f| f.ack);
+                if mine == Some(ack) {
+                    let probe = if flags & (SYN | ACK) == SYN | ACK {
+                        Probe::Up
+                    } else {
+                        Probe::Down(Failure::Connect)
+                    };
+                    self.finish(id, probe);
+                }
+            }
+        }
+        while let Some(&(deadline, id)) = self.deadlines.first()
+            && deadline <= now
+        {
+            self.deadlines.pop_first();
+            self.finish(id, Probe::Down(Failure::Timeout));
+        }
+        self.send_due(now);
+    }
+
+    fn family(&self, v6: bool) -> Option<&Family> {
+        if v6 {
+            self.v6.as_ref()
+        } else {
+            self.v4.as_ref()
+        }
+    }
+
+    /// Every segment waiting on a family's answer socket.
+    fn answers(&self, v6: bool) -> Vec<(Vec<u8>, IpAddr)> {
+        let mut out = Vec::new();
+        if let Some(f) = self.family(v6) {
+            while let Ok(batch) = recv_batch(&f.rx) {
+                let full = batch.len() == RECV_BATCH;
+                out.extend(batch);
+                if !full {
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// The probe is over: forget its SYN, hand the outcome on, and drop a
+    /// one-off target.
+    fn finish(&mut self, id: u64, probe: Probe) {
+        let Some(t) = self.targets.get_mut(&id) else {
+            return;
+        };
+        let flight = t.flight.take();
+        (t.sink)(probe);
+        let once = t.every.is_none();
+        if let Some(f) = flight {
+            self.land(id, &f);
+        }
+        if once {
+            self.targets.remove(&id);
+        }
+    }
+
+    fn land(&mut self, id: u64, f: &Flight) {
+        if let Some(key) = f.key {
+            self.waiting.remove(&key);
+        }
+        self.deadlines.remove(&(f.deadline, id));
+    }
+
+    fn source(&mut self, to: IpAddr, port: u16, now: Instant) -> io::Result<IpAddr> {
+        if let Some((ip, at)) = self.sources.get(&to)
             && now.duration_since(*at) < SOURCE_TTL
         {
             return Ok(*ip);
         }
         let ip = source_toward(to, port)?;
-        self.sources.lock().unwrap().insert(to, (ip, now));
+        self.sources.insert(to, (ip, now));
         Ok(ip)
     }
 
-    async fn probe(&self, addr: IpAddr, port: u16, timeout: Duration) -> Probe {
-        let Some(f) = (if addr.is_ipv6() { &self.v6 } else { &self.v4 }) else {
-            return Probe::Local(libc::EAFNOSUPPORT);
-        };
-        let ours = match self.source(addr, port) {
-            Ok(ip) => ip,
-            Err(e) => return local_or_down(&e),
-        };
-        let seq = rand_u32();
-        let (tx, rx) = oneshot::channel();
-        let free = {
-            let mut waiting = self.waiting.lock().unwrap();
-            let free = f
-                .ports
-                .iter()
-                .find(|&&p| !waiting.contains_key(&(addr, port, p)))
-                .map(|&p| (addr, port, p));
-            if let Some(key) = free {
-                waiting.insert(key, (seq.wrapping_add(1), tx));
+    fn next_seq(&mut self) -> u32 {
+        self.seq ^= self.seq << 13;
+        self.seq ^= self.seq >> 7;
+        self.seq ^= self.seq << 17;
+        (self.seq >> 16) as u32
+    }
+
+    /// Sends every SYN due by `now`, a batch per family.
+    fn send_due(&mut self, now: Instant) {
+        let mut out: [Vec<Outgoing>; 2] = Default::default();
+        while let Some(&(due, id)) = self.due.first()
+            && due <= now
+        {
+            self.due.pop_first();
+            let Some(t) = self.targets.get_mut(&id) else {
+                continue;
+            };
+            if let Some(every) = t.every {
+                // The same phase every round; a round missed is skipped.
+                let next = if due + every > now {
+                    due + every
+                } else {
+                    now + every
+                };
+                t.due = next;
+                self.due.insert((next, id));
             }
-            free
-        };
-        let Some(key) = free else {
-            return probe_tcp(addr, port, timeout).await;
-        };
-        let syn = frame(ours, addr, &tcp_segment(ours, addr, key.2, port, seq, SYN));
-        if let Err(e) = send_ip(&f.tx, addr, &syn[14..]) {
-            self.waiting.lock().unwrap().remove(&key);
-            return local_or_down(&e);
+            if t.flight.is_some() {
+                // The last SYN is still out (a timeout past the interval).
+                continue;
+            }
+            let (addr, port, timeout) = (t.addr, t.port, t.timeout);
+            match self.prepare(id, addr, port, timeout, now) {
+                Ok(Some(syn)) => out[usize::from(addr.is_ipv6())].push(syn),
+                Ok(None) => {}
+                Err(probe) => self.finish(id, probe),
+            }
         }
-        let answer = tokio::time::timeout(timeout, rx).await;
-        self.waiting.lock().unwrap().remove(&key);
-        match answer {
-            Ok(Ok(flags)) if flags & (SYN | ACK) == SYN | ACK => Probe::Up,
-            Ok(Ok(_)) => Probe::Down(Failure::Connect),
-            _ => Probe::Down(Failure::Timeout),
+        for (v6, batch) in [false, true].into_iter().zip(out) {
+            if batch.is_empty() {
+                continue;
+            }
+            let Some(f) = self.family(v6) else { continue };
+            let sent = send_batch(&f.tx, &batch);
+            for ((id, key, ack, _), result) in batch.into_iter().zip(sent) {
+                match result {
+                    Ok(()) => {
+                        let Some(t) = self.targets.get_mut(&id) else {
+                            self.waiting.remove(&key);
+                            continue;
+                        };
+                        let deadline = now + t.timeout;
+                        t.flight = Some(Flight {
+                            key: Some(key),
+                            ack,
+                            deadline,
+                        });
+                        self.deadlines.insert((deadline, id));
+                    }
+                    Err(e) => {
+                        self.waiting.remove(&key);
+                        self.finish(id, local_or_down(&e));
+                    }
+                }
+            }
         }
     }
+
+    /// The SYN for one target, or `Ok(None)` when a connect goes instead
+    /// (every source port busy toward this backend), or the outcome when
+    /// no probe can be made from here.
+    fn prepare(
+        &mut self,
+        id: u64,
+        addr: IpAddr,
+        port: u16,
+        timeout: Duration,
+        now: Instant,
+    ) -> Result<Option<Outgoing>, Probe> {
+        let Some(f) = self.family(addr.is_ipv6()) else {
+            return Err(Probe::Local(libc::EAFNOSUPPORT));
+        };
+        let free = f
+            .ports
+            .iter()
+            .map(|&p| (addr, port, p))
+            .find(|k| !self.waiting.contains_key(k));
+        let Some(key) = free else {
+            let commands = self.commands.clone();
+            tokio::spawn(async move {
+                let probe = probe_tcp(addr, port, timeout).await;
+                let _ = commands.send(Command::Connected(id, probe));
+            });
+            if let Some(t) = self.targets.get_mut(&id) {
+                t.flight = Some(Flight {
+                    key: None,
+                    ack: 0,
+                    deadline: now + timeout,
+                });
+            }
+            return Ok(None);
+        };
+        let ours = self
+            .source(addr, port, now)
+            .map_err(|e| local_or_down(&e))?;
+        // Taken now: the next SYN of this batch toward the same backend
+        // needs another port.
+        self.waiting.insert(key, id);
+        let seq = self.next_seq();
+        let syn = frame(ours, addr, &tcp_segment(ours, addr, key.2, port, seq, SYN));
+        Ok(Some((id, key, seq.wrapping_add(1), syn[14..].to_vec())))
+    }
+}
+
+/// Sends each (.., IP packet) to its address; one result per packet.
+fn send_batch(fd: &OwnedFd, packets: &[Outgoing]) -> Vec<io::Result<()>> {
+    let names: Vec<_> = packets
+        .iter()
+        .map(|(_, (to, _, _), _, _)| sockaddr(&SocketAddr::new(*to, 0)))
+        .collect();
+    let mut iovs: Vec<libc::iovec> = packets
+        .iter()
+        .map(|(.., p)| libc::iovec {
+            iov_base: p.as_ptr() as *mut libc::c_void,
+            iov_len: p.len(),
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = names
+        .iter()
+        .zip(iovs.iter_mut())
+        .map(|((name, len), iov)| {
+            // SAFETY: all-zero is a valid mmsghdr.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = (name as *const libc::sockaddr_storage).cast_mut().cast();
+            m.msg_hdr.msg_namelen = *len;
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    let mut results = Vec::with_capacity(msgs.len());
+    while results.len() < msgs.len() {
+        let rest = &mut msgs[results.len()..];
+        let n = rest.len().min(SEND_BATCH);
+        // SAFETY: every header points at a name and an iovec that outlive
+        // the call.
+        let sent = unsafe { libc::sendmmsg(fd.as_raw_fd(), rest.as_mut_ptr(), n as u32, 0) };
+        if sent <= 0 {
+            // The first message failed: its error; the rest go next call.
+            results.push(Err(if sent < 0 {
+                io::Error::last_os_error()
+            } else {
+                io::Error::from_raw_os_error(libc::EIO)
+            }));
+        } else {
+            results.extend((0..sent).map(|_| Ok(())));
+        }
+    }
+    results
+}
+
+/// Up to `RECV_BATCH` datagrams waiting on a raw socket (none waiting:
+/// `Err(WouldBlock)`), each with its sender.
+fn recv_batch(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, IpAddr)>> {
+    let mut bufs = [[0u8; 128]; RECV_BATCH];
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut names: [libc::sockaddr_storage; RECV_BATCH] = unsafe { std::mem::zeroed() };
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut msgs: Vec<libc::mmsghdr> = names
+        .iter_mut()
+        .zip(iovs.iter_mut())
+        .map(|(name, iov)| {
+            // SAFETY: all-zero is a valid mmsghdr.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
+            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+            m.msg_hdr.msg_iov = iov;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect();
+    // SAFETY: every header points at a buffer and a name that outlive the
+    // call; MSG_DONTWAIT: never blocks.
+    let n = unsafe {
+        libc::recvmmsg(
+            fd.as_raw_fd(),
+            msgs.as_mut_ptr(),
+            RECV_BATCH as u32,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    Ok(msgs[..n]
+        .iter()
+        .zip(&bufs)
+        .zip(&names)
+        .filter_map(|((m, buf), name)| {
+            let len = (m.msg_len as usize).min(buf.len());
+            ip_of(name).map(|ip| (buf[..len].to_vec(), ip))
+        })
+        .collect())
 }
 
 /// Keeps only SYN-ACKs and resets with ACK on `fd` (a raw TCP socket sees
@@ -231,7 +582,8 @@ fn only_answers(fd: &OwnedFd, v6: bool) -> io::Result<()> {
 }
 
 fn local_or_down(e: &io::Error) -> Probe {
-    if is_local_error(e) {
+    // A full send buffer is this host's trouble too.
+    if is_local_error(e) || e.kind() == io::ErrorKind::WouldBlock {
         Probe::Local(e.raw_os_error().unwrap_or(0))
     } else {
         Probe::Down(Failure::Connect)
@@ -262,56 +614,136 @@ fn answer_of(buf: &[u8], from: IpAddr, ports: &[u16]) -> Option<(IpAddr, u16, u1
     (flags & ACK != 0 && flags & (SYN | RST) != 0).then_some((from, sport, dport, ack, flags))
 }
 
-/// Reads every TCP segment this host receives and hands answers to our
-/// port to the probe waiting for them.
-async fn receive(rx: AsyncFd<OwnedFd>, ports: Vec<u16>, waiting: Waiting) {
-    let mut buf = [0u8; 128];
-    loop {
-        let Ok(mut guard) = rx.readable().await else {
-            return;
-        };
-        loop {
-            let (len, from_ip) = match recv_raw(rx.get_ref(), &mut buf) {
-                Ok((len, Some(ip))) => (len, ip),
-                Ok(_) => continue,
-                Err(_) => {
-                    guard.clear_ready();
-                    break;
+/// The probing thread's handle.
+struct Scheduler {
+    commands: mpsc::UnboundedSender<Command>,
+    next_id: AtomicU64,
+}
+
+static SCHEDULER: OnceLock<Option<Scheduler>> = OnceLock::new();
+
+/// Starts the probing thread on first use (in the caller's network
+/// namespace: a thread starts in its parent's); `None` where raw sockets
+/// are not allowed (no CAP_NET_RAW).
+fn scheduler() -> Option<&'static Scheduler> {
+    SCHEDULER
+        .get_or_init(|| {
+            let (ready, started) = std::sync::mpsc::channel();
+            let spawned = std::thread::Builder::new()
+                .name("syn-probes".into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let (commands, queue) = mpsc::unbounded_channel();
+                        match Prober::open(commands.clone()) {
+                            Ok(prober) => {
+                                let _ = ready.send(Ok(commands));
+                                run(prober, queue).await;
+                            }
+                            Err(e) => {
+                                let _ = ready.send(Err(e));
+                            }
+                        }
+                    });
+                });
+            let opened = spawned.and_then(|_| {
+                started
+                    .recv()
+                    .map_err(|_| io::Error::from_raw_os_error(libc::EIO))?
+            });
+            match opened {
+                Ok(commands) => Some(Scheduler {
+                    commands,
+                    next_id: AtomicU64::new(1),
+                }),
+                Err(e) => {
+                    tracing::warn!("half-open health probes need raw sockets (CAP_NET_RAW): {e}; probing with connects instead");
+                    None
                 }
-            };
-            let Some((addr, sport, dport, ack, flags)) = answer_of(&buf[..len], from_ip, &ports)
-            else {
-                continue;
-            };
-            let mut waiting = waiting.lock().unwrap();
-            let key = (addr, sport, dport);
-            // Only the answer to this probe's SYN (a late one to an earlier
-            // probe carries another ack number).
-            if waiting.get(&key).is_some_and(|(want, _)| *want == ack)
-                && let Some((_, tx)) = waiting.remove(&key)
-            {
-                let _ = tx.send(flags);
             }
+        })
+        .as_ref()
+}
+
+async fn run(mut prober: Prober, mut queue: mpsc::UnboundedReceiver<Command>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            command = queue.recv() => match command {
+                Some(c) => prober.command(c),
+                None => return,
+            },
+            _ = tick.tick(), if !prober.targets.is_empty() => prober.round(Instant::now()),
         }
     }
 }
 
-static PROBER: OnceLock<Option<SynProber>> = OnceLock::new();
+/// A target of the probing thread; dropping it stops its probes.
+pub struct Registration {
+    id: u64,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Remove(self.id));
+    }
+}
+
+/// Probes `addr:port` from `first` on, every `every` (`None`: once), each
+/// outcome to `sink`. `None` where raw sockets are not allowed: the
+/// caller probes with connects instead.
+pub fn schedule(
+    addr: IpAddr,
+    port: u16,
+    (first, every): (Instant, Option<Duration>),
+    timeout: Duration,
+    sink: Sink,
+) -> Option<Registration> {
+    let s = scheduler()?;
+    let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let target = Target {
+        addr,
+        port,
+        every,
+        timeout,
+        due: first,
+        sink,
+        flight: None,
+    };
+    s.commands.send(Command::Add(id, target)).ok()?;
+    Some(Registration {
+        id,
+        commands: s.commands.clone(),
+    })
+}
 
 /// One half-open probe of `addr:port`; a plain connect where raw sockets
-/// are not allowed (no CAP_NET_RAW: logged once by the caller's counters).
+/// are not allowed.
 pub async fn probe_syn(addr: IpAddr, port: u16, timeout: Duration) -> Probe {
-    let prober = PROBER.get_or_init(|| match SynProber::open() {
-        Ok(p) => Some(p),
-        Err(e) => {
-            tracing::warn!("half-open health probes need raw sockets (CAP_NET_RAW): {e}; probing with connects instead");
-            None
+    let (tx, rx) = oneshot::channel();
+    let mut tx = Some(tx);
+    let sink: Sink = Box::new(move |probe| {
+        if let Some(tx) = tx.take() {
+            let _ = tx.send(probe);
         }
     });
-    match prober {
-        Some(p) => p.probe(addr, port, timeout).await,
-        None => probe_tcp(addr, port, timeout).await,
-    }
+    let Some(registration) = schedule(addr, port, (Instant::now(), None), timeout, sink) else {
+        return probe_tcp(addr, port, timeout).await;
+    };
+    let probe = rx.await.unwrap_or(Probe::Local(libc::EIO));
+    drop(registration);
+    probe
 }
 
 #[cfg(test)]

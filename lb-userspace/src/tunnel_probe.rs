@@ -260,22 +260,26 @@ pub(crate) fn recv_raw(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<(usize, Optio
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let ip = match from.ss_family as libc::c_int {
+    Ok(((n as usize).min(buf.len()), ip_of(&from)))
+}
+
+/// The address in a sockaddr the kernel filled (`None`: neither family).
+pub(crate) fn ip_of(from: &libc::sockaddr_storage) -> Option<IpAddr> {
+    match from.ss_family as libc::c_int {
         libc::AF_INET => {
             // SAFETY: the kernel wrote a sockaddr_in.
             let sin =
-                unsafe { &*(&from as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+                unsafe { &*(from as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             Some(IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()))
         }
         libc::AF_INET6 => {
             // SAFETY: the kernel wrote a sockaddr_in6.
             let sin6 =
-                unsafe { &*(&from as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+                unsafe { &*(from as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             Some(IpAddr::from(sin6.sin6_addr.s6_addr))
         }
         _ => None,
-    };
-    Ok(((n as usize).min(buf.len()), ip))
+    }
 }
 
 /// What came back for our SYN: the answer's (flags, sequence number), if
