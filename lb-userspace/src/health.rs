@@ -489,18 +489,39 @@ impl Round {
     }
 
     /// Each subscriber's outcome (its tunnel probe's, if it ran one) to
-    /// its rise/fall, the tally and, on a change, the events.
+    /// its rise/fall, its counts and, on a change, the events.
     fn apply(&self, probe: Probe, via_tunnel: &BTreeMap<VipKey, Probe>) {
-        let Ok(mut m) = self.subscribers.lock() else {
-            return;
-        };
-        for (vip, sub) in m.iter_mut() {
+        if let Ok(mut m) = self.subscribers.lock() {
+            self.apply_to(&mut m, probe, via_tunnel);
+        }
+    }
+
+    fn apply_to(
+        &self,
+        subscribers: &mut BTreeMap<VipKey, Subscriber>,
+        probe: Probe,
+        via_tunnel: &BTreeMap<VipKey, Probe>,
+    ) {
+        for (vip, sub) in subscribers.iter_mut() {
             let probe = via_tunnel.get(vip).copied().unwrap_or(probe);
             probe.count(&sub.counts);
             if let Some(ev) = sub.observe(*vip, self.addr, probe) {
                 let _ = self.events.send(ev);
             }
         }
+    }
+
+    /// Applies a round that calls for no tunnel probe (under one lock);
+    /// false if it calls for some.
+    fn apply_if_direct(&self, probe: Probe) -> bool {
+        let Ok(mut m) = self.subscribers.lock() else {
+            return true;
+        };
+        if probe == Probe::Up && m.values().any(|s| s.tunnel.is_some()) {
+            return false;
+        }
+        self.apply_to(&mut m, probe, &BTreeMap::new());
+        true
     }
 
     /// For the probing thread: applies a round at once when no tunnel
@@ -513,8 +534,7 @@ impl Round {
             if busy.load(Acquire) {
                 return;
             }
-            if self.tunnels(probe).is_empty() {
-                self.apply(probe, &BTreeMap::new());
+            if self.apply_if_direct(probe) {
                 return;
             }
             busy.store(true, Release);

@@ -12,7 +12,6 @@
 //! 10,000 backends a second took 16% of a core, most of it that machinery.
 
 use std::{
-    collections::{BTreeSet, HashMap},
     io,
     net::{IpAddr, SocketAddr},
     os::fd::{AsRawFd, OwnedFd},
@@ -23,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
@@ -38,7 +38,7 @@ pub type Sink = Box<dyn FnMut(Probe) + Send>;
 
 /// How often the probing thread wakes: a probe goes out up to this late,
 /// and a timeout is declared up to this late (never early).
-const TICK: Duration = Duration::from_millis(5);
+const TICK: Duration = Duration::from_millis(10);
 
 /// Segments read per `recvmmsg`.
 const RECV_BATCH: usize = 64;
@@ -61,8 +61,9 @@ struct Target {
     port: u16,
     every: Option<Duration>,
     timeout: Duration,
-    /// When its next SYN goes out.
+    /// When its next SYN goes out, and the tick it is filed under.
     due: Instant,
+    due_tick: u64,
     sink: Sink,
     flight: Option<Flight>,
 }
@@ -74,7 +75,67 @@ struct Flight {
     key: Option<(IpAddr, u16, u16)>,
     /// The ack number an answer to this SYN carries.
     ack: u32,
-    deadline: Instant,
+    /// The tick its timeout is filed under.
+    deadline_tick: u64,
+}
+
+/// Targets filed by the tick they are due in: filing and taking are O(1)
+/// whatever the number of targets (an ordered set cost more than the
+/// rest of a probe's bookkeeping). A filed id may be stale (its target
+/// removed or filed again): takers check it against the target.
+struct Wheel {
+    epoch: Instant,
+    buckets: FxHashMap<u64, Vec<u64>>,
+    /// Every tick up to this one has been taken.
+    done: u64,
+}
+
+impl Wheel {
+    fn new(epoch: Instant) -> Wheel {
+        Wheel {
+            epoch,
+            buckets: FxHashMap::default(),
+            done: 0,
+        }
+    }
+
+    /// Files `id` under the first tick that starts at or after `at` (never
+    /// early), at the earliest the next one to be taken.
+    fn file(&mut self, at: Instant, id: u64) -> u64 {
+        let since = at.saturating_duration_since(self.epoch).as_nanos();
+        let tick = (since.div_ceil(TICK.as_nanos()) as u64).max(self.done + 1);
+        self.buckets.entry(tick).or_default().push(id);
+        tick
+    }
+
+    /// Every (tick, id) filed under a tick that has begun by `now`.
+    fn take(&mut self, now: Instant) -> Vec<(u64, u64)> {
+        let now_tick =
+            (now.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u64;
+        let mut ticks: Vec<u64> =
+            if now_tick.saturating_sub(self.done) as usize > self.buckets.len() {
+                // Long asleep: fewer buckets than ticks missed.
+                self.buckets
+                    .keys()
+                    .copied()
+                    .filter(|&t| t <= now_tick)
+                    .collect()
+            } else {
+                (self.done + 1..=now_tick).collect()
+            };
+        ticks.sort_unstable();
+        self.done = self.done.max(now_tick);
+        ticks
+            .into_iter()
+            .flat_map(|t| {
+                self.buckets
+                    .remove(&t)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |id| (t, id))
+            })
+            .collect()
+    }
 }
 
 enum Command {
@@ -134,14 +195,14 @@ impl Family {
 struct Prober {
     v4: Option<Family>,
     v6: Option<Family>,
-    targets: HashMap<u64, Target>,
-    /// (next SYN, target), one per target.
-    due: BTreeSet<(Instant, u64)>,
-    /// (deadline, target) of the SYNs in flight.
-    deadlines: BTreeSet<(Instant, u64)>,
+    targets: FxHashMap<u64, Target>,
+    /// The targets by when their next SYN goes.
+    due: Wheel,
+    /// The SYNs in flight by when they time out.
+    deadlines: Wheel,
     /// The target a SYN in flight belongs to, by its 4-tuple.
-    waiting: HashMap<(IpAddr, u16, u16), u64>,
-    sources: HashMap<IpAddr, (IpAddr, Instant)>,
+    waiting: FxHashMap<(IpAddr, u16, u16), u64>,
+    sources: FxHashMap<IpAddr, (IpAddr, Instant)>,
     /// Initial sequence numbers (xorshift: unpredictable enough, and an
     /// answer must also come from the probed address and port).
     seq: u64,
@@ -149,8 +210,13 @@ struct Prober {
     commands: mpsc::UnboundedSender<Command>,
 }
 
-/// A SYN ready to go: its target, 4-tuple, expected ack, IP packet.
+/// A SYN ready to go: its target, 4-tuple, expected ack, and the frame
+/// (its IP packet from byte 14).
 type Outgoing = (u64, (IpAddr, u16, u16), u32, Vec<u8>);
+
+/// An answer to one of our ports: (backend, backend port, our port, ack
+/// number, flags).
+type Answer = (IpAddr, u16, u16, u32, u8);
 
 impl Prober {
     /// Opens the sockets (needs CAP_NET_RAW).
@@ -166,11 +232,11 @@ impl Prober {
         Ok(Prober {
             v4: v4.ok(),
             v6: v6.ok(),
-            targets: HashMap::new(),
-            due: BTreeSet::new(),
-            deadlines: BTreeSet::new(),
-            waiting: HashMap::new(),
-            sources: HashMap::new(),
+            targets: FxHashMap::default(),
+            due: Wheel::new(Instant::now()),
+            deadlines: Wheel::new(Instant::now()),
+            waiting: FxHashMap::default(),
+            sources: FxHashMap::default(),
             seq: u64::from(rand_u32()) << 32 | u64::from(rand_u32()) | 1,
             commands,
         })
@@ -178,16 +244,17 @@ impl Prober {
 
     fn command(&mut self, command: Command) {
         match command {
-            Command::Add(id, target) => {
-                self.due.insert((target.due, id));
+            Command::Add(id, mut target) => {
+                target.due_tick = self.due.file(target.due, id);
                 self.targets.insert(id, target);
             }
             Command::Remove(id) => {
-                if let Some(t) = self.targets.remove(&id) {
-                    self.due.remove(&(t.due, id));
-                    if let Some(f) = t.flight {
-                        self.land(id, &f);
-                    }
+                if let Some(Target {
+                    flight: Some(f), ..
+                }) = self.targets.remove(&id)
+                    && let Some(key) = f.key
+                {
+                    self.waiting.remove(&key);
                 }
             }
             Command::Connected(id, probe) => {
@@ -205,12 +272,8 @@ impl Prober {
     /// One wake: answers first (an answer already here is no timeout),
     /// then timeouts, then the SYNs now due.
     fn round(&mut self, now: Instant) {
-        for (v6, answers) in [false, true].map(|v6| (v6, self.answers(v6))) {
-            let ports = self.family(v6).map(|f| f.ports.clone()).unwrap_or_default();
-            for (buf, from) in answers {
-                let Some((addr, sport, dport, ack, flags)) = answer_of(&buf, from, &ports) else {
-                    continue;
-                };
+        for v6 in [false, true] {
+            for (addr, sport, dport, ack, flags) in self.answers(v6) {
                 let Some(&id) = self.waiting.get(&(addr, sport, dport)) else {
                     continue;
                 };
@@ -231,11 +294,15 @@ impl Prober {
                 }
             }
         }
-        while let Some(&(deadline, id)) = self.deadlines.first()
-            && deadline <= now
-        {
-            self.deadlines.pop_first();
-            self.finish(id, Probe::Down(Failure::Timeout));
+        for (tick, id) in self.deadlines.take(now) {
+            let expired = self
+                .targets
+                .get(&id)
+                .and_then(|t| t.flight.as_ref())
+                .is_some_and(|f| f.key.is_some() && f.deadline_tick == tick);
+            if expired {
+                self.finish(id, Probe::Down(Failure::Timeout));
+            }
         }
         self.send_due(now);
     }
@@ -248,14 +315,14 @@ impl Prober {
         }
     }
 
-    /// Every segment waiting on a family's answer socket.
-    fn answers(&self, v6: bool) -> Vec<(Vec<u8>, IpAddr)> {
+    /// The answers to our ports waiting on a family's answer socket.
+    fn answers(&self, v6: bool) -> Vec<Answer> {
         let mut out = Vec::new();
         if let Some(f) = self.family(v6) {
-            while let Ok(batch) = recv_batch(&f.rx) {
-                let full = batch.len() == RECV_BATCH;
-                out.extend(batch);
-                if !full {
+            while let Ok(n) = recv_batch(&f.rx, |buf, from| {
+                out.extend(answer_of(buf, from, &f.ports));
+            }) {
+                if n < RECV_BATCH {
                     break;
                 }
             }
@@ -269,22 +336,13 @@ impl Prober {
         let Some(t) = self.targets.get_mut(&id) else {
             return;
         };
-        let flight = t.flight.take();
-        (t.sink)(probe);
-        let once = t.every.is_none();
-        if let Some(f) = flight {
-            self.land(id, &f);
-        }
-        if once {
-            self.targets.remove(&id);
-        }
-    }
-
-    fn land(&mut self, id: u64, f: &Flight) {
-        if let Some(key) = f.key {
+        if let Some(key) = t.flight.take().and_then(|f| f.key) {
             self.waiting.remove(&key);
         }
-        self.deadlines.remove(&(f.deadline, id));
+        (t.sink)(probe);
+        if t.every.is_none() {
+            self.targets.remove(&id);
+        }
     }
 
     fn source(&mut self, to: IpAddr, port: u16, now: Instant) -> io::Result<IpAddr> {
@@ -308,29 +366,29 @@ impl Prober {
     /// Sends every SYN due by `now`, a batch per family.
     fn send_due(&mut self, now: Instant) {
         let mut out: [Vec<Outgoing>; 2] = Default::default();
-        while let Some(&(due, id)) = self.due.first()
-            && due <= now
-        {
-            self.due.pop_first();
+        for (tick, id) in self.due.take(now) {
             let Some(t) = self.targets.get_mut(&id) else {
                 continue;
             };
+            if t.due_tick != tick {
+                continue;
+            }
             if let Some(every) = t.every {
                 // The same phase every round; a round missed is skipped.
-                let next = if due + every > now {
+                let due = t.due;
+                t.due = if due + every > now {
                     due + every
                 } else {
                     now + every
                 };
-                t.due = next;
-                self.due.insert((next, id));
+                t.due_tick = self.due.file(t.due, id);
             }
             if t.flight.is_some() {
                 // The last SYN is still out (a timeout past the interval).
                 continue;
             }
             let (addr, port, timeout) = (t.addr, t.port, t.timeout);
-            match self.prepare(id, addr, port, timeout, now) {
+            match self.prepare(id, addr, port, timeout) {
                 Ok(Some(syn)) => out[usize::from(addr.is_ipv6())].push(syn),
                 Ok(None) => {}
                 Err(probe) => self.finish(id, probe),
@@ -343,21 +401,20 @@ impl Prober {
             let Some(f) = self.family(v6) else { continue };
             let sent = send_batch(&f.tx, &batch);
             for ((id, key, ack, _), result) in batch.into_iter().zip(sent) {
-                match result {
-                    Ok(()) => {
-                        let Some(t) = self.targets.get_mut(&id) else {
-                            self.waiting.remove(&key);
-                            continue;
-                        };
-                        let deadline = now + t.timeout;
+                let target = self.targets.get_mut(&id);
+                match (result, target) {
+                    (Ok(()), Some(t)) => {
+                        let deadline_tick = self.deadlines.file(now + t.timeout, id);
                         t.flight = Some(Flight {
                             key: Some(key),
                             ack,
-                            deadline,
+                            deadline_tick,
                         });
-                        self.deadlines.insert((deadline, id));
                     }
-                    Err(e) => {
+                    (Ok(()), None) => {
+                        self.waiting.remove(&key);
+                    }
+                    (Err(e), _) => {
                         self.waiting.remove(&key);
                         self.finish(id, local_or_down(&e));
                     }
@@ -375,7 +432,6 @@ impl Prober {
         addr: IpAddr,
         port: u16,
         timeout: Duration,
-        now: Instant,
     ) -> Result<Option<Outgoing>, Probe> {
         let Some(f) = self.family(addr.is_ipv6()) else {
             return Err(Probe::Local(libc::EAFNOSUPPORT));
@@ -395,20 +451,20 @@ impl Prober {
                 t.flight = Some(Flight {
                     key: None,
                     ack: 0,
-                    deadline: now + timeout,
+                    deadline_tick: 0,
                 });
             }
             return Ok(None);
         };
         let ours = self
-            .source(addr, port, now)
+            .source(addr, port, Instant::now())
             .map_err(|e| local_or_down(&e))?;
         // Taken now: the next SYN of this batch toward the same backend
         // needs another port.
         self.waiting.insert(key, id);
         let seq = self.next_seq();
         let syn = frame(ours, addr, &tcp_segment(ours, addr, key.2, port, seq, SYN));
-        Ok(Some((id, key, seq.wrapping_add(1), syn[14..].to_vec())))
+        Ok(Some((id, key, seq.wrapping_add(1), syn)))
     }
 }
 
@@ -420,9 +476,9 @@ fn send_batch(fd: &OwnedFd, packets: &[Outgoing]) -> Vec<io::Result<()>> {
         .collect();
     let mut iovs: Vec<libc::iovec> = packets
         .iter()
-        .map(|(.., p)| libc::iovec {
-            iov_base: p.as_ptr() as *mut libc::c_void,
-            iov_len: p.len(),
+        .map(|(.., frame)| libc::iovec {
+            iov_base: frame[14..].as_ptr() as *mut libc::c_void,
+            iov_len: frame.len() - 14,
         })
         .collect();
     let mut msgs: Vec<libc::mmsghdr> = names
@@ -459,32 +515,32 @@ fn send_batch(fd: &OwnedFd, packets: &[Outgoing]) -> Vec<io::Result<()>> {
     results
 }
 
-/// Up to `RECV_BATCH` datagrams waiting on a raw socket (none waiting:
-/// `Err(WouldBlock)`), each with its sender.
-fn recv_batch(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, IpAddr)>> {
+/// Reads up to `RECV_BATCH` datagrams waiting on a raw socket, each to
+/// `each` with its sender; how many were read (none waiting:
+/// `Err(WouldBlock)`).
+fn recv_batch(fd: &OwnedFd, mut each: impl FnMut(&[u8], IpAddr)) -> io::Result<usize> {
     let mut bufs = [[0u8; 128]; RECV_BATCH];
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut names: [libc::sockaddr_storage; RECV_BATCH] = unsafe { std::mem::zeroed() };
-    let mut iovs: Vec<libc::iovec> = bufs
+    let mut iovs: [libc::iovec; RECV_BATCH] = std::array::from_fn(|_| libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    });
+    // SAFETY: all-zero is a valid mmsghdr.
+    let mut msgs: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
+    for (((m, name), iov), buf) in msgs
         .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    let mut msgs: Vec<libc::mmsghdr> = names
-        .iter_mut()
+        .zip(names.iter_mut())
         .zip(iovs.iter_mut())
-        .map(|(name, iov)| {
-            // SAFETY: all-zero is a valid mmsghdr.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
-            m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
-            m.msg_hdr.msg_iov = iov;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+        .zip(bufs.iter_mut())
+    {
+        iov.iov_base = buf.as_mut_ptr().cast();
+        iov.iov_len = buf.len();
+        m.msg_hdr.msg_name = (name as *mut libc::sockaddr_storage).cast();
+        m.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+        m.msg_hdr.msg_iov = iov;
+        m.msg_hdr.msg_iovlen = 1;
+    }
     // SAFETY: every header points at a buffer and a name that outlive the
     // call; MSG_DONTWAIT: never blocks.
     let n = unsafe {
@@ -500,15 +556,12 @@ fn recv_batch(fd: &OwnedFd) -> io::Result<Vec<(Vec<u8>, IpAddr)>> {
         return Err(io::Error::last_os_error());
     }
     let n = n as usize;
-    Ok(msgs[..n]
-        .iter()
-        .zip(&bufs)
-        .zip(&names)
-        .filter_map(|((m, buf), name)| {
-            let len = (m.msg_len as usize).min(buf.len());
-            ip_of(name).map(|ip| (buf[..len].to_vec(), ip))
-        })
-        .collect())
+    for ((m, buf), name) in msgs[..n].iter().zip(&bufs).zip(&names) {
+        if let Some(from) = ip_of(name) {
+            each(&buf[..(m.msg_len as usize).min(buf.len())], from);
+        }
+    }
+    Ok(n)
 }
 
 /// Keeps only SYN-ACKs and resets with ACK on `fd` (a raw TCP socket sees
@@ -593,7 +646,7 @@ fn local_or_down(e: &io::Error) -> Probe {
 /// The (backend, backend port, our port, ack number, flags) of a segment
 /// to one of `ports`, as a raw TCP socket delivers it (IPv4: with its IP
 /// header; IPv6: the segment alone, the source in `from`).
-fn answer_of(buf: &[u8], from: IpAddr, ports: &[u16]) -> Option<(IpAddr, u16, u16, u32, u8)> {
+fn answer_of(buf: &[u8], from: IpAddr, ports: &[u16]) -> Option<Answer> {
     let tcp = if from.is_ipv6() {
         buf
     } else {
@@ -718,6 +771,7 @@ pub fn schedule(
         every,
         timeout,
         due: first,
+        due_tick: 0,
         sink,
         flight: None,
     };
