@@ -422,7 +422,38 @@ struct Subscriber {
     last_local_log: Option<std::time::Instant>,
 }
 
-type Subscribers = Arc<Mutex<BTreeMap<VipKey, Subscriber>>>;
+/// A probe's subscribers: a short list (one per VIP with the backend)
+/// kept in one allocation beside the lock, since the probing thread
+/// reaches it once a second per backend, from a cold cache.
+#[derive(Default)]
+struct Followers {
+    /// A round with tunnel probes is still completing (the next one
+    /// skips, as a late tick would).
+    busy: bool,
+    /// By VIP.
+    list: Vec<(VipKey, Subscriber)>,
+}
+
+impl Followers {
+    fn insert(&mut self, vip: VipKey, sub: Subscriber) {
+        match self.list.binary_search_by(|(v, _)| v.cmp(&vip)) {
+            Ok(i) => self.list[i].1 = sub,
+            Err(i) => self.list.insert(i, (vip, sub)),
+        }
+    }
+
+    fn remove(&mut self, vip: &VipKey) {
+        if let Ok(i) = self.list.binary_search_by(|(v, _)| v.cmp(vip)) {
+            self.list.remove(i);
+        }
+    }
+
+    fn any_tunnel(&self) -> bool {
+        self.list.iter().any(|(_, s)| s.tunnel.is_some())
+    }
+}
+
+type Subscribers = Arc<Mutex<Followers>>;
 
 /// A running direct probe and the VIPs that follow it. Each round's
 /// result is applied to every subscriber where the probe runs (no task per
@@ -462,7 +493,8 @@ impl Round {
         self.subscribers
             .lock()
             .map(|m| {
-                m.iter()
+                m.list
+                    .iter()
                     .filter_map(|(v, s)| s.tunnel.clone().map(|t| (*v, t)))
                     .collect()
             })
@@ -492,17 +524,18 @@ impl Round {
     /// its rise/fall, its counts and, on a change, the events.
     fn apply(&self, probe: Probe, via_tunnel: &BTreeMap<VipKey, Probe>) {
         if let Ok(mut m) = self.subscribers.lock() {
+            m.busy = false;
             self.apply_to(&mut m, probe, via_tunnel);
         }
     }
 
     fn apply_to(
         &self,
-        subscribers: &mut BTreeMap<VipKey, Subscriber>,
+        followers: &mut Followers,
         probe: Probe,
         via_tunnel: &BTreeMap<VipKey, Probe>,
     ) {
-        for (vip, sub) in subscribers.iter_mut() {
+        for (vip, sub) in followers.list.iter_mut() {
             let probe = via_tunnel.get(vip).copied().unwrap_or(probe);
             probe.count(&sub.counts);
             if let Some(ev) = sub.observe(*vip, self.addr, probe) {
@@ -511,38 +544,25 @@ impl Round {
         }
     }
 
-    /// Applies a round that calls for no tunnel probe (under one lock);
-    /// false if it calls for some.
-    fn apply_if_direct(&self, probe: Probe) -> bool {
-        let Ok(mut m) = self.subscribers.lock() else {
-            return true;
-        };
-        if probe == Probe::Up && m.values().any(|s| s.tunnel.is_some()) {
-            return false;
-        }
-        self.apply_to(&mut m, probe, &BTreeMap::new());
-        true
-    }
-
-    /// For the probing thread: applies a round at once when no tunnel
-    /// probe follows, else completes it on `rt` (a round still completing
-    /// there makes the next one skip, as a late tick would).
+    /// For the probing thread: applies a round at once (under one lock)
+    /// when no tunnel probe follows, else completes it on `rt`; a round
+    /// still completing there makes this one skip, as a late tick would.
     fn sink(self, rt: tokio::runtime::Handle) -> crate::syn_probe::Sink {
-        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
         Box::new(move |probe| {
-            use std::sync::atomic::Ordering::{Acquire, Release};
-            if busy.load(Acquire) {
+            let Ok(mut m) = self.subscribers.lock() else {
+                return;
+            };
+            if m.busy {
                 return;
             }
-            if self.apply_if_direct(probe) {
+            if probe != Probe::Up || !m.any_tunnel() {
+                self.apply_to(&mut m, probe, &BTreeMap::new());
                 return;
             }
-            busy.store(true, Release);
-            let (round, busy) = (self.clone(), busy.clone());
-            rt.spawn(async move {
-                round.complete(probe).await;
-                busy.store(false, Release);
-            });
+            m.busy = true;
+            drop(m);
+            let round = self.clone();
+            rt.spawn(async move { round.complete(probe).await });
         })
     }
 }
@@ -645,7 +665,7 @@ impl Prober {
     }
 
     pub fn subscribers(&self) -> usize {
-        self.subscribers.lock().map_or(0, |m| m.len())
+        self.subscribers.lock().map_or(0, |m| m.list.len())
     }
 }
 
