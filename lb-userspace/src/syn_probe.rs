@@ -28,7 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     health::{Failure, Probe, is_local_error, probe_tcp},
     tunnel_probe::{
-        ACK, RST, SYN, frame, ip_of, rand_u32, raw_socket, sockaddr, source_toward, tcp_segment,
+        ACK, RST, SYN, ip_of, rand_u32, raw_socket, sockaddr, source_toward, write_ip_header,
+        write_tcp_header,
     },
 };
 
@@ -57,6 +58,8 @@ const SOURCE_TTL: Duration = Duration::from_secs(60);
 
 /// A probed (backend, port), once or every `every`.
 struct Target {
+    /// Its registration's id.
+    id: u64,
     addr: IpAddr,
     port: u16,
     every: Option<Duration>,
@@ -77,6 +80,57 @@ struct Flight {
     ack: u32,
     /// The tick its timeout is filed under.
     deadline_tick: u64,
+}
+
+/// The targets by slot: a vector, not a hash map, since the probing
+/// thread reaches each once a round from a cold cache; ids (which
+/// registrations hold) map to slots only when targets come and go.
+#[derive(Default)]
+struct Targets {
+    slots: Vec<Option<Target>>,
+    free: Vec<usize>,
+    by_id: FxHashMap<u64, u64>,
+}
+
+impl Targets {
+    fn insert(&mut self, target: Target) -> u64 {
+        let id = target.id;
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(target);
+                i
+            }
+            None => {
+                self.slots.push(Some(target));
+                self.slots.len() - 1
+            }
+        } as u64;
+        self.by_id.insert(id, slot);
+        slot
+    }
+
+    fn slot_of(&self, id: u64) -> Option<u64> {
+        self.by_id.get(&id).copied()
+    }
+
+    fn get(&self, slot: u64) -> Option<&Target> {
+        self.slots.get(slot as usize)?.as_ref()
+    }
+
+    fn get_mut(&mut self, slot: u64) -> Option<&mut Target> {
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    fn remove(&mut self, slot: u64) -> Option<Target> {
+        let t = self.slots.get_mut(slot as usize)?.take()?;
+        self.by_id.remove(&t.id);
+        self.free.push(slot as usize);
+        Some(t)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
 }
 
 /// Targets filed by the tick they are due in: filing and taking are O(1)
@@ -139,7 +193,7 @@ impl Wheel {
 }
 
 enum Command {
-    Add(u64, Target),
+    Add(Target),
     Remove(u64),
     /// What a connect made instead of a SYN found.
     Connected(u64, Probe),
@@ -195,12 +249,12 @@ impl Family {
 struct Prober {
     v4: Option<Family>,
     v6: Option<Family>,
-    targets: FxHashMap<u64, Target>,
+    targets: Targets,
     /// The targets by when their next SYN goes.
     due: Wheel,
     /// The SYNs in flight by when they time out.
     deadlines: Wheel,
-    /// The target a SYN in flight belongs to, by its 4-tuple.
+    /// The slot of the target a SYN in flight belongs to, by its 4-tuple.
     waiting: FxHashMap<(IpAddr, u16, u16), u64>,
     sources: FxHashMap<IpAddr, (IpAddr, Instant)>,
     /// Initial sequence numbers (xorshift: unpredictable enough, and an
@@ -210,9 +264,10 @@ struct Prober {
     commands: mpsc::UnboundedSender<Command>,
 }
 
-/// A SYN ready to go: its target, 4-tuple, expected ack, and the frame
-/// (its IP packet from byte 14).
-type Outgoing = (u64, (IpAddr, u16, u16), u32, Vec<u8>);
+/// A SYN ready to go: its target's slot, 4-tuple, expected ack, and the
+/// IP packet (a header of either family and 20 bytes of TCP) with its
+/// length.
+type Outgoing = (u64, (IpAddr, u16, u16), u32, ([u8; 60], usize));
 
 /// An answer to one of our ports: (backend, backend port, our port, ack
 /// number, flags).
@@ -232,7 +287,7 @@ impl Prober {
         Ok(Prober {
             v4: v4.ok(),
             v6: v6.ok(),
-            targets: FxHashMap::default(),
+            targets: Targets::default(),
             due: Wheel::new(Instant::now()),
             deadlines: Wheel::new(Instant::now()),
             waiting: FxHashMap::default(),
@@ -244,26 +299,32 @@ impl Prober {
 
     fn command(&mut self, command: Command) {
         match command {
-            Command::Add(id, mut target) => {
-                target.due_tick = self.due.file(target.due, id);
-                self.targets.insert(id, target);
+            Command::Add(target) => {
+                let due = target.due;
+                let slot = self.targets.insert(target);
+                let tick = self.due.file(due, slot);
+                if let Some(t) = self.targets.get_mut(slot) {
+                    t.due_tick = tick;
+                }
             }
             Command::Remove(id) => {
-                if let Some(Target {
-                    flight: Some(f), ..
-                }) = self.targets.remove(&id)
+                if let Some(slot) = self.targets.slot_of(id)
+                    && let Some(Target {
+                        flight: Some(f), ..
+                    }) = self.targets.remove(slot)
                     && let Some(key) = f.key
                 {
                     self.waiting.remove(&key);
                 }
             }
             Command::Connected(id, probe) => {
-                if self
-                    .targets
-                    .get(&id)
-                    .is_some_and(|t| t.flight.as_ref().is_some_and(|f| f.key.is_none()))
+                if let Some(slot) = self.targets.slot_of(id)
+                    && self
+                        .targets
+                        .get(slot)
+                        .is_some_and(|t| t.flight.as_ref().is_some_and(|f| f.key.is_none()))
                 {
-                    self.finish(id, probe);
+                    self.finish(slot, probe);
                 }
             }
         }
@@ -281,7 +342,7 @@ impl Prober {
                 // probe carries another ack number).
                 let mine = self
                     .targets
-                    .get(&id)
+                    .get(id)
                     .and_then(|t| t.flight.as_ref())
                     .map(|f| f.ack);
                 if mine == Some(ack) {
@@ -297,7 +358,7 @@ impl Prober {
         for (tick, id) in self.deadlines.take(now) {
             let expired = self
                 .targets
-                .get(&id)
+                .get(id)
                 .and_then(|t| t.flight.as_ref())
                 .is_some_and(|f| f.key.is_some() && f.deadline_tick == tick);
             if expired {
@@ -333,7 +394,7 @@ impl Prober {
     /// The probe is over: forget its SYN, hand the outcome on, and drop a
     /// one-off target.
     fn finish(&mut self, id: u64, probe: Probe) {
-        let Some(t) = self.targets.get_mut(&id) else {
+        let Some(t) = self.targets.get_mut(id) else {
             return;
         };
         if let Some(key) = t.flight.take().and_then(|f| f.key) {
@@ -341,7 +402,7 @@ impl Prober {
         }
         (t.sink)(probe);
         if t.every.is_none() {
-            self.targets.remove(&id);
+            self.targets.remove(id);
         }
     }
 
@@ -367,7 +428,7 @@ impl Prober {
     fn send_due(&mut self, now: Instant) {
         let mut out: [Vec<Outgoing>; 2] = Default::default();
         for (tick, id) in self.due.take(now) {
-            let Some(t) = self.targets.get_mut(&id) else {
+            let Some(t) = self.targets.get_mut(id) else {
                 continue;
             };
             if t.due_tick != tick {
@@ -401,7 +462,7 @@ impl Prober {
             let Some(f) = self.family(v6) else { continue };
             let sent = send_batch(&f.tx, &batch);
             for ((id, key, ack, _), result) in batch.into_iter().zip(sent) {
-                let target = self.targets.get_mut(&id);
+                let target = self.targets.get_mut(id);
                 match (result, target) {
                     (Ok(()), Some(t)) => {
                         let deadline_tick = self.deadlines.file(now + t.timeout, id);
@@ -428,7 +489,7 @@ impl Prober {
     /// no probe can be made from here.
     fn prepare(
         &mut self,
-        id: u64,
+        slot: u64,
         addr: IpAddr,
         port: u16,
         timeout: Duration,
@@ -442,12 +503,15 @@ impl Prober {
             .map(|&p| (addr, port, p))
             .find(|k| !self.waiting.contains_key(k));
         let Some(key) = free else {
+            let Some(id) = self.targets.get(slot).map(|t| t.id) else {
+                return Ok(None);
+            };
             let commands = self.commands.clone();
             tokio::spawn(async move {
                 let probe = probe_tcp(addr, port, timeout).await;
                 let _ = commands.send(Command::Connected(id, probe));
             });
-            if let Some(t) = self.targets.get_mut(&id) {
+            if let Some(t) = self.targets.get_mut(slot) {
                 t.flight = Some(Flight {
                     key: None,
                     ack: 0,
@@ -461,10 +525,12 @@ impl Prober {
             .map_err(|e| local_or_down(&e))?;
         // Taken now: the next SYN of this batch toward the same backend
         // needs another port.
-        self.waiting.insert(key, id);
+        self.waiting.insert(key, slot);
         let seq = self.next_seq();
-        let syn = frame(ours, addr, &tcp_segment(ours, addr, key.2, port, seq, SYN));
-        Ok(Some((id, key, seq.wrapping_add(1), syn)))
+        let mut syn = [0u8; 60];
+        let ip = write_ip_header(&mut syn, ours, addr, 20);
+        write_tcp_header(&mut syn[ip..], (ours, addr), key.2, port, seq, SYN);
+        Ok(Some((slot, key, seq.wrapping_add(1), (syn, ip + 20))))
     }
 }
 
@@ -476,9 +542,9 @@ fn send_batch(fd: &OwnedFd, packets: &[Outgoing]) -> Vec<io::Result<()>> {
         .collect();
     let mut iovs: Vec<libc::iovec> = packets
         .iter()
-        .map(|(.., frame)| libc::iovec {
-            iov_base: frame[14..].as_ptr() as *mut libc::c_void,
-            iov_len: frame.len() - 14,
+        .map(|(.., (packet, len))| libc::iovec {
+            iov_base: packet.as_ptr() as *mut libc::c_void,
+            iov_len: *len,
         })
         .collect();
     let mut msgs: Vec<libc::mmsghdr> = names
@@ -766,6 +832,7 @@ pub fn schedule(
     let s = scheduler()?;
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
     let target = Target {
+        id,
         addr,
         port,
         every,
@@ -775,7 +842,7 @@ pub fn schedule(
         sink,
         flight: None,
     };
-    s.commands.send(Command::Add(id, target)).ok()?;
+    s.commands.send(Command::Add(target)).ok()?;
     Some(Registration {
         id,
         commands: s.commands.clone(),

@@ -94,6 +94,20 @@ pub(crate) fn tcp_segment(
     flags: u8,
 ) -> Vec<u8> {
     let mut t = vec![0u8; 20];
+    write_tcp_header(&mut t, (src, dst), sport, dport, seq, flags);
+    t
+}
+
+/// Writes a 20-byte TCP header with its checksum into `t` (zeroed).
+pub(crate) fn write_tcp_header(
+    t: &mut [u8],
+    (src, dst): (IpAddr, IpAddr),
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    flags: u8,
+) {
+    let t = &mut t[..20];
     t[0..2].copy_from_slice(&sport.to_be_bytes());
     t[2..4].copy_from_slice(&dport.to_be_bytes());
     t[4..8].copy_from_slice(&seq.to_be_bytes());
@@ -112,41 +126,49 @@ pub(crate) fn tcp_segment(
         (IpAddr::V6(s), IpAddr::V6(d)) => ipv6_pseudo_sum(&s.octets(), &d.octets(), 20, PROTO_TCP),
         _ => unreachable!("one family"),
     };
-    let check = checksum_with(pseudo, &t);
+    let check = checksum_with(pseudo, t);
     t[16..18].copy_from_slice(&check.to_be_bytes());
-    t
 }
 
-/// An Ethernet frame (MACs unused) around an IP packet carrying `tcp`.
-pub(crate) fn frame(src: IpAddr, dst: IpAddr, tcp: &[u8]) -> Vec<u8> {
-    let mut f = vec![0u8; 12];
+/// Writes an IP header for a TCP payload of `payload` bytes into `ip`
+/// (zeroed, room for either family's); its length.
+pub(crate) fn write_ip_header(ip: &mut [u8], src: IpAddr, dst: IpAddr, payload: usize) -> usize {
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
-            f.extend_from_slice(&0x0800u16.to_be_bytes());
-            let mut ip = [0u8; 20];
+            let ip = &mut ip[..20];
             ip[0] = 0x45;
-            ip[2..4].copy_from_slice(&((20 + tcp.len()) as u16).to_be_bytes());
+            ip[2..4].copy_from_slice(&((20 + payload) as u16).to_be_bytes());
             ip[6] = 0x40; // DF
             ip[8] = 64;
             ip[9] = PROTO_TCP;
             ip[12..16].copy_from_slice(&s.octets());
             ip[16..20].copy_from_slice(&d.octets());
-            let check = checksum_with(0, &ip);
+            let check = checksum_with(0, ip);
             ip[10..12].copy_from_slice(&check.to_be_bytes());
-            f.extend_from_slice(&ip);
+            20
         }
         (IpAddr::V6(s), IpAddr::V6(d)) => {
-            f.extend_from_slice(&0x86DDu16.to_be_bytes());
-            f.extend_from_slice(&(6u32 << 28).to_be_bytes());
-            f.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
-            f.push(PROTO_TCP);
-            f.push(64);
-            f.extend_from_slice(&s.octets());
-            f.extend_from_slice(&d.octets());
+            let ip = &mut ip[..40];
+            ip[0..4].copy_from_slice(&(6u32 << 28).to_be_bytes());
+            ip[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
+            ip[6] = PROTO_TCP;
+            ip[7] = 64;
+            ip[8..24].copy_from_slice(&s.octets());
+            ip[24..40].copy_from_slice(&d.octets());
+            40
         }
         _ => unreachable!("one family"),
     }
-    f.extend_from_slice(tcp);
+}
+
+/// An Ethernet frame (MACs unused) around an IP packet carrying `tcp`.
+pub(crate) fn frame(src: IpAddr, dst: IpAddr, tcp: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + 40 + tcp.len()];
+    let ethertype: u16 = if dst.is_ipv6() { 0x86DD } else { 0x0800 };
+    f[12..14].copy_from_slice(&ethertype.to_be_bytes());
+    let ip = write_ip_header(&mut f[14..], src, dst, tcp.len());
+    f[14 + ip..14 + ip + tcp.len()].copy_from_slice(tcp);
+    f.truncate(14 + ip + tcp.len());
     f
 }
 
