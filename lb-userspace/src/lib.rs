@@ -2,6 +2,7 @@
 //! writing its maps. Binaries: `lbd` (daemon) and `lbctl` (CLI).
 
 pub mod announce;
+pub mod answer_ring;
 pub mod api;
 pub mod backend_check;
 pub mod capture;

@@ -26,6 +26,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
+    answer_ring::AnswerRing,
     health::{Failure, Probe, is_local_error, probe_tcp},
     tunnel_probe::{
         ACK, RST, SYN, ip_of, rand_u32, raw_socket, sockaddr, source_toward, write_ip_header,
@@ -203,8 +204,9 @@ enum Command {
 struct Family {
     /// IPPROTO_RAW: whole IP packets out.
     tx: OwnedFd,
-    /// Raw TCP: answers in (filtered by `only_answers`).
-    rx: OwnedFd,
+    /// Raw TCP: answers in (filtered by `only_answers`), where the
+    /// answer ring cannot be had.
+    rx: Option<OwnedFd>,
     /// The source ports probes use, each kept by a bound TCP socket (no
     /// other socket gets it; the kernel resets the SYN-ACKs that reach it).
     ports: Vec<u16>,
@@ -226,6 +228,15 @@ fn reserve_port(v6: bool) -> io::Result<(tokio::net::TcpSocket, u16)> {
 }
 
 impl Family {
+    /// Answers on a raw TCP socket (no answer ring).
+    fn receive_raw(&mut self, v6: bool) -> io::Result<()> {
+        let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+        let rx = raw_socket(family, libc::IPPROTO_TCP)?;
+        only_answers(&rx, v6)?;
+        self.rx = Some(rx);
+        Ok(())
+    }
+
     fn open(v6: bool) -> io::Result<Family> {
         let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
         let tx = raw_socket(family, libc::IPPROTO_RAW)?;
@@ -234,11 +245,9 @@ impl Family {
             .collect::<io::Result<Vec<_>>>()?
             .into_iter()
             .unzip();
-        let rx = raw_socket(family, libc::IPPROTO_TCP)?;
-        only_answers(&rx, v6)?;
         Ok(Family {
             tx,
-            rx,
+            rx: None,
             ports,
             _reservations: reservations,
         })
@@ -249,6 +258,8 @@ impl Family {
 struct Prober {
     v4: Option<Family>,
     v6: Option<Family>,
+    /// Where answers are read (else on each family's raw socket).
+    ring: Option<AnswerRing>,
     targets: Targets,
     /// The targets by when their next SYN goes.
     due: Wheel,
@@ -284,9 +295,30 @@ impl Prober {
                 e.raw_os_error().unwrap_or(libc::EPERM),
             ));
         }
+        let (mut v4, mut v6) = (v4.ok(), v6.ok());
+        let ports: Vec<u16> = [&v4, &v6]
+            .into_iter()
+            .flatten()
+            .flat_map(|f| f.ports.iter().copied())
+            .collect();
+        let ring = match AnswerRing::open(&ports) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                tracing::info!(
+                    "no receive ring for half-open probes' answers ({e}): reading them from raw sockets"
+                );
+                for (family, is_v6) in [(&mut v4, false), (&mut v6, true)] {
+                    if let Some(f) = family {
+                        f.receive_raw(is_v6)?;
+                    }
+                }
+                None
+            }
+        };
         Ok(Prober {
-            v4: v4.ok(),
-            v6: v6.ok(),
+            v4,
+            v6,
+            ring,
             targets: Targets::default(),
             due: Wheel::new(Instant::now()),
             deadlines: Wheel::new(Instant::now()),
@@ -333,8 +365,8 @@ impl Prober {
     /// One wake: answers first (an answer already here is no timeout),
     /// then timeouts, then the SYNs now due.
     fn round(&mut self, now: Instant) {
-        for v6 in [false, true] {
-            for (addr, sport, dport, ack, flags) in self.answers(v6) {
+        for (addr, sport, dport, ack, flags) in self.answers() {
+            {
                 let Some(&id) = self.waiting.get(&(addr, sport, dport)) else {
                     continue;
                 };
@@ -376,11 +408,22 @@ impl Prober {
         }
     }
 
-    /// The answers to our ports waiting on a family's answer socket.
-    fn answers(&self, v6: bool) -> Vec<Answer> {
+    /// The answers to our ports waiting in the ring (or on the raw
+    /// sockets).
+    fn answers(&mut self) -> Vec<Answer> {
         let mut out = Vec::new();
-        if let Some(f) = self.family(v6) {
-            while let Ok(n) = recv_batch(&f.rx, |buf, from| {
+        if let Some(ring) = &mut self.ring {
+            let ports: Vec<u16> = [&self.v4, &self.v6]
+                .into_iter()
+                .flatten()
+                .flat_map(|f| f.ports.iter().copied())
+                .collect();
+            ring.drain(|packet| out.extend(answer_in_packet(packet, &ports)));
+            return out;
+        }
+        for f in [&self.v4, &self.v6].into_iter().flatten() {
+            let Some(rx) = &f.rx else { continue };
+            while let Ok(n) = recv_batch(rx, |buf, from| {
                 out.extend(answer_of(buf, from, &f.ports));
             }) {
                 if n < RECV_BATCH {
@@ -719,6 +762,28 @@ fn answer_of(buf: &[u8], from: IpAddr, ports: &[u16]) -> Option<Answer> {
         let ihl = (*buf.first()? & 0x0F) as usize * 4;
         buf.get(ihl..)?
     };
+    answer_in(tcp, from, ports)
+}
+
+/// The same, from a whole IP packet (IPv6: without extension headers).
+fn answer_in_packet(packet: &[u8], ports: &[u16]) -> Option<Answer> {
+    let (from, tcp) = match packet.first()? >> 4 {
+        4 => {
+            let ihl = (packet[0] & 0x0F) as usize * 4;
+            let src: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
+            (IpAddr::from(src), packet.get(ihl..)?)
+        }
+        6 => {
+            let src: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
+            (IpAddr::from(src), packet.get(40..)?)
+        }
+        _ => return None,
+    };
+    answer_in(tcp, from, ports)
+}
+
+/// An answer from `from` in a TCP segment.
+fn answer_in(tcp: &[u8], from: IpAddr, ports: &[u16]) -> Option<Answer> {
     if tcp.len() < 20 {
         return None;
     }
