@@ -304,7 +304,12 @@ impl Prober {
             .flatten()
             .flat_map(|f| f.ports.iter().copied())
             .collect();
-        let ring = match AnswerRing::open(&ports) {
+        let ring = if RAW_ANSWERS.load(Ordering::Relaxed) {
+            Err(io::Error::other("raw sockets asked for"))
+        } else {
+            AnswerRing::open(&ports)
+        };
+        let ring = match ring {
             Ok(ring) => Some(ring),
             Err(e) => {
                 tracing::info!(
@@ -803,9 +808,29 @@ fn answer_in(tcp: &[u8], from: IpAddr, ports: &[u16]) -> Option<Answer> {
 struct Scheduler {
     commands: mpsc::UnboundedSender<Command>,
     next_id: AtomicU64,
+    /// Answers come from the receive ring (else from raw sockets).
+    ring: bool,
+}
+
+/// Where the probing thread reads answers: `Some(true)` from the receive
+/// ring, `Some(false)` from raw sockets, `None` before the first probe or
+/// without raw sockets at all.
+pub fn answers_from_ring() -> Option<bool> {
+    SCHEDULER.get()?.as_ref().map(|s| s.ring)
 }
 
 static SCHEDULER: OnceLock<Option<Scheduler>> = OnceLock::new();
+
+/// Set before the first probe: answers are read from raw sockets even
+/// where the receive ring could be had (what a host without `AF_PACKET`
+/// gets; lets that path be tested).
+static RAW_ANSWERS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Reads the answers of this process's half-open probes from raw sockets,
+/// not the receive ring; only before the first probe.
+pub fn read_answers_from_raw_sockets() {
+    RAW_ANSWERS.store(true, Ordering::Relaxed);
+}
 
 /// Starts the probing thread on first use (in the caller's network
 /// namespace: a thread starts in its parent's); `None` where raw sockets
@@ -831,7 +856,7 @@ fn scheduler() -> Option<&'static Scheduler> {
                         let (commands, queue) = mpsc::unbounded_channel();
                         match Prober::open(commands.clone()) {
                             Ok(prober) => {
-                                let _ = ready.send(Ok(commands));
+                                let _ = ready.send(Ok((commands, prober.ring.is_some())));
                                 run(prober, queue).await;
                             }
                             Err(e) => {
@@ -846,9 +871,10 @@ fn scheduler() -> Option<&'static Scheduler> {
                     .map_err(|_| io::Error::from_raw_os_error(libc::EIO))?
             });
             match opened {
-                Ok(commands) => Some(Scheduler {
+                Ok((commands, ring)) => Some(Scheduler {
                     commands,
                     next_id: AtomicU64::new(1),
+                    ring,
                 }),
                 Err(e) => {
                     tracing::warn!("half-open health probes need raw sockets (CAP_NET_RAW): {e}; probing with connects instead");

@@ -9,6 +9,7 @@ pub mod lbd;
 pub mod netns;
 pub mod packets;
 pub mod quic;
+pub mod syn_scenario;
 pub mod testbed;
 
 /// Keeps the calling thread on `cpu`: per-CPU state (the connection
