@@ -56,23 +56,23 @@ impl AnswerRing {
         }
         // SAFETY: a new descriptor nobody else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        set(&fd, libc::SOL_PACKET, libc::PACKET_VERSION, &TPACKET_V2)?;
+        set_option(&fd, libc::SOL_PACKET, libc::PACKET_VERSION, &TPACKET_V2)?;
         // Our own SYNs and resets going out are not answers (older
         // kernels lack the option: the filter drops them anyway).
-        let _ = set(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &1);
+        let _ = set_option(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &1);
         let mut program = filter(ports);
         let fprog = libc::sock_fprog {
             len: program.len() as u16,
             filter: program.as_mut_ptr(),
         };
-        set(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)?;
+        set_option(&fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)?;
         let req = libc::tpacket_req {
             tp_block_size: BLOCK_SIZE as u32,
             tp_block_nr: (FRAMES * FRAME_SIZE / BLOCK_SIZE) as u32,
             tp_frame_size: FRAME_SIZE as u32,
             tp_frame_nr: FRAMES as u32,
         };
-        set(&fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)?;
+        set_option(&fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)?;
         // SAFETY: maps the ring the kernel just allocated for this socket.
         let ring = unsafe {
             libc::mmap(
@@ -153,7 +153,13 @@ impl Drop for AnswerRing {
     }
 }
 
-fn set<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+/// setsockopt(2) with a value of type `T`.
+pub(crate) fn set_option<T>(
+    fd: &OwnedFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
     // SAFETY: `value` is a valid T for the option's length.
     let rc = unsafe {
         libc::setsockopt(

@@ -632,48 +632,48 @@ impl Prober {
             key.hash(&mut h);
             Duration::from_millis(h.finish() % key.interval_ms)
         };
-        if key.kind == "syn" {
-            let first = std::time::Instant::now() + offset;
-            let sink = round.clone().sink(tokio::runtime::Handle::current());
-            if let Some(registration) = crate::syn_probe::schedule(
-                key.addr,
-                key.port,
-                (first, Some(period)),
-                round.timeout,
-                sink,
-            ) {
-                return Prober {
-                    addr: key.addr,
-                    subscribers,
-                    tally,
-                    run: Run::Scheduled {
-                        _registration: registration,
-                    },
-                };
-            }
-        }
-        let key_addr = key.addr;
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let timeout = round.timeout;
-                let probe = match key.kind.as_str() {
-                    "http" => {
-                        probe_http(key.addr, key.port, &key.path, key.expect_status, timeout).await
-                    }
-                    // "syn" without raw sockets: a connect.
-                    _ => probe_tcp(key.addr, key.port, timeout).await,
-                };
-                round.complete(probe).await;
-            }
-        });
+        let scheduled = (key.kind == "syn")
+            .then(|| {
+                let first = std::time::Instant::now() + offset;
+                let sink = round.clone().sink(tokio::runtime::Handle::current());
+                crate::syn_probe::schedule(
+                    key.addr,
+                    key.port,
+                    (first, Some(period)),
+                    round.timeout,
+                    sink,
+                )
+            })
+            .flatten();
+        let addr = key.addr;
+        let run = match scheduled {
+            Some(registration) => Run::Scheduled {
+                _registration: registration,
+            },
+            None => Run::Task(tokio::spawn(async move {
+                let mut tick =
+                    tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let timeout = round.timeout;
+                    let probe = match key.kind.as_str() {
+                        "http" => {
+                            probe_http(key.addr, key.port, &key.path, key.expect_status, timeout)
+                                .await
+                        }
+                        // "syn" without raw sockets: a connect.
+                        _ => probe_tcp(key.addr, key.port, timeout).await,
+                    };
+                    round.complete(probe).await;
+                }
+            })),
+        };
         Prober {
-            addr: key_addr,
+            addr,
             subscribers,
             tally,
-            run: Run::Task(task),
+            run,
         }
     }
 

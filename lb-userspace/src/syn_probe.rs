@@ -29,7 +29,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    answer_ring::AnswerRing,
+    answer_ring::{AnswerRing, set_option},
     health::{Failure, Probe, is_local_error, probe_tcp},
     tunnel_probe::{
         ACK, RST, SYN, ip_of, rand_u32, raw_socket, sockaddr, source_toward, write_ip_header,
@@ -258,11 +258,13 @@ impl Family {
 }
 
 /// Everything the probing thread owns.
-struct Prober {
+struct SynProber {
     v4: Option<Family>,
     v6: Option<Family>,
     /// Where answers are read (else on each family's raw socket).
     ring: Option<AnswerRing>,
+    /// Both families' probe ports (the ring holds answers of either).
+    ports: Vec<u16>,
     targets: Targets,
     /// The targets by when their next SYN goes.
     due: Wheel,
@@ -287,9 +289,9 @@ type Outgoing = (u64, (IpAddr, u16, u16), u32, ([u8; 60], usize));
 /// number, flags).
 type Answer = (IpAddr, u16, u16, u32, u8);
 
-impl Prober {
+impl SynProber {
     /// Opens the sockets (needs CAP_NET_RAW).
-    fn open(commands: mpsc::UnboundedSender<Command>) -> io::Result<Prober> {
+    fn open(commands: mpsc::UnboundedSender<Command>) -> io::Result<SynProber> {
         // An IPv6-less host still probes IPv4 backends.
         let v4 = Family::open(false);
         let v6 = Family::open(true);
@@ -323,10 +325,11 @@ impl Prober {
                 None
             }
         };
-        Ok(Prober {
+        Ok(SynProber {
             v4,
             v6,
             ring,
+            ports,
             targets: Targets::default(),
             due: Wheel::new(Instant::now()),
             deadlines: Wheel::new(Instant::now()),
@@ -393,14 +396,14 @@ impl Prober {
                 self.finish(slot, probe);
             }
         }
-        for (tick, id) in self.deadlines.take(now) {
+        for (tick, slot) in self.deadlines.take(now) {
             let expired = self
                 .targets
-                .get(id)
+                .get(slot)
                 .and_then(|t| t.flight.as_ref())
                 .is_some_and(|f| f.key.is_some() && f.deadline_tick == tick);
             if expired {
-                self.finish(id, Probe::Down(Failure::Timeout));
+                self.finish(slot, Probe::Down(Failure::Timeout));
             }
         }
         self.send_due(now);
@@ -419,12 +422,8 @@ impl Prober {
     fn answers(&mut self) -> Vec<Answer> {
         let mut out = Vec::new();
         if let Some(ring) = &mut self.ring {
-            let ports: Vec<u16> = [&self.v4, &self.v6]
-                .into_iter()
-                .flatten()
-                .flat_map(|f| f.ports.iter().copied())
-                .collect();
-            ring.drain(|packet| out.extend(answer_in_packet(packet, &ports)));
+            let ports = &self.ports;
+            ring.drain(|packet| out.extend(answer_in_packet(packet, ports)));
             return out;
         }
         for f in [&self.v4, &self.v6].into_iter().flatten() {
@@ -442,8 +441,8 @@ impl Prober {
 
     /// The probe is over: forget its SYN, hand the outcome on, and drop a
     /// one-off target.
-    fn finish(&mut self, id: u64, probe: Probe) {
-        let Some(t) = self.targets.get_mut(id) else {
+    fn finish(&mut self, slot: u64, probe: Probe) {
+        let Some(t) = self.targets.get_mut(slot) else {
             return;
         };
         if let Some(key) = t.flight.take().and_then(|f| f.key) {
@@ -451,7 +450,7 @@ impl Prober {
         }
         (t.sink)(probe);
         if t.every.is_none() {
-            self.targets.remove(id);
+            self.targets.remove(slot);
         }
     }
 
@@ -476,8 +475,8 @@ impl Prober {
     /// Sends every SYN due by `now`, a batch per family.
     fn send_due(&mut self, now: Instant) {
         let mut out: [Vec<Outgoing>; 2] = Default::default();
-        for (tick, id) in self.due.take(now) {
-            let Some(t) = self.targets.get_mut(id) else {
+        for (tick, slot) in self.due.take(now) {
+            let Some(t) = self.targets.get_mut(slot) else {
                 continue;
             };
             if t.due_tick != tick {
@@ -491,17 +490,17 @@ impl Prober {
                 } else {
                     now + every
                 };
-                t.due_tick = self.due.file(t.due, id);
+                t.due_tick = self.due.file(t.due, slot);
             }
             if t.flight.is_some() {
                 // The last SYN is still out (a timeout past the interval).
                 continue;
             }
             let (addr, port, timeout) = (t.addr, t.port, t.timeout);
-            match self.prepare(id, addr, port, timeout) {
+            match self.prepare(slot, addr, port, timeout) {
                 Ok(Some(syn)) => out[usize::from(addr.is_ipv6())].push(syn),
                 Ok(None) => {}
-                Err(probe) => self.finish(id, probe),
+                Err(probe) => self.finish(slot, probe),
             }
         }
         for (v6, batch) in [false, true].into_iter().zip(out) {
@@ -510,11 +509,11 @@ impl Prober {
             }
             let Some(f) = self.family(v6) else { continue };
             let sent = send_batch(&f.tx, &batch);
-            for ((id, key, ack, _), result) in batch.into_iter().zip(sent) {
-                let target = self.targets.get_mut(id);
+            for ((slot, key, ack, _), result) in batch.into_iter().zip(sent) {
+                let target = self.targets.get_mut(slot);
                 match (result, target) {
                     (Ok(()), Some(t)) => {
-                        let deadline_tick = self.deadlines.file(now + t.timeout, id);
+                        let deadline_tick = self.deadlines.file(now + t.timeout, slot);
                         t.flight = Some(Flight {
                             key: Some(key),
                             ack,
@@ -526,7 +525,7 @@ impl Prober {
                     }
                     (Err(e), _) => {
                         self.waiting.remove(&key);
-                        self.finish(id, local_or_down(&e));
+                        self.finish(slot, local_or_down(&e));
                     }
                 }
             }
@@ -721,32 +720,11 @@ fn only_answers(fd: &OwnedFd, v6: bool) -> io::Result<()> {
         len: prog.len() as u16,
         filter: prog.as_mut_ptr(),
     };
-    let set = |name, value: *const libc::c_void, len: usize| {
-        // SAFETY: `value` points at `len` valid bytes for this option.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                name,
-                value,
-                len as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    set(
-        libc::SO_ATTACH_FILTER,
-        (&fprog as *const libc::sock_fprog).cast(),
-        std::mem::size_of::<libc::sock_fprog>(),
-    )?;
+    set_option(fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)?;
     // Thousands of answers a second: a few MB, not the default ~200 KB.
     let bytes: libc::c_int = 4 << 20;
-    let size = std::mem::size_of::<libc::c_int>();
-    let ptr = (&bytes as *const libc::c_int).cast();
-    set(libc::SO_RCVBUFFORCE, ptr, size).or_else(|_| set(libc::SO_RCVBUF, ptr, size))
+    set_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &bytes)
+        .or_else(|_| set_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes))
 }
 
 fn local_or_down(e: &io::Error) -> Probe {
@@ -854,7 +832,7 @@ fn scheduler() -> Option<&'static Scheduler> {
                     };
                     rt.block_on(async move {
                         let (commands, queue) = mpsc::unbounded_channel();
-                        match Prober::open(commands.clone()) {
+                        match SynProber::open(commands.clone()) {
                             Ok(prober) => {
                                 let _ = ready.send(Ok((commands, prober.ring.is_some())));
                                 run(prober, queue).await;
@@ -885,7 +863,7 @@ fn scheduler() -> Option<&'static Scheduler> {
         .as_ref()
 }
 
-async fn run(mut prober: Prober, mut queue: mpsc::UnboundedReceiver<Command>) {
+async fn run(mut prober: SynProber, mut queue: mpsc::UnboundedReceiver<Command>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
