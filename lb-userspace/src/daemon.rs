@@ -31,6 +31,7 @@ use crate::{
     },
     serve::Caller,
     tunnel_probe::TunnelSpec,
+    vip_table::TableDigest,
 };
 
 /// The longest capture, and how long past its end lbd waits for the
@@ -178,7 +179,10 @@ fn adopt(dp: &Dataplane, rec: &mut Reconciler) -> Result<usize> {
             u16::from_be(key.port),
             key.proto
         );
-        let digest = table.digest_by_address(&addrs, &ids);
+        let digest = {
+            let table = table.clone();
+            TableDigest::later(move || table.digest_by_address(&addrs, &ids))
+        };
         rec.adopt(
             key,
             AppliedVip {

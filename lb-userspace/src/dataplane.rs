@@ -381,16 +381,23 @@ impl SlotsMmap {
 
     fn write_table(&mut self, offset: usize, table: &SlotTable) {
         use rayon::prelude::*;
-        // Large tables on every core: a host failing under thousands of
-        // VIPs writes gigabytes here, at the memory's pace.
-        const PART: usize = 16_384;
+        // Large tables on every core, one part each (each part handed out
+        // wakes a thread): a host failing under thousands of VIPs writes
+        // gigabytes here, at the memory's pace.
+        const LEAST: usize = 16_384;
         let raw = &mut self.raw_mut()[offset * SLOT_STRIDE..(offset + table.len()) * SLOT_STRIDE];
-        if table.len() <= PART {
-            table.write_strided(raw, SLOT_STRIDE, 0);
+        let cells: &mut [u64] = bytemuck::cast_slice_mut(raw);
+        let part = table
+            .len()
+            .div_ceil(rayon::current_num_threads())
+            .max(LEAST);
+        if table.len() <= part {
+            table.write_cells(cells, 0);
         } else {
-            raw.par_chunks_mut(PART * SLOT_STRIDE)
+            cells
+                .par_chunks_mut(part)
                 .enumerate()
-                .for_each(|(i, cells)| table.write_strided(cells, SLOT_STRIDE, i * PART));
+                .for_each(|(i, cells)| table.write_cells(cells, i * part));
         }
     }
 

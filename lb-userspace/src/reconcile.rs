@@ -31,7 +31,7 @@ use tracing::warn;
 use crate::{
     slot_table::SlotTable,
     slots::SlotAllocator,
-    vip_table::{BackendSpec, derived_keys},
+    vip_table::{BackendSpec, TableDigest, derived_keys},
 };
 use tables::{Built, Healthy, Job, Prebuilt, TableInputs, build_all};
 
@@ -146,7 +146,7 @@ pub struct AppliedVip {
     /// table it becomes on the next switch (no copy).
     pub table: SlotTable,
     /// `table_digest` of `table`: equal on every instance with the same table.
-    pub digest: String,
+    pub digest: TableDigest,
     /// The previous table second-chance forwarding uses.
     pub prev: Option<PrevState>,
 }

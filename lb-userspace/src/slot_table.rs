@@ -92,15 +92,32 @@ impl SlotTable {
         ids_to_positions(&self.to_vec(), ids).map(std::borrow::Cow::Owned)
     }
 
-    /// Writes slots from `first_slot` on into `cells`, `stride` words per
-    /// slot, the id in each cell's first word.
-    pub fn write_strided(&self, cells: &mut [u32], stride: usize, first_slot: usize) {
-        for (cell, &p) in cells
-            .chunks_exact_mut(stride)
-            .zip(&self.positions[first_slot..])
-        {
-            cell[0] = self.id_at(p);
+    /// Writes slots from `first_slot` on into 8-byte `cells` (the id in
+    /// the low word, as the kernel lays out an array of u32), with
+    /// streaming stores: a table is written once and read by the kernel
+    /// later, so reading each line in first and filling the cache with it
+    /// would be wasted (a host failing under 4,096 VIPs writes 2 GiB here).
+    pub fn write_cells(&self, cells: &mut [u64], first_slot: usize) {
+        let positions = &self.positions[first_slot..first_slot + cells.len()];
+        for (cell, &p) in cells.iter_mut().zip(positions) {
+            let id = u64::from(self.id_at(p));
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `cell` is a valid, aligned u64 we hold exclusively.
+            unsafe {
+                core::arch::x86_64::_mm_stream_si64((cell as *mut u64).cast(), id as i64)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                *cell = id;
+            }
         }
+        // Streaming stores are weakly ordered: all of them are done before
+        // the caller points the VIP at this table.
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: SSE is part of x86_64.
+        unsafe {
+            core::arch::x86_64::_mm_sfence()
+        };
     }
 }
 
@@ -157,9 +174,13 @@ mod tests {
             [1, 2, 2, NO_BACKEND, 0]
         );
         assert!(a.positions_in(&[4, 7]).is_none());
-        let mut cells = [5u32; 6];
-        a.write_strided(&mut cells, 2, 1);
-        assert_eq!(cells, [9, 5, 9, 5, 0, 5]);
+        // Whole 8-byte cells from slot 1 on: the id in the low word.
+        let mut cells = [u64::MAX; 3];
+        a.write_cells(&mut cells, 1);
+        assert_eq!(cells, [9, 9, 0]);
+        let mut cells = [u64::MAX; 2];
+        a.write_cells(&mut cells, 3);
+        assert_eq!(cells, [0, 4]);
         assert!(SlotTable::from_ids(&[]).is_empty());
         let slots = [7, 9, 9, 0, 4];
         let read = SlotTable::from_ids_in(slots.iter().copied(), vec![9, 7, 4]);

@@ -2,7 +2,12 @@
 //! order that keeps every packet on a valid path: backends first, then the
 //! table into a fresh region, then the one VIPS update that switches to it.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::IpAddr,
+    sync::{Arc, LazyLock},
+};
 
 use anyhow::{Context, Result};
 use lb_common::{
@@ -51,7 +56,12 @@ pub fn maglev_positions(
         .iter()
         .map(|mb| by_identity[mb.identity.as_str()])
         .collect();
-    Ok(table.slots.iter().map(|&i| positions[i as usize]).collect())
+    // In place: a table is 256 KB at M = 65,537, built thousands at once.
+    let mut slots = table.slots;
+    for slot in &mut slots {
+        *slot = positions[*slot as usize];
+    }
+    Ok(slots)
 }
 
 /// The table when some backends have failed (`failed[i]` for position i):
@@ -80,21 +90,18 @@ pub fn positions_with_failures(
         .zip(failed)
         .map(|(&(addr, weight), &down)| (addr, if down { 0 } else { weight }))
         .collect();
-    let alternative = maglev_positions(&healthy, size, seed)?;
-    if alternative.is_empty() || base.is_empty() {
-        return Ok(alternative);
+    let mut table = maglev_positions(&healthy, size, seed)?;
+    if table.is_empty() || base.is_empty() {
+        return Ok(table);
     }
-    Ok(base
-        .iter()
-        .zip(&alternative)
-        .map(|(&b, &a)| {
-            if b != NO_BACKEND && failed[b as usize] {
-                a
-            } else {
-                b
-            }
-        })
-        .collect())
+    // The healthy backends' table where the base names a failed backend,
+    // the base everywhere else.
+    for (slot, &b) in table.iter_mut().zip(base.iter()) {
+        if b == NO_BACKEND || !failed[b as usize] {
+            *slot = b;
+        }
+    }
+    Ok(table)
 }
 
 /// A table of positions turned into backend ids (`ids[position]`; 0 for
@@ -214,6 +221,48 @@ pub fn positions_digest(addrs: &[IpAddr], positions: &[u32]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// A table's digest, computed when first read: hashing 4,096 tables of
+/// 65,537 slots is a gigabyte of SHA-256, which a host failing under them
+/// should not wait for before the tables switch (status and metrics read it
+/// later, once per table).
+#[derive(Clone)]
+pub struct TableDigest(Arc<LazyLock<String, Box<dyn FnOnce() -> String + Send>>>);
+
+impl TableDigest {
+    /// A digest known already.
+    pub fn ready(digest: String) -> Self {
+        TableDigest(Arc::new(LazyLock::new(Box::new(move || digest))))
+    }
+
+    /// The digest `compute` gives, computed on first read.
+    pub fn later(compute: impl FnOnce() -> String + Send + 'static) -> Self {
+        TableDigest(Arc::new(LazyLock::new(Box::new(compute))))
+    }
+
+    /// `positions_digest` of a shared table of positions.
+    pub fn of_positions(addrs: Vec<IpAddr>, positions: Arc<Vec<u32>>) -> Self {
+        Self::later(move || positions_digest(&addrs, &positions))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for TableDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq for TableDigest {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for TableDigest {}
 
 /// Writes a VIP and its backends, switching it to a new table atomically.
 /// `vip` gives the id and flags; returns the meta with the new table's

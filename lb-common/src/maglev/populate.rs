@@ -42,6 +42,24 @@ pub(super) fn populate_with(
     size: u32,
     simd: bool,
 ) -> Vec<u32> {
+    // A backend of weight 0 never takes a turn: the table is the one of the
+    // others, numbered back. A failed backend has weight 0 beside equal
+    // ones, and the others alone then take the round-robin loops.
+    if weights.contains(&0) {
+        let kept: Vec<u32> = (0..weights.len() as u32)
+            .filter(|&i| weights[i as usize] != 0)
+            .collect();
+        if kept.is_empty() {
+            return std::vec![EMPTY; size as usize];
+        }
+        let perms: Vec<Permutation> = kept.iter().map(|&i| perms[i as usize]).collect();
+        let weights: Vec<u32> = kept.iter().map(|&i| weights[i as usize]).collect();
+        let mut entry = populate_with(&perms, &weights, size, simd);
+        for e in &mut entry {
+            *e = kept[*e as usize];
+        }
+        return entry;
+    }
     // Probing costs ~M/free per turn, the tail ~free: switch near their
     // crossing.
     let tail_at = ((size as f64 * 1.5).sqrt() as u32).max(8);

@@ -304,6 +304,17 @@ fn fast_populate_matches_reference_on_large_tables() {
             "n={n} m={m}, without AVX2"
         );
     }
+    // One of 100 failed (weight 0): the others' round robin, numbered back.
+    let mut b = backends(100);
+    b[37].weight = 0;
+    let reference = build_reference(&b, 65_537, 5).unwrap();
+    assert_eq!(build(&b, 65_537, 5).unwrap(), reference);
+    let failed = reference
+        .backends
+        .iter()
+        .position(|x| x.weight == 0)
+        .unwrap() as u32;
+    assert!(reference.slots.iter().all(|&i| i != failed));
 }
 
 proptest! {
@@ -311,14 +322,19 @@ proptest! {
     #[test]
     fn fast_populate_matches_reference(
         weights in proptest::collection::vec(0u32..6, 1..40),
-        equal in any::<bool>(),
+        equal in 0u8..3,
         size in prop::sample::select(vec![401u32, 1009, 4099, 65_537]),
         seed in any::<u64>(),
     ) {
         // Equal weights take the round-robin loops (batched from 16
         // backends, else two turns searched at once), the others the
-        // weighted turn order (its scans batched too).
-        let weight = |w: u32| if equal { 1 } else { w };
+        // weighted turn order (its scans batched too); equal weights beside
+        // zeros (failed backends) the round robin over the others.
+        let weight = |w: u32| match equal {
+            0 => 1,
+            1 => w.min(1),
+            _ => w,
+        };
         let b: Vec<_> = weights.iter().enumerate().map(|(i, &w)| MaglevBackend::new(format!("{i}"), weight(w))).collect();
         let reference = build_reference(&b, size, seed).unwrap();
         prop_assert_eq!(&build(&b, size, seed).unwrap(), &reference);

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use crate::{
     slot_table::SlotTable,
-    vip_table::{BackendSpec, positions_digest, positions_with_failures},
+    vip_table::{BackendSpec, TableDigest, positions_with_failures},
 };
 
 /// The inputs of a VIP's current table and of the previous table its
@@ -36,7 +36,7 @@ pub struct TableInputs {
 pub struct Built {
     pub table: SlotTable,
     pub prev: Option<SlotTable>,
-    pub digest: String,
+    pub digest: TableDigest,
 }
 
 /// What VIPs with the same pool share: backends sorted by address with
@@ -55,7 +55,7 @@ pub struct PoolInputs {
 pub struct PoolTables {
     table: Arc<Vec<u32>>,
     prev: Option<Arc<Vec<u32>>>,
-    digest: String,
+    digest: TableDigest,
 }
 
 impl TableInputs {
@@ -109,11 +109,11 @@ impl PoolInputs {
             })
             .transpose()?;
         let addrs: Vec<IpAddr> = self.backends.iter().map(|(a, _)| *a).collect();
-        let digest = positions_digest(&addrs, &table);
+        let table = Arc::new(table);
         Ok(PoolTables {
-            table: Arc::new(table),
+            digest: TableDigest::of_positions(addrs, table.clone()),
+            table,
             prev: prev.map(Arc::new),
-            digest,
         })
     }
 }
@@ -212,7 +212,7 @@ pub struct Healthy {
     pub specs: Vec<BackendSpec>,
     pub size: u32,
     pub table: SlotTable,
-    pub digest: String,
+    pub digest: TableDigest,
 }
 
 #[cfg(test)]
@@ -332,7 +332,7 @@ mod tests {
         let built = a.build(7, None).unwrap();
         let by_addr = a.specs.iter().map(|s| (s.addr, s.id));
         assert_eq!(
-            built.digest,
+            built.digest.as_str(),
             crate::vip_table::table_digest(&built.table.to_vec(), by_addr)
         );
     }
