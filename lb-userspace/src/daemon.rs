@@ -283,6 +283,7 @@ impl Daemon {
             quarantine,
         );
         rec.second_chance_window = window;
+        rec.build_ahead_for_failures();
         if dp.adopted {
             rec.generation = dp.saved_generation();
             let n = adopt(&dp, &mut rec)?;

@@ -33,6 +33,7 @@ use crate::{
     slots::SlotAllocator,
     vip_table::{BackendSpec, TableDigest, derived_keys},
 };
+use standby::Standby;
 use tables::{Built, Healthy, Job, Prebuilt, TableInputs, build_all};
 
 /// The map operations the reconciler needs.
@@ -245,6 +246,10 @@ pub struct Reconciler {
     healthy: BTreeMap<VipKey, Healthy>,
     /// `QUIC_SERVERS` as written.
     quic_servers: BTreeMap<QuicServerKey, u32>,
+    /// Tables built ahead for a host failing under many pools.
+    standby: Standby,
+    /// The generation of the tables the standby builder last got.
+    standby_planned: Option<u64>,
 }
 
 impl Reconciler {
@@ -273,7 +278,44 @@ impl Reconciler {
             prebuilt: BTreeMap::new(),
             healthy: BTreeMap::new(),
             quic_servers: BTreeMap::new(),
+            standby: Standby::default(),
+            standby_planned: None,
         }
+    }
+
+    /// Builds, in the background at idle priority, the tables a failure
+    /// of a host under many pools would switch to (see `standby`).
+    pub fn build_ahead_for_failures(&mut self) {
+        if !self.standby.is_on() {
+            self.standby = Standby::start(self.seed);
+            // Else the first apply plans (after adopting pinned tables too).
+            if !self.healthy.is_empty() {
+                self.plan_standby();
+            }
+        }
+    }
+
+    /// The tables built ahead for failures.
+    pub fn standby(&self) -> &Standby {
+        &self.standby
+    }
+
+    /// Hands the standby builder every VIP's inputs with its healthy table.
+    fn plan_standby(&mut self) {
+        if !self.standby.is_on() {
+            return;
+        }
+        self.standby_planned = Some(self.generation);
+        let healthy = self
+            .healthy
+            .iter()
+            .filter_map(|(key, h)| {
+                let inputs = self.built_from.get(key)?;
+                (h.specs == inputs.specs && h.size == inputs.size)
+                    .then(|| (inputs.clone(), h.table.clone()))
+            })
+            .collect();
+        self.standby.plan(healthy);
     }
 
     /// Takes over `QUIC_SERVERS` entries found pinned (the next `apply`
@@ -380,6 +422,10 @@ impl Reconciler {
         if !want_any_port && self.any_port != Some(false) {
             maps.set_any_port_vips(false)?;
             self.any_port = Some(false);
+        }
+        // Plans follow the tables (and the first apply, after adopting).
+        if self.standby_planned != Some(self.generation) || !report.vips_removed.is_empty() {
+            self.plan_standby();
         }
         Ok(report)
     }
@@ -510,7 +556,7 @@ impl Reconciler {
             Some(built) => built,
             None => {
                 let base = self.healthy_base(&key, &inputs).map(|h| &h.table);
-                inputs.build(self.seed, base)?
+                inputs.build_or_patch(self.seed, base, &self.standby)?
             }
         };
         if inputs.failed.is_empty() {
@@ -589,7 +635,7 @@ impl Reconciler {
             .collect();
         // One table is not worth the threads.
         self.prebuilt = if jobs.len() > 1 {
-            build_all(jobs, self.seed)
+            build_all(jobs, self.seed, &self.standby)
         } else {
             BTreeMap::new()
         };
@@ -955,6 +1001,7 @@ fn applied_ids(
         .collect()
 }
 
+pub mod standby;
 mod tables;
 
 #[cfg(test)]

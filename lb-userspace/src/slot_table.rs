@@ -7,15 +7,140 @@ use std::{fmt, net::IpAddr, sync::Arc};
 
 use crate::vip_table::{ids_to_positions, position_lookup, positions_digest, table_digest};
 
+/// Some slots of a table given other positions, by slot (sorted).
+#[derive(Debug, PartialEq, Eq)]
+pub struct SlotPatch {
+    slots: Vec<u32>,
+    values: Vec<u32>,
+}
+
+impl SlotPatch {
+    /// `slots` must be sorted, with a value each.
+    pub fn new(slots: Vec<u32>, values: Vec<u32>) -> Self {
+        assert!(slots.len() == values.len() && slots.is_sorted());
+        SlotPatch { slots, values }
+    }
+
+    /// Changed slots.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// A pool's table of positions: a built table, shared, or a built table
+/// with a patch (a failure's table over the healthy one, built ahead: a
+/// host failing under 4,096 distinct pools then copies no table).
+#[derive(Clone, Debug, Default)]
+pub struct PoolPositions {
+    base: Arc<Vec<u32>>,
+    patch: Option<Arc<SlotPatch>>,
+}
+
+impl PoolPositions {
+    pub fn whole(table: Arc<Vec<u32>>) -> Self {
+        PoolPositions {
+            base: table,
+            patch: None,
+        }
+    }
+
+    /// `base` with `patch` over it (slots inside `base`).
+    pub fn patched(base: Arc<Vec<u32>>, patch: Arc<SlotPatch>) -> Self {
+        assert!(
+            patch
+                .slots
+                .last()
+                .is_none_or(|&s| (s as usize) < base.len())
+        );
+        PoolPositions {
+            base,
+            patch: Some(patch),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.base.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.base.is_empty()
+    }
+
+    /// The table as one shared vector, when it has no patch.
+    pub fn as_whole(&self) -> Option<&Arc<Vec<u32>>> {
+        self.patch.is_none().then_some(&self.base)
+    }
+
+    /// Whether both are the same table by construction.
+    pub fn same_as(&self, other: &PoolPositions) -> bool {
+        Arc::ptr_eq(&self.base, &other.base)
+            && match (&self.patch, &other.patch) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+
+    pub fn get(&self, slot: usize) -> u32 {
+        if let Some(patch) = &self.patch
+            && let Ok(k) = patch.slots.binary_search(&(slot as u32))
+        {
+            return patch.values[k];
+        }
+        self.base[slot]
+    }
+
+    /// The positions of slots `from..`, in order.
+    pub fn iter_from(&self, from: usize) -> impl Iterator<Item = u32> + '_ {
+        let (slots, values): (&[u32], &[u32]) = match &self.patch {
+            Some(p) => (&p.slots, &p.values),
+            None => (&[], &[]),
+        };
+        let mut next = slots.partition_point(|&s| (s as usize) < from);
+        self.base[from..].iter().enumerate().map(move |(i, &p)| {
+            if slots.get(next) == Some(&((from + i) as u32)) {
+                next += 1;
+                values[next - 1]
+            } else {
+                p
+            }
+        })
+    }
+
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self.as_whole() {
+            Some(whole) => whole.to_vec(),
+            None => self.iter_from(0).collect(),
+        }
+    }
+
+    /// The table as one slice (copied when patched).
+    pub fn as_slice(&self) -> std::borrow::Cow<'_, [u32]> {
+        match self.as_whole() {
+            Some(whole) => std::borrow::Cow::Borrowed(whole),
+            None => std::borrow::Cow::Owned(self.to_vec()),
+        }
+    }
+}
+
 #[derive(Clone, Default)]
 pub struct SlotTable {
-    positions: Arc<Vec<u32>>,
+    positions: PoolPositions,
     ids: Arc<Vec<u32>>,
 }
 
 impl SlotTable {
     /// `positions` (into `ids`, `NO_BACKEND` for an empty slot), shared.
     pub fn new(positions: Arc<Vec<u32>>, ids: Vec<u32>) -> Self {
+        Self::of_pool(PoolPositions::whole(positions), ids)
+    }
+
+    /// A pool's table with this VIP's `ids`.
+    pub fn of_pool(positions: PoolPositions, ids: Vec<u32>) -> Self {
         SlotTable {
             positions,
             ids: Arc::new(ids),
@@ -53,6 +178,16 @@ impl SlotTable {
         SlotTable::new(Arc::new(positions), ids)
     }
 
+    /// The ids positions index.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// The pool's table of positions this is a view of.
+    pub fn pool_positions(&self) -> &PoolPositions {
+        &self.positions
+    }
+
     pub fn len(&self) -> usize {
         self.positions.len()
     }
@@ -63,7 +198,7 @@ impl SlotTable {
 
     /// The backend id of slot `i` (0: none).
     pub fn get(&self, i: usize) -> u32 {
-        self.id_at(self.positions[i])
+        self.id_at(self.positions.get(i))
     }
 
     fn id_at(&self, position: u32) -> u32 {
@@ -71,12 +206,12 @@ impl SlotTable {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
-        self.positions.iter().map(|&p| self.id_at(p))
+        self.positions.iter_from(0).map(|p| self.id_at(p))
     }
 
     /// Whether both are views of one table of positions (one build).
     pub fn shares_positions(&self, other: &SlotTable) -> bool {
-        Arc::ptr_eq(&self.positions, &other.positions)
+        self.positions.same_as(&other.positions)
     }
 
     pub fn to_vec(&self) -> Vec<u32> {
@@ -87,7 +222,7 @@ impl SlotTable {
     /// them); `None` when a slot names an id not in the list.
     pub fn positions_in(&self, ids: &[u32]) -> Option<std::borrow::Cow<'_, [u32]>> {
         if self.ids.as_slice() == ids {
-            return Some(std::borrow::Cow::Borrowed(&self.positions));
+            return Some(self.positions.as_slice());
         }
         ids_to_positions(&self.to_vec(), ids).map(std::borrow::Cow::Owned)
     }
@@ -98,8 +233,7 @@ impl SlotTable {
     /// later, so reading each line in first and filling the cache with it
     /// would be wasted (a host failing under 4,096 VIPs writes 2 GiB here).
     pub fn write_cells(&self, cells: &mut [u64], first_slot: usize) {
-        let positions = &self.positions[first_slot..first_slot + cells.len()];
-        for (cell, &p) in cells.iter_mut().zip(positions) {
+        for (cell, p) in cells.iter_mut().zip(self.positions.iter_from(first_slot)) {
             let id = u64::from(self.id_at(p));
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `cell` is a valid, aligned u64 we hold exclusively.
@@ -123,7 +257,7 @@ impl SlotTable {
 
 impl PartialEq for SlotTable {
     fn eq(&self, other: &Self) -> bool {
-        if Arc::ptr_eq(&self.positions, &other.positions) && self.ids == other.ids {
+        if self.positions.same_as(&other.positions) && self.ids == other.ids {
             return true;
         }
         self.len() == other.len() && self.iter().eq(other.iter())

@@ -18,7 +18,7 @@ use lb_common::{
     },
 };
 
-use crate::{dataplane::Dataplane, slots::SlotAllocator};
+use crate::{dataplane::Dataplane, slot_table::PoolPositions, slots::SlotAllocator};
 
 /// A backend of one VIP with the id its map entries use.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -240,9 +240,9 @@ impl TableDigest {
         TableDigest(Arc::new(LazyLock::new(Box::new(compute))))
     }
 
-    /// `positions_digest` of a shared table of positions.
-    pub fn of_positions(addrs: Vec<IpAddr>, positions: Arc<Vec<u32>>) -> Self {
-        Self::later(move || positions_digest(&addrs, &positions))
+    /// `positions_digest` of a pool's table of positions.
+    pub fn of_positions(addrs: Vec<IpAddr>, positions: PoolPositions) -> Self {
+        Self::later(move || positions_digest(&addrs, &positions.as_slice()))
     }
 
     pub fn as_str(&self) -> &str {

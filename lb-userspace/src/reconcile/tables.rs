@@ -14,8 +14,9 @@ use anyhow::Result;
 use lb_common::maps::VipKey;
 use rayon::prelude::*;
 
+use super::standby::Standby;
 use crate::{
-    slot_table::SlotTable,
+    slot_table::{PoolPositions, SlotTable},
     vip_table::{BackendSpec, TableDigest, positions_with_failures},
 };
 
@@ -53,7 +54,7 @@ pub struct PoolInputs {
 /// A pool's tables as positions in `PoolInputs::backends`.
 #[derive(Debug)]
 pub struct PoolTables {
-    table: Arc<Vec<u32>>,
+    table: PoolPositions,
     prev: Option<Arc<Vec<u32>>>,
     digest: TableDigest,
 }
@@ -85,16 +86,40 @@ impl TableInputs {
     /// Builds the tables; `base` is this VIP's table with no backend
     /// failed, when known (one Maglev build fewer).
     pub fn build(&self, seed: u32, base: Option<&SlotTable>) -> Result<Built> {
+        self.build_or_patch(seed, base, &Standby::default())
+    }
+
+    /// [`TableInputs::build`], or its patch from `standby` if ready.
+    pub fn build_or_patch(
+        &self,
+        seed: u32,
+        base: Option<&SlotTable>,
+        standby: &Standby,
+    ) -> Result<Built> {
         let (pool, ids) = self.pool();
         let base = base.and_then(|b| b.positions_in(&ids));
-        Ok(pool.build(seed, base.as_deref())?.for_ids(&ids))
+        Ok(pool.build(seed, base.as_deref(), standby)?.for_ids(&ids))
     }
 }
 
 impl PoolInputs {
-    /// Builds the pool's tables; `base`: its table with none failed.
-    pub fn build(&self, seed: u32, base: Option<&[u32]>) -> Result<PoolTables> {
-        let table = positions_with_failures(&self.backends, &self.failed, self.size, seed, base)?;
+    /// Builds the pool's tables; `base`: its table with none failed, over
+    /// which `standby` may have the table ready.
+    pub fn build(&self, seed: u32, base: Option<&[u32]>, standby: &Standby) -> Result<PoolTables> {
+        let ready = match base {
+            Some(base) if self.prev_weights.is_none() => standby.table_for(self, base, seed),
+            _ => None,
+        };
+        let table = match ready {
+            Some(table) => table,
+            None => PoolPositions::whole(Arc::new(positions_with_failures(
+                &self.backends,
+                &self.failed,
+                self.size,
+                seed,
+                base,
+            )?)),
+        };
         let prev = self
             .prev_weights
             .as_ref()
@@ -109,7 +134,6 @@ impl PoolInputs {
             })
             .transpose()?;
         let addrs: Vec<IpAddr> = self.backends.iter().map(|(a, _)| *a).collect();
-        let table = Arc::new(table);
         Ok(PoolTables {
             digest: TableDigest::of_positions(addrs, table.clone()),
             table,
@@ -122,7 +146,7 @@ impl PoolTables {
     /// The tables of a VIP of this pool whose backends have `ids`.
     pub fn for_ids(&self, ids: &[u32]) -> Built {
         Built {
-            table: SlotTable::new(self.table.clone(), ids.to_vec()),
+            table: SlotTable::of_pool(self.table.clone(), ids.to_vec()),
             prev: self
                 .prev
                 .as_ref()
@@ -165,7 +189,7 @@ pub struct Job<'a> {
 /// Builds every job's tables on every core, once per distinct pool; a
 /// job whose build fails is left out (its VIP builds it again, and reports
 /// the error).
-pub fn build_all(jobs: Vec<Job>, seed: u32) -> BTreeMap<VipKey, Prebuilt> {
+pub fn build_all(jobs: Vec<Job>, seed: u32, standby: &Standby) -> BTreeMap<VipKey, Prebuilt> {
     let pools: Vec<(PoolInputs, Vec<u32>)> = jobs.par_iter().map(|j| j.inputs.pool()).collect();
     let mut groups: HashMap<&PoolInputs, Vec<usize>> = HashMap::new();
     for (i, (pool, _)) in pools.iter().enumerate() {
@@ -179,7 +203,9 @@ pub fn build_all(jobs: Vec<Job>, seed: u32) -> BTreeMap<VipKey, Prebuilt> {
             let base = members
                 .iter()
                 .find_map(|&m| jobs[m].base?.positions_in(&pools[m].1));
-            pool.build(seed, base.as_deref()).ok().map(Arc::new)
+            pool.build(seed, base.as_deref(), standby)
+                .ok()
+                .map(Arc::new)
         })
         .collect();
     let mut of_job: Vec<Option<Arc<PoolTables>>> = vec![None; jobs.len()];
@@ -255,7 +281,11 @@ mod tests {
                 )
             })
             .collect();
-        let built = build_all(jobs.iter().map(|(k, i)| job(*k, i, true)).collect(), 7);
+        let built = build_all(
+            jobs.iter().map(|(k, i)| job(*k, i, true)).collect(),
+            7,
+            &Standby::default(),
+        );
         assert_eq!(built.len(), 9);
         for (key, inputs) in &jobs {
             let ahead = built.get(key).unwrap();
@@ -297,7 +327,11 @@ mod tests {
         }
         b.failed = vec![103];
         let key = |i: u8| VipKey::new(std::net::IpAddr::from([10, 9, 1, i]), 80, 6);
-        let built = build_all(vec![job(key(1), &a, true), job(key(2), &b, false)], 7);
+        let built = build_all(
+            vec![job(key(1), &a, true), job(key(2), &b, false)],
+            7,
+            &Standby::default(),
+        );
         let Some(Prebuilt::Ready(_, got_a)) = built.get(&key(1)) else {
             panic!("ready")
         };

@@ -681,3 +681,58 @@ fn quic_server_ids_follow_backends_and_vips() {
     assert!(m.quic.is_empty());
     assert!(r.quic_servers().is_empty());
 }
+
+/// A host in the pools of MIN_POOLS VIPs, each pool otherwise its own,
+/// fails: with the tables built ahead, every VIP switches to its
+/// standby table (no build), and the maps end up slot for slot as a
+/// reconciler without them writes; a second failure in one pool, not
+/// built ahead, is built; recovery returns to the healthy tables.
+#[test]
+fn standby_tables_switch_a_shared_host_failure_exactly_as_builds_do() {
+    let pools = standby::MIN_POOLS as u16;
+    let desired = |shared_up: bool, other_up: bool| -> Vec<DesiredVip> {
+        (0..pools)
+            .map(|v| {
+                let own: Vec<String> = (1..=4)
+                    .map(|i| format!("10.{}.{v}.{i}", 1 + v / 256))
+                    .collect();
+                let mut backends: Vec<(&str, u32, bool)> = own
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| (a.as_str(), 1, other_up || v != 0 || i != 0))
+                    .collect();
+                backends.push(("192.0.2.1", 1, shared_up));
+                vip(1000 + v, &backends)
+            })
+            .collect()
+    };
+    let mut ahead = Reconciler::new(0, 100_000, Duration::from_secs(60));
+    ahead.build_ahead_for_failures();
+    let mut plain = Reconciler::new(0, 100_000, Duration::from_secs(60));
+    let (mut ahead_maps, mut plain_maps) = (FakeMaps::default(), FakeMaps::default());
+    for (up, other) in [(true, true), (false, true), (false, false), (true, true)] {
+        assert!(ahead.standby().wait_idle(Duration::from_secs(60)));
+        let used = ahead.standby().used();
+        if (up, other) == (false, true) {
+            assert_eq!(ahead.standby().ready().0, pools as usize);
+        }
+        let d = desired(up, other);
+        ahead.apply(&d, &mut ahead_maps).unwrap();
+        plain.apply(&d, &mut plain_maps).unwrap();
+        let from_standby = ahead.standby().used() - used;
+        // The shared host's failure comes from the standby tables; the
+        // second failure (not built ahead) and the recovery do not.
+        let want = if (up, other) == (false, true) {
+            pools as u64
+        } else {
+            0
+        };
+        assert_eq!(from_standby, want, "shared up {up}, other up {other}");
+        for v in 0..pools {
+            let k = key(1000 + v);
+            assert_eq!(slots_of(&ahead_maps, &k), slots_of(&plain_maps, &k));
+            assert_eq!(ahead.vips[&k].table, plain.vips[&k].table);
+            assert_eq!(ahead.vips[&k].digest, plain.vips[&k].digest);
+        }
+    }
+}

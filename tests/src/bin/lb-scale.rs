@@ -175,7 +175,15 @@ fn ack_cost(dp: &mut Dataplane) -> f64 {
     runs[2]
 }
 
-fn case(vips: u32, backends: u32, size: u32, distinct: bool) -> anyhow::Result<serde_json::Value> {
+/// `standby`: as lbd does, the tables a host failure needs are built
+/// ahead in the background (timed apart); else the failure builds them.
+fn case(
+    vips: u32,
+    backends: u32,
+    size: u32,
+    distinct: bool,
+    standby: bool,
+) -> anyhow::Result<serde_json::Value> {
     let mut lb: LbConfig = lb_userspace::config::Config::parse("[lb]\ninterfaces = [\"lo\"]\n")?.lb;
     lb.max_vips = vips + 16;
     lb.max_backends = vips * backends + 64;
@@ -205,11 +213,20 @@ fn case(vips: u32, backends: u32, size: u32, distinct: bool) -> anyhow::Result<s
     rec.apply(&all, &mut dp)?;
     let cold = t.elapsed();
     let rss = rss_of(std::process::id());
+    let t = Instant::now();
+    if standby {
+        rec.build_ahead_for_failures();
+        rec.standby().wait_idle(Duration::from_secs(600));
+    }
+    let standby_s = t.elapsed().as_secs_f64();
+    let (standby_tables, standby_values) = rec.standby().ready();
+    let used_before = rec.standby().used();
     let before = ack_cost(&mut dp);
     let failed = desired(vips, backends, size, Some(0), distinct);
     let t = Instant::now();
     let report = rec.apply(&failed, &mut dp)?;
     let switch = t.elapsed();
+    let from_standby = rec.standby().used() - used_before;
     let after = ack_cost(&mut dp);
     // The host comes back: every table switches again (the memory the
     // first switch freed is reused: the steady state).
@@ -224,10 +241,12 @@ fn case(vips: u32, backends: u32, size: u32, distinct: bool) -> anyhow::Result<s
     let name = format!("{vips} VIPs x {backends} backends, M = {size}{pools}");
     println!(
         "{name}: maps loaded in {:.0} ms; every table written from empty in {:.0} ms; \
-         one host of every VIP failed: {} tables switched in {:.0} ms, and back in {:.0} ms; tracked ACK of an \
+         standby tables {standby_tables} ({:.1} MiB) ready in {standby_s:.2} s; \
+         one host of every VIP failed: {} tables switched in {:.0} ms ({from_standby} from standby), and back in {:.0} ms; tracked ACK of an \
          unrelated VIP {before:.0} -> {after:.0} ns (gross); lbd-side RSS {rss:.0} MiB; maps {:.0} MiB",
         load.as_secs_f64() * 1e3,
         cold.as_secs_f64() * 1e3,
+        standby_values as f64 * 4.0 / (1 << 20) as f64,
         report.tables_switched.len(),
         switch.as_secs_f64() * 1e3,
         recovery.as_secs_f64() * 1e3,
@@ -241,7 +260,11 @@ fn case(vips: u32, backends: u32, size: u32, distinct: bool) -> anyhow::Result<s
         "distinct_pools": distinct,
         "load_ms": load.as_secs_f64() * 1e3,
         "cold_apply_ms": cold.as_secs_f64() * 1e3,
+        "standby_ready_s": standby_s,
+        "standby_tables": standby_tables,
+        "standby_bytes": standby_values * 4,
         "host_failure_switch_ms": switch.as_secs_f64() * 1e3,
+        "tables_from_standby": from_standby,
         "tables_switched": report.tables_switched.len(),
         "host_recovery_switch_ms": recovery.as_secs_f64() * 1e3,
         "tables_switched_back": back.tables_switched.len(),
@@ -518,14 +541,16 @@ fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_default();
     let mut results = Vec::new();
+    // `--no-standby`: the failure builds its tables (no background builds).
+    let standby = !args.iter().any(|a| a == "--no-standby");
     if only.is_empty() || only == "many" {
-        results.push(case(4096, 100, size, false)?);
+        results.push(case(4096, 100, size, false, standby)?);
     }
     if only.is_empty() || only == "many-distinct" {
-        results.push(case(4096, 100, size, true)?);
+        results.push(case(4096, 100, size, true, standby)?);
     }
     if only.is_empty() || only == "wide" {
-        results.push(case(16, 10_000, 1_048_573, false)?);
+        results.push(case(16, 10_000, 1_048_573, false, standby)?);
     }
     if only.is_empty() || only == "restart" {
         results.push(restart_case(4096, 100, size, 1_000_000)?);
