@@ -306,6 +306,12 @@ impl Reconciler {
             return;
         }
         self.standby_planned = Some(self.generation);
+        // No host can be in MIN_POOLS pools of fewer VIPs: an empty plan
+        // (it drops what an earlier one built) and no copy of the inputs.
+        if self.healthy.len() < standby::MIN_POOLS {
+            self.standby.plan(Vec::new());
+            return;
+        }
         let healthy = self
             .healthy
             .iter()
