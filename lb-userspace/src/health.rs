@@ -489,24 +489,25 @@ struct Followers {
 }
 
 impl Followers {
-    /// Adds or replaces `vip`'s subscriber, its counts starting at
-    /// `counts` (a replaced one's counts carry over).
+    /// Adds or replaces `vip`'s subscriber, its counts starting at its
+    /// own (a replaced one's counts carry over).
     fn insert(&mut self, vip: VipKey, mut sub: Subscriber) {
-        let i = match self.list.binary_search_by(|(v, _)| v.cmp(&vip)) {
-            Ok(i) => {
-                let (_, old) = self.list.remove(i);
-                self.tunnels -= usize::from(old.tunnel.is_some());
-                sub.counts = self.counts_of(&old);
-                i
-            }
-            Err(i) => i,
-        };
+        let found = self.list.binary_search_by(|(v, _)| v.cmp(&vip));
+        if let Ok(i) = found {
+            sub.counts = self.counts_of(&self.list[i].1);
+        }
         if sub.tunnel.is_none() {
             sub.counts = wrapping_diff(&sub.counts, &self.rounds);
         }
         self.tunnels += usize::from(sub.tunnel.is_some());
         self.settled = None;
-        self.list.insert(i, (vip, sub));
+        match found {
+            Ok(i) => {
+                let old = std::mem::replace(&mut self.list[i].1, sub);
+                self.tunnels -= usize::from(old.tunnel.is_some());
+            }
+            Err(i) => self.list.insert(i, (vip, sub)),
+        }
     }
 
     /// Takes `vip`'s subscriber out, with its own counts.

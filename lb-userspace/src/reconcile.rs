@@ -313,12 +313,11 @@ impl Reconciler {
             return;
         }
         let healthy = self
-            .healthy
+            .built_from
             .iter()
-            .filter_map(|(key, h)| {
-                let inputs = self.built_from.get(key)?;
-                (h.specs == inputs.specs && h.size == inputs.size)
-                    .then(|| (inputs.clone(), h.table.clone()))
+            .filter_map(|(key, inputs)| {
+                let h = self.healthy_base(key, inputs)?;
+                Some((inputs.clone(), h.table.clone()))
             })
             .collect();
         self.standby.plan(healthy);

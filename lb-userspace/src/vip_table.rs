@@ -230,11 +230,6 @@ pub fn positions_digest(addrs: &[IpAddr], positions: &[u32]) -> String {
 pub struct TableDigest(Arc<LazyLock<String, Box<dyn FnOnce() -> String + Send>>>);
 
 impl TableDigest {
-    /// A digest known already.
-    pub fn ready(digest: String) -> Self {
-        TableDigest(Arc::new(LazyLock::new(Box::new(move || digest))))
-    }
-
     /// The digest `compute` gives, computed on first read.
     pub fn later(compute: impl FnOnce() -> String + Send + 'static) -> Self {
         TableDigest(Arc::new(LazyLock::new(Box::new(compute))))

@@ -182,47 +182,46 @@ fn plan_jobs(healthy: &[(TableInputs, SlotTable)]) -> Vec<(PoolInputs, Arc<Vec<u
     }
     let mut hosts: HashMap<IpAddr, usize> = HashMap::new();
     for pool in pools.keys() {
-        for (i, &(addr, weight)) in pool.backends.iter().enumerate() {
-            if weight > 0 && !pool.failed[i] {
-                *hosts.entry(addr).or_default() += 1;
-            }
+        for i in can_fail(pool) {
+            *hosts.entry(pool.backends[i].0).or_default() += 1;
         }
     }
-    let mut busy: Vec<(usize, IpAddr)> = hosts
-        .into_iter()
-        .filter(|&(_, n)| n >= MIN_POOLS)
-        .map(|(addr, n)| (n, addr))
+    // (pools of the host, host, pool, its healthy table, the host's
+    // position), hosts in the most pools first.
+    let mut candidates: Vec<_> = pools
+        .iter()
+        .flat_map(|(pool, base)| can_fail(pool).map(move |i| (pool.backends[i].0, pool, base, i)))
+        .map(|(host, pool, base, i)| (hosts[&host], host, pool, base, i))
+        .filter(|&(n, ..)| n >= MIN_POOLS)
         .collect();
-    busy.sort_unstable_by(|a, b| b.cmp(a));
+    candidates.sort_unstable_by_key(|&(n, host, ..)| std::cmp::Reverse((n, host)));
     let mut jobs = Vec::new();
     let mut values = 0usize;
-    for (_, host) in busy {
-        for (pool, base) in &pools {
-            let Some(i) = pool.backends.iter().position(|&(a, _)| a == host) else {
-                continue;
-            };
-            if pool.failed[i] || pool.backends[i].1 == 0 {
-                continue;
-            }
-            let mut after = pool.clone();
-            after.failed[i] = true;
-            // The failed backends' share of the slots, by weight.
-            let total: u64 = pool.backends.iter().map(|&(_, w)| w as u64).sum();
-            let down: u64 = pool
-                .backends
-                .iter()
-                .zip(&after.failed)
-                .filter(|(_, f)| **f)
-                .map(|(&(_, w), _)| w as u64)
-                .sum();
-            values += (pool.size as u64 * down / total.max(1)) as usize + 1;
-            if values > BUDGET_VALUES {
-                return jobs;
-            }
-            jobs.push((after, base.clone()));
+    for (_, _, pool, base, i) in candidates {
+        let mut after = pool.clone();
+        after.failed[i] = true;
+        // The failed backends' share of the slots, by weight.
+        let total: u64 = pool.backends.iter().map(|&(_, w)| w as u64).sum();
+        let down: u64 = pool
+            .backends
+            .iter()
+            .zip(&after.failed)
+            .filter(|(_, f)| **f)
+            .map(|(&(_, w), _)| w as u64)
+            .sum();
+        values += (pool.size as u64 * down / total.max(1)) as usize + 1;
+        if values > BUDGET_VALUES {
+            break;
         }
+        jobs.push((after, base.clone()));
     }
     jobs
+}
+
+/// Positions of `pool`'s backends that can fail: healthy, with a share
+/// of the slots.
+fn can_fail(pool: &PoolInputs) -> impl Iterator<Item = usize> + '_ {
+    (0..pool.backends.len()).filter(|&i| pool.backends[i].1 > 0 && !pool.failed[i])
 }
 
 fn worker(
