@@ -26,8 +26,11 @@ const APT_PACKAGES: &[&str] = &[
     "bird2",
     // Reads back what `lbctl capture` writes (tests).
     "tcpdump",
-    // protoc: the etcd client crate builds its gRPC code with it.
+    // protoc: the etcd client crate builds its gRPC code with it. Its
+    // well-known types (google/protobuf/*.proto) come with the -dev package,
+    // which protoc only recommends (not installed here).
     "protobuf-compiler",
+    "libprotobuf-dev",
     // Faults on one host's own path (tests); its service stays disabled.
     "nftables",
 ];
