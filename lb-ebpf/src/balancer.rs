@@ -36,6 +36,9 @@ use crate::{
 /// per packet on busy flows).
 const ATIME_REFRESH_NS: u64 = 1_000_000_000;
 
+/// No header of a linear XDP frame starts this far in (a page at most).
+const MAX_LINEAR_OFFSET: usize = 0x4000;
+
 #[inline(always)]
 pub fn process(ctx: &XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
@@ -371,8 +374,10 @@ fn quic_server(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta, bytes: u64) -> Opt
     let at = pkt.udp_payload as usize;
     // The first octet with the one before it (the UDP checksum's last): a
     // one-octet bounds check compiles to a form the verifier does not
-    // credit with any length.
-    let first = if len == 0 {
+    // credit with any length. The offset is bounded well under 64 KiB
+    // first: the verifier credits no bounds check whose pointer may lie
+    // past 0xFFFF (a linear XDP frame never reaches that far).
+    let first = if len == 0 || at >= MAX_LINEAR_OFFSET {
         None
     } else {
         ptr_at::<[u8; 2]>(ctx, at - 1)

@@ -390,6 +390,12 @@ fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if arms == 2 { 8 } else { RUNS });
     let fresh_max = ((1u32 << 20) / (runs as u32 + 2)).min(200_000);
+    // `LB_BENCH_CASES=1,3`: only those cases (by their place in `CASES`),
+    // e.g. to profile one packet kind with `perf record`.
+    let only: Option<Vec<usize>> = std::env::var("LB_BENCH_CASES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect());
+    let selected = |case: usize| only.as_ref().is_none_or(|o| o.contains(&case));
     let mut empty_runs: Vec<Vec<f64>> = vec![Vec::new(); arms];
     let mut case_runs: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CASES.len()]; arms];
     for run in 0..runs {
@@ -403,7 +409,7 @@ fn main() -> anyhow::Result<()> {
         }
         // `case` indexes the inner vectors of per-arm tables.
         #[allow(clippy::needless_range_loop)]
-        for case in 0..CASES.len() {
+        for case in (0..CASES.len()).filter(|&c| selected(c)) {
             let order: Vec<usize> = if (run + case) % 2 == 0 {
                 (0..arms).collect()
             } else {
@@ -432,6 +438,9 @@ fn main() -> anyhow::Result<()> {
         println!("{:<48} {:>9} {:>9} {:>9}", "case", "new", "old", "new/old");
         let mut ab_json = Vec::new();
         for (c, name) in CASES.iter().enumerate() {
+            if case_runs[0][c].is_empty() {
+                continue;
+            }
             let new = median(case_runs[0][c].clone());
             let old = median(case_runs[1][c].clone());
             println!("{name:<48} {new:>9.1} {old:>9.1} {:>9.2}", new / old);
@@ -504,7 +513,7 @@ fn main() -> anyhow::Result<()> {
         "ns/call",
         format!("{calls} calls x {runs} runs"),
     ));
-    for (name, runs) in case_runs {
+    for (name, runs) in case_runs.into_iter().filter(|(_, r)| !r.is_empty()) {
         stats.push(summarize(
             name,
             runs,
