@@ -278,7 +278,11 @@ fn choose_backend(
             second: 0,
         });
     }
+    // The flow's entry when it has one that cannot be used (a failed
+    // backend, an idle UDP flow): rewritten in place below.
+    let mut stale: Option<*mut ConnEntry> = None;
     if !is_syn && let Some(entry) = CONNTRACK.get_ptr_mut(&pkt.flow) {
+        stale = Some(entry);
         // SAFETY: LRU values stay valid for this program run; a racing update
         // can at worst give another valid backend id.
         let (id, stored, atime) =
@@ -350,8 +354,29 @@ fn choose_backend(
             } else {
                 ConnEntry::with_second_hop(id, second, hash, now)
             };
-            // A full LRU evicts its oldest entry; failure here only costs state.
-            let _ = CONNTRACK.insert(&pkt.flow, &entry, 0);
+            // A SYN of a flow already recorded (a retransmitted SYN, a reused
+            // port) or a stale entry is rewritten where it is: a lookup costs
+            // a fraction of an update, which allocates, links and frees an
+            // element. The time word first: a packet of the same flow read on
+            // another CPU meanwhile sees the new time (no second hop) with the
+            // old or the new backend, both valid choices.
+            let slot = if is_syn {
+                CONNTRACK.get_ptr_mut(&pkt.flow)
+            } else {
+                stale
+            };
+            match slot {
+                // SAFETY: an LRU value, valid for this program run.
+                Some(slot) => unsafe {
+                    (*slot).atime_ns = entry.atime_ns;
+                    (*slot).hash = entry.hash;
+                    (*slot).backend_id = entry.backend_id;
+                },
+                // A full LRU evicts its oldest entry; failure here only costs state.
+                None => {
+                    let _ = CONNTRACK.insert(&pkt.flow, &entry, 0);
+                }
+            }
         } else {
             count(Reason::ConntrackInsertSkipped, bytes);
         }
