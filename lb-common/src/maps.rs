@@ -261,9 +261,11 @@ impl ConnEntry {
     }
 }
 
-/// A `bpf_fib_lookup` answer for one backend, kept per CPU for
-/// `NEXTHOP_TTL_NS` so that tracked packets skip the FIB (the costliest step
-/// of the fast path). Route or neighbour changes are seen within the TTL.
+/// A `bpf_fib_lookup` answer for one backend, kept per CPU for about a
+/// second (`Settings::nexthop_ttl_jiffies`) so that tracked packets skip the
+/// FIB (the costliest step of the fast path). Route or neighbour changes are
+/// seen within the TTL. Timed in jiffies: the verifier turns
+/// `bpf_jiffies64` into one load, where a clock read is a helper call.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextHopCache {
@@ -274,7 +276,10 @@ pub struct NextHopCache {
     pub mtu: u32,
     /// The interface the answer was looked up for (policy routing may differ).
     pub ingress_ifindex: u32,
-    pub expires_ns: u64,
+    /// `bpf_jiffies64` value from which the answer is looked up again. An
+    /// entry further ahead than one TTL (written by an older program, which
+    /// kept nanoseconds here) counts as expired.
+    pub expires_jiffies: u64,
 }
 
 /// This CPU's count of connection-table inserts in the current second.
@@ -335,7 +340,8 @@ pub struct CaptureRecord {
     pub data: [u8; CAPTURE_SNAPLEN],
 }
 
-/// How long a cached next hop is used.
+/// How long a cached next hop is used (`Settings::nexthop_ttl_jiffies`
+/// holds it in the host's jiffies).
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 
 #[repr(C)]

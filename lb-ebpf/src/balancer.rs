@@ -2,7 +2,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{
@@ -10,9 +10,8 @@ use lb_common::{
     flow_hash::flow_hash,
     maps::{
         BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, CAPTURE_IN, CAPTURE_OUT,
-        CONN_SECOND_HOP, ConnEntry, NEXTHOP_TTL_NS, NextHopCache, QuicServerKey, Reason, VIP_F_GUE,
-        VIP_F_QUIC, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
-        vip_addr_filter_bit,
+        CONN_SECOND_HOP, ConnEntry, NextHopCache, QuicServerKey, Reason, VIP_F_GUE, VIP_F_QUIC,
+        VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta, vip_addr_filter_bit,
     },
     quic_lb::{SHORT_HEADER_READ, flag_params, server_id_of},
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
@@ -66,19 +65,17 @@ pub fn process(ctx: &XdpContext) -> u32 {
         return finish(Reason::DropNoBackend, XDP_DROP, bytes);
     }
     let cfg = settings();
-    let mut clock = Clock::NOT_READ;
-    let Some(chosen) = choose_backend(ctx, &pkt, &vip, &cfg, &mut clock, bytes) else {
+    let Some(chosen) = choose_backend(ctx, &pkt, &vip, &cfg, bytes) else {
         return finish(Reason::DropNoBackend, XDP_DROP, bytes);
     };
     count_backend(chosen.id, bytes);
-    forward(ctx, &pkt, &vip, &chosen, &cfg, &mut clock, bytes)
+    forward(ctx, &pkt, &vip, &chosen, &cfg, bytes)
 }
 
 /// The clock, read once at most and only where a packet needs it (UDP idle
-/// checks, new entries, the next-hop cache's expiry): a tracked TCP packet
-/// whose next hop is cached reads it once. The coarse clock (monotonic at
-/// tick resolution) reads a variable instead of the TSC; every use here is
-/// about seconds.
+/// checks, new entries): a tracked TCP packet never reads it (the next-hop
+/// cache counts jiffies). The coarse clock (monotonic at tick resolution)
+/// reads a variable instead of the TSC; every use here is about seconds.
 struct Clock(u64);
 
 impl Clock {
@@ -244,9 +241,9 @@ fn choose_backend(
     pkt: &Packet,
     vip: &VipMeta,
     cfg: &Settings,
-    clock: &mut Clock,
     bytes: u64,
 ) -> Option<Chosen> {
+    let mut clock = Clock::NOT_READ;
     if pkt.is_fragment {
         count(Reason::Fragment, bytes);
         let hash = flow_hash(&pkt.flow, cfg.hash_seed);
@@ -511,7 +508,6 @@ fn forward(
     vip: &VipMeta,
     chosen: &Chosen,
     cfg: &Settings,
-    clock: &mut Clock,
     bytes: u64,
 ) -> u32 {
     let (backend, backend_id, hash) = (&chosen.backend, chosen.id, chosen.hash);
@@ -546,7 +542,7 @@ fn forward(
     let hop = if cfg.flags & SETTINGS_F_NO_FIB != 0 {
         NextHop::NoRoute
     } else {
-        cached_next_hop(ctx, &outer, pkt, outer_len, backend_id, clock)
+        cached_next_hop(ctx, &outer, pkt, outer_len, backend_id, cfg)
     };
     // The MACs and the way out first, so that the encapsulation is written
     // in one place (the program carries its code once).
@@ -632,15 +628,21 @@ fn cached_next_hop(
     pkt: &Packet,
     outer_len: u16,
     backend_id: u32,
-    clock: &mut Clock,
+    cfg: &Settings,
 ) -> NextHop {
     let ingress = ctx.ingress_ifindex() as u32;
-    let now = clock.now();
+    // SAFETY: helper with no arguments (inlined by the verifier as a load).
+    let now = unsafe { bpf_jiffies64() };
+    let ttl = 1u64 << (cfg.nexthop_ttl_shift & 31);
     let slot = NEXTHOP_CACHE.get_ptr_mut(backend_id);
     if let Some(entry) = slot {
         // SAFETY: this CPU's slot of a per-CPU array.
         let e = unsafe { &*entry };
-        if e.expires_ns > now && e.ingress_ifindex == ingress && outer_len as u32 <= e.mtu {
+        // Fresh: expiring within one TTL from now (not from another clock).
+        if e.expires_jiffies.wrapping_sub(now).wrapping_sub(1) < ttl
+            && e.ingress_ifindex == ingress
+            && outer_len as u32 <= e.mtu
+        {
             return NextHop::Resolved {
                 smac: e.smac,
                 dmac: e.dmac,
@@ -669,7 +671,7 @@ fn cached_next_hop(
                 ifindex: *ifindex,
                 mtu: *mtu,
                 ingress_ifindex: ingress,
-                expires_ns: now + NEXTHOP_TTL_NS,
+                expires_jiffies: now + ttl,
             };
         }
     }

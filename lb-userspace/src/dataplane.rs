@@ -507,6 +507,20 @@ fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &st
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
+/// The length of the host's jiffy: the resolution of the coarse clock,
+/// which advances once a tick (4 ms at HZ = 250).
+fn host_tick_ns() -> u64 {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes one timespec.
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
+        return 4_000_000;
+    }
+    (res.tv_sec as u64 * 1_000_000_000 + res.tv_nsec as u64).max(1)
+}
+
 impl Dataplane {
     /// Loads the program (verifier included) without attaching it.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
@@ -514,9 +528,10 @@ impl Dataplane {
             Some(o) => o,
             None => ebpf_object()?,
         };
+        let settings = opts.settings.with_tick(host_tick_ns());
         let mut loader = EbpfLoader::new();
         loader
-            .override_global(GLOBAL_SETTINGS, &opts.settings, true)
+            .override_global(GLOBAL_SETTINGS, &settings, true)
             .map_max_entries(MAP_MAGLEV_SLOTS, opts.maglev_slots)
             .map_max_entries(MAP_CONNTRACK, opts.conntrack_entries);
         for (name, entries) in map_sizes(opts.max_vips, opts.max_backends) {

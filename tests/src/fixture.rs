@@ -74,6 +74,11 @@ impl Harness {
         self._ns.enter()
     }
 
+    /// Runs `ip` in this harness's namespace (e.g. to change a neighbour).
+    pub fn ip(&self, args: &[&str]) {
+        self._ns.ip(args);
+    }
+
     pub fn new(settings: Settings) -> Harness {
         Self::with_conntrack(settings, 1 << 16)
     }

@@ -680,6 +680,65 @@ fn gateway_mac_when_fib_has_no_route() {
     assert_ipip(&o.kernel.packet, &p, 14, gateway, LB_MAC, &[[10, 80, 0, 1]]);
 }
 
+/// The per-CPU next-hop cache is timed in jiffies: within its TTL a
+/// neighbour's new MAC is not seen (the cached answer is used), after it
+/// the FIB is asked again and the new MAC is written.
+#[test]
+fn cached_next_hop_follows_a_neighbour_change_after_its_ttl() {
+    if !have_root() {
+        return;
+    }
+    // One thread for the namespace (entered per thread) and the CPU (the
+    // cache is per CPU), so that pinning does not outlive the test.
+    std::thread::spawn(|| {
+        lb_tests::pin_to_cpu(0);
+        let mut res = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_getres writes one timespec.
+        unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) };
+        let tick = std::time::Duration::from_nanos(res.tv_nsec as u64);
+        // About a quarter of a second, whatever the host's HZ.
+        let shift = lb_common::settings::nexthop_ttl_shift(tick.as_nanos() as u64) - 2;
+        let ttl = tick * (1 << shift);
+        let settings = Settings {
+            nexthop_ttl_shift: shift,
+            ..Settings::DEFAULT
+        };
+        let mut h = harness(settings);
+        let p = tcp(VIP_TCP, 80, 47_000, TcpKind::Syn);
+        let dmac = |h: &mut Harness| -> [u8; 6] {
+            let out = h.dp.test_run(&p, h.lb0).unwrap();
+            assert_eq!(out.action, Action::Tx.xdp_code());
+            out.packet[0..6].try_into().unwrap()
+        };
+        let filled = std::time::Instant::now();
+        assert_eq!(dmac(&mut h), ROUTER_MAC, "the FIB's answer");
+        let moved = [0x02, 0, 0, 0, 0, 0x77];
+        let moved_str = "02:00:00:00:00:77";
+        h.ip(&[
+            "neigh",
+            "replace",
+            "10.100.0.1",
+            "lladdr",
+            moved_str,
+            "dev",
+            "lb0",
+            "nud",
+            "permanent",
+        ]);
+        let cached = dmac(&mut h);
+        if filled.elapsed() < ttl - tick {
+            assert_eq!(cached, ROUTER_MAC, "the cached answer within the TTL");
+        }
+        std::thread::sleep(ttl + 2 * tick);
+        assert_eq!(dmac(&mut h), moved, "the new neighbour after the TTL");
+    })
+    .join()
+    .unwrap();
+}
+
 #[test]
 fn udp_entries_expire_after_idle_timeout() {
     if !have_root() {

@@ -374,7 +374,20 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1 << 20);
-    let mut beds = vec![datapath_bed(Harness::with_conntrack(settings, conntrack))?];
+    // `--object OBJECT`: that build's program as the new arm instead of the
+    // embedded one (A/B of two experimental builds without relinking).
+    let object = match args.iter().position(|a| a == "--object") {
+        Some(i) => {
+            let path = args.get(i + 1).context("--object needs a path")?;
+            Some(lb_userspace::dataplane::load_object_file(
+                std::path::Path::new(path),
+            )?)
+        }
+        None => None,
+    };
+    let mut beds = vec![datapath_bed(Harness::with_object(
+        settings, conntrack, object,
+    ))?];
     let baseline_object = match &baseline {
         Some(path) => Some(lb_userspace::dataplane::load_object_file(path)?),
         None => None,
@@ -400,8 +413,8 @@ fn main() -> anyhow::Result<()> {
     let mut case_runs: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); CASES.len()]; arms];
     for run in 0..runs {
         let mut pair: Vec<DataPathBed> = Vec::new();
-        if let Some(object) = baseline_object {
-            let objects = [None, Some(object)];
+        if let Some(baseline) = baseline_object {
+            let objects = [object, Some(baseline)];
             let first = run % 2;
             let a = datapath_bed(beds[0].h.twin(objects[first]))?;
             let b = datapath_bed(beds[0].h.twin(objects[1 - first]))?;
