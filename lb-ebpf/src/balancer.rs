@@ -65,11 +65,11 @@ pub fn process(ctx: &XdpContext) -> u32 {
         return finish(Reason::DropNoBackend, XDP_DROP, bytes);
     }
     let cfg = settings();
-    let Some(chosen) = choose_backend(ctx, &pkt, &vip, &cfg, bytes) else {
+    let Some(chosen) = choose_backend(ctx, &pkt, &vip, cfg, bytes) else {
         return finish(Reason::DropNoBackend, XDP_DROP, bytes);
     };
     count_backend(chosen.id, bytes);
-    forward(ctx, &pkt, &vip, &chosen, &cfg, bytes)
+    forward(ctx, &pkt, &vip, &chosen, cfg, bytes)
 }
 
 /// The clock, read once at most and only where a packet needs it (UDP idle

@@ -19,11 +19,14 @@ use lb_common::{
 #[unsafe(no_mangle)]
 static SETTINGS: Settings = Settings::DEFAULT;
 
+/// The settings in place: fields are read where they are used (a load each
+/// from the global's map value), not copied to the stack first.
 #[inline(always)]
-pub fn settings() -> Settings {
-    // SAFETY: a plain read of a global the loader fills before the program runs;
-    // volatile so the compiler does not fold the compile-time default.
-    unsafe { core::ptr::read_volatile(&SETTINGS) }
+pub fn settings() -> &'static Settings {
+    // SAFETY: the global lives for the program's life and the loader fills
+    // it before the program runs. The address is read volatile so that the
+    // compiler cannot see through it and fold the compile-time default.
+    unsafe { &*core::ptr::read_volatile(&(&raw const SETTINGS)) }
 }
 
 /// VIPs, each (address, port, protocol) and each fragment key, to its meta.
