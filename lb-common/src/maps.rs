@@ -262,7 +262,7 @@ impl ConnEntry {
 }
 
 /// A `bpf_fib_lookup` answer for one backend, kept per CPU for about a
-/// second (`Settings::nexthop_ttl_jiffies`) so that tracked packets skip the
+/// second (2^`Settings::nexthop_ttl_shift` jiffies) so that tracked packets skip the
 /// FIB (the costliest step of the fast path). Route or neighbour changes are
 /// seen within the TTL. Timed in jiffies: the verifier turns
 /// `bpf_jiffies64` into one load, where a clock read is a helper call.
@@ -340,8 +340,8 @@ pub struct CaptureRecord {
     pub data: [u8; CAPTURE_SNAPLEN],
 }
 
-/// How long a cached next hop is used (`Settings::nexthop_ttl_jiffies`
-/// holds it in the host's jiffies).
+/// How long a cached next hop is used (`Settings::nexthop_ttl_shift` holds
+/// it as a power of two of the host's jiffies).
 pub const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
 
 #[repr(C)]

@@ -66,9 +66,7 @@ impl Settings {
             0,
         ],
     };
-}
 
-impl Settings {
     /// These settings with `nexthop_ttl_shift` filled in, when 0, for a host
     /// whose jiffy lasts `tick_ns` (the resolution of
     /// `CLOCK_MONOTONIC_COARSE`): the power of two of jiffies nearest

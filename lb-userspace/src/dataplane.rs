@@ -509,7 +509,7 @@ fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(ebpf: &mut Ebpf, name: &st
 
 /// The length of the host's jiffy: the resolution of the coarse clock,
 /// which advances once a tick (4 ms at HZ = 250).
-fn host_tick_ns() -> u64 {
+pub fn host_tick_ns() -> u64 {
     let mut res = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

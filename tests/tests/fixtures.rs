@@ -692,15 +692,10 @@ fn cached_next_hop_follows_a_neighbour_change_after_its_ttl() {
     // cache is per CPU), so that pinning does not outlive the test.
     std::thread::spawn(|| {
         lb_tests::pin_to_cpu(0);
-        let mut res = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_getres writes one timespec.
-        unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) };
-        let tick = std::time::Duration::from_nanos(res.tv_nsec as u64);
+        let tick_ns = lb_userspace::dataplane::host_tick_ns();
+        let tick = std::time::Duration::from_nanos(tick_ns);
         // About a quarter of a second, whatever the host's HZ.
-        let shift = lb_common::settings::nexthop_ttl_shift(tick.as_nanos() as u64) - 2;
+        let shift = lb_common::settings::nexthop_ttl_shift(tick_ns) - 2;
         let ttl = tick * (1 << shift);
         let settings = Settings {
             nexthop_ttl_shift: shift,
