@@ -77,6 +77,12 @@ impl Settings {
         }
         self
     }
+
+    /// How long a cached next hop lasts, in jiffies.
+    #[inline(always)]
+    pub fn nexthop_ttl(&self) -> u64 {
+        1u64 << (self.nexthop_ttl_shift & 31)
+    }
 }
 
 /// The power of two of `tick_ns` jiffies nearest `NEXTHOP_TTL_NS` (by ratio),

@@ -9,7 +9,7 @@ use lb_common::{
     PROTO_TCP, PROTO_UDP,
     flow_hash::flow_hash,
     maps::{
-        BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, CAPTURE_IN, CAPTURE_OUT,
+        Addr, BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, CAPTURE_IN, CAPTURE_OUT,
         CONN_SECOND_HOP, ConnEntry, NextHopCache, QuicServerKey, Reason, VIP_F_GUE, VIP_F_QUIC,
         VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta, vip_addr_filter_bit,
     },
@@ -33,7 +33,7 @@ use crate::{
 
 /// UDP entries refresh their access time at most this often (saves a write
 /// per packet on busy flows).
-const ATIME_REFRESH_NS: u64 = 1_000_000_000;
+pub const ATIME_REFRESH_NS: u64 = 1_000_000_000;
 
 /// No header of a linear XDP frame starts this far in (a page at most).
 const MAX_LINEAR_OFFSET: usize = 0x4000;
@@ -47,7 +47,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
         Parsed::NotIp => return finish(Reason::PassNotIp, XDP_PASS, bytes),
         Parsed::Malformed => return finish(Reason::PassMalformed, XDP_PASS, bytes),
     }
-    if !maybe_vip_address(&pkt) {
+    if !maybe_vip_address(&pkt.flow.dst, pkt.flow.family) {
         return finish(Reason::PassNotVip, XDP_PASS, bytes);
     }
     if pkt.icmp == ICMP_ECHO_REQUEST {
@@ -105,8 +105,8 @@ struct Chosen {
 /// False only if the destination is certainly no VIP address (its filter
 /// bit is clear): an array read, inlined by the verifier.
 #[inline(always)]
-fn maybe_vip_address(pkt: &Packet) -> bool {
-    let bit = vip_addr_filter_bit(&pkt.flow.dst, pkt.flow.family);
+pub fn maybe_vip_address(dst: &Addr, family: u8) -> bool {
+    let bit = vip_addr_filter_bit(dst, family);
     VIP_ADDR_FILTER
         .get(bit >> 6)
         .is_none_or(|word| (word >> (bit & 63)) & 1 != 0)
@@ -165,7 +165,7 @@ fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16, bytes: u64) -> u32 {
 }
 
 #[inline(always)]
-fn finish(reason: Reason, action: u32, bytes: u64) -> u32 {
+pub fn finish(reason: Reason, action: u32, bytes: u64) -> u32 {
     count(reason, bytes);
     action
 }
@@ -197,7 +197,7 @@ fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
 }
 
 #[inline(always)]
-fn backend_for(id: u32, vip: &VipMeta) -> Option<Backend> {
+pub fn backend_for(id: u32, vip: &VipMeta) -> Option<Backend> {
     let backend = BACKENDS.get(id)?;
     (backend.flags & BACKEND_F_VALID != 0 && backend.vip_id == vip.vip_id).then_some(*backend)
 }
@@ -491,7 +491,7 @@ fn second_hop(vip: &VipMeta, id: u32, current: u32) -> u32 {
 /// The outer source address: the configured prefix, varied by flow so
 /// receivers spread flows over queues.
 #[inline(always)]
-fn encap_source(cfg: &Settings, v6: bool, hash: u32) -> [u32; 4] {
+pub fn encap_source(cfg: &Settings, v6: bool, hash: u32) -> [u32; 4] {
     if v6 {
         let s6 = cfg.encap_src6_prefix;
         [s6[0], s6[1], s6[2], hash]
@@ -619,6 +619,17 @@ enum Exit {
     Gateway,
 }
 
+/// Whether a cached FIB answer may be used for a packet of `outer_len`
+/// bytes that came in on `ingress`: fresh (expiring within one TTL from
+/// now, not from another clock), looked up for that interface, and the
+/// packet fits its MTU.
+#[inline(always)]
+pub fn usable_next_hop(e: &NextHopCache, now: u64, ttl: u64, ingress: u32, outer_len: u16) -> bool {
+    e.expires_jiffies.wrapping_sub(now).wrapping_sub(1) < ttl
+        && e.ingress_ifindex == ingress
+        && outer_len as u32 <= e.mtu
+}
+
 /// The next hop toward a backend: this CPU's cached FIB answer while fresh
 /// and the packet fits its MTU, else a FIB lookup (cached when it succeeds).
 #[inline(always)]
@@ -633,16 +644,12 @@ fn cached_next_hop(
     let ingress = ctx.ingress_ifindex() as u32;
     // SAFETY: helper with no arguments (inlined by the verifier as a load).
     let now = unsafe { bpf_jiffies64() };
-    let ttl = 1u64 << (cfg.nexthop_ttl_shift & 31);
+    let ttl = cfg.nexthop_ttl();
     let slot = NEXTHOP_CACHE.get_ptr_mut(backend_id);
     if let Some(entry) = slot {
         // SAFETY: this CPU's slot of a per-CPU array.
         let e = unsafe { &*entry };
-        // Fresh: expiring within one TTL from now (not from another clock).
-        if e.expires_jiffies.wrapping_sub(now).wrapping_sub(1) < ttl
-            && e.ingress_ifindex == ingress
-            && outer_len as u32 <= e.mtu
-        {
+        if usable_next_hop(e, now, ttl, ingress, outer_len) {
             return NextHop::Resolved {
                 smac: e.smac,
                 dmac: e.dmac,

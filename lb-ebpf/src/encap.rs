@@ -47,13 +47,35 @@ impl Outer {
 
     /// The outer protocol in front of an IP packet of that family.
     #[inline(always)]
-    fn proto(&self, inner_v6: bool) -> u8 {
+    pub fn proto(&self, inner_v6: bool) -> u8 {
         if self.gue {
             PROTO_UDP
         } else if inner_v6 {
             PROTO_IPV6
         } else {
             PROTO_IPIP
+        }
+    }
+}
+
+/// What the outer IP header copies from the inner one.
+#[derive(Clone, Copy)]
+pub struct Inner {
+    /// IPv4 TOS or IPv6 traffic class.
+    pub tos: u8,
+    /// Raw (network order) IPv4 identification; 0 for IPv6.
+    pub ip_id: u16,
+    /// IPv4 DF (always set for IPv6).
+    pub dont_fragment: bool,
+}
+
+impl Inner {
+    #[inline(always)]
+    pub fn of(pkt: &Packet) -> Inner {
+        Inner {
+            tos: pkt.tos,
+            ip_id: pkt.ip_id,
+            dont_fragment: pkt.dont_fragment,
         }
     }
 }
@@ -191,7 +213,14 @@ pub fn encapsulate(
     smac: &[u8; 6],
 ) -> Result<(), ()> {
     grow(ctx, pkt, outer, outer.overhead(), dmac, smac)?;
-    write_outer(ctx, pkt, outer, pkt.l2_len, pkt.ip_len, outer.proto(pkt.v6))
+    write_outer(
+        ctx,
+        Inner::of(pkt),
+        outer,
+        pkt.l2_len,
+        pkt.ip_len,
+        outer.proto(pkt.v6),
+    )
 }
 
 /// As `encapsulate`, with a second hop: inside the outer layer (to the
@@ -220,14 +249,21 @@ pub fn encapsulate_nested(
     let inner_len = pkt.ip_len.wrapping_add(second_overhead);
     write_outer(
         ctx,
-        pkt,
+        Inner::of(pkt),
         outer,
         pkt.l2_len,
         inner_len,
         outer.proto(second.v6),
     )?;
     let at = pkt.l2_len + outer.overhead() as usize;
-    write_outer(ctx, pkt, second, at, pkt.ip_len, second.proto(pkt.v6))
+    write_outer(
+        ctx,
+        Inner::of(pkt),
+        second,
+        at,
+        pkt.ip_len,
+        second.proto(pkt.v6),
+    )
 }
 
 /// Makes room for `overhead` bytes of outer headers and writes the
@@ -252,9 +288,9 @@ fn grow(
 /// Writes one layer of outer headers (IP, and UDP for GUE) at `at`, in
 /// front of `inner_len` bytes of carried IP packet.
 #[inline(always)]
-fn write_outer(
+pub fn write_outer(
     ctx: &XdpContext,
-    pkt: &Packet,
+    inner: Inner,
     outer: &Outer,
     at: usize,
     inner_len: u16,
@@ -265,7 +301,7 @@ fn write_outer(
     if outer.v6 {
         ip_hdr_len = Ipv6Hdr::LEN;
         let ip = ptr_at::<Ipv6Hdr>(ctx, at).ok_or(())?;
-        let vcf: u32 = 6 << 28 | (pkt.tos as u32) << 20 | (outer.hash & 0xFFFFF);
+        let vcf: u32 = 6 << 28 | (inner.tos as u32) << 20 | (outer.hash & 0xFFFFF);
         // SAFETY: bounds checked by ptr_at; the addresses are byte arrays.
         unsafe {
             *ip = Ipv6Hdr {
@@ -281,12 +317,12 @@ fn write_outer(
         ip_hdr_len = Ipv4Hdr::LEN;
         // RFC 2003: DF copied from an inner IPv4 header; IPv6 inside is
         // never fragmented on the way (RFC 4213).
-        let frags = if pkt.dont_fragment { IP_DF } else { 0 };
+        let frags = if inner.dont_fragment { IP_DF } else { 0 };
         let ip = ptr_at::<Ipv4Hdr>(ctx, at).ok_or(())?;
         let check = ipv4_header_checksum(
-            pkt.tos,
+            inner.tos,
             outer_len,
-            pkt.ip_id,
+            inner.ip_id,
             frags,
             outer.ttl,
             proto,
@@ -297,9 +333,9 @@ fn write_outer(
         unsafe {
             *ip = Ipv4Hdr {
                 vihl: 0x45,
-                tos: pkt.tos,
+                tos: inner.tos,
                 tot_len: outer_len.to_be_bytes(),
-                id: pkt.ip_id.to_ne_bytes(),
+                id: inner.ip_id.to_ne_bytes(),
                 frags: frags.to_be_bytes(),
                 ttl: outer.ttl,
                 proto,

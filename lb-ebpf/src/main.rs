@@ -1,6 +1,7 @@
 //! XDP programs of the load balancer. `balancer` reads top-down:
 //! parse -> VIP lookup -> connection table / Maglev table -> encapsulate ->
-//! next hop -> XDP_TX or XDP_REDIRECT.
+//! next hop -> XDP_TX or XDP_REDIRECT; `fast` does the same for the
+//! common case of a tracked flow in straight-line code.
 #![no_std]
 #![no_main]
 
@@ -9,17 +10,34 @@ mod bench;
 mod capture;
 mod decap;
 mod encap;
+mod fast;
 mod icmp;
 mod maps;
 mod parse;
 mod stats;
 
-use aya_ebpf::{macros::xdp, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_md, macros::xdp, programs::XdpContext};
 
 /// The load balancer's entry point, attached to the NIC facing the routers.
+/// The two paths are separate functions (BPF subprograms) so that each has
+/// its own stack frame: together they would not fit the 512-byte stack.
 #[xdp]
 pub fn balancer(ctx: XdpContext) -> u32 {
-    balancer::process(&ctx)
+    let verdict = fast_path(ctx.ctx);
+    if verdict != fast::GENERAL {
+        return verdict;
+    }
+    general_path(ctx.ctx)
+}
+
+#[inline(never)]
+fn fast_path(ctx: *mut xdp_md) -> u32 {
+    fast::process(&XdpContext::new(ctx))
+}
+
+#[inline(never)]
+fn general_path(ctx: *mut xdp_md) -> u32 {
+    balancer::process(&XdpContext::new(ctx))
 }
 
 /// Backend side: strips IPIP so the kernel delivers to the VIP on `lo`.

@@ -19,8 +19,8 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
-const IP_MF: u16 = 0x2000;
-const IP_OFFSET: u16 = 0x1FFF;
+pub const IP_MF: u16 = 0x2000;
+pub const IP_OFFSET: u16 = 0x1FFF;
 pub const IP_DF: u16 = 0x4000;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -204,6 +204,13 @@ fn ipv4_header_checksum_ok(ctx: &XdpContext, at: usize, ihl: usize) -> bool {
         sum += unsafe { *word } as u64;
         off += 4;
     }
+    folds_to_ffff(sum)
+}
+
+/// Whether a sum of 32-bit words folds to 0xFFFF in 16-bit ones' complement
+/// (an IPv4 header with a right checksum does).
+#[inline(always)]
+pub fn folds_to_ffff(mut sum: u64) -> bool {
     sum = (sum & 0xFFFF_FFFF) + (sum >> 32);
     sum = (sum & 0xFFFF_FFFF) + (sum >> 32);
     sum = (sum & 0xFFFF) + (sum >> 16);

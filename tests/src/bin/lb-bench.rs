@@ -338,6 +338,63 @@ fn datapath_case(
     (empty, gross - empty)
 }
 
+impl DataPathBed {
+    /// The packet a case sends every call (`None`: a new packet per call).
+    fn fixed_packet(&self, case: usize) -> Option<&[u8]> {
+        Some(match case {
+            1 | 5 => &self.ack[0],
+            2 => &self.udp,
+            3 => &self.other,
+            4 => &self.big,
+            6 => &self.syn[0],
+            7 => &self.ack6,
+            8 => &self.second_hop,
+            9 => &self.quic,
+            _ => return None,
+        })
+    }
+}
+
+/// An A/B run compares like with like only if both programs do the same
+/// with each packet: says where the arms' verdicts or output frames differ
+/// (e.g. an experimental build that takes a shortcut it should not).
+fn warn_if_arms_differ(
+    pair: &mut [DataPathBed],
+    selected: &dyn Fn(usize) -> bool,
+) -> anyhow::Result<()> {
+    for (case, name) in CASES.iter().enumerate().filter(|&(c, _)| selected(c)) {
+        let mut outs = Vec::new();
+        for bed in pair.iter_mut() {
+            let Some(packet) = bed.fixed_packet(case).map(<[u8]>::to_vec) else {
+                continue;
+            };
+            let _ns = bed.h.enter();
+            let lb0 = bed.h.lb0;
+            let out = bed.h.dp.test_run(&packet, lb0)?;
+            if std::env::var_os("LB_BENCH_DUMP").is_some() {
+                println!(
+                    "{case} {} {:02x?}",
+                    out.action,
+                    &out.packet[..out.packet.len().min(40)]
+                );
+            }
+            outs.push((out.action, out.packet));
+        }
+        if let [new, old] = &outs[..]
+            && new != old
+        {
+            println!(
+                "warning: the arms differ on {name:?}: new action {} ({} bytes out), old action {} ({} bytes out)",
+                new.0,
+                new.1.len(),
+                old.0,
+                old.1.len()
+            );
+        }
+    }
+    Ok(())
+}
+
 fn program_size(h: &mut Harness) -> [u32; 3] {
     let (x, j, v) = h.dp.program_size().unwrap_or_default();
     [x, j, v]
@@ -430,6 +487,9 @@ fn main() -> anyhow::Result<()> {
             let a = datapath_bed(beds[0].h.twin(objects[first]))?;
             let b = datapath_bed(beds[0].h.twin(objects[1 - first]))?;
             pair = if first == 0 { vec![a, b] } else { vec![b, a] };
+            if run == 0 {
+                warn_if_arms_differ(&mut pair, &selected)?;
+            }
         }
         // `case` indexes the inner vectors of per-arm tables.
         #[allow(clippy::needless_range_loop)]

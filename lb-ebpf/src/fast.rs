@@ -1,0 +1,303 @@
+//! The fast path: a packet of the common shape, decided in straight-line
+//! code that reads the headers in place (no `Packet` to fill and copy).
+//!
+//! It takes an Ethernet frame without VLAN tag carrying IPv4 without
+//! options or IPv6 without extension headers, not a fragment, with TCP
+//! (not a SYN) or UDP, either to no VIP address (passed), or to a VIP port
+//! whose connection table entry names a usable backend of the packet's
+//! family, whose next hop is cached, and that no capture wants. Anything
+//! else, and every check that fails, returns `GENERAL`: the general path
+//! (`balancer::process`) then decides the packet from its first byte. So
+//! this path only ever makes the decision the general path would make, and
+//! commits (counters, the packet's bytes) only once it is sure of it; the
+//! differential fuzzer holds both to the reference model.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use lb_common::{
+    PROTO_TCP, PROTO_UDP,
+    maps::{
+        BACKEND_F_IPV6, CONN_SECOND_HOP, FAMILY_IPV4, FAMILY_IPV6, FlowKey, Reason, VIP_F_GUE,
+        VIP_F_QUIC, VIP_KIND_PORT, VipKey,
+    },
+    settings::SETTINGS_F_NO_FIB,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+use crate::{
+    balancer::{
+        ATIME_REFRESH_NS, backend_for, encap_source, finish, maybe_vip_address, usable_next_hop,
+    },
+    capture,
+    encap::{ETH_P_IP_BE, ETH_P_IPV6_BE, Inner, Outer, write_outer},
+    maps::{CONNTRACK, NEXTHOP_CACHE, VIPS, settings},
+    parse::{IP_DF, IP_MF, IP_OFFSET, TCP_ACK, TCP_SYN, folds_to_ffff, ptr_at},
+    stats::{count, count_backend, count_vip},
+};
+
+/// "Not decided here": the general path takes the packet.
+pub const GENERAL: u32 = u32::MAX;
+
+/// Frame bytes the IPv4 fast path reads: Ethernet, IPv4, a TCP header
+/// (a UDP header and its first 12 payload bytes). Shorter frames (tiny UDP
+/// datagrams on links that do not pad to 60 bytes) take the general path.
+const V4_READ: usize = EthHdr::LEN + Ipv4Hdr::LEN + TcpHdr::LEN;
+/// The same for IPv6.
+const V6_READ: usize = EthHdr::LEN + Ipv6Hdr::LEN + TcpHdr::LEN;
+
+/// What the decision and the encapsulation need from the headers.
+struct Headers {
+    flow: FlowKey,
+    /// The IP datagram's length, header included.
+    ip_len: u16,
+    inner: Inner,
+    /// A TCP SYN (without ACK): the general path's (it records the flow).
+    syn: bool,
+}
+
+#[inline(always)]
+pub fn process(ctx: &XdpContext) -> u32 {
+    let mut h = Headers {
+        flow: FlowKey::default(),
+        ip_len: 0,
+        inner: Inner {
+            tos: 0,
+            ip_id: 0,
+            dont_fragment: true,
+        },
+        syn: false,
+    };
+    if !read_headers(ctx, &mut h) {
+        return GENERAL;
+    }
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let flow = &h.flow;
+    if !maybe_vip_address(&flow.dst, flow.family) {
+        return finish(Reason::PassNotVip, XDP_PASS, bytes);
+    }
+    if h.syn {
+        return GENERAL;
+    }
+    let key = VipKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        kind: VIP_KIND_PORT,
+        family: flow.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: copied out at once; userspace replaces values, never mutates them.
+    let Some(vip) = (unsafe { VIPS.get(&key) }).copied() else {
+        return GENERAL;
+    };
+    let udp = flow.proto == PROTO_UDP;
+    if vip.table_size == 0 || (udp && vip.flags & VIP_F_QUIC != 0) {
+        return GENERAL;
+    }
+    let Some(entry) = CONNTRACK.get_ptr_mut(flow) else {
+        return GENERAL;
+    };
+    // SAFETY: LRU values stay valid for this program run.
+    let (id, hash, atime) = unsafe { ((*entry).backend_id, (*entry).hash, (*entry).atime_ns) };
+    // Second hops and entries without their hash are the general path's.
+    if atime & CONN_SECOND_HOP != 0 || hash == 0 {
+        return GENERAL;
+    }
+    let Some(backend) = backend_for(id, &vip) else {
+        return GENERAL;
+    };
+    let v6 = flow.family == FAMILY_IPV6;
+    if (backend.flags & BACKEND_F_IPV6 != 0) != v6 {
+        return GENERAL;
+    }
+    let cfg = settings();
+    if udp {
+        // SAFETY: helper with no arguments.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let idle = now.wrapping_sub(atime);
+        if idle > cfg.udp_idle_timeout_ns {
+            return GENERAL;
+        }
+        if idle > ATIME_REFRESH_NS {
+            // SAFETY: as above. The general path would write the same.
+            unsafe { (*entry).atime_ns = now };
+        }
+    }
+    if cfg.flags & SETTINGS_F_NO_FIB != 0 {
+        return GENERAL;
+    }
+    let outer = Outer {
+        v6,
+        gue: vip.flags & VIP_F_GUE != 0,
+        src: encap_source(cfg, v6, hash),
+        dst: backend.addr,
+        ttl: cfg.outer_ttl,
+        hash,
+        gue_port: cfg.gue_port,
+    };
+    let overhead = outer.overhead();
+    let outer_len = h.ip_len.wrapping_add(overhead);
+    if cfg.mtu != 0 && outer_len > cfg.mtu {
+        return GENERAL;
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+    let Some(hop) = NEXTHOP_CACHE.get(id) else {
+        return GENERAL;
+    };
+    // SAFETY: helper with no arguments (inlined by the verifier as a load).
+    let now = unsafe { bpf_jiffies64() };
+    if !usable_next_hop(hop, now, cfg.nexthop_ttl(), ingress, outer_len)
+        || capture::wanted(vip.vip_id, id)
+    {
+        return GENERAL;
+    }
+    // Decided: the general path would count and send the same.
+    count_vip(vip.vip_id, bytes);
+    count(Reason::ConntrackHit, bytes);
+    count_backend(id, bytes);
+    let (dmac, smac, ifindex) = (hop.dmac, hop.smac, hop.ifindex);
+    if encapsulate(ctx, h.inner, &outer, h.ip_len, &dmac, &smac).is_err() {
+        return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
+    }
+    if ifindex == ingress {
+        return finish(Reason::Tx, XDP_TX, bytes);
+    }
+    count(Reason::Redirect, bytes);
+    // SAFETY: helper takes plain integers.
+    unsafe { bpf_redirect(ifindex, 0) as u32 }
+}
+
+/// Reads a frame of the fast path's shape into `h`; false for any other
+/// (and for every frame the general path would call malformed).
+#[inline(always)]
+fn read_headers(ctx: &XdpContext, h: &mut Headers) -> bool {
+    let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return false;
+    };
+    let packet_len = ctx.data_end() - ctx.data();
+    // SAFETY: bounds checked by ptr_at.
+    let ether_type = unsafe { (*eth).ether_type };
+    let l4;
+    if ether_type == ETH_P_IP_BE {
+        let Some(ip) = ptr_at::<[u8; V4_READ - EthHdr::LEN]>(ctx, EthHdr::LEN) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at; an IPv4 header without options.
+        let ip = unsafe { &*(ip as *const Ipv4Hdr) };
+        let ip_len = u16::from_be_bytes(ip.tot_len);
+        if ip.vihl != 0x45
+            || (ip_len as usize) < Ipv4Hdr::LEN
+            || EthHdr::LEN + ip_len as usize > packet_len
+        {
+            return false;
+        }
+        // SAFETY: the header's five words, bounds checked above.
+        let w = unsafe { *(ip as *const Ipv4Hdr as *const [u32; 5]) };
+        let sum = w[0] as u64 + w[1] as u64 + w[2] as u64 + w[3] as u64 + w[4] as u64;
+        let frags = u16::from_be_bytes(ip.frags);
+        if !folds_to_ffff(sum) || frags & (IP_MF | IP_OFFSET) != 0 {
+            return false;
+        }
+        h.flow.src[0] = u32::from_ne_bytes(ip.src_addr);
+        h.flow.dst[0] = u32::from_ne_bytes(ip.dst_addr);
+        h.flow.proto = ip.proto;
+        h.flow.family = FAMILY_IPV4;
+        h.ip_len = ip_len;
+        h.inner = Inner {
+            tos: ip.tos,
+            ip_id: u16::from_ne_bytes(ip.id),
+            dont_fragment: frags & IP_DF != 0,
+        };
+        l4 = Ipv4Hdr::LEN;
+    } else if ether_type == ETH_P_IPV6_BE {
+        let Some(ip) = ptr_at::<[u8; V6_READ - EthHdr::LEN]>(ctx, EthHdr::LEN) else {
+            return false;
+        };
+        // SAFETY: bounds checked by ptr_at.
+        let ip = unsafe { &*(ip as *const Ipv6Hdr) };
+        let ip_len = Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize;
+        if ip.vcf[0] >> 4 != 6 || EthHdr::LEN + ip_len > packet_len || ip_len > 0xFFFF {
+            return false;
+        }
+        // SAFETY: the addresses are 16 bytes, read as four words.
+        unsafe {
+            h.flow.src = core::mem::transmute::<[u8; 16], [u32; 4]>(ip.src_addr);
+            h.flow.dst = core::mem::transmute::<[u8; 16], [u32; 4]>(ip.dst_addr);
+        }
+        h.flow.proto = ip.next_hdr;
+        h.flow.family = FAMILY_IPV6;
+        h.ip_len = ip_len as u16;
+        h.inner.tos = (u32::from_be_bytes(ip.vcf) >> 20) as u8;
+        l4 = Ipv6Hdr::LEN;
+    } else {
+        return false;
+    }
+    let ip_len = h.ip_len as usize;
+    // The transport header lies within the bytes read (bounds checked).
+    let at = EthHdr::LEN + l4;
+    let Some(ports) = ptr_at::<[u8; TcpHdr::LEN]>(ctx, at) else {
+        return false;
+    };
+    // SAFETY: bounds checked by ptr_at.
+    let t = unsafe { &*ports };
+    match h.flow.proto {
+        PROTO_TCP => {
+            let doff = ((t[12] >> 4) as usize) * 4;
+            let flags = t[13];
+            if ip_len < l4 + TcpHdr::LEN || doff < TcpHdr::LEN || l4 + doff > ip_len {
+                return false;
+            }
+            h.syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        }
+        PROTO_UDP => {
+            let ulen = u16::from_be_bytes([t[4], t[5]]) as usize;
+            if ip_len < l4 + UdpHdr::LEN || ulen < UdpHdr::LEN || l4 + ulen > ip_len {
+                return false;
+            }
+        }
+        _ => return false,
+    }
+    h.flow.sport = u16::from_ne_bytes([t[0], t[1]]);
+    h.flow.dport = u16::from_ne_bytes([t[2], t[3]]);
+    true
+}
+
+/// Grows the frame by the outer headers and writes them with an Ethernet
+/// header without VLAN tag (as the frame came in).
+#[inline(always)]
+fn encapsulate(
+    ctx: &XdpContext,
+    inner: Inner,
+    outer: &Outer,
+    ip_len: u16,
+    dmac: &[u8; 6],
+    smac: &[u8; 6],
+) -> Result<(), ()> {
+    // SAFETY: the helper only moves ctx->data; pointers are re-derived after.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer.overhead() as i32)) } != 0 {
+        return Err(());
+    }
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
+    // SAFETY: bounds checked by ptr_at.
+    unsafe {
+        (*eth).dst_addr = *dmac;
+        (*eth).src_addr = *smac;
+        (*eth).ether_type = if outer.v6 { ETH_P_IPV6_BE } else { ETH_P_IP_BE };
+    }
+    write_outer(
+        ctx,
+        inner,
+        outer,
+        EthHdr::LEN,
+        ip_len,
+        outer.proto(outer.v6),
+    )
+}
