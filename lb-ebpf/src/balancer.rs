@@ -22,7 +22,7 @@ use crate::{
     encap::{NextHop, Outer, encapsulate, encapsulate_nested, lookup_next_hop},
     icmp::{echo_reply, ingress_macs, quote_len, too_big_reply},
     maps::{
-        ANY_PORT_VIPS, BACKENDS, CONNTRACK, INSERT_BUDGET, MAGLEV_SLOTS, NEXTHOP_CACHE,
+        ANY_PORT_VIPS, BACKENDS, CONNTRACK, FAST_HINT, INSERT_BUDGET, MAGLEV_SLOTS, NEXTHOP_CACHE,
         PREV_TABLES, QUIC_SERVERS, VIP_ADDR_FILTER, VIPS, settings,
     },
     parse::{
@@ -38,8 +38,12 @@ pub const ATIME_REFRESH_NS: u64 = 1_000_000_000;
 /// No header of a linear XDP frame starts this far in (a page at most).
 const MAX_LINEAR_OFFSET: usize = 0x4000;
 
+/// `hinted`: the fast path left this packet with this CPU's `FAST_HINT`
+/// filled in (a TCP/UDP packet, not a fragment, whose exact VIP key it
+/// found): its VIP is taken from there, and a connection table miss there
+/// is not looked up again.
 #[inline(always)]
-pub fn process(ctx: &XdpContext) -> u32 {
+pub fn process(ctx: &XdpContext, hinted: bool) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     let mut pkt = Packet::EMPTY;
     match parse(ctx, &mut pkt) {
@@ -47,25 +51,32 @@ pub fn process(ctx: &XdpContext) -> u32 {
         Parsed::NotIp => return finish(Reason::PassNotIp, XDP_PASS, bytes),
         Parsed::Malformed => return finish(Reason::PassMalformed, XDP_PASS, bytes),
     }
-    if !maybe_vip_address(&pkt.flow.dst, pkt.flow.family) {
-        return finish(Reason::PassNotVip, XDP_PASS, bytes);
-    }
-    if pkt.icmp == ICMP_ECHO_REQUEST {
-        return answer_echo(ctx, &pkt, bytes);
-    }
-    let Some(vip) = lookup_vip(&pkt) else {
-        // Never back out unbalanced: the router would send it here again.
-        if is_vip_address(&pkt) {
-            return finish(Reason::DropNotAService, XDP_DROP, bytes);
+    let hint = if hinted { FAST_HINT.get(0) } else { None };
+    let (vip, conntrack_missed) = match hint {
+        Some(h) => (h.vip, h.conntrack_missed),
+        None => {
+            if !maybe_vip_address(&pkt.flow.dst, pkt.flow.family) {
+                return finish(Reason::PassNotVip, XDP_PASS, bytes);
+            }
+            if pkt.icmp == ICMP_ECHO_REQUEST {
+                return answer_echo(ctx, &pkt, bytes);
+            }
+            let Some(vip) = lookup_vip(&pkt) else {
+                // Never back out unbalanced: the router would send it here again.
+                if is_vip_address(&pkt) {
+                    return finish(Reason::DropNotAService, XDP_DROP, bytes);
+                }
+                return finish(Reason::PassNotVip, XDP_PASS, bytes);
+            };
+            (vip, false)
         }
-        return finish(Reason::PassNotVip, XDP_PASS, bytes);
     };
     count_vip(vip.vip_id, bytes);
     if vip.table_size == 0 {
         return finish(Reason::DropNoBackend, XDP_DROP, bytes);
     }
     let cfg = settings();
-    let Some(chosen) = choose_backend(ctx, &pkt, &vip, cfg, bytes) else {
+    let Some(chosen) = choose_backend(ctx, &pkt, &vip, cfg, bytes, conntrack_missed) else {
         return finish(Reason::DropNoBackend, XDP_DROP, bytes);
     };
     count_backend(chosen.id, bytes);
@@ -235,6 +246,7 @@ fn insert_allowed(cfg: &Settings, now: u64) -> bool {
 /// current answer), then the Maglev table; records the choice except for
 /// RST. The flow is hashed only when the connection table does not already
 /// hold its hash.
+/// `conntrack_missed`: the fast path has just looked the flow up in vain.
 #[inline(always)]
 fn choose_backend(
     ctx: &XdpContext,
@@ -242,6 +254,7 @@ fn choose_backend(
     vip: &VipMeta,
     cfg: &Settings,
     bytes: u64,
+    conntrack_missed: bool,
 ) -> Option<Chosen> {
     let mut clock = Clock::NOT_READ;
     if pkt.is_fragment {
@@ -278,7 +291,10 @@ fn choose_backend(
     // The flow's entry when it has one that cannot be used (a failed
     // backend, an idle UDP flow): rewritten in place below.
     let mut stale: Option<*mut ConnEntry> = None;
-    if !is_syn && let Some(entry) = CONNTRACK.get_ptr_mut(&pkt.flow) {
+    if !is_syn
+        && !conntrack_missed
+        && let Some(entry) = CONNTRACK.get_ptr_mut(&pkt.flow)
+    {
         stale = Some(entry);
         // SAFETY: LRU values stay valid for this program run; a racing update
         // can at worst give another valid backend id.
@@ -478,7 +494,7 @@ fn previous_owner(vip: &VipMeta, hash: u32, current: u32) -> u32 {
 /// backend of this VIP, valid or retired (removed, address kept); a failed
 /// one is not.
 #[inline(always)]
-fn second_hop(vip: &VipMeta, id: u32, current: u32) -> u32 {
+pub fn second_hop(vip: &VipMeta, id: u32, current: u32) -> u32 {
     let usable = |b: &Backend| {
         b.vip_id == vip.vip_id && b.flags & (BACKEND_F_VALID | BACKEND_F_RETIRED) != 0
     };

@@ -21,7 +21,7 @@ use lb_common::{
     PROTO_TCP, PROTO_UDP,
     maps::{
         BACKEND_F_IPV6, CONN_SECOND_HOP, FAMILY_IPV4, FAMILY_IPV6, FlowKey, Reason, VIP_F_GUE,
-        VIP_F_QUIC, VIP_KIND_PORT, VipKey,
+        VIP_F_QUIC, VIP_KIND_PORT, VipKey, VipMeta,
     },
     settings::SETTINGS_F_NO_FIB,
 };
@@ -34,17 +34,21 @@ use network_types::{
 
 use crate::{
     balancer::{
-        ATIME_REFRESH_NS, backend_for, encap_source, finish, maybe_vip_address, usable_next_hop,
+        ATIME_REFRESH_NS, backend_for, encap_source, finish, maybe_vip_address, second_hop,
+        usable_next_hop,
     },
     capture,
     encap::{ETH_P_IP_BE, ETH_P_IPV6_BE, Inner, Outer, write_outer},
-    maps::{CONNTRACK, NEXTHOP_CACHE, VIPS, settings},
+    maps::{BACKENDS, CONNTRACK, FAST_HINT, NEXTHOP_CACHE, VIPS, settings},
     parse::{IP_DF, IP_MF, IP_OFFSET, TCP_ACK, TCP_SYN, folds_to_ffff, ptr_at},
     stats::{count, count_backend, count_vip},
 };
 
 /// "Not decided here": the general path takes the packet.
 pub const GENERAL: u32 = u32::MAX;
+/// As `GENERAL`, with this CPU's `FAST_HINT` filled in for this packet: the
+/// general path skips the lookups already made.
+pub const GENERAL_HINTED: u32 = u32::MAX - 1;
 
 /// Frame bytes the IPv4 fast path reads: Ethernet, IPv4, a TCP header
 /// (a UDP header and its first 12 payload bytes). Shorter frames (tiny UDP
@@ -59,8 +63,6 @@ struct Headers {
     /// The IP datagram's length, header included.
     ip_len: u16,
     inner: Inner,
-    /// A TCP SYN (without ACK): the general path's (it records the flow).
-    syn: bool,
 }
 
 #[inline(always)]
@@ -73,7 +75,6 @@ pub fn process(ctx: &XdpContext) -> u32 {
             ip_id: 0,
             dont_fragment: true,
         },
-        syn: false,
     };
     if !read_headers(ctx, &mut h) {
         return GENERAL;
@@ -82,9 +83,6 @@ pub fn process(ctx: &XdpContext) -> u32 {
     let flow = &h.flow;
     if !maybe_vip_address(&flow.dst, flow.family) {
         return finish(Reason::PassNotVip, XDP_PASS, bytes);
-    }
-    if h.syn {
-        return GENERAL;
     }
     let key = VipKey {
         addr: flow.dst,
@@ -100,23 +98,25 @@ pub fn process(ctx: &XdpContext) -> u32 {
     };
     let udp = flow.proto == PROTO_UDP;
     if vip.table_size == 0 || (udp && vip.flags & VIP_F_QUIC != 0) {
-        return GENERAL;
+        return hint(&vip, false);
     }
     let Some(entry) = CONNTRACK.get_ptr_mut(flow) else {
-        return GENERAL;
+        return hint(&vip, true);
     };
     // SAFETY: LRU values stay valid for this program run.
     let (id, hash, atime) = unsafe { ((*entry).backend_id, (*entry).hash, (*entry).atime_ns) };
-    // Second hops and entries without their hash are the general path's.
-    if atime & CONN_SECOND_HOP != 0 || hash == 0 {
-        return GENERAL;
+    // Entries without their hash (an older program's) are the general
+    // path's; so are UDP entries with the second-hop mark (never written).
+    let second_hop_mark = atime & CONN_SECOND_HOP != 0;
+    if hash == 0 || (udp && second_hop_mark) {
+        return hint(&vip, false);
     }
     let Some(backend) = backend_for(id, &vip) else {
-        return GENERAL;
+        return hint(&vip, false);
     };
     let v6 = flow.family == FAMILY_IPV6;
     if (backend.flags & BACKEND_F_IPV6 != 0) != v6 {
-        return GENERAL;
+        return hint(&vip, false);
     }
     let cfg = settings();
     if udp {
@@ -124,7 +124,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
         let now = unsafe { bpf_ktime_get_coarse_ns() };
         let idle = now.wrapping_sub(atime);
         if idle > cfg.udp_idle_timeout_ns {
-            return GENERAL;
+            return hint(&vip, false);
         }
         if idle > ATIME_REFRESH_NS {
             // SAFETY: as above. The general path would write the same.
@@ -132,7 +132,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
         }
     }
     if cfg.flags & SETTINGS_F_NO_FIB != 0 {
-        return GENERAL;
+        return hint(&vip, false);
     }
     let outer = Outer {
         v6,
@@ -143,28 +143,59 @@ pub fn process(ctx: &XdpContext) -> u32 {
         hash,
         gue_port: cfg.gue_port,
     };
-    let overhead = outer.overhead();
+    // Recorded on a second chance: the same two hops every time.
+    let second = if second_hop_mark {
+        second_hop(&vip, ((atime >> 32) as u32) & 0x7fff_ffff, id)
+    } else {
+        0
+    };
+    let second_outer = if second == 0 {
+        None
+    } else {
+        BACKENDS.get(second).map(|b| {
+            let v6 = b.flags & BACKEND_F_IPV6 != 0;
+            Outer {
+                v6,
+                src: encap_source(cfg, v6, hash),
+                dst: b.addr,
+                ..outer
+            }
+        })
+    };
+    let overhead = outer.overhead() + second_outer.as_ref().map_or(0, |s| s.overhead());
     let outer_len = h.ip_len.wrapping_add(overhead);
     if cfg.mtu != 0 && outer_len > cfg.mtu {
-        return GENERAL;
+        return hint(&vip, false);
     }
     let ingress = ctx.ingress_ifindex() as u32;
     let Some(hop) = NEXTHOP_CACHE.get(id) else {
-        return GENERAL;
+        return hint(&vip, false);
     };
     // SAFETY: helper with no arguments (inlined by the verifier as a load).
     let now = unsafe { bpf_jiffies64() };
     if !usable_next_hop(hop, now, cfg.nexthop_ttl(), ingress, outer_len)
         || capture::wanted(vip.vip_id, id)
     {
-        return GENERAL;
+        return hint(&vip, false);
     }
     // Decided: the general path would count and send the same.
     count_vip(vip.vip_id, bytes);
     count(Reason::ConntrackHit, bytes);
+    if second != 0 {
+        count(Reason::SecondChance, bytes);
+    }
     count_backend(id, bytes);
     let (dmac, smac, ifindex) = (hop.dmac, hop.smac, hop.ifindex);
-    if encapsulate(ctx, h.inner, &outer, h.ip_len, &dmac, &smac).is_err() {
+    let written = encapsulate(
+        ctx,
+        h.inner,
+        &outer,
+        second_outer.as_ref(),
+        h.ip_len,
+        &dmac,
+        &smac,
+    );
+    if written.is_err() {
         return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
     }
     if ifindex == ingress {
@@ -173,6 +204,22 @@ pub fn process(ctx: &XdpContext) -> u32 {
     count(Reason::Redirect, bytes);
     // SAFETY: helper takes plain integers.
     unsafe { bpf_redirect(ifindex, 0) as u32 }
+}
+
+/// Leaves the packet to the general path with what was learnt: the VIP,
+/// and whether the connection table missed (else the general path looks
+/// again: it needs the entry).
+#[inline(always)]
+fn hint(vip: &VipMeta, conntrack_missed: bool) -> u32 {
+    let Some(slot) = FAST_HINT.get_ptr_mut(0) else {
+        return GENERAL;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array.
+    unsafe {
+        (*slot).vip = *vip;
+        (*slot).conntrack_missed = conntrack_missed;
+    }
+    GENERAL_HINTED
 }
 
 /// Reads a frame of the fast path's shape into `h`; false for any other
@@ -190,7 +237,11 @@ fn read_headers(ctx: &XdpContext, h: &mut Headers) -> bool {
         let Some(ip) = ptr_at::<[u8; V4_READ - EthHdr::LEN]>(ctx, EthHdr::LEN) else {
             return false;
         };
-        // SAFETY: bounds checked by ptr_at; an IPv4 header without options.
+        // SAFETY: bounds checked by ptr_at.
+        if is_syn(unsafe { (*ip)[9] }, unsafe { (*ip)[Ipv4Hdr::LEN + 13] }) {
+            return false;
+        }
+        // SAFETY: as above; an IPv4 header without options.
         let ip = unsafe { &*(ip as *const Ipv4Hdr) };
         let ip_len = u16::from_be_bytes(ip.tot_len);
         if ip.vihl != 0x45
@@ -222,6 +273,10 @@ fn read_headers(ctx: &XdpContext, h: &mut Headers) -> bool {
             return false;
         };
         // SAFETY: bounds checked by ptr_at.
+        if is_syn(unsafe { (*ip)[6] }, unsafe { (*ip)[Ipv6Hdr::LEN + 13] }) {
+            return false;
+        }
+        // SAFETY: as above.
         let ip = unsafe { &*(ip as *const Ipv6Hdr) };
         let ip_len = Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize;
         if ip.vcf[0] >> 4 != 6 || EthHdr::LEN + ip_len > packet_len || ip_len > 0xFFFF {
@@ -251,11 +306,9 @@ fn read_headers(ctx: &XdpContext, h: &mut Headers) -> bool {
     match h.flow.proto {
         PROTO_TCP => {
             let doff = ((t[12] >> 4) as usize) * 4;
-            let flags = t[13];
             if ip_len < l4 + TcpHdr::LEN || doff < TcpHdr::LEN || l4 + doff > ip_len {
                 return false;
             }
-            h.syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         }
         PROTO_UDP => {
             let ulen = u16::from_be_bytes([t[4], t[5]]) as usize;
@@ -270,19 +323,32 @@ fn read_headers(ctx: &XdpContext, h: &mut Headers) -> bool {
     true
 }
 
+/// A TCP SYN (without ACK), by the protocol and flags octets where a
+/// header of the fast path's shape has them: the general path's (it
+/// records the flow), checked first so that it loses the least time here.
+#[inline(always)]
+fn is_syn(proto: u8, tcp_flags: u8) -> bool {
+    proto == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
 /// Grows the frame by the outer headers and writes them with an Ethernet
-/// header without VLAN tag (as the frame came in).
+/// header without VLAN tag (as the frame came in). With a second hop, its
+/// layer goes inside the outer one (as `encap::encapsulate_nested`). The
+/// outer layer's family is the packet's (the fast path's condition).
 #[inline(always)]
 fn encapsulate(
     ctx: &XdpContext,
     inner: Inner,
     outer: &Outer,
+    second: Option<&Outer>,
     ip_len: u16,
     dmac: &[u8; 6],
     smac: &[u8; 6],
 ) -> Result<(), ()> {
+    let second_overhead = second.map_or(0, |s| s.overhead());
+    let overhead = outer.overhead() + second_overhead;
     // SAFETY: the helper only moves ctx->data; pointers are re-derived after.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer.overhead() as i32)) } != 0 {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(overhead as i32)) } != 0 {
         return Err(());
     }
     let eth = ptr_at::<EthHdr>(ctx, 0).ok_or(())?;
@@ -292,12 +358,24 @@ fn encapsulate(
         (*eth).src_addr = *smac;
         (*eth).ether_type = if outer.v6 { ETH_P_IPV6_BE } else { ETH_P_IP_BE };
     }
+    let Some(second) = second else {
+        return write_outer(
+            ctx,
+            inner,
+            outer,
+            EthHdr::LEN,
+            ip_len,
+            outer.proto(outer.v6),
+        );
+    };
     write_outer(
         ctx,
         inner,
         outer,
         EthHdr::LEN,
-        ip_len,
-        outer.proto(outer.v6),
-    )
+        ip_len.wrapping_add(second_overhead),
+        outer.proto(second.v6),
+    )?;
+    let at = EthHdr::LEN + outer.overhead() as usize;
+    write_outer(ctx, inner, second, at, ip_len, second.proto(outer.v6))
 }

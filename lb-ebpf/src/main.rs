@@ -24,10 +24,10 @@ use aya_ebpf::{bindings::xdp_md, macros::xdp, programs::XdpContext};
 #[xdp]
 pub fn balancer(ctx: XdpContext) -> u32 {
     let verdict = fast_path(ctx.ctx);
-    if verdict != fast::GENERAL {
+    if verdict < fast::GENERAL_HINTED {
         return verdict;
     }
-    general_path(ctx.ctx)
+    general_path(ctx.ctx, verdict == fast::GENERAL_HINTED)
 }
 
 #[inline(never)]
@@ -36,8 +36,8 @@ fn fast_path(ctx: *mut xdp_md) -> u32 {
 }
 
 #[inline(never)]
-fn general_path(ctx: *mut xdp_md) -> u32 {
-    balancer::process(&XdpContext::new(ctx))
+fn general_path(ctx: *mut xdp_md, hinted: bool) -> u32 {
+    balancer::process(&XdpContext::new(ctx), hinted)
 }
 
 /// Backend side: strips IPIP so the kernel delivers to the VIP on `lo`.

@@ -15,6 +15,13 @@ use lb_common::{
     settings::Settings,
 };
 
+/// `FAST_HINT`'s value: the VIP the packet's exact key found, and whether
+/// the connection table had no entry for its flow.
+pub struct FastHint {
+    pub vip: VipMeta,
+    pub conntrack_missed: bool,
+}
+
 /// Load-time settings (hash seed, outer source prefix, gateway MAC); read-only.
 #[unsafe(no_mangle)]
 static SETTINGS: Settings = Settings::DEFAULT;
@@ -86,6 +93,11 @@ pub static PREV_TABLES: Array<PrevTable> = Array::with_max_entries(MAX_VIPS, 0);
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, ConnEntry> =
     LruHashMap::with_max_entries(DEFAULT_CONNTRACK_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// What the fast path learnt about a packet it left to the general path
+/// (entry 0, this CPU's; read by the same program run, right after).
+#[map]
+pub static FAST_HINT: PerCpuArray<FastHint> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU cache of `bpf_fib_lookup` answers by backend id.
 #[map]
