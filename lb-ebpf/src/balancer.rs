@@ -516,6 +516,23 @@ pub fn encap_source(cfg: &Settings, v6: bool, hash: u32) -> [u32; 4] {
     }
 }
 
+/// The second hop's layer (inside `outer`), for backend `id` (0: none).
+#[inline(always)]
+pub fn second_layer(cfg: &Settings, outer: &Outer, id: u32) -> Option<Outer> {
+    if id == 0 {
+        return None;
+    }
+    BACKENDS.get(id).map(|b| {
+        let v6 = b.flags & BACKEND_F_IPV6 != 0;
+        Outer {
+            v6,
+            src: encap_source(cfg, v6, outer.hash),
+            dst: b.addr,
+            ..*outer
+        }
+    })
+}
+
 /// Encapsulates toward `backend` and sends it on its way.
 #[inline(always)]
 fn forward(
@@ -537,19 +554,7 @@ fn forward(
         hash,
         gue_port: cfg.gue_port,
     };
-    let second = if chosen.second == 0 {
-        None
-    } else {
-        BACKENDS.get(chosen.second).map(|b| {
-            let v6 = b.flags & BACKEND_F_IPV6 != 0;
-            Outer {
-                v6,
-                src: encap_source(cfg, v6, hash),
-                dst: b.addr,
-                ..outer
-            }
-        })
-    };
+    let second = second_layer(cfg, &outer, chosen.second);
     let overhead = outer.overhead() + second.as_ref().map_or(0, |s| s.overhead());
     let outer_len = pkt.ip_len.wrapping_add(overhead);
     if cfg.mtu != 0 && outer_len > cfg.mtu {

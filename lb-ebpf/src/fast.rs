@@ -35,11 +35,11 @@ use network_types::{
 use crate::{
     balancer::{
         ATIME_REFRESH_NS, backend_for, encap_source, finish, maybe_vip_address, second_hop,
-        usable_next_hop,
+        second_layer, usable_next_hop,
     },
     capture,
     encap::{ETH_P_IP_BE, ETH_P_IPV6_BE, Inner, Outer, write_outer},
-    maps::{BACKENDS, CONNTRACK, FAST_HINT, NEXTHOP_CACHE, VIPS, settings},
+    maps::{CONNTRACK, FAST_HINT, NEXTHOP_CACHE, VIPS, settings},
     parse::{IP_DF, IP_MF, IP_OFFSET, TCP_ACK, TCP_SYN, folds_to_ffff, ptr_at},
     stats::{count, count_backend, count_vip},
 };
@@ -149,19 +149,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
     } else {
         0
     };
-    let second_outer = if second == 0 {
-        None
-    } else {
-        BACKENDS.get(second).map(|b| {
-            let v6 = b.flags & BACKEND_F_IPV6 != 0;
-            Outer {
-                v6,
-                src: encap_source(cfg, v6, hash),
-                dst: b.addr,
-                ..outer
-            }
-        })
-    };
+    let second_outer = second_layer(cfg, &outer, second);
     let overhead = outer.overhead() + second_outer.as_ref().map_or(0, |s| s.overhead());
     let outer_len = h.ip_len.wrapping_add(overhead);
     if cfg.mtu != 0 && outer_len > cfg.mtu {
