@@ -516,6 +516,21 @@ pub fn encap_source(cfg: &Settings, v6: bool, hash: u32) -> [u32; 4] {
     }
 }
 
+/// The outer layer toward `backend` for a flow of hash `hash`.
+#[inline(always)]
+pub fn first_layer(cfg: &Settings, vip: &VipMeta, backend: &Backend, hash: u32) -> Outer {
+    let v6 = backend.flags & BACKEND_F_IPV6 != 0;
+    Outer {
+        v6,
+        gue: vip.flags & VIP_F_GUE != 0,
+        src: encap_source(cfg, v6, hash),
+        dst: backend.addr,
+        ttl: cfg.outer_ttl,
+        hash,
+        gue_port: cfg.gue_port,
+    }
+}
+
 /// The second hop's layer (inside `outer`), for backend `id` (0: none).
 #[inline(always)]
 pub fn second_layer(cfg: &Settings, outer: &Outer, id: u32) -> Option<Outer> {
@@ -544,16 +559,7 @@ fn forward(
     bytes: u64,
 ) -> u32 {
     let (backend, backend_id, hash) = (&chosen.backend, chosen.id, chosen.hash);
-    let v6 = backend.flags & BACKEND_F_IPV6 != 0;
-    let outer = Outer {
-        v6,
-        gue: vip.flags & VIP_F_GUE != 0,
-        src: encap_source(cfg, v6, hash),
-        dst: backend.addr,
-        ttl: cfg.outer_ttl,
-        hash,
-        gue_port: cfg.gue_port,
-    };
+    let outer = first_layer(cfg, vip, backend, hash);
     let second = second_layer(cfg, &outer, chosen.second);
     let overhead = outer.overhead() + second.as_ref().map_or(0, |s| s.overhead());
     let outer_len = pkt.ip_len.wrapping_add(overhead);

@@ -20,8 +20,8 @@ use aya_ebpf::{
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
     maps::{
-        BACKEND_F_IPV6, CONN_SECOND_HOP, FAMILY_IPV4, FAMILY_IPV6, FlowKey, Reason, VIP_F_GUE,
-        VIP_F_QUIC, VIP_KIND_PORT, VipKey, VipMeta,
+        BACKEND_F_IPV6, CONN_SECOND_HOP, FAMILY_IPV4, FAMILY_IPV6, FlowKey, Reason, VIP_F_QUIC,
+        VIP_KIND_PORT, VipKey, VipMeta,
     },
     settings::SETTINGS_F_NO_FIB,
 };
@@ -34,7 +34,7 @@ use network_types::{
 
 use crate::{
     balancer::{
-        ATIME_REFRESH_NS, backend_for, encap_source, finish, maybe_vip_address, second_hop,
+        ATIME_REFRESH_NS, backend_for, finish, first_layer, maybe_vip_address, second_hop,
         second_layer, usable_next_hop,
     },
     capture,
@@ -134,15 +134,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
     if cfg.flags & SETTINGS_F_NO_FIB != 0 {
         return hint(&vip, false);
     }
-    let outer = Outer {
-        v6,
-        gue: vip.flags & VIP_F_GUE != 0,
-        src: encap_source(cfg, v6, hash),
-        dst: backend.addr,
-        ttl: cfg.outer_ttl,
-        hash,
-        gue_port: cfg.gue_port,
-    };
+    let outer = first_layer(cfg, &vip, &backend, hash);
     // Recorded on a second chance: the same two hops every time.
     let second = if second_hop_mark {
         second_hop(&vip, ((atime >> 32) as u32) & 0x7fff_ffff, id)
