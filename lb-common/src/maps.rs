@@ -19,6 +19,10 @@ pub const FAMILY_IPV6: u8 = 6;
 
 /// `VIPS`: `VipKey -> VipMeta`.
 pub const MAP_VIPS: &str = "VIPS";
+/// `VIPS_BY_ID`: array, vip id -> `VipById`: each VIP's own (port) key and
+/// meta, as in `VIPS`. The fast path reaches a tracked flow's VIP from its
+/// backend's `vip_id` with an array read instead of a hash lookup.
+pub const MAP_VIPS_BY_ID: &str = "VIPS_BY_ID";
 /// `BACKENDS`: array, backend id -> `Backend`.
 pub const MAP_BACKENDS: &str = "BACKENDS";
 /// `MAGLEV_SLOTS`: array of backend ids holding every VIP's Maglev table.
@@ -154,6 +158,19 @@ pub struct VipMeta {
     pub table_offset: u32,
     /// M, the table's prime size; 0 = the VIP has no backend (drop).
     pub table_size: u32,
+}
+
+/// `VIPS_BY_ID`'s value: a copy of the VIP's `VIPS` entry of kind
+/// `VIP_KIND_PORT` (all zero: no VIP has this id). Array values are copied
+/// in place, so a reader racing an update may see a mix of the old and the
+/// new value: readers match `key` against the packet and `meta.vip_id`
+/// against the id they came with, and use nothing of it beyond the switches
+/// of one packet's decision (see `lb-ebpf/src/fast.rs`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipById {
+    pub key: VipKey,
+    pub meta: VipMeta,
 }
 
 /// A VIP's previous Maglev table (the one before its last change) while
@@ -552,6 +569,7 @@ const _: () = assert!(size_of::<ConnEntry>() == 16);
 const _: () = assert!(size_of::<Counter>() == 16);
 const _: () = assert!(size_of::<NextHopCache>() == 32);
 const _: () = assert!(size_of::<PrevTable>() == 8);
+const _: () = assert!(size_of::<VipById>() == 40);
 const _: () = assert!(size_of::<QuicServerKey>() == 8);
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ unsafe impl aya::Pod for Counter {}
 unsafe impl aya::Pod for NextHopCache {}
 unsafe impl aya::Pod for InsertBudget {}
 unsafe impl aya::Pod for crate::maps::PrevTable {}
+unsafe impl aya::Pod for crate::maps::VipById {}
 unsafe impl aya::Pod for crate::maps::CaptureFilter {}
 unsafe impl aya::Pod for crate::maps::QuicServerKey {}
 unsafe impl aya::Pod for Settings {}

@@ -20,8 +20,8 @@ use aya_ebpf::{
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
     maps::{
-        BACKEND_F_IPV6, CONN_SECOND_HOP, FAMILY_IPV4, FAMILY_IPV6, FlowKey, Reason, VIP_F_QUIC,
-        VIP_KIND_PORT, VipKey, VipMeta,
+        BACKEND_F_IPV6, BACKEND_F_VALID, CONN_SECOND_HOP, FAMILY_IPV4, FAMILY_IPV6, FlowKey,
+        Reason, VIP_F_QUIC, VIP_KIND_PORT, VipKey,
     },
     settings::SETTINGS_F_NO_FIB,
 };
@@ -34,12 +34,12 @@ use network_types::{
 
 use crate::{
     balancer::{
-        ATIME_REFRESH_NS, backend_for, finish, first_layer, maybe_vip_address, second_hop,
-        second_layer, usable_next_hop,
+        ATIME_REFRESH_NS, finish, first_layer, maybe_vip_address, second_hop, second_layer,
+        usable_next_hop,
     },
     capture,
     encap::{ETH_P_IP_BE, ETH_P_IPV6_BE, Inner, Outer, write_outer},
-    maps::{CONNTRACK, FAST_HINT, NEXTHOP_CACHE, VIPS, settings},
+    maps::{BACKENDS, CONNTRACK, FAST_HINT, NEXTHOP_CACHE, VIPS, VIPS_BY_ID, settings},
     parse::{IP_DF, IP_MF, IP_OFFSET, TCP_ACK, TCP_SYN, folds_to_ffff, ptr_at},
     stats::{count, count_backend, count_vip},
 };
@@ -92,31 +92,40 @@ pub fn process(ctx: &XdpContext) -> u32 {
         family: flow.family,
         _pad: [0; 3],
     };
-    // SAFETY: copied out at once; userspace replaces values, never mutates them.
-    let Some(vip) = (unsafe { VIPS.get(&key) }).copied() else {
-        return GENERAL;
-    };
-    let udp = flow.proto == PROTO_UDP;
-    if vip.table_size == 0 || (udp && vip.flags & VIP_F_QUIC != 0) {
-        return hint(&vip, false);
-    }
     let Some(entry) = CONNTRACK.get_ptr_mut(flow) else {
-        return hint(&vip, true);
+        return hint(&key, true);
     };
     // SAFETY: LRU values stay valid for this program run.
     let (id, hash, atime) = unsafe { ((*entry).backend_id, (*entry).hash, (*entry).atime_ns) };
+    // The flow's VIP, found through its backend with array reads: the VIP
+    // whose own key is this packet's is the one the general path's exact
+    // `VIPS` lookup finds (userspace keeps `VIPS_BY_ID` a copy of `VIPS`).
+    // A read racing an update may mix two values: the key and the id must
+    // still match, and only switches of this packet's decision are used.
+    let Some(backend) = BACKENDS.get(id).copied() else {
+        return hint(&key, false);
+    };
+    let Some(by_id) = VIPS_BY_ID.get(backend.vip_id) else {
+        return hint(&key, false);
+    };
+    let vip = by_id.meta;
+    if by_id.key != key || vip.vip_id != backend.vip_id || backend.flags & BACKEND_F_VALID == 0 {
+        return hint(&key, false);
+    }
+    let udp = flow.proto == PROTO_UDP;
     // Entries without their hash (an older program's) are the general
     // path's; so are UDP entries with the second-hop mark (never written).
     let second_hop_mark = atime & CONN_SECOND_HOP != 0;
-    if hash == 0 || (udp && second_hop_mark) {
-        return hint(&vip, false);
+    if vip.table_size == 0
+        || (udp && vip.flags & VIP_F_QUIC != 0)
+        || hash == 0
+        || (udp && second_hop_mark)
+    {
+        return hint(&key, false);
     }
-    let Some(backend) = backend_for(id, &vip) else {
-        return hint(&vip, false);
-    };
     let v6 = flow.family == FAMILY_IPV6;
     if (backend.flags & BACKEND_F_IPV6 != 0) != v6 {
-        return hint(&vip, false);
+        return hint(&key, false);
     }
     let cfg = settings();
     if udp {
@@ -124,7 +133,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
         let now = unsafe { bpf_ktime_get_coarse_ns() };
         let idle = now.wrapping_sub(atime);
         if idle > cfg.udp_idle_timeout_ns {
-            return hint(&vip, false);
+            return hint(&key, false);
         }
         if idle > ATIME_REFRESH_NS {
             // SAFETY: as above. The general path would write the same.
@@ -132,7 +141,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
         }
     }
     if cfg.flags & SETTINGS_F_NO_FIB != 0 {
-        return hint(&vip, false);
+        return hint(&key, false);
     }
     let outer = first_layer(cfg, &vip, &backend, hash);
     // Recorded on a second chance: the same two hops every time.
@@ -145,18 +154,18 @@ pub fn process(ctx: &XdpContext) -> u32 {
     let overhead = outer.overhead() + second_outer.as_ref().map_or(0, |s| s.overhead());
     let outer_len = h.ip_len.wrapping_add(overhead);
     if cfg.mtu != 0 && outer_len > cfg.mtu {
-        return hint(&vip, false);
+        return hint(&key, false);
     }
     let ingress = ctx.ingress_ifindex() as u32;
     let Some(hop) = NEXTHOP_CACHE.get(id) else {
-        return hint(&vip, false);
+        return hint(&key, false);
     };
     // SAFETY: helper with no arguments (inlined by the verifier as a load).
     let now = unsafe { bpf_jiffies64() };
     if !usable_next_hop(hop, now, cfg.nexthop_ttl(), ingress, outer_len)
         || capture::wanted(vip.vip_id, id)
     {
-        return hint(&vip, false);
+        return hint(&key, false);
     }
     // Decided: the general path would count and send the same.
     count_vip(vip.vip_id, bytes);
@@ -186,17 +195,23 @@ pub fn process(ctx: &XdpContext) -> u32 {
     unsafe { bpf_redirect(ifindex, 0) as u32 }
 }
 
-/// Leaves the packet to the general path with what was learnt: the VIP,
-/// and whether the connection table missed (else the general path looks
-/// again: it needs the entry).
+/// Leaves the packet to the general path with what was learnt: the VIP of
+/// the packet's exact key, and whether the connection table missed (else
+/// the general path looks again: it needs the entry). The VIP comes from
+/// `VIPS` (whose values are replaced whole), never from `VIPS_BY_ID`: the
+/// general path uses all of it. Without an exact key: no hint.
 #[inline(always)]
-fn hint(vip: &VipMeta, conntrack_missed: bool) -> u32 {
+fn hint(key: &VipKey, conntrack_missed: bool) -> u32 {
+    // SAFETY: copied out at once; userspace replaces values, never mutates them.
+    let Some(vip) = (unsafe { VIPS.get(key) }).copied() else {
+        return GENERAL;
+    };
     let Some(slot) = FAST_HINT.get_ptr_mut(0) else {
         return GENERAL;
     };
     // SAFETY: this CPU's slot of a per-CPU array.
     unsafe {
-        (*slot).vip = *vip;
+        (*slot).vip = vip;
         (*slot).conntrack_missed = conntrack_missed;
     }
     GENERAL_HINTED

@@ -10,7 +10,7 @@ use lb_common::{
         Backend, CAPTURE_RING_BYTES, CONTROL_STATE_ENTRIES, CaptureFilter, ConnEntry, Counter,
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, DecapReason, FlowKey, InsertBudget,
         MAX_BACKENDS, MAX_VIPS, NextHopCache, PrevTable, QuicServerKey, Reason,
-        VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
+        VIP_ADDR_FILTER_WORDS, VipById, VipKey, VipMeta,
     },
     settings::Settings,
 };
@@ -39,6 +39,11 @@ pub fn settings() -> &'static Settings {
 /// VIPs, each (address, port, protocol) and each fragment key, to its meta.
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS * 2, 0);
+
+/// Each VIP's `VIPS` entry by vip id (`VipById`): how the fast path finds
+/// a tracked flow's VIP (through its backend) without hashing a key.
+#[map]
+pub static VIPS_BY_ID: Array<VipById> = Array::with_max_entries(MAX_VIPS + 1, 0);
 
 /// Bit sets of VIP addresses (`lb_common::maps::vip_addr_filter_bit`): most
 /// non-VIP traffic leaves after one array read instead of a hash lookup.

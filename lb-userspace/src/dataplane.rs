@@ -25,9 +25,10 @@ use lb_common::{
         MAP_ANY_PORT_VIPS, MAP_BACKEND_NEW_FLOWS, MAP_BACKEND_STATS, MAP_BACKENDS, MAP_BENCH_FRAME,
         MAP_BENCH_NEXT, MAP_CAPTURE, MAP_CAPTURE_LOST, MAP_CAPTURE_RING, MAP_CONNTRACK,
         MAP_CONTROL_STATE, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_QUIC_SERVERS,
-        MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, MAX_BACKENDS, MAX_VIPS,
-        PROGRAM_BALANCER, PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable, QuicServerKey, Reason,
-        VIP_ADDR_FILTER_WORDS, VipKey, VipMeta, vip_addr_filter_bit,
+        MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, MAP_VIPS_BY_ID,
+        MAX_BACKENDS, MAX_VIPS, PROGRAM_BALANCER, PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable,
+        QuicServerKey, Reason, VIP_ADDR_FILTER_WORDS, VIP_KIND_PORT, VipById, VipKey, VipMeta,
+        vip_addr_filter_bit,
     },
     settings::Settings,
 };
@@ -256,9 +257,11 @@ impl Default for LoadOptions {
 /// The per-VIP and per-backend maps and their sizes for `max_vips` VIPs
 /// and `max_backends` backend ids. `VIPS` holds up to three keys per VIP
 /// (its own, its address's fragment key and its address key).
-pub fn map_sizes(max_vips: u32, max_backends: u32) -> [(&'static str, u32); 8] {
+pub fn map_sizes(max_vips: u32, max_backends: u32) -> [(&'static str, u32); 9] {
     [
         (MAP_VIPS, max_vips.saturating_mul(3)),
+        // Indexed by VIP id, and id 0 is never used: ids 1..=max_vips.
+        (MAP_VIPS_BY_ID, max_vips.saturating_add(1)),
         // Indexed by VIP id, and id 0 is never used: ids 1..=max_vips.
         (MAP_PREV_TABLES, max_vips.saturating_add(1)),
         (MAP_VIP_STATS, max_vips.saturating_add(1)),
@@ -279,8 +282,9 @@ pub fn map_size(max_vips: u32, max_backends: u32, name: &str) -> Option<u32> {
 }
 
 /// Maps that carry state across daemon restarts.
-pub const PINNED_MAPS: [&str; 17] = [
+pub const PINNED_MAPS: [&str; 18] = [
     MAP_VIPS,
+    MAP_VIPS_BY_ID,
     MAP_QUIC_SERVERS,
     MAP_CONTROL_STATE,
     MAP_PREV_TABLES,
@@ -432,6 +436,8 @@ pub struct Dataplane {
     /// `PREV_TABLES` (absent from programs older than second chance, which
     /// benchmarks load as baselines).
     prev_tables: Option<Array<MapData, PrevTable>>,
+    /// `VIPS`' port keys by vip id (absent in programs built before it).
+    vips_by_id: Option<Array<MapData, VipById>>,
     /// `QUIC_SERVERS` (absent from older builds' objects).
     quic_servers: Option<HashMap<MapData, QuicServerKey, u32>>,
     /// `CONTROL_STATE` (absent from older builds' objects).
@@ -597,6 +603,11 @@ impl Dataplane {
             filter_counts: Default::default(),
             filter_words: vec![0; VIP_ADDR_FILTER_WORDS as usize],
             any_port_vips: take(&mut ebpf, MAP_ANY_PORT_VIPS)?,
+            vips_by_id: ebpf
+                .map(MAP_VIPS_BY_ID)
+                .is_some()
+                .then(|| take(&mut ebpf, MAP_VIPS_BY_ID))
+                .transpose()?,
             prev_tables: ebpf
                 .map(MAP_PREV_TABLES)
                 .is_some()
@@ -651,6 +662,7 @@ impl Dataplane {
         for word in 0..VIP_ADDR_FILTER_WORDS {
             dp.set_filter_word(word, dp.filter_words[word as usize])?;
         }
+        dp.rebuild_vips_by_id()?;
         Ok(dp)
     }
 
@@ -796,16 +808,87 @@ impl Dataplane {
     }
 
     /// Writes a VIP entry; a new address gets its filter bit first, so the
-    /// program never skips a VIP that exists.
+    /// program never skips a VIP that exists. A VIP's own (port) key is
+    /// copied to `VIPS_BY_ID` after `VIPS`, and taken from where its
+    /// previous id had it.
     pub fn set_vip(&mut self, key: VipKey, meta: VipMeta) -> Result<()> {
         if self.vip_keys.insert(key) {
             self.update_filter_word(&key, true)?;
         }
-        self.vips.insert(key, meta, 0).context("writing VIPS")
+        let previous = self.indexed(&key).then(|| self.vip(&key)).flatten();
+        self.vips.insert(key, meta, 0).context("writing VIPS")?;
+        if !self.indexed(&key) {
+            return Ok(());
+        }
+        if let Some(old) = previous
+            && old.vip_id != meta.vip_id
+        {
+            self.unindex_vip(old.vip_id, &key)?;
+        }
+        self.index_vip(VipById { key, meta })
     }
 
-    /// Whether some VIP has port 0 (set before adding one, cleared after the
-    /// last one is gone).
+    /// Whether `key` is a VIP's own key, copied to `VIPS_BY_ID`.
+    fn indexed(&self, key: &VipKey) -> bool {
+        key.kind == VIP_KIND_PORT && self.vips_by_id.is_some()
+    }
+
+    /// `VIPS_BY_ID[entry.meta.vip_id] = entry`.
+    fn index_vip(&mut self, entry: VipById) -> Result<()> {
+        self.write_by_id(entry.meta.vip_id, entry)
+    }
+
+    /// Clears `VIPS_BY_ID[id]` if it holds `key`.
+    fn unindex_vip(&mut self, id: u32, key: &VipKey) -> Result<()> {
+        let holds_key = self
+            .vips_by_id
+            .as_ref()
+            .is_some_and(|map| map.get(&id, 0).is_ok_and(|e| e.key == *key));
+        if holds_key {
+            self.write_by_id(id, VipById::default())?;
+        }
+        Ok(())
+    }
+
+    /// Writes `VIPS_BY_ID[id]` unless it already holds `entry`. An id that
+    /// held another key is cleared first: a reader racing the writes then
+    /// sees a mix of zeros and one key, never a mix of two keys.
+    fn write_by_id(&mut self, id: u32, entry: VipById) -> Result<()> {
+        let Some(map) = self.vips_by_id.as_mut() else {
+            return Ok(());
+        };
+        let current = map.get(&id, 0).unwrap_or_default();
+        if current == entry {
+            return Ok(());
+        }
+        if current.key != entry.key && current != VipById::default() {
+            map.set(id, VipById::default(), 0)
+                .with_context(|| format!("clearing VIPS_BY_ID[{id}]"))?;
+        }
+        map.set(id, entry, 0)
+            .with_context(|| format!("writing VIPS_BY_ID[{id}]"))
+    }
+
+    /// Makes `VIPS_BY_ID` a copy of `VIPS`' port keys: after loading, when
+    /// the pinned `VIPS` may come from a program without it.
+    fn rebuild_vips_by_id(&mut self) -> Result<()> {
+        let Some(map) = self.vips_by_id.as_ref() else {
+            return Ok(());
+        };
+        let capacity = map.len();
+        let mut wanted = vec![VipById::default(); capacity as usize];
+        for entry in self.vips.iter() {
+            let (key, meta) = entry.context("reading VIPS")?;
+            if key.kind == VIP_KIND_PORT && meta.vip_id < capacity {
+                wanted[meta.vip_id as usize] = VipById { key, meta };
+            }
+        }
+        for (id, entry) in (0..capacity).zip(wanted) {
+            self.write_by_id(id, entry)?;
+        }
+        Ok(())
+    }
+
     /// VIP `vip_id`'s previous table for second-chance forwarding.
     pub fn set_prev_table(&mut self, vip_id: u32, table: PrevTable) -> Result<()> {
         self.prev_tables
@@ -910,6 +993,8 @@ impl Dataplane {
         self.prev_tables.is_some()
     }
 
+    /// Whether some VIP has port 0 (set before adding one, cleared after the
+    /// last one is gone).
     pub fn set_any_port_vips(&mut self, on: bool) -> Result<()> {
         self.any_port_vips
             .set(0, on as u32, 0)
@@ -923,6 +1008,11 @@ impl Dataplane {
     /// Removes a VIP entry, then its address's filter bit if no other key
     /// has that address.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        if self.indexed(key)
+            && let Some(meta) = self.vip(key)
+        {
+            self.unindex_vip(meta.vip_id, key)?;
+        }
         self.vips.remove(key).context("removing from VIPS")?;
         if self.vip_keys.remove(key) {
             self.update_filter_word(key, false)?;
@@ -932,6 +1022,18 @@ impl Dataplane {
 
     pub fn vip(&self, key: &VipKey) -> Option<VipMeta> {
         self.vips.get(key, 0).ok()
+    }
+
+    /// `VIPS_BY_ID`'s entries that are not zero, by vip id (empty for a
+    /// program without it).
+    pub fn vips_by_id(&self) -> Vec<(u32, VipById)> {
+        let Some(map) = self.vips_by_id.as_ref() else {
+            return Vec::new();
+        };
+        (0..map.len())
+            .filter_map(|id| map.get(&id, 0).ok().map(|e| (id, e)))
+            .filter(|(_, e)| *e != VipById::default())
+            .collect()
     }
 
     pub fn set_backend(&mut self, id: u32, backend: Backend) -> Result<()> {

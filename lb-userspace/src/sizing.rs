@@ -11,8 +11,8 @@ use lb_common::maps::{
     InsertBudget, MAP_ANY_PORT_VIPS, MAP_BACKEND_NEW_FLOWS, MAP_BACKEND_STATS, MAP_BACKENDS,
     MAP_CAPTURE, MAP_CAPTURE_LOST, MAP_CAPTURE_RING, MAP_CONNTRACK, MAP_CONTROL_STATE,
     MAP_INSERT_BUDGET, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_QUIC_SERVERS,
-    MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, NextHopCache, PrevTable,
-    QuicServerKey, Reason, VIP_ADDR_FILTER_WORDS, VipKey, VipMeta,
+    MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, MAP_VIPS_BY_ID, NextHopCache,
+    PrevTable, QuicServerKey, Reason, VIP_ADDR_FILTER_WORDS, VipById, VipKey, VipMeta,
 };
 
 use crate::config::LbConfig;
@@ -72,7 +72,7 @@ pub fn plan(lb: &LbConfig, cpus: u32) -> Vec<MapCost> {
         crate::dataplane::map_size(lb.max_vips, lb.max_backends, name)
             .expect("a map map_sizes sizes")
     };
-    let rows: [(&'static str, Kind, usize, usize, u32); 19] = [
+    let rows: [(&'static str, Kind, usize, usize, u32); 20] = [
         (
             MAP_VIPS,
             Kind::Hash,
@@ -88,6 +88,13 @@ pub fn plan(lb: &LbConfig, cpus: u32) -> Vec<MapCost> {
             VIP_ADDR_FILTER_WORDS,
         ),
         (MAP_ANY_PORT_VIPS, Kind::Array, 4, 4, 1),
+        (
+            MAP_VIPS_BY_ID,
+            Kind::Array,
+            4,
+            size_of::<VipById>(),
+            sized(MAP_VIPS_BY_ID),
+        ),
         (
             MAP_PREV_TABLES,
             Kind::Array,

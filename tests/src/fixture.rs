@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use lb_common::{
     maps::{
         Addr, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, Counter, FlowKey, PrevTable,
-        QuicServerKey, VipKey, VipMeta,
+        QuicServerKey, VipById, VipKey, VipMeta,
     },
     model::{Decision, ModelMaps, ModelNextHop, ModelParse, parse},
     settings::Settings,
@@ -372,7 +372,23 @@ impl Harness {
                 self.model.vips.insert(derived, owner_meta);
             }
         }
+        self.assert_vips_by_id_mirrors_vips();
         meta
+    }
+
+    /// Checks that the kernel's `VIPS_BY_ID` is what the fast path assumes:
+    /// each VIP's own (port) key and meta in `VIPS`, by its id, and nothing
+    /// else.
+    pub fn assert_vips_by_id_mirrors_vips(&self) {
+        let mut wanted: Vec<(u32, VipById)> = self
+            .dp
+            .vip_entries()
+            .into_iter()
+            .filter(|(k, _)| k.kind == lb_common::maps::VIP_KIND_PORT)
+            .map(|(key, meta)| (meta.vip_id, VipById { key, meta }))
+            .collect();
+        wanted.sort_by_key(|(id, _)| *id);
+        assert_eq!(self.dp.vips_by_id(), wanted, "VIPS_BY_ID mirrors VIPS");
     }
 
     /// Removes a VIP's key, and the fragment and address keys that no
@@ -399,6 +415,7 @@ impl Harness {
             self.dp.remove_vip(&k).unwrap();
             self.model.vips.remove(&k);
         }
+        self.assert_vips_by_id_mirrors_vips();
     }
 
     /// Gives VIP `vip_id` a previous table (second chance) built from

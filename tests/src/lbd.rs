@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData};
-use lb_common::maps::{Backend, ConnEntry, FlowKey, VipKey, VipMeta};
+use lb_common::maps::{Backend, ConnEntry, FlowKey, VipById, VipKey, VipMeta};
 use lb_userspace::api::{Request, Response, call};
 
 use crate::netns::NetNs;
@@ -249,6 +249,13 @@ impl Lbd {
         let m: HashMap<MapData, VipKey, VipMeta> =
             HashMap::try_from(Map::HashMap(self.map("VIPS"))).unwrap();
         m.get(key, 0).ok()
+    }
+
+    /// `VIPS_BY_ID[id]` as the kernel has it.
+    pub fn kernel_vip_by_id(&self, id: u32) -> VipById {
+        let m: Array<MapData, VipById> =
+            Array::try_from(Map::Array(self.map("VIPS_BY_ID"))).unwrap();
+        m.get(&id, 0).unwrap()
     }
 
     /// The VIP's table as the kernel has it: slot -> backend address.

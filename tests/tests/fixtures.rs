@@ -628,6 +628,57 @@ fn tracked_flow_survives_table_change_and_syn_takes_new_answer() {
     }
 }
 
+/// The fast path reaches a tracked flow's VIP through its backend's vip id
+/// (`VIPS_BY_ID`): when the VIP's key moves to another id, or goes, the
+/// old id must lead nowhere, or the flow would stay on a backend the
+/// general path no longer gives it.
+#[test]
+fn tracked_flows_follow_their_vip_key_to_a_new_id_and_out() {
+    if !have_root() {
+        return;
+    }
+    let mut h = harness(Settings::DEFAULT);
+    let vip = key(VIP_TCP, 80, PROTO_TCP);
+    let ports = 51_000..51_020;
+    for port in ports.clone() {
+        h.send(&tcp(VIP_TCP, 80, port, TcpKind::Syn));
+        let o = h.send(&tcp(VIP_TCP, 80, port, TcpKind::Ack));
+        assert_eq!(o.model.reasons[0], Reason::ConntrackHit, "flow {port}");
+        assert!(matches!(o.model.backend_id, Some(1..=3)));
+    }
+    // The same key, now VIP 7's, with other backends; backends 1-3 stay
+    // valid as VIP 1's (ids are quarantined, not wiped, in the real plane).
+    let moved = [
+        backend(51, [10, 50, 0, 6], 1),
+        backend(52, [10, 50, 0, 7], 1),
+    ];
+    h.add_vip(vip, 7, &moved, 4099);
+    assert!(
+        !h.dp.vips_by_id().iter().any(|(id, _)| *id == 1),
+        "VIP 1's index entry is gone with its key"
+    );
+    for port in ports.clone() {
+        let o = h.send(&tcp(VIP_TCP, 80, port, TcpKind::Ack));
+        assert_eq!(
+            o.model.reasons[0],
+            Reason::ConntrackMiss,
+            "flow {port} re-hashed"
+        );
+        assert!(matches!(o.model.backend_id, Some(51 | 52)));
+        assert_eq!(o.model.action, Action::Tx);
+        // Tracked again, on the new VIP's backend.
+        let o = h.send(&tcp(VIP_TCP, 80, port, TcpKind::Ack));
+        assert_eq!(o.model.reasons[0], Reason::ConntrackHit);
+        assert_eq!(o.model.action, Action::Tx);
+    }
+    h.remove_vip(vip);
+    assert!(h.dp.vips_by_id().iter().all(|(id, _)| *id != 7));
+    for port in ports {
+        let o = h.send(&tcp(VIP_TCP, 80, port, TcpKind::Ack));
+        assert_eq!(o.model.backend_id, None, "flow {port}: its VIP is gone");
+    }
+}
+
 #[test]
 fn rst_creates_no_entry() {
     if !have_root() {

@@ -164,8 +164,18 @@ fn restart_and_sigkill_keep_forwarding_and_the_connection_table() {
             b.lb.sh("ip link show l0").contains("xdp"),
             "{name}: program still attached"
         );
+        if signal == libc::SIGKILL {
+            // As a pinned set from an lbd before `VIPS_BY_ID` would be.
+            std::fs::remove_file(b.pin.join("VIPS_BY_ID")).unwrap();
+        }
         // A new daemon adopts the state: same table, no flow lost or moved.
         lbd.restart();
+        let meta = lbd.kernel_vip(&key).unwrap();
+        assert_eq!(
+            lbd.kernel_vip_by_id(meta.vip_id),
+            lb_common::maps::VipById { key, meta },
+            "{name}: VIPS_BY_ID holds the adopted VIP"
+        );
         assert_eq!(
             lbd.kernel_table(&key),
             table,
