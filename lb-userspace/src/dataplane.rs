@@ -1024,6 +1024,11 @@ impl Dataplane {
         self.vips.get(key, 0).ok()
     }
 
+    /// Whether the program finds tracked flows' VIPs by id (older builds do not).
+    pub fn has_vips_by_id(&self) -> bool {
+        self.vips_by_id.is_some()
+    }
+
     /// `VIPS_BY_ID`'s entries that are not zero, by vip id (empty for a
     /// program without it).
     pub fn vips_by_id(&self) -> Vec<(u32, VipById)> {
