@@ -84,16 +84,8 @@ pub fn process(ctx: &XdpContext) -> u32 {
     if !maybe_vip_address(&flow.dst, flow.family) {
         return finish(Reason::PassNotVip, XDP_PASS, bytes);
     }
-    let key = VipKey {
-        addr: flow.dst,
-        port: flow.dport,
-        proto: flow.proto,
-        kind: VIP_KIND_PORT,
-        family: flow.family,
-        _pad: [0; 3],
-    };
     let Some(entry) = CONNTRACK.get_ptr_mut(flow) else {
-        return hint(&key, true);
+        return hint(flow, true);
     };
     // SAFETY: LRU values stay valid for this program run.
     let (id, hash, atime) = unsafe { ((*entry).backend_id, (*entry).hash, (*entry).atime_ns) };
@@ -103,14 +95,22 @@ pub fn process(ctx: &XdpContext) -> u32 {
     // A read racing an update may mix two values: the key and the id must
     // still match, and only switches of this packet's decision are used.
     let Some(backend) = BACKENDS.get(id).copied() else {
-        return hint(&key, false);
+        return hint(flow, false);
     };
     let Some(by_id) = VIPS_BY_ID.get(backend.vip_id) else {
-        return hint(&key, false);
+        return hint(flow, false);
     };
     let vip = by_id.meta;
-    if by_id.key != key || vip.vip_id != backend.vip_id || backend.flags & BACKEND_F_VALID == 0 {
-        return hint(&key, false);
+    let k = &by_id.key;
+    if k.addr != flow.dst
+        || k.port != flow.dport
+        || k.proto != flow.proto
+        || k.kind != VIP_KIND_PORT
+        || k.family != flow.family
+        || vip.vip_id != backend.vip_id
+        || backend.flags & BACKEND_F_VALID == 0
+    {
+        return hint(flow, false);
     }
     let udp = flow.proto == PROTO_UDP;
     // Entries without their hash (an older program's) are the general
@@ -121,11 +121,11 @@ pub fn process(ctx: &XdpContext) -> u32 {
         || hash == 0
         || (udp && second_hop_mark)
     {
-        return hint(&key, false);
+        return hint(flow, false);
     }
     let v6 = flow.family == FAMILY_IPV6;
     if (backend.flags & BACKEND_F_IPV6 != 0) != v6 {
-        return hint(&key, false);
+        return hint(flow, false);
     }
     let cfg = settings();
     if udp {
@@ -133,7 +133,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
         let now = unsafe { bpf_ktime_get_coarse_ns() };
         let idle = now.wrapping_sub(atime);
         if idle > cfg.udp_idle_timeout_ns {
-            return hint(&key, false);
+            return hint(flow, false);
         }
         if idle > ATIME_REFRESH_NS {
             // SAFETY: as above. The general path would write the same.
@@ -141,7 +141,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
         }
     }
     if cfg.flags & SETTINGS_F_NO_FIB != 0 {
-        return hint(&key, false);
+        return hint(flow, false);
     }
     let outer = first_layer(cfg, &vip, &backend, hash);
     // Recorded on a second chance: the same two hops every time.
@@ -154,18 +154,18 @@ pub fn process(ctx: &XdpContext) -> u32 {
     let overhead = outer.overhead() + second_outer.as_ref().map_or(0, |s| s.overhead());
     let outer_len = h.ip_len.wrapping_add(overhead);
     if cfg.mtu != 0 && outer_len > cfg.mtu {
-        return hint(&key, false);
+        return hint(flow, false);
     }
     let ingress = ctx.ingress_ifindex() as u32;
     let Some(hop) = NEXTHOP_CACHE.get(id) else {
-        return hint(&key, false);
+        return hint(flow, false);
     };
     // SAFETY: helper with no arguments (inlined by the verifier as a load).
     let now = unsafe { bpf_jiffies64() };
     if !usable_next_hop(hop, now, cfg.nexthop_ttl(), ingress, outer_len)
         || capture::wanted(vip.vip_id, id)
     {
-        return hint(&key, false);
+        return hint(flow, false);
     }
     // Decided: the general path would count and send the same.
     count_vip(vip.vip_id, bytes);
@@ -201,9 +201,17 @@ pub fn process(ctx: &XdpContext) -> u32 {
 /// `VIPS` (whose values are replaced whole), never from `VIPS_BY_ID`: the
 /// general path uses all of it. Without an exact key: no hint.
 #[inline(always)]
-fn hint(key: &VipKey, conntrack_missed: bool) -> u32 {
+fn hint(flow: &FlowKey, conntrack_missed: bool) -> u32 {
+    let key = VipKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        kind: VIP_KIND_PORT,
+        family: flow.family,
+        _pad: [0; 3],
+    };
     // SAFETY: copied out at once; userspace replaces values, never mutates them.
-    let Some(vip) = (unsafe { VIPS.get(key) }).copied() else {
+    let Some(vip) = (unsafe { VIPS.get(&key) }).copied() else {
         return GENERAL;
     };
     let Some(slot) = FAST_HINT.get_ptr_mut(0) else {

@@ -679,6 +679,36 @@ fn tracked_flows_follow_their_vip_key_to_a_new_id_and_out() {
     }
 }
 
+/// A flow tracked through an every-port VIP, then a VIP of its own port:
+/// the general path's exact key finds the new VIP, and so must the fast
+/// path (the tracked backend's VIP has port 0, not the packet's).
+#[test]
+fn an_exact_port_vip_takes_over_flows_tracked_by_the_every_port_vip() {
+    if !have_root() {
+        return;
+    }
+    let mut h = harness(Settings::DEFAULT);
+    let ports = 52_000..52_010;
+    for port in ports.clone() {
+        h.send(&tcp(VIP_ANY_PORT, 81, port, TcpKind::Syn));
+        let o = h.send(&tcp(VIP_ANY_PORT, 81, port, TcpKind::Ack));
+        assert_eq!(o.model.reasons[0], Reason::ConntrackHit);
+        assert!(matches!(o.model.backend_id, Some(11 | 12)));
+    }
+    h.add_vip(
+        key(VIP_ANY_PORT, 81, PROTO_TCP),
+        8,
+        &[backend(61, [10, 50, 0, 8], 1)],
+        1009,
+    );
+    for port in ports {
+        let o = h.send(&tcp(VIP_ANY_PORT, 81, port, TcpKind::Ack));
+        assert_eq!(o.model.vip_id, Some(8), "flow {port}: its port's VIP");
+        assert_eq!(o.model.backend_id, Some(61), "flow {port} re-hashed");
+        assert_eq!(o.model.action, Action::Tx);
+    }
+}
+
 #[test]
 fn rst_creates_no_entry() {
     if !have_root() {
