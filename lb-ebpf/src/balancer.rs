@@ -10,8 +10,9 @@ use lb_common::{
     flow_hash::flow_hash,
     maps::{
         Addr, BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, CAPTURE_IN, CAPTURE_OUT,
-        CONN_SECOND_HOP, ConnEntry, NextHopCache, QuicServerKey, Reason, VIP_F_GUE, VIP_F_QUIC,
-        VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta, vip_addr_filter_bit,
+        CONN_SECOND_HOP, ConnEntry, FlowKey, NextHopCache, QuicServerKey, Reason, VIP_F_GUE,
+        VIP_F_QUIC, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
+        vip_addr_filter_bit,
     },
     quic_lb::{SHORT_HEADER_READ, flag_params, server_id_of},
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
@@ -185,14 +186,7 @@ pub fn finish(reason: Reason, action: u32, bytes: u64) -> u32 {
 /// Fragments carry no ports and use the address's fragment key.
 #[inline(always)]
 fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
-    let mut key = VipKey {
-        addr: pkt.flow.dst,
-        port: pkt.flow.dport,
-        proto: pkt.flow.proto,
-        kind: VIP_KIND_PORT,
-        family: pkt.flow.family,
-        _pad: [0; 3],
-    };
+    let mut key = exact_vip_key(&pkt.flow);
     if pkt.is_fragment {
         key.kind = VIP_KIND_FRAGMENTS;
     }
@@ -207,10 +201,29 @@ fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
     unsafe { VIPS.get(&key) }.copied()
 }
 
+/// The key of the VIP serving exactly the flow's (address, port, protocol).
+#[inline(always)]
+pub fn exact_vip_key(flow: &FlowKey) -> VipKey {
+    VipKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        kind: VIP_KIND_PORT,
+        family: flow.family,
+        _pad: [0; 3],
+    }
+}
+
 #[inline(always)]
 pub fn backend_for(id: u32, vip: &VipMeta) -> Option<Backend> {
     let backend = BACKENDS.get(id)?;
-    (backend.flags & BACKEND_F_VALID != 0 && backend.vip_id == vip.vip_id).then_some(*backend)
+    serves(backend, vip).then_some(*backend)
+}
+
+/// Whether `backend` may take `vip`'s packets: valid, and still that VIP's.
+#[inline(always)]
+pub fn serves(backend: &Backend, vip: &VipMeta) -> bool {
+    backend.flags & BACKEND_F_VALID != 0 && backend.vip_id == vip.vip_id
 }
 
 #[inline(always)]

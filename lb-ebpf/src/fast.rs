@@ -20,8 +20,8 @@ use aya_ebpf::{
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
     maps::{
-        BACKEND_F_IPV6, BACKEND_F_VALID, CONN_SECOND_HOP, FAMILY_IPV4, FAMILY_IPV6, FlowKey,
-        Reason, VIP_F_QUIC, VIP_KIND_PORT, VipKey,
+        BACKEND_F_IPV6, CONN_SECOND_HOP, FAMILY_IPV4, FAMILY_IPV6, FlowKey, Reason, VIP_F_QUIC,
+        VIP_KIND_PORT,
     },
     settings::SETTINGS_F_NO_FIB,
 };
@@ -34,8 +34,8 @@ use network_types::{
 
 use crate::{
     balancer::{
-        ATIME_REFRESH_NS, finish, first_layer, maybe_vip_address, second_hop, second_layer,
-        usable_next_hop,
+        ATIME_REFRESH_NS, exact_vip_key, finish, first_layer, maybe_vip_address, second_hop,
+        second_layer, serves, usable_next_hop,
     },
     capture,
     encap::{ETH_P_IP_BE, ETH_P_IPV6_BE, Inner, Outer, write_outer},
@@ -107,8 +107,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
         || k.proto != flow.proto
         || k.kind != VIP_KIND_PORT
         || k.family != flow.family
-        || vip.vip_id != backend.vip_id
-        || backend.flags & BACKEND_F_VALID == 0
+        || !serves(&backend, &vip)
     {
         return hint(flow, false);
     }
@@ -202,16 +201,8 @@ pub fn process(ctx: &XdpContext) -> u32 {
 /// general path uses all of it. Without an exact key: no hint.
 #[inline(always)]
 fn hint(flow: &FlowKey, conntrack_missed: bool) -> u32 {
-    let key = VipKey {
-        addr: flow.dst,
-        port: flow.dport,
-        proto: flow.proto,
-        kind: VIP_KIND_PORT,
-        family: flow.family,
-        _pad: [0; 3],
-    };
     // SAFETY: copied out at once; userspace replaces values, never mutates them.
-    let Some(vip) = (unsafe { VIPS.get(&key) }).copied() else {
+    let Some(vip) = (unsafe { VIPS.get(&exact_vip_key(flow)) }).copied() else {
         return GENERAL;
     };
     let Some(slot) = FAST_HINT.get_ptr_mut(0) else {

@@ -260,9 +260,8 @@ impl Default for LoadOptions {
 pub fn map_sizes(max_vips: u32, max_backends: u32) -> [(&'static str, u32); 9] {
     [
         (MAP_VIPS, max_vips.saturating_mul(3)),
-        // Indexed by VIP id, and id 0 is never used: ids 1..=max_vips.
+        // These three are indexed by VIP id, and id 0 is never used: ids 1..=max_vips.
         (MAP_VIPS_BY_ID, max_vips.saturating_add(1)),
-        // Indexed by VIP id, and id 0 is never used: ids 1..=max_vips.
         (MAP_PREV_TABLES, max_vips.saturating_add(1)),
         (MAP_VIP_STATS, max_vips.saturating_add(1)),
         (MAP_BACKENDS, max_backends),
@@ -840,12 +839,12 @@ impl Dataplane {
 
     /// Clears `VIPS_BY_ID[id]` if it holds `key`.
     fn unindex_vip(&mut self, id: u32, key: &VipKey) -> Result<()> {
-        let holds_key = self
-            .vips_by_id
-            .as_ref()
-            .is_some_and(|map| map.get(&id, 0).is_ok_and(|e| e.key == *key));
-        if holds_key {
-            self.write_by_id(id, VipById::default())?;
+        let Some(map) = self.vips_by_id.as_mut() else {
+            return Ok(());
+        };
+        if map.get(&id, 0).is_ok_and(|e| e.key == *key) {
+            map.set(id, VipById::default(), 0)
+                .with_context(|| format!("clearing VIPS_BY_ID[{id}]"))?;
         }
         Ok(())
     }

@@ -378,8 +378,7 @@ impl Harness {
 
     /// Checks that the kernel's `VIPS_BY_ID` is what the fast path assumes:
     /// each VIP's own (port) key and meta in `VIPS`, by its id, and nothing
-    /// else.
-    /// (Nothing to check for an older program without it: a baseline.)
+    /// else (nothing to check for an older program without it: a baseline).
     pub fn assert_vips_by_id_mirrors_vips(&self) {
         if !self.dp.has_vips_by_id() {
             return;
