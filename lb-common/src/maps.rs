@@ -97,6 +97,15 @@ pub const BENCH_FRAME_LEN: usize = 64;
 pub const MAX_VIPS: u32 = 1024;
 pub const MAX_BACKENDS: u32 = 16384;
 pub const DEFAULT_MAGLEV_SLOTS: u32 = 1 << 22;
+
+/// Maglev slots per `MAGLEV_SLOTS` element: element `i` holds slots `2i`
+/// and `2i + 1`. The kernel puts array elements 8 bytes apart whatever
+/// their size, so one u32 slot per element left half of every cache line
+/// empty (a 65,537-slot table took 512 KiB; a new flow's slot read missed
+/// the cache more often).
+pub const SLOTS_PER_ELEMENT: u32 = 2;
+/// One `MAGLEV_SLOTS` element: two slots' backend ids.
+pub type SlotPair = [u32; SLOTS_PER_ELEMENT as usize];
 pub const DEFAULT_CONNTRACK_ENTRIES: u32 = 1 << 20;
 
 /// Backend id 0 is never allocated: a zeroed slot or entry points nowhere.

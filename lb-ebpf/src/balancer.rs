@@ -10,9 +10,9 @@ use lb_common::{
     flow_hash::flow_hash,
     maps::{
         Addr, BACKEND_F_IPV6, BACKEND_F_RETIRED, BACKEND_F_VALID, Backend, CAPTURE_IN, CAPTURE_OUT,
-        CONN_SECOND_HOP, ConnEntry, FlowKey, NextHopCache, QuicServerKey, Reason, VIP_F_GUE,
-        VIP_F_QUIC, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS, VIP_KIND_PORT, VipKey, VipMeta,
-        vip_addr_filter_bit,
+        CONN_SECOND_HOP, ConnEntry, FlowKey, NextHopCache, QuicServerKey, Reason,
+        SLOTS_PER_ELEMENT, VIP_F_GUE, VIP_F_QUIC, VIP_KIND_ADDRESS, VIP_KIND_FRAGMENTS,
+        VIP_KIND_PORT, VipKey, VipMeta, vip_addr_filter_bit,
     },
     quic_lb::{SHORT_HEADER_READ, flag_params, server_id_of},
     settings::{SETTINGS_F_GATEWAY_MAC, SETTINGS_F_NO_FIB, Settings},
@@ -228,8 +228,15 @@ pub fn serves(backend: &Backend, vip: &VipMeta) -> bool {
 
 #[inline(always)]
 fn maglev_pick(vip: &VipMeta, hash: u32) -> u32 {
-    let slot = vip.table_offset.wrapping_add(hash % vip.table_size);
-    MAGLEV_SLOTS.get(slot).copied().unwrap_or(0)
+    slot_id(vip.table_offset.wrapping_add(hash % vip.table_size))
+}
+
+/// The backend id in slot `slot` of `MAGLEV_SLOTS` (0: none).
+#[inline(always)]
+fn slot_id(slot: u32) -> u32 {
+    MAGLEV_SLOTS
+        .get(slot / SLOTS_PER_ELEMENT)
+        .map_or(0, |pair| pair[(slot % SLOTS_PER_ELEMENT) as usize])
 }
 
 /// Whether this CPU may record one more new flow this second.
@@ -498,8 +505,7 @@ fn previous_owner(vip: &VipMeta, hash: u32, current: u32) -> u32 {
     if prev.size == 0 {
         return 0;
     }
-    let slot = prev.offset.wrapping_add(hash % prev.size);
-    let id = MAGLEV_SLOTS.get(slot).copied().unwrap_or(0);
+    let id = slot_id(prev.offset.wrapping_add(hash % prev.size));
     second_hop(vip, id, current)
 }
 

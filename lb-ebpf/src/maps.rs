@@ -9,8 +9,8 @@ use lb_common::{
     maps::{
         Backend, CAPTURE_RING_BYTES, CONTROL_STATE_ENTRIES, CaptureFilter, ConnEntry, Counter,
         DEFAULT_CONNTRACK_ENTRIES, DEFAULT_MAGLEV_SLOTS, DecapReason, FlowKey, InsertBudget,
-        MAX_BACKENDS, MAX_VIPS, NextHopCache, PrevTable, QuicServerKey, Reason,
-        VIP_ADDR_FILTER_WORDS, VipById, VipKey, VipMeta,
+        MAX_BACKENDS, MAX_VIPS, NextHopCache, PrevTable, QuicServerKey, Reason, SLOTS_PER_ELEMENT,
+        SlotPair, VIP_ADDR_FILTER_WORDS, VipById, VipKey, VipMeta,
     },
     settings::Settings,
 };
@@ -60,10 +60,12 @@ pub static ANY_PORT_VIPS: Array<u32> = Array::with_max_entries(1, 0);
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// Every VIP's Maglev table, one region per VIP (`VipMeta::table_offset`),
-/// each slot a backend id. Resized by userspace at load time, and mmapped
-/// there so a whole table is written with memory stores, not a syscall a slot.
+/// each slot a backend id, two slots an element (`SlotPair`). Resized by
+/// userspace at load time, and mmapped there so a whole table is written
+/// with memory stores, not a syscall a slot.
 #[map]
-pub static MAGLEV_SLOTS: Array<u32> = Array::with_max_entries(DEFAULT_MAGLEV_SLOTS, BPF_F_MMAPABLE);
+pub static MAGLEV_SLOTS: Array<SlotPair> =
+    Array::with_max_entries(DEFAULT_MAGLEV_SLOTS / SLOTS_PER_ELEMENT, BPF_F_MMAPABLE);
 
 /// The control plane's own state, kept with the pinned maps so that it
 /// survives a daemon restart; the data path never reads it.

@@ -4,7 +4,6 @@
 use std::{
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    ptr::NonNull,
     time::Duration,
 };
 
@@ -27,13 +26,18 @@ use lb_common::{
         MAP_CONTROL_STATE, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_QUIC_SERVERS,
         MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, MAP_VIPS_BY_ID,
         MAX_BACKENDS, MAX_VIPS, PROGRAM_BALANCER, PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable,
-        QuicServerKey, Reason, VIP_ADDR_FILTER_WORDS, VIP_KIND_PORT, VipById, VipKey, VipMeta,
-        vip_addr_filter_bit,
+        QuicServerKey, Reason, SLOTS_PER_ELEMENT, SlotPair, VIP_ADDR_FILTER_WORDS, VIP_KIND_PORT,
+        VipById, VipKey, VipMeta, vip_addr_filter_bit,
     },
     settings::Settings,
 };
 
-use crate::{object::ebpf_object, slot_table::SlotTable, xdp_mode::Chosen};
+use crate::{
+    object::ebpf_object,
+    slot_table::SlotTable,
+    slots_mmap::{SlotsMmap, read_unpacked_pin, replace_pin},
+    xdp_mode::Chosen,
+};
 
 /// How `attach_pinned` attached.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -329,92 +333,6 @@ pub fn remove_pinned(pin_path: &Path) -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// `MAGLEV_SLOTS` mapped into our memory: a table is written with plain
-/// stores (one syscall per slot would take ~100 ms for M=65537).
-/// The kernel lays array elements out 8 bytes apart (`round_up(value_size,
-/// 8)`), so slot `i` is the u32 at index `2 * i`.
-struct SlotsMmap {
-    ptr: NonNull<u32>,
-    len: usize,
-    map_len: usize,
-}
-
-impl SlotsMmap {
-    fn new(map: &MapData, entries: u32) -> Result<Self> {
-        let page = 4096usize;
-        let map_len = (entries as usize * SLOT_STRIDE * 4).div_ceil(page) * page;
-        // SAFETY: mapping a BPF_F_MMAPABLE array of `entries` u32 by its fd.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mmap of MAGLEV_SLOTS");
-        }
-        let ptr = NonNull::new(ptr.cast()).context("mmap returned null")?;
-        Ok(SlotsMmap {
-            ptr,
-            len: entries as usize,
-            map_len,
-        })
-    }
-
-    fn raw_mut(&mut self) -> &mut [u32] {
-        // SAFETY: the mapping is `len * SLOT_STRIDE` u32 long and lives as long as self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len * SLOT_STRIDE) }
-    }
-
-    fn raw(&self) -> &[u32] {
-        // SAFETY: as above.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len * SLOT_STRIDE) }
-    }
-
-    fn write(&mut self, offset: usize, table: &[u32]) {
-        let raw = &mut self.raw_mut()[offset * SLOT_STRIDE..(offset + table.len()) * SLOT_STRIDE];
-        for (cell, &id) in raw.chunks_exact_mut(SLOT_STRIDE).zip(table) {
-            cell[0] = id;
-        }
-    }
-
-    fn write_table(&mut self, offset: usize, table: &SlotTable) {
-        // One thread: the writes go at the memory's pace, and handing parts
-        // of each table to other threads cost more in wake-ups than it
-        // saved (4,096 tables of 65,537 slots: 0.65 s alone, 0.75-0.9 s in
-        // parts on two cores).
-        let raw = &mut self.raw_mut()[offset * SLOT_STRIDE..(offset + table.len()) * SLOT_STRIDE];
-        table.write_cells(bytemuck::cast_slice_mut(raw), 0);
-    }
-
-    fn read(&self, offset: usize, len: usize) -> Vec<u32> {
-        self.raw()[offset * SLOT_STRIDE..(offset + len) * SLOT_STRIDE]
-            .iter()
-            .step_by(SLOT_STRIDE)
-            .copied()
-            .collect()
-    }
-}
-
-impl Drop for SlotsMmap {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
-    }
-}
-
-/// u32 words per array element in the kernel's layout (`write_table`
-/// writes whole elements as u64).
-const SLOT_STRIDE: usize = 2;
-const _: () = assert!(SLOT_STRIDE * 4 == std::mem::size_of::<u64>());
-
-// SAFETY: the mapping is owned memory; access goes through &mut self.
-unsafe impl Send for SlotsMmap {}
-
 use std::os::fd::AsFd;
 
 /// The loaded program and typed handles to its maps.
@@ -497,6 +415,23 @@ fn max_entries_of(ebpf: &Ebpf, name: &str) -> Option<u32> {
     data.info().ok().map(|i| i.max_entries())
 }
 
+/// Slots per `MAGLEV_SLOTS` element in `object`: two in this build's,
+/// one in older builds' (loaded as benchmark baselines).
+fn slots_per_element(object: &[u8]) -> Result<u32> {
+    let parsed = aya_obj::Object::parse(object).context("parsing the XDP object")?;
+    let map = parsed
+        .maps
+        .get(MAP_MAGLEV_SLOTS)
+        .context("MAGLEV_SLOTS missing from the object")?;
+    Ok(
+        if map.value_size() as usize == std::mem::size_of::<SlotPair>() {
+            SLOTS_PER_ELEMENT
+        } else {
+            1
+        },
+    )
+}
+
 /// One `BPF_PROG_TEST_RUN` result.
 #[derive(Clone, Debug)]
 pub struct TestRunOutput {
@@ -534,10 +469,22 @@ impl Dataplane {
             None => ebpf_object()?,
         };
         let settings = opts.settings.with_tick(host_tick_ns());
+        // Slots pinned by an lbd whose program held one per element: this
+        // load creates the map in this program's layout and copies them in.
+        let unpacked = match &opts.pin_path {
+            Some(dir) if dir.join(MAP_VIPS).exists() => read_unpacked_pin(dir)?,
+            _ => None,
+        };
+        let wanted_slots = opts
+            .maglev_slots
+            .max(unpacked.as_ref().map_or(0, |s| s.len() as u32));
         let mut loader = EbpfLoader::new();
         loader
             .override_global(GLOBAL_SETTINGS, &settings, true)
-            .map_max_entries(MAP_MAGLEV_SLOTS, opts.maglev_slots)
+            .map_max_entries(
+                MAP_MAGLEV_SLOTS,
+                wanted_slots.div_ceil(slots_per_element(object)?),
+            )
             .map_max_entries(MAP_CONNTRACK, opts.conntrack_entries);
         for (name, entries) in map_sizes(opts.max_vips, opts.max_backends) {
             loader.map_max_entries(name, entries);
@@ -555,6 +502,9 @@ impl Dataplane {
             None => Vec::new(),
         };
         for (name, path) in &pins {
+            if *name == MAP_MAGLEV_SLOTS && unpacked.is_some() {
+                continue;
+            }
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object).context("loading the XDP object")?;
@@ -574,12 +524,17 @@ impl Dataplane {
                 _ => bail!("MAGLEV_SLOTS is not an array"),
             }
         };
-        // A pinned map keeps the size it was created with.
-        let entries = slots_map
-            .info()
-            .map(|i| i.max_entries())
-            .unwrap_or(opts.maglev_slots);
-        let slots = SlotsMmap::new(&slots_map, entries)?;
+        // A pinned map keeps the size (and layout) it was created with.
+        let mut slots = SlotsMmap::new(&slots_map)?;
+        if let (Some(ids), Some(dir)) = (&unpacked, &opts.pin_path) {
+            slots.write(0, ids);
+            replace_pin(&slots_map, dir)?;
+            tracing::warn!(
+                slots = ids.len(),
+                "MAGLEV_SLOTS was pinned with one slot per element (an older lbd's): \
+                 its tables are copied into a new map of two slots per element"
+            );
+        }
         let conntrack_fd = match ebpf.map(MAP_CONNTRACK) {
             Some(Map::LruHashMap(data)) => data.fd().as_fd().try_clone_to_owned()?,
             _ => bail!("CONNTRACK is not an LRU hash"),
@@ -1052,7 +1007,7 @@ impl Dataplane {
 
     /// Capacity of `MAGLEV_SLOTS`.
     pub fn slot_capacity(&self) -> u32 {
-        self.slots.len as u32
+        self.slots.capacity() as u32
     }
 
     /// Writes `table` at `offset` of `MAGLEV_SLOTS`.
@@ -1073,7 +1028,7 @@ impl Dataplane {
     fn region(&self, offset: u32, len: usize) -> Result<usize> {
         let start = offset as usize;
         ensure!(
-            start + len <= self.slots.len,
+            start + len <= self.slots.capacity(),
             "table of {len} slots at {offset} exceeds MAGLEV_SLOTS"
         );
         Ok(start)
@@ -1085,9 +1040,7 @@ impl Dataplane {
 
     /// A VIP's table as written, its backends expected to be `ids`.
     pub fn read_table(&self, offset: u32, len: u32, ids: Vec<u32>) -> SlotTable {
-        let (start, len) = (offset as usize, len as usize);
-        let cells = &self.slots.raw()[start * SLOT_STRIDE..(start + len) * SLOT_STRIDE];
-        SlotTable::from_ids_in(cells.iter().step_by(SLOT_STRIDE).copied(), ids)
+        SlotTable::from_ids_in(self.slots.ids(offset as usize, len as usize), ids)
     }
 
     pub fn conntrack_get(&self, key: &FlowKey) -> Option<ConnEntry> {

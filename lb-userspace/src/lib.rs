@@ -26,6 +26,7 @@ pub mod serve;
 pub mod sizing;
 pub mod slot_table;
 pub mod slots;
+pub mod slots_mmap;
 pub mod syn_probe;
 pub mod tunnel_probe;
 pub mod vip_table;

@@ -12,7 +12,8 @@ use lb_common::maps::{
     MAP_CAPTURE, MAP_CAPTURE_LOST, MAP_CAPTURE_RING, MAP_CONNTRACK, MAP_CONTROL_STATE,
     MAP_INSERT_BUDGET, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_QUIC_SERVERS,
     MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, MAP_VIPS_BY_ID, NextHopCache,
-    PrevTable, QuicServerKey, Reason, VIP_ADDR_FILTER_WORDS, VipById, VipKey, VipMeta,
+    PrevTable, QuicServerKey, Reason, SLOTS_PER_ELEMENT, SlotPair, VIP_ADDR_FILTER_WORDS, VipById,
+    VipKey, VipMeta,
 };
 
 use crate::config::LbConfig;
@@ -144,7 +145,13 @@ pub fn plan(lb: &LbConfig, cpus: u32) -> Vec<MapCost> {
             4,
             sized(MAP_QUIC_SERVERS),
         ),
-        (MAP_MAGLEV_SLOTS, Kind::MmapArray, 4, 4, lb.maglev_slots),
+        (
+            MAP_MAGLEV_SLOTS,
+            Kind::MmapArray,
+            4,
+            size_of::<SlotPair>(),
+            lb.maglev_slots.div_ceil(SLOTS_PER_ELEMENT),
+        ),
         (
             MAP_CONNTRACK,
             Kind::Hash,
@@ -267,8 +274,13 @@ mod tests {
         assert_eq!(get(MAP_BACKENDS).bytes, 500_000 * 24);
         // Per-CPU: a pointer per entry plus the value on each CPU.
         assert_eq!(get(MAP_BACKEND_STATS).bytes, 500_000 * (8 + 2 * 16));
-        // Slots are 8-byte cells in a page-rounded mapping.
-        assert_eq!(get(MAP_MAGLEV_SLOTS).bytes, c.lb.maglev_slots as u64 * 8);
+        // Slots are 4 bytes each, two to an element, in a page-rounded mapping.
+        let slots = get(MAP_MAGLEV_SLOTS);
+        assert_eq!(slots.entries, c.lb.maglev_slots.div_ceil(2));
+        assert_eq!(
+            slots.bytes,
+            (c.lb.maglev_slots as u64 * 4).div_ceil(4096) * 4096
+        );
         let text = render(&plan, 2);
         assert!(
             text.contains("CONNTRACK") && text.contains("total"),

@@ -227,22 +227,24 @@ impl SlotTable {
         ids_to_positions(&self.to_vec(), ids).map(std::borrow::Cow::Owned)
     }
 
-    /// Writes slots from `first_slot` on into 8-byte `cells` (the id in
-    /// the low word, as the kernel lays out an array of u32), with
-    /// streaming stores: a table is written once and read by the kernel
-    /// later, so reading each line in first and filling the cache with it
-    /// would be wasted (a host failing under 4,096 VIPs writes 2 GiB here).
-    pub fn write_cells(&self, cells: &mut [u64], first_slot: usize) {
-        for (cell, p) in cells.iter_mut().zip(self.positions.iter_from(first_slot)) {
-            let id = u64::from(self.id_at(p));
+    /// Writes slots from `first_slot` on into `cells`, one u32 every
+    /// `stride` (2 for an array of u32, whose elements the kernel puts 8
+    /// bytes apart), with streaming stores: a table is written once and
+    /// read by the kernel later, so reading each line in first and filling
+    /// the cache with it would be wasted (a host failing under 4,096 VIPs
+    /// writes 1 GiB here).
+    pub fn write_cells(&self, cells: &mut [u32], stride: usize, first_slot: usize) {
+        let slots = cells.chunks_exact_mut(stride);
+        for (cell, p) in slots.zip(self.positions.iter_from(first_slot)) {
+            let id = self.id_at(p);
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `cell` is a valid, aligned u64 we hold exclusively.
+            // SAFETY: `cell[0]` is a valid, aligned u32 we hold exclusively.
             unsafe {
-                core::arch::x86_64::_mm_stream_si64((cell as *mut u64).cast(), id as i64)
+                core::arch::x86_64::_mm_stream_si32((&mut cell[0] as *mut u32).cast(), id as i32)
             };
             #[cfg(not(target_arch = "x86_64"))]
             {
-                *cell = id;
+                cell[0] = id;
             }
         }
         // Streaming stores are weakly ordered: all of them are done before
@@ -308,13 +310,13 @@ mod tests {
             [1, 2, 2, NO_BACKEND, 0]
         );
         assert!(a.positions_in(&[4, 7]).is_none());
-        // Whole 8-byte cells from slot 1 on: the id in the low word.
-        let mut cells = [u64::MAX; 3];
-        a.write_cells(&mut cells, 1);
+        // Packed cells from slot 1 on, then one slot every other word.
+        let mut cells = [u32::MAX; 3];
+        a.write_cells(&mut cells, 1, 1);
         assert_eq!(cells, [9, 9, 0]);
-        let mut cells = [u64::MAX; 2];
-        a.write_cells(&mut cells, 3);
-        assert_eq!(cells, [0, 4]);
+        let mut cells = [u32::MAX; 4];
+        a.write_cells(&mut cells, 2, 3);
+        assert_eq!(cells, [0, u32::MAX, 4, u32::MAX]);
         assert!(SlotTable::from_ids(&[]).is_empty());
         let slots = [7, 9, 9, 0, 4];
         let read = SlotTable::from_ids_in(slots.iter().copied(), vec![9, 7, 4]);

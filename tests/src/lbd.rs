@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap, Map, MapData};
-use lb_common::maps::{Backend, ConnEntry, FlowKey, VipById, VipKey, VipMeta};
+use lb_common::maps::{Backend, ConnEntry, FlowKey, SlotPair, VipById, VipKey, VipMeta};
 use lb_userspace::api::{Request, Response, call};
 
 use crate::netns::NetNs;
@@ -261,20 +261,44 @@ impl Lbd {
     /// The VIP's table as the kernel has it: slot -> backend address.
     pub fn kernel_table(&self, key: &VipKey) -> Vec<Option<IpAddr>> {
         let meta = self.kernel_vip(key).expect("VIP in the kernel");
-        let slots: Array<MapData, u32> =
+        let slots: Array<MapData, SlotPair> =
             Array::try_from(Map::Array(self.map("MAGLEV_SLOTS"))).unwrap();
         let backends: Array<MapData, Backend> =
             Array::try_from(Map::Array(self.map("BACKENDS"))).unwrap();
         let mut names = std::collections::BTreeMap::new();
         (meta.table_offset..meta.table_offset + meta.table_size)
             .map(|s| {
-                let id = slots.get(&s, 0).unwrap();
+                let id = slots.get(&(s / 2), 0).unwrap()[(s % 2) as usize];
                 *names.entry(id).or_insert_with(|| {
                     let b = backends.get(&id, 0).unwrap();
                     (b.flags & lb_common::maps::BACKEND_F_VALID != 0).then(|| b.ip())
                 })
             })
             .collect()
+    }
+
+    /// Replaces the pinned `MAGLEV_SLOTS` with a map in the layout of an
+    /// lbd from before slots were packed two to an element (one u32 per
+    /// element), `key`'s table copied into it: what an upgrade finds.
+    pub fn repin_slots_one_per_element(&self, key: &VipKey) {
+        /// `BPF_F_MMAPABLE`: the old lbd's map was mmapped too.
+        const MMAPABLE: u32 = 1 << 10;
+        let meta = self.kernel_vip(key).expect("VIP in the kernel");
+        let packed: Array<MapData, SlotPair> =
+            Array::try_from(Map::Array(self.map("MAGLEV_SLOTS"))).unwrap();
+        let mut old = Array::<MapData, u32>::create(packed.len() * 2, MMAPABLE).unwrap();
+        for s in meta.table_offset..meta.table_offset + meta.table_size {
+            let id = packed.get(&(s / 2), 0).unwrap()[(s % 2) as usize];
+            old.set(s, id, 0).unwrap();
+        }
+        let path = self.pin.join("MAGLEV_SLOTS");
+        std::fs::remove_file(&path).unwrap();
+        old.pin(&path).unwrap();
+    }
+
+    /// Bytes per element of the pinned map `name`.
+    pub fn value_size(&self, name: &str) -> u32 {
+        self.map(name).info().unwrap().value_size()
     }
 
     pub fn kernel_conntrack(&self) -> Vec<(FlowKey, ConnEntry)> {
