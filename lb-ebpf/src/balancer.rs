@@ -227,7 +227,7 @@ pub fn serves(backend: &Backend, vip: &VipMeta) -> bool {
 }
 
 #[inline(always)]
-fn maglev_pick(vip: &VipMeta, hash: u32) -> u32 {
+pub fn maglev_pick(vip: &VipMeta, hash: u32) -> u32 {
     slot_id(vip.table_offset.wrapping_add(hash % vip.table_size))
 }
 
@@ -260,6 +260,41 @@ fn insert_allowed(cfg: &Settings, now: u64) -> bool {
         (*budget).inserted += 1;
     }
     true
+}
+
+/// Records `flow` -> `entry` unless this CPU's new-flow budget is spent.
+/// `recorded` gives the flow's entry when it may have one (a SYN of a flow
+/// already recorded: a retransmitted SYN, a reused port; a stale entry):
+/// it is rewritten where it is, since a lookup costs a fraction of an
+/// update, which allocates, links and frees an element. The time word
+/// first: a packet of the same flow read on another CPU meanwhile sees the
+/// new time (no second hop) with the old or the new backend, both valid
+/// choices.
+#[inline(always)]
+pub fn record_flow(
+    cfg: &Settings,
+    now: u64,
+    flow: &FlowKey,
+    entry: &ConnEntry,
+    bytes: u64,
+    recorded: impl FnOnce() -> Option<*mut ConnEntry>,
+) {
+    if !insert_allowed(cfg, now) {
+        count(Reason::ConntrackInsertSkipped, bytes);
+        return;
+    }
+    match recorded() {
+        // SAFETY: an LRU value, valid for this program run.
+        Some(slot) => unsafe {
+            (*slot).atime_ns = entry.atime_ns;
+            (*slot).hash = entry.hash;
+            (*slot).backend_id = entry.backend_id;
+        },
+        // A full LRU evicts its oldest entry; failure here only costs state.
+        None => {
+            let _ = CONNTRACK.insert(flow, entry, 0);
+        }
+    }
 }
 
 /// Connection table first (unless a SYN, which always takes the table's
@@ -377,42 +412,22 @@ fn choose_backend(
             count_new_flow(id, bytes);
         }
         let now = clock.now();
-        if insert_allowed(cfg, now) {
-            let entry = if second == 0 {
-                ConnEntry {
-                    backend_id: id,
-                    hash,
-                    atime_ns: now,
-                }
-            } else {
-                ConnEntry::with_second_hop(id, second, hash, now)
-            };
-            // A SYN of a flow already recorded (a retransmitted SYN, a reused
-            // port) or a stale entry is rewritten where it is: a lookup costs
-            // a fraction of an update, which allocates, links and frees an
-            // element. The time word first: a packet of the same flow read on
-            // another CPU meanwhile sees the new time (no second hop) with the
-            // old or the new backend, both valid choices.
-            let slot = if is_syn {
+        let entry = if second == 0 {
+            ConnEntry {
+                backend_id: id,
+                hash,
+                atime_ns: now,
+            }
+        } else {
+            ConnEntry::with_second_hop(id, second, hash, now)
+        };
+        record_flow(cfg, now, &pkt.flow, &entry, bytes, || {
+            if is_syn {
                 CONNTRACK.get_ptr_mut(&pkt.flow)
             } else {
                 stale
-            };
-            match slot {
-                // SAFETY: an LRU value, valid for this program run.
-                Some(slot) => unsafe {
-                    (*slot).atime_ns = entry.atime_ns;
-                    (*slot).hash = entry.hash;
-                    (*slot).backend_id = entry.backend_id;
-                },
-                // A full LRU evicts its oldest entry; failure here only costs state.
-                None => {
-                    let _ = CONNTRACK.insert(&pkt.flow, &entry, 0);
-                }
             }
-        } else {
-            count(Reason::ConntrackInsertSkipped, bytes);
-        }
+        });
     }
     Some(Chosen {
         id,

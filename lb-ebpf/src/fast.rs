@@ -2,10 +2,12 @@
 //! code that reads the headers in place (no `Packet` to fill and copy).
 //!
 //! It takes an Ethernet frame without VLAN tag carrying IPv4 without
-//! options or IPv6 without extension headers, not a fragment, with TCP
-//! (not a SYN) or UDP, either to no VIP address (passed), or to a VIP port
-//! whose connection table entry names a usable backend of the packet's
-//! family, whose next hop is cached, and that no capture wants. Anything
+//! options or IPv6 without extension headers, not a fragment, with TCP or
+//! UDP, either to no VIP address (passed), or to a VIP port where it finds
+//! a usable backend of the packet's family whose next hop is cached and
+//! that no capture wants: by the flow's connection table entry, or for a
+//! SYN (which always takes the Maglev table's answer) by the VIP's table,
+//! then recorded. Anything
 //! else, and every check that fails, returns `GENERAL`: the general path
 //! (`balancer::process`) then decides the packet from its first byte. So
 //! this path only ever makes the decision the general path would make, and
@@ -19,11 +21,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     PROTO_TCP, PROTO_UDP,
+    flow_hash::flow_hash,
     maps::{
-        BACKEND_F_IPV6, CONN_SECOND_HOP, FAMILY_IPV4, FAMILY_IPV6, FlowKey, Reason, VIP_F_QUIC,
-        VIP_KIND_PORT,
+        BACKEND_F_IPV6, Backend, CONN_SECOND_HOP, ConnEntry, FAMILY_IPV4, FAMILY_IPV6, FlowKey,
+        Reason, VIP_F_QUIC, VIP_KIND_PORT, VipMeta,
     },
-    settings::SETTINGS_F_NO_FIB,
+    settings::{SETTINGS_F_NO_FIB, Settings},
 };
 use network_types::{
     eth::EthHdr,
@@ -34,14 +37,14 @@ use network_types::{
 
 use crate::{
     balancer::{
-        ATIME_REFRESH_NS, exact_vip_key, finish, first_layer, maybe_vip_address, second_hop,
-        second_layer, serves, usable_next_hop,
+        ATIME_REFRESH_NS, backend_for, exact_vip_key, finish, first_layer, maglev_pick,
+        maybe_vip_address, record_flow, second_hop, second_layer, serves, usable_next_hop,
     },
     capture,
     encap::{ETH_P_IP_BE, ETH_P_IPV6_BE, Inner, Outer, write_outer},
     maps::{BACKENDS, CONNTRACK, FAST_HINT, NEXTHOP_CACHE, VIPS, VIPS_BY_ID, settings},
-    parse::{IP_DF, IP_MF, IP_OFFSET, TCP_ACK, TCP_SYN, folds_to_ffff, ptr_at},
-    stats::{count, count_backend, count_vip},
+    parse::{IP_DF, IP_MF, IP_OFFSET, TCP_ACK, TCP_RST, TCP_SYN, folds_to_ffff, ptr_at},
+    stats::{count, count_backend, count_new_flow, count_vip},
 };
 
 /// "Not decided here": the general path takes the packet.
@@ -63,6 +66,20 @@ struct Headers {
     /// The IP datagram's length, header included.
     ip_len: u16,
     inner: Inner,
+    /// A TCP SYN without ACK or RST: a flow to record.
+    syn: bool,
+}
+
+/// The backend a packet goes to, and how it was found.
+struct Choice<'a> {
+    vip: &'a VipMeta,
+    backend: &'a Backend,
+    id: u32,
+    hash: u32,
+    /// The second hop recorded with a tracked flow (0: none).
+    second: u32,
+    /// A SYN's: a flow to record.
+    new: bool,
 }
 
 #[inline(always)]
@@ -75,6 +92,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
             ip_id: 0,
             dont_fragment: true,
         },
+        syn: false,
     };
     if !read_headers(ctx, &mut h) {
         return GENERAL;
@@ -84,16 +102,102 @@ pub fn process(ctx: &XdpContext) -> u32 {
     if !maybe_vip_address(&flow.dst, flow.family) {
         return finish(Reason::PassNotVip, XDP_PASS, bytes);
     }
+    let cfg = settings();
+    // Each kind with its own copy of what follows: straight-line code.
+    if h.syn {
+        new_flow(ctx, &h, cfg, bytes)
+    } else {
+        tracked_flow(ctx, &h, cfg, bytes)
+    }
+}
+
+/// Encapsulates toward the chosen backend when its way out is cached, and
+/// commits: counters, and a SYN's flow recorded (`new`). Else leaves the
+/// packet to the general path.
+#[inline(always)]
+fn forward(ctx: &XdpContext, h: &Headers, c: Choice<'_>, cfg: &Settings, bytes: u64) -> u32 {
+    let flow = &h.flow;
+    let (vip, backend, id) = (c.vip, c.backend, c.id);
+    let v6 = flow.family == FAMILY_IPV6;
+    if (backend.flags & BACKEND_F_IPV6 != 0) != v6 || cfg.flags & SETTINGS_F_NO_FIB != 0 {
+        return hint(flow, false);
+    }
+    let outer = first_layer(cfg, vip, backend, c.hash);
+    let second_outer = second_layer(cfg, &outer, c.second);
+    let overhead = outer.overhead() + second_outer.as_ref().map_or(0, |s| s.overhead());
+    let outer_len = h.ip_len.wrapping_add(overhead);
+    if cfg.mtu != 0 && outer_len > cfg.mtu {
+        return hint(flow, false);
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+    let Some(hop) = NEXTHOP_CACHE.get(id) else {
+        return hint(flow, false);
+    };
+    // SAFETY: helper with no arguments (inlined by the verifier as a load).
+    let now = unsafe { bpf_jiffies64() };
+    if !usable_next_hop(hop, now, cfg.nexthop_ttl(), ingress, outer_len)
+        || capture::wanted(vip.vip_id, id)
+    {
+        return hint(flow, false);
+    }
+    if c.new {
+        // Decided: recorded as the general path records a SYN.
+        count(Reason::ConntrackMiss, bytes);
+        count_new_flow(id, bytes);
+        // SAFETY: helper with no arguments.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        let entry = ConnEntry {
+            backend_id: id,
+            hash: c.hash,
+            atime_ns: now,
+        };
+        record_flow(cfg, now, flow, &entry, bytes, || {
+            CONNTRACK.get_ptr_mut(flow)
+        });
+    } else {
+        count(Reason::ConntrackHit, bytes);
+    }
+    // Decided: the general path would count and send the same.
+    count_vip(vip.vip_id, bytes);
+    if c.second != 0 {
+        count(Reason::SecondChance, bytes);
+    }
+    count_backend(id, bytes);
+    let (dmac, smac, ifindex) = (hop.dmac, hop.smac, hop.ifindex);
+    let written = encapsulate(
+        ctx,
+        h.inner,
+        &outer,
+        second_outer.as_ref(),
+        h.ip_len,
+        &dmac,
+        &smac,
+    );
+    if written.is_err() {
+        return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
+    }
+    if ifindex == ingress {
+        return finish(Reason::Tx, XDP_TX, bytes);
+    }
+    count(Reason::Redirect, bytes);
+    // SAFETY: helper takes plain integers.
+    unsafe { bpf_redirect(ifindex, 0) as u32 }
+}
+
+/// A tracked flow: its backend from its connection table entry, its VIP
+/// found through that backend with array reads. The VIP whose own key is
+/// this packet's is the one the general path's exact `VIPS` lookup finds
+/// (userspace keeps `VIPS_BY_ID` a copy of `VIPS`). A read racing an
+/// update may mix two values: the key and the id must still match, and
+/// only switches of this packet's decision are used.
+#[inline(always)]
+fn tracked_flow(ctx: &XdpContext, h: &Headers, cfg: &Settings, bytes: u64) -> u32 {
+    let flow = &h.flow;
     let Some(entry) = CONNTRACK.get_ptr_mut(flow) else {
         return hint(flow, true);
     };
     // SAFETY: LRU values stay valid for this program run.
     let (id, hash, atime) = unsafe { ((*entry).backend_id, (*entry).hash, (*entry).atime_ns) };
-    // The flow's VIP, found through its backend with array reads: the VIP
-    // whose own key is this packet's is the one the general path's exact
-    // `VIPS` lookup finds (userspace keeps `VIPS_BY_ID` a copy of `VIPS`).
-    // A read racing an update may mix two values: the key and the id must
-    // still match, and only switches of this packet's decision are used.
     let Some(backend) = BACKENDS.get(id).copied() else {
         return hint(flow, false);
     };
@@ -122,11 +226,6 @@ pub fn process(ctx: &XdpContext) -> u32 {
     {
         return hint(flow, false);
     }
-    let v6 = flow.family == FAMILY_IPV6;
-    if (backend.flags & BACKEND_F_IPV6 != 0) != v6 {
-        return hint(flow, false);
-    }
-    let cfg = settings();
     if udp {
         // SAFETY: helper with no arguments.
         let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -139,59 +238,50 @@ pub fn process(ctx: &XdpContext) -> u32 {
             unsafe { (*entry).atime_ns = now };
         }
     }
-    if cfg.flags & SETTINGS_F_NO_FIB != 0 {
-        return hint(flow, false);
-    }
-    let outer = first_layer(cfg, &vip, &backend, hash);
     // Recorded on a second chance: the same two hops every time.
     let second = if second_hop_mark {
         second_hop(&vip, ((atime >> 32) as u32) & 0x7fff_ffff, id)
     } else {
         0
     };
-    let second_outer = second_layer(cfg, &outer, second);
-    let overhead = outer.overhead() + second_outer.as_ref().map_or(0, |s| s.overhead());
-    let outer_len = h.ip_len.wrapping_add(overhead);
-    if cfg.mtu != 0 && outer_len > cfg.mtu {
-        return hint(flow, false);
-    }
-    let ingress = ctx.ingress_ifindex() as u32;
-    let Some(hop) = NEXTHOP_CACHE.get(id) else {
-        return hint(flow, false);
+    let c = Choice {
+        vip: &vip,
+        backend: &backend,
+        id,
+        hash,
+        second,
+        new: false,
     };
-    // SAFETY: helper with no arguments (inlined by the verifier as a load).
-    let now = unsafe { bpf_jiffies64() };
-    if !usable_next_hop(hop, now, cfg.nexthop_ttl(), ingress, outer_len)
-        || capture::wanted(vip.vip_id, id)
-    {
-        return hint(flow, false);
+    forward(ctx, h, c, cfg, bytes)
+}
+
+/// A SYN: its VIP by the packet's exact key, its backend by the VIP's
+/// Maglev table (as the general path, for which a SYN never reads the
+/// connection table: it takes the table's current answer).
+#[inline(always)]
+fn new_flow(ctx: &XdpContext, h: &Headers, cfg: &Settings, bytes: u64) -> u32 {
+    let flow = &h.flow;
+    // SAFETY: copied out at once; userspace replaces values, never mutates them.
+    let Some(vip) = (unsafe { VIPS.get(&exact_vip_key(flow)) }).copied() else {
+        return GENERAL;
+    };
+    if vip.table_size == 0 {
+        return leave(&vip, false);
     }
-    // Decided: the general path would count and send the same.
-    count_vip(vip.vip_id, bytes);
-    count(Reason::ConntrackHit, bytes);
-    if second != 0 {
-        count(Reason::SecondChance, bytes);
-    }
-    count_backend(id, bytes);
-    let (dmac, smac, ifindex) = (hop.dmac, hop.smac, hop.ifindex);
-    let written = encapsulate(
-        ctx,
-        h.inner,
-        &outer,
-        second_outer.as_ref(),
-        h.ip_len,
-        &dmac,
-        &smac,
-    );
-    if written.is_err() {
-        return finish(Reason::DropEncapFailed, XDP_DROP, bytes);
-    }
-    if ifindex == ingress {
-        return finish(Reason::Tx, XDP_TX, bytes);
-    }
-    count(Reason::Redirect, bytes);
-    // SAFETY: helper takes plain integers.
-    unsafe { bpf_redirect(ifindex, 0) as u32 }
+    let hash = flow_hash(flow, cfg.hash_seed);
+    let id = maglev_pick(&vip, hash);
+    let Some(backend) = backend_for(id, &vip) else {
+        return leave(&vip, false);
+    };
+    let c = Choice {
+        vip: &vip,
+        backend: &backend,
+        id,
+        hash,
+        second: 0,
+        new: true,
+    };
+    forward(ctx, h, c, cfg, bytes)
 }
 
 /// Leaves the packet to the general path with what was learnt: the VIP of
@@ -202,15 +292,21 @@ pub fn process(ctx: &XdpContext) -> u32 {
 #[inline(always)]
 fn hint(flow: &FlowKey, conntrack_missed: bool) -> u32 {
     // SAFETY: copied out at once; userspace replaces values, never mutates them.
-    let Some(vip) = (unsafe { VIPS.get(&exact_vip_key(flow)) }).copied() else {
-        return GENERAL;
-    };
+    match unsafe { VIPS.get(&exact_vip_key(flow)) } {
+        Some(vip) => leave(vip, conntrack_missed),
+        None => GENERAL,
+    }
+}
+
+/// `hint` with the packet's VIP as read from `VIPS`.
+#[inline(always)]
+fn leave(vip: &VipMeta, conntrack_missed: bool) -> u32 {
     let Some(slot) = FAST_HINT.get_ptr_mut(0) else {
         return GENERAL;
     };
     // SAFETY: this CPU's slot of a per-CPU array.
     unsafe {
-        (*slot).vip = vip;
+        (*slot).vip = *vip;
         (*slot).conntrack_missed = conntrack_missed;
     }
     GENERAL_HINTED
@@ -231,10 +327,6 @@ fn read_headers(ctx: &XdpContext, h: &mut Headers) -> bool {
         let Some(ip) = ptr_at::<[u8; V4_READ - EthHdr::LEN]>(ctx, EthHdr::LEN) else {
             return false;
         };
-        // SAFETY: bounds checked by ptr_at.
-        if is_syn(unsafe { (*ip)[9] }, unsafe { (*ip)[Ipv4Hdr::LEN + 13] }) {
-            return false;
-        }
         // SAFETY: as above; an IPv4 header without options.
         let ip = unsafe { &*(ip as *const Ipv4Hdr) };
         let ip_len = u16::from_be_bytes(ip.tot_len);
@@ -266,10 +358,6 @@ fn read_headers(ctx: &XdpContext, h: &mut Headers) -> bool {
         let Some(ip) = ptr_at::<[u8; V6_READ - EthHdr::LEN]>(ctx, EthHdr::LEN) else {
             return false;
         };
-        // SAFETY: bounds checked by ptr_at.
-        if is_syn(unsafe { (*ip)[6] }, unsafe { (*ip)[Ipv6Hdr::LEN + 13] }) {
-            return false;
-        }
         // SAFETY: as above.
         let ip = unsafe { &*(ip as *const Ipv6Hdr) };
         let ip_len = Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize;
@@ -303,6 +391,14 @@ fn read_headers(ctx: &XdpContext, h: &mut Headers) -> bool {
             if ip_len < l4 + TcpHdr::LEN || doff < TcpHdr::LEN || l4 + doff > ip_len {
                 return false;
             }
+            // A SYN with RST set is no flow to record: the general path's.
+            let flags = t[13];
+            if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                if flags & TCP_RST != 0 {
+                    return false;
+                }
+                h.syn = true;
+            }
         }
         PROTO_UDP => {
             let ulen = u16::from_be_bytes([t[4], t[5]]) as usize;
@@ -315,14 +411,6 @@ fn read_headers(ctx: &XdpContext, h: &mut Headers) -> bool {
     h.flow.sport = u16::from_ne_bytes([t[0], t[1]]);
     h.flow.dport = u16::from_ne_bytes([t[2], t[3]]);
     true
-}
-
-/// A TCP SYN (without ACK), by the protocol and flags octets where a
-/// header of the fast path's shape has them: the general path's (it
-/// records the flow), checked first so that it loses the least time here.
-#[inline(always)]
-fn is_syn(proto: u8, tcp_flags: u8) -> bool {
-    proto == PROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
 /// Grows the frame by the outer headers and writes them with an Ethernet

@@ -528,6 +528,7 @@ impl Harness {
         let predicted = self.model.decide(pkt, self.lb0, self.next_hop(), None);
         let vip_before = predicted.vip_id.map(|v| self.dp.vip_counter(v));
         let backend_before = predicted.backend_id.map(|b| self.dp.backend_counter(b));
+        let new_flows_before = predicted.backend_id.map(|b| self.dp.backend_new_flows(b));
         let out = self.send_batched(pkt);
         self.assert_counters();
         let ctx = format!("packet {}\nmodel {:?}", hex(pkt), out.model);
@@ -544,6 +545,16 @@ impl Harness {
                 (now.packets, now.bytes),
                 (b.packets + 1, b.bytes + pkt.len() as u64),
                 "backend counter\n{ctx}"
+            );
+        }
+        if let (Some(id), Some(b)) = (out.model.backend_id, new_flows_before) {
+            // A flow recorded with one hop is a new flow of its backend.
+            let new =
+                out.model.conntrack_write.is_some() && out.model.conntrack_write_second.is_none();
+            assert_eq!(
+                self.dp.backend_new_flows(id).packets,
+                b.packets + u64::from(new),
+                "backend new-flow counter\n{ctx}"
             );
         }
         out
