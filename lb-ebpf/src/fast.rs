@@ -7,12 +7,12 @@
 //! a usable backend of the packet's family whose next hop is cached and
 //! that no capture wants: by the flow's connection table entry, or for a
 //! SYN (which always takes the Maglev table's answer) by the VIP's table,
-//! then recorded. Anything
-//! else, and every check that fails, returns `GENERAL`: the general path
-//! (`balancer::process`) then decides the packet from its first byte. So
-//! this path only ever makes the decision the general path would make, and
-//! commits (counters, the packet's bytes) only once it is sure of it; the
-//! differential fuzzer holds both to the reference model.
+//! then recorded. Anything else, and every check that fails, returns
+//! `GENERAL`: the general path (`balancer::process`) then decides the
+//! packet from its first byte. So this path only ever makes the decision
+//! the general path would make, and commits (counters, the packet's bytes,
+//! a SYN's entry) only once it is sure of it; the differential fuzzer
+//! holds both to the reference model.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},

@@ -26,8 +26,8 @@ use lb_common::{
         MAP_CONTROL_STATE, MAP_MAGLEV_SLOTS, MAP_NEXTHOP_CACHE, MAP_PREV_TABLES, MAP_QUIC_SERVERS,
         MAP_REASON_STATS, MAP_VIP_ADDR_FILTER, MAP_VIP_STATS, MAP_VIPS, MAP_VIPS_BY_ID,
         MAX_BACKENDS, MAX_VIPS, PROGRAM_BALANCER, PROGRAM_BENCH_GEN, PROGRAM_PASS, PrevTable,
-        QuicServerKey, Reason, SLOTS_PER_ELEMENT, SlotPair, VIP_ADDR_FILTER_WORDS, VIP_KIND_PORT,
-        VipById, VipKey, VipMeta, vip_addr_filter_bit,
+        QuicServerKey, Reason, VIP_ADDR_FILTER_WORDS, VIP_KIND_PORT, VipById, VipKey, VipMeta,
+        vip_addr_filter_bit,
     },
     settings::Settings,
 };
@@ -35,7 +35,7 @@ use lb_common::{
 use crate::{
     object::ebpf_object,
     slot_table::SlotTable,
-    slots_mmap::{SlotsMmap, read_unpacked_pin, replace_pin},
+    slots_mmap::{SlotsMmap, read_unpacked_pin, replace_pin, slots_per_element},
     xdp_mode::Chosen,
 };
 
@@ -417,19 +417,13 @@ fn max_entries_of(ebpf: &Ebpf, name: &str) -> Option<u32> {
 
 /// Slots per `MAGLEV_SLOTS` element in `object`: two in this build's,
 /// one in older builds' (loaded as benchmark baselines).
-fn slots_per_element(object: &[u8]) -> Result<u32> {
+fn object_slots_per_element(object: &[u8]) -> Result<u32> {
     let parsed = aya_obj::Object::parse(object).context("parsing the XDP object")?;
     let map = parsed
         .maps
         .get(MAP_MAGLEV_SLOTS)
         .context("MAGLEV_SLOTS missing from the object")?;
-    Ok(
-        if map.value_size() as usize == std::mem::size_of::<SlotPair>() {
-            SLOTS_PER_ELEMENT
-        } else {
-            1
-        },
-    )
+    slots_per_element(map.value_size())
 }
 
 /// One `BPF_PROG_TEST_RUN` result.
@@ -483,7 +477,7 @@ impl Dataplane {
             .override_global(GLOBAL_SETTINGS, &settings, true)
             .map_max_entries(
                 MAP_MAGLEV_SLOTS,
-                wanted_slots.div_ceil(slots_per_element(object)?),
+                wanted_slots.div_ceil(object_slots_per_element(object)?),
             )
             .map_max_entries(MAP_CONNTRACK, opts.conntrack_entries);
         for (name, entries) in map_sizes(opts.max_vips, opts.max_backends) {

@@ -21,6 +21,17 @@ use lb_common::maps::{MAP_MAGLEV_SLOTS, SLOTS_PER_ELEMENT, SlotPair};
 
 use crate::slot_table::SlotTable;
 
+/// Slots per element of a `MAGLEV_SLOTS` whose values are `value_size`
+/// bytes: `SLOTS_PER_ELEMENT` in this program's layout, one in older
+/// programs' (a u32 each).
+pub fn slots_per_element(value_size: u32) -> Result<u32> {
+    match value_size as usize {
+        4 => Ok(1),
+        v if v == size_of::<SlotPair>() => Ok(SLOTS_PER_ELEMENT),
+        v => bail!("MAGLEV_SLOTS has {v}-byte values: not a table of slots"),
+    }
+}
+
 pub struct SlotsMmap {
     ptr: NonNull<u32>,
     /// Slots the map holds.
@@ -36,11 +47,9 @@ impl SlotsMmap {
     pub fn new(map: &MapData) -> Result<Self> {
         let info = map.info().context("reading MAGLEV_SLOTS' info")?;
         let entries = info.max_entries() as usize;
-        let (slots, stride) = match info.value_size() as usize {
-            4 => (entries, 2),
-            v if v == size_of::<SlotPair>() => (entries * SLOTS_PER_ELEMENT as usize, 1),
-            v => bail!("MAGLEV_SLOTS has {v}-byte values: not a table of slots"),
-        };
+        let per_element = slots_per_element(info.value_size())? as usize;
+        // An element is 8 bytes, two u32 words, whichever the layout.
+        let (slots, stride) = (entries * per_element, 2 / per_element);
         let page = 4096usize;
         let map_len = (entries * 8).div_ceil(page) * page;
         // SAFETY: mapping a BPF_F_MMAPABLE array of `entries` 8-byte elements by its fd.
@@ -134,7 +143,7 @@ pub fn read_unpacked_pin(dir: &Path) -> Result<Option<Vec<u32>>> {
     let info = map
         .info()
         .context("reading the pinned MAGLEV_SLOTS' info")?;
-    if info.value_size() as usize == size_of::<SlotPair>() {
+    if slots_per_element(info.value_size())? == SLOTS_PER_ELEMENT {
         return Ok(None);
     }
     let old = SlotsMmap::new(&map)?;
